@@ -1,0 +1,76 @@
+#include "ops/common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+
+
+namespace slimtune {
+namespace {
+
+// One pass over CPU indices: range and strict order. Unsorted input falls back to a sort.
+template <typename I>
+void check_cpu(const char* op, const at::Tensor& indices, const char* name, int64_t numel) {
+  const I* p = indices.data_ptr<I>();
+  const int64_t n = indices.numel();
+  bool sorted = true;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t v = static_cast<int64_t>(p[k]);
+    SLIMTUNE_CHECK_ARG(v >= 0 && v < numel, op, name, "holds ", v, " at position ", k,
+                       ", out of range for a tensor of ", numel, " elements");
+    if (k > 0 && static_cast<int64_t>(p[k - 1]) >= v) sorted = false;
+  }
+  if (sorted) return;
+  at::Tensor s = std::get<0>(indices.sort());
+  const I* q = s.data_ptr<I>();
+  for (int64_t k = 1; k < n; ++k) {
+    SLIMTUNE_CHECK_ARG(q[k - 1] != q[k], op, name, "holds the index ", static_cast<int64_t>(q[k]),
+                       " more than once; indices must be unique");
+  }
+}
+
+}  // namespace
+
+void check_flat_indices(const char* op, const at::Tensor& indices, const char* name, int64_t numel) {
+  SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op, name,
+                     "must be int32 or int64, got ", indices.scalar_type());
+  SLIMTUNE_CHECK_ARG(indices.dim() == 1, op, name, "must be 1-D, got shape ", indices.sizes());
+  if (indices.numel() == 0) return;
+  if (indices.is_cpu()) {
+    at::Tensor c = indices.contiguous();
+    if (c.scalar_type() == at::kInt) {
+      check_cpu<int32_t>(op, c, name, numel);
+    } else {
+      check_cpu<int64_t>(op, c, name, numel);
+    }
+    return;
+  }
+  auto minmax = at::aminmax(indices);
+  at::Tensor bounds = at::stack({std::get<0>(minmax).to(at::kLong), std::get<1>(minmax).to(at::kLong)}).cpu();
+  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
+  SLIMTUNE_CHECK_ARG(lo >= 0 && hi < numel, op, name, "holds values in [", lo, ", ", hi,
+                     "], out of range for a tensor of ", numel, " elements");
+  at::Tensor s = std::get<0>(indices.sort());
+  const bool unique = indices.numel() < 2 || s.slice(0, 1).ne(s.slice(0, 0, -1)).all().item<bool>();
+  SLIMTUNE_CHECK_ARG(unique, op, name, "holds an index more than once; indices must be unique");
+}
+
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0 || !at::isFloatingType(t.scalar_type())) return true;
+  if (!t.is_cpu()) return at::isfinite(t).all().item<bool>();
+  const at::Tensor c = t.contiguous();
+  std::atomic<bool> ok{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "all_finite", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    at::parallel_for(0, c.numel(), 65536, [&](int64_t begin, int64_t end) {
+      bool local = true;
+      for (int64_t i = begin; i < end; ++i) local &= std::isfinite(static_cast<double>(p[i]));
+      if (!local) ok.store(false, std::memory_order_relaxed);
+    });
+  });
+  return ok.load();
+}
+
+}  // namespace slimtune

@@ -1,0 +1,10 @@
+// The one place every slimtune op's schema is declared. Kernels register per dispatch
+// key in their own files; fake kernels and autograd live in python/slimtune/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(slimtune, m) {
+  m.set_python_module("slimtune.ops");
+
+  // weight.view(-1)[indices] += alpha * values, in place.
+  m.def("sparse_delta_merge_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> ()");
+}

@@ -1,0 +1,33 @@
+"""slimtune: fast, memory-light parameter-efficient fine-tuning kernels for PyTorch."""
+
+import torch  # noqa: F401  -- must be imported first: _C links against torch's libraries
+
+from . import _C
+from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
+from . import functional, reference  # noqa: F401
+from ._version import __version__
+
+__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
+
+
+def has_cuda() -> bool:
+    """True when this build of slimtune contains CUDA kernels."""
+    return bool(_C.has_cuda())
+
+
+def build_info() -> dict:
+    """Facts about this build: versions, CUDA, architectures, compiler, parallel backend."""
+    facts = dict(_C.build_facts())
+    return {
+        "slimtune_version": __version__,
+        "torch_version_built": facts["torch_version"],
+        "torch_version_runtime": torch.__version__,
+        "cuda": facts["cuda"],
+        "torch_cuda_version": torch.version.cuda,
+        "nvcc_version": facts["nvcc_version"],
+        "cuda_archs": facts["cuda_archs"],
+        "compiler": facts["compiler"],
+        "parallel_backend": facts["parallel_backend"],
+        "openmp": facts["parallel_backend"] == "OpenMP",
+        "num_threads": torch.get_num_threads(),
+    }

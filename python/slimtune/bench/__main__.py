@@ -1,0 +1,54 @@
+"""python -m slimtune.bench [OP ...] [--device cpu|cuda] [--dtype ...] [--json FILE] [--plot FILE.png]"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .harness import Context, default_results_dir, discover, format_table, run_groups, write_json
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def main(argv=None) -> int:
+    available = discover()
+    p = argparse.ArgumentParser(prog="python -m slimtune.bench", description="slimtune microbenchmarks")
+    p.add_argument("ops", nargs="*", metavar="OP", help=f"benchmarks to run (default: all): {', '.join(available)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--json", type=Path, default=None, help="results file (default: benchmarks/results/<device>/<ops>.json)")
+    p.add_argument("--plot", type=Path, default=None, help="also draw the ratios to this PNG")
+    p.add_argument("--quick", action="store_true", help="smallest shapes and short runs (smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = p.parse_args(argv)
+
+    if args.list:
+        print("\n".join(available))
+        return 0
+    unknown = [o for o in args.ops if o not in available]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; available: {list(available)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+    ctx = Context(device=torch.device(args.device), dtype=dtype, quick=args.quick,
+                  min_run_time=0.05 if args.quick else 0.5)
+    ops = args.ops or list(available)
+    groups = [g for name in ops for g in available[name](ctx)]
+    rows = run_groups(groups, ctx, progress=sys.stderr.isatty() or not args.quick)
+    print(format_table(rows))
+    out = args.json or default_results_dir(ctx) / f"{'+'.join(ops)}-{str(dtype).replace('torch.', '')}.json"
+    print(f"results: {write_json(rows, out)}")
+    if args.plot:
+        from .plot import plot_rows
+
+        print(f"plot: {plot_rows(rows, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

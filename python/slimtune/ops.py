@@ -1,0 +1,19 @@
+"""Python-side registrations for torch.ops.slimtune.*: fake (meta) kernels for
+torch.compile / FakeTensor, and autograd formulas whose backward is itself an op.
+
+The C++ library points the dispatcher here (``m.set_python_module("slimtune.ops")``).
+"""
+
+import torch
+
+_lib = "slimtune"
+
+
+@torch.library.register_fake(f"{_lib}::sparse_delta_merge_")
+def _sparse_delta_merge_fake(weight, indices, values, alpha):
+    torch._check(indices.dim() == 1, lambda: "slimtune.sparse_delta_merge_: argument 'indices' must be 1-D")
+    torch._check(
+        values.numel() == indices.numel(),
+        lambda: "slimtune.sparse_delta_merge_: argument 'values' must have as many elements as 'indices'",
+    )
+    return None
