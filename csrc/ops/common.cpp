@@ -10,19 +10,31 @@
 namespace slimtune {
 namespace {
 
-// One pass over CPU indices: range and strict order. Unsorted input falls back to a sort.
+// One parallel pass over CPU indices: range and strict order. Unsorted input falls back to a sort.
 template <typename I>
 void check_cpu(const char* op, const at::Tensor& indices, const char* name, int64_t numel) {
   const I* p = indices.data_ptr<I>();
   const int64_t n = indices.numel();
-  bool sorted = true;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t v = static_cast<int64_t>(p[k]);
-    SLIMTUNE_CHECK_ARG(v >= 0 && v < numel, op, name, "holds ", v, " at position ", k,
-                       ", out of range for a tensor of ", numel, " elements");
-    if (k > 0 && static_cast<int64_t>(p[k - 1]) >= v) sorted = false;
-  }
-  if (sorted) return;
+  std::atomic<int64_t> first_bad{n};
+  std::atomic<bool> sorted{true};
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    bool local_sorted = true;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t v = static_cast<int64_t>(p[k]);
+      if (v < 0 || v >= numel) {
+        int64_t cur = first_bad.load();
+        while (k < cur && !first_bad.compare_exchange_weak(cur, k)) {
+        }
+        return;
+      }
+      if (k > 0 && static_cast<int64_t>(p[k - 1]) >= v) local_sorted = false;
+    }
+    if (!local_sorted) sorted.store(false, std::memory_order_relaxed);
+  });
+  const int64_t bad = first_bad.load();
+  SLIMTUNE_CHECK_ARG(bad == n, op, name, "holds ", bad < n ? static_cast<int64_t>(p[bad]) : 0, " at position ", bad,
+                     ", out of range for a tensor of ", numel, " elements");
+  if (sorted.load()) return;
   at::Tensor s = std::get<0>(indices.sort());
   const I* q = s.data_ptr<I>();
   for (int64_t k = 1; k < n; ++k) {

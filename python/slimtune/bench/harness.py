@@ -111,7 +111,11 @@ def run_groups(groups: List[Group], ctx: Context, progress: bool = True) -> List
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True)
+        import sys
+
+        # Redrawn in place on a terminal; in a log, a line every few seconds is enough.
+        bar = tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
     rows = []
     for g in groups:
         results = {}
