@@ -8,6 +8,8 @@ import torch
 
 _lib = "slimtune"
 
+from .sparse import _ops as _sparse_ops  # noqa: E402,F401  -- sparse-delta fine-tuning
+
 
 @torch.library.register_fake(f"{_lib}::sparse_delta_merge_")
 def _sparse_delta_merge_fake(weight, indices, values, alpha):

@@ -1,0 +1,7 @@
+"""Sparse-delta fine-tuning: a frozen dense W0 plus trainable values at sorted flat indices."""
+
+from . import _ops  # noqa: F401  -- fake kernels and autograd
+from .functional import sparse_delta_linear, sparse_delta_sddmm
+from .layout import index_dtype_for, rowptr_for, validate_indices
+
+__all__ = ["sparse_delta_linear", "sparse_delta_sddmm", "index_dtype_for", "rowptr_for", "validate_indices"]
