@@ -13,18 +13,22 @@ namespace {
 
 template <typename I>
 void scan_cpu(const char* op, const I* idx, const int64_t* rp, int64_t K, int64_t rows, int64_t cols) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t v = static_cast<int64_t>(idx[k]);
+    SLIMTUNE_CHECK_ARG(v >= 0 && v < rows * cols, op, "indices", "holds ", v, " at position ", k,
+                       ", out of range for a ", rows, "x", cols, " weight");
+    SLIMTUNE_CHECK_ARG(k == 0 || static_cast<int64_t>(idx[k - 1]) < v, op, "indices",
+                       "must be sorted and unique; position ", k, " holds ", v, " after ",
+                       static_cast<int64_t>(idx[k == 0 ? 0 : k - 1]));
+  }
   SLIMTUNE_CHECK_ARG(rp[0] == 0 && rp[rows] == K, op, "rowptr", "must start at 0 and end at ", K,
                      " (the number of indices); got ", rp[0], " and ", rp[rows]);
   for (int64_t r = 0; r < rows; ++r) {
     SLIMTUNE_CHECK_ARG(rp[r] <= rp[r + 1], op, "rowptr", "must be non-decreasing; it drops at row ", r);
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
       const int64_t v = static_cast<int64_t>(idx[k]);
-      SLIMTUNE_CHECK_ARG(k == 0 || static_cast<int64_t>(idx[k - 1]) < v, op, "indices",
-                         "must be sorted and unique; position ", k, " holds ", v, " after ",
-                         static_cast<int64_t>(idx[k == 0 ? 0 : k - 1]));
-      SLIMTUNE_CHECK_ARG(v >= r * cols && v < (r + 1) * cols, op, "indices", "holds ", v, " at position ", k,
-                         ", outside row ", r, " that 'rowptr' assigns it to (", rows, "x", cols,
-                         " weight; out of range or rowptr stale)");
+      SLIMTUNE_CHECK_ARG(v >= r * cols && v < (r + 1) * cols, op, "rowptr", "assigns entry ", k, " (index ", v,
+                         ") to row ", r, "; it is stale for these 'indices' (recompute it with rowptr_for)");
     }
   }
 }

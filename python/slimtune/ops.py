@@ -8,7 +8,9 @@ import torch
 
 _lib = "slimtune"
 
-from .sparse import _ops as _sparse_ops  # noqa: E402,F401  -- sparse-delta fine-tuning
+from .sparse import _ops as _sparse_ops  # noqa: E402  -- sparse-delta fine-tuning; its fakes are registered here
+for _n, _f in _sparse_ops.FAKES.items():
+    torch.library.register_fake(f"{_lib}::{_n}", _f)
 
 
 @torch.library.register_fake(f"{_lib}::sparse_delta_merge_")

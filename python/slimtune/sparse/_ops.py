@@ -1,4 +1,4 @@
-"""Fake kernels and autograd for the sparse-delta ops (torch.ops.slimtune.sparse_delta_*).
+"""Fake kernels (registered by slimtune.ops) and autograd for the sparse-delta ops (torch.ops.slimtune.sparse_delta_*).
 
 Only ``x`` is saved as an activation; W0, indices, rowptr and values are saved too, but they are
 the module's own parameters and buffers (no copy), so backward keeps nothing weight-sized alive
@@ -10,7 +10,6 @@ import torch
 _NS = "slimtune"
 
 
-@torch.library.register_fake(f"{_NS}::sparse_delta_linear")
 def _linear_fake(x, weight, bias, indices, rowptr, values):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "slimtune.sparse_delta_linear: argument 'x' must end in in_features")
     torch._check(values.numel() == indices.numel(),
@@ -18,7 +17,6 @@ def _linear_fake(x, weight, bias, indices, rowptr, values):
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
-@torch.library.register_fake(f"{_NS}::sparse_delta_linear_backward")
 def _linear_backward_fake(grad, x, weight, indices, rowptr, values, output_mask):
     dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     dv = values.new_empty(values.shape) if output_mask[1] else values.new_empty((0,))
@@ -26,10 +24,18 @@ def _linear_backward_fake(grad, x, weight, indices, rowptr, values, output_mask)
     return dx, dv, db
 
 
-@torch.library.register_fake(f"{_NS}::sparse_delta_sddmm")
 def _sddmm_fake(a, b, indices, rowptr):
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     return a.new_empty(indices.shape, dtype=acc)
+
+
+# Registered by slimtune.ops, the module the C++ library names with set_python_module (torch
+# checks where fake kernels are registered from).
+FAKES = {
+    "sparse_delta_linear": _linear_fake,
+    "sparse_delta_linear_backward": _linear_backward_fake,
+    "sparse_delta_sddmm": _sddmm_fake,
+}
 
 
 def _setup_context(ctx, inputs, output):
