@@ -82,10 +82,10 @@ def _groups(ctx: Context):
             yield Group(op="sparse_delta_linear", mode="saved_for_backward", x_name="T,din,dout,density", x_value=xv,
                         providers=providers, baseline="input_x", metric="saved_bytes", unit="MiB", config=cfg)
 
-            xd, gd = x.detach(), g
+            xd = x.detach()
             yield Group(op="sparse_delta_sddmm", mode="bwd", x_name="T,din,dout,density", x_value=xv,
-                        providers={"dense_gTx_gather": lambda: (gd.t() @ xd).view(-1)[idx64],
-                                   "slimtune": lambda: sparse_delta_sddmm(gd, xd, idx, rp)},
+                        providers={"dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64: (g.t() @ xd).view(-1)[idx64],
+                                   "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp)},
                         baseline="dense_gTx_gather", config=cfg)
 
 
