@@ -8,6 +8,10 @@ import torch
 
 _lib = "slimtune"
 
+from .sparse import _ops as _sparse_ops  # noqa: E402  -- sparse-delta fine-tuning; its fakes are registered here
+for _n, _f in _sparse_ops.FAKES.items():
+    torch.library.register_fake(f"{_lib}::{_n}", _f)
+
 
 @torch.library.register_fake(f"{_lib}::sparse_delta_merge_")
 def _sparse_delta_merge_fake(weight, indices, values, alpha):

@@ -18,3 +18,28 @@ def sparse_delta_merge(weight: torch.Tensor, indices: torch.Tensor, values: torc
     idx = indices.long()
     flat[idx] = (flat[idx].to(acc) + alpha * values.to(acc)).to(weight.dtype)
     return flat.view_as(weight)
+
+
+# --- sparse-delta fine-tuning -------------------------------------------------------------------
+
+
+def sparse_delta_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """W0 + Δ in the accumulation dtype (differentiable in ``values``)."""
+    acc = accumulation_dtype(weight.dtype)
+    flat = weight.detach().reshape(-1).to(acc)
+    return flat.index_add(0, indices.long(), values.to(acc)).view(weight.shape)
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor):
+    """``x·(W0 + Δ)ᵀ + bias`` in the accumulation dtype (differentiable in x, bias and values)."""
+    acc = accumulation_dtype(weight.dtype)
+    w = sparse_delta_weight(weight, indices, values)
+    return torch.nn.functional.linear(x.to(acc), w, None if bias is None else bias.to(acc))
+
+
+def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``out[k] = Σ_t a[t, row_k]·b[t, col_k]``: the dense ``aᵀb`` gathered at ``indices``."""
+    acc = accumulation_dtype(a.dtype)
+    a2 = a.reshape(-1, a.shape[-1]).to(acc)
+    b2 = b.reshape(-1, b.shape[-1]).to(acc)
+    return (a2.t() @ b2).reshape(-1)[indices.long()]

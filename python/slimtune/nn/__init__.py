@@ -1,1 +1,3 @@
 """Drop-in torch.nn modules backed by slimtune ops."""
+
+from .sparse_delta import SparseDeltaLinear  # noqa: F401

@@ -1,0 +1,30 @@
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+
+namespace slimtune {
+
+// Checks shared by the CPU and CUDA glue of sparse_delta_linear{,_backward} and
+// sparse_delta_sddmm. Metadata (dtypes, shapes, devices) is always checked; the O(K) index
+// scan (sorted, unique, in range, consistent with rowptr) runs only for CPU tensors, where it
+// is cheap and needs no host sync.
+void check_sparse_delta_layout(const char* op, int64_t rows, int64_t cols, const at::Tensor& ref,
+                               const at::Tensor& indices, const at::Tensor& rowptr);
+void check_sparse_delta_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& indices,
+                               const at::Tensor& rowptr, const at::Tensor& values);
+
+// The delta is applied through a transient merged copy of W0 (one weight-sized copy, freed
+// before returning) when that is cheaper than the sparse product, i.e. when the T·K gathered
+// multiply-adds of the SpMM outweigh one pass over the weight's numel elements.
+inline bool sparse_delta_use_merge(int64_t tokens, int64_t nnz, int64_t numel) {
+  return tokens * nnz >= numel;
+}
+
+// 2-D views: x as (T, d_in) contiguous, grad as (T, d_out) contiguous.
+inline at::Tensor as_tokens(const at::Tensor& t) {
+  return t.reshape({-1, t.size(-1)}).contiguous();
+}
+
+}  // namespace slimtune

@@ -1,0 +1,92 @@
+"""Sparse-delta Linear fwd+bwd against a frozen Linear (the floor), full fine-tuning and the naive
+PyTorch delta (``W0.flatten().index_add(0, idx, values)`` then ``F.linear``), plus the bytes each
+saves for backward and the values' gradient (SDDMM) against the dense gᵀx it replaces."""
+
+import torch
+import torch.nn.functional as F
+
+from slimtune.sparse import rowptr_for, sparse_delta_linear, sparse_delta_sddmm
+
+from .harness import Context, Group
+
+SHAPES = [(2048, 1024, 1024), (4096, 4096, 4096), (4096, 4096, 11008)]  # (T, d_in, d_out)
+DENSITIES = [0.001, 0.01, 0.05]
+
+
+def _saved_bytes(fn, owned):
+    """Bytes of the tensors autograd saves during ``fn()`` that the model does not already own."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in owned:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total / 2**20
+
+
+def _groups(ctx: Context):
+    shapes = SHAPES[:1] if ctx.quick else SHAPES
+    densities = [0.01] if ctx.quick else DENSITIES
+    gen = torch.Generator().manual_seed(0)
+    dev, dt = ctx.device, ctx.dtype
+    for T, din, dout in shapes:
+        x = (torch.randn(T, din, generator=gen)).to(dev, dt).requires_grad_()
+        w = (torch.randn(dout, din, generator=gen) / din**0.5).to(dev, dt)
+        w_ft = w.clone().requires_grad_()
+        g = torch.randn(T, dout, generator=gen).to(dev, dt)
+        for density in densities:
+            numel = dout * din
+            k = max(1, int(numel * density))
+            idx = torch.randperm(numel, generator=gen)[:k].sort().values.to(dev, torch.int32)
+            idx64 = idx.long()
+            rp = rowptr_for(idx, w.shape)
+            v = (torch.randn(k, generator=gen) * 1e-2).to(dev, dt).requires_grad_()
+            owned = {t.untyped_storage().data_ptr() for t in (w, w_ft, idx, idx64, rp, v)}
+
+            def frozen(x=x, w=w, g=g):
+                x.grad = None
+                F.linear(x, w).backward(g)
+
+            def slimtune_(x=x, w=w, idx=idx, rp=rp, v=v, g=g):
+                x.grad = v.grad = None
+                sparse_delta_linear(x, w, None, idx, rp, v).backward(g)
+
+            def naive(x=x, w=w, idx64=idx64, v=v, g=g):
+                x.grad = v.grad = None
+                F.linear(x, w.flatten().index_add(0, idx64, v).view_as(w)).backward(g)
+
+            def full_ft(x=x, w_ft=w_ft, g=g):
+                x.grad = w_ft.grad = None
+                F.linear(x, w_ft).backward(g)
+
+            cfg = {"T": T, "d_in": din, "d_out": dout, "density": density, "k": k, "bias": False}
+            xv = f"{T}x{din}x{dout},{density:g}"
+            yield Group(op="sparse_delta_linear", mode="fwd+bwd", x_name="T,din,dout,density", x_value=xv,
+                        providers={"frozen_linear": frozen, "slimtune": slimtune_, "naive_index_add": naive,
+                                   "full_finetune": full_ft},
+                        baseline="frozen_linear", config=cfg)
+
+            fwd = {
+                "slimtune": lambda x=x, w=w, idx=idx, rp=rp, v=v: sparse_delta_linear(x, w, None, idx, rp, v),
+                "naive_index_add": lambda x=x, w=w, idx64=idx64, v=v: F.linear(
+                    x, w.flatten().index_add(0, idx64, v).view_as(w)),
+                "full_finetune": lambda x=x, w_ft=w_ft: F.linear(x, w_ft),
+                "frozen_linear": lambda x=x, w=w: F.linear(x, w),
+            }
+            providers = {"input_x": lambda x=x: x.numel() * x.element_size() / 2**20}
+            providers.update({n: (lambda f=f, owned=owned: _saved_bytes(f, owned)) for n, f in fwd.items()})
+            yield Group(op="sparse_delta_linear", mode="saved_for_backward", x_name="T,din,dout,density", x_value=xv,
+                        providers=providers, baseline="input_x", metric="saved_bytes", unit="MiB", config=cfg)
+
+            xd = x.detach()
+            yield Group(op="sparse_delta_sddmm", mode="bwd", x_name="T,din,dout,density", x_value=xv,
+                        providers={"dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64: (g.t() @ xd).view(-1)[idx64],
+                                   "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp)},
+                        baseline="dense_gTx_gather", config=cfg)
+
+
+BENCHMARKS = {"sparse_delta": _groups}

@@ -1,0 +1,22 @@
+"""Functional form of the sparse-delta linear layer."""
+
+from typing import Optional
+
+import torch
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
+                        rowptr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``y = x·(W0 + Δ)ᵀ + bias`` with ``Δ.view(-1)[indices] = values``, differentiable in x, bias, values.
+
+    ``indices``: sorted unique flat (row-major) positions, int32 (int64 from 2^31 elements);
+    ``rowptr``: ``slimtune.sparse.rowptr_for(indices, weight.shape)``; ``values``: the weight's
+    dtype or float32. Backward saves only ``x`` besides the given parameters/buffers and gets
+    d(values) from a sampled dense-dense product (SDDMM), never a dense weight gradient.
+    """
+    return torch.ops.slimtune.sparse_delta_linear(x, weight, bias, indices, rowptr, values)
+
+
+def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, rowptr: torch.Tensor) -> torch.Tensor:
+    """``out[k] = Σ_t a[t, row_k]·b[t, col_k]`` (float32 accumulation; float64 for float64)."""
+    return torch.ops.slimtune.sparse_delta_sddmm(a, b, indices, rowptr)

@@ -1,0 +1,227 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimtune  # noqa: F401
+from slimtune import reference
+from slimtune.sparse import rowptr_for, sparse_delta_linear, sparse_delta_sddmm
+from conftest import DEVICES, TOLERANCES, assert_lowp_error_bounded, device_dtype_params
+
+linear_op = torch.ops.slimtune.sparse_delta_linear
+backward_op = torch.ops.slimtune.sparse_delta_linear_backward
+sddmm_op = torch.ops.slimtune.sparse_delta_sddmm
+
+
+def make_delta(dout, din, density, device, index_dtype=torch.int32, value_dtype=torch.float32, scale=0.5):
+    numel = dout * din
+    k = max(1, int(numel * density))
+    idx = torch.randperm(numel)[:k].sort().values.to(device=device, dtype=index_dtype)
+    vals = (torch.randn(k, dtype=torch.float64) * scale).to(device=device, dtype=value_dtype)
+    return idx, rowptr_for(idx, (dout, din)), vals
+
+
+def make(x_shape, dout, density, dtype, device, bias=True, index_dtype=torch.int32, value_dtype=None):
+    din = x_shape[-1]
+    x = torch.randn(x_shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = (torch.randn(dout, din, dtype=torch.float64) / din**0.5).to(device=device, dtype=dtype)
+    b = torch.randn(dout, dtype=torch.float64).to(device=device, dtype=dtype) if bias else None
+    idx, rp, vals = make_delta(dout, din, density, device, index_dtype, value_dtype or dtype)
+    return x, w, b, idx, rp, vals
+
+
+# (x shape, out_features, density): T·K ≥ numel takes the transient-merge path, below it the SpMM path.
+CASES = [
+    ((16, 32), 24, 0.1),       # merge
+    ((5, 7, 123), 37, 0.05),   # merge, 3-D, odd sizes
+    ((1, 64), 65, 0.05),       # one token: SpMM
+    ((3, 45), 50, 0.02),       # SpMM
+    ((0, 32), 16, 0.1),        # empty batch
+]
+
+
+def run(x, w, b, idx, rp, vals, g):
+    x = x.clone().requires_grad_()
+    vals = vals.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    y = sparse_delta_linear(x, w, b, idx, rp, vals)
+    y.backward(g)
+    return y, x.grad, vals.grad, None if b is None else b.grad
+
+
+def run_reference(x, w, b, idx, vals, g, dtype=None):
+    """The reference in `dtype` (default: the accumulation dtype of the inputs)."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    x = cast(x).clone().requires_grad_()
+    vals = cast(vals).clone().requires_grad_()
+    b = None if b is None else cast(b).clone().requires_grad_()
+    y = reference.sparse_delta_linear(x, cast(w), b, idx, vals)
+    y.backward(cast(g).to(y.dtype))
+    return y, x.grad, vals.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("x_shape,dout,density", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(device, dtype, x_shape, dout, density, bias):
+    x, w, b, idx, rp, vals = make(x_shape, dout, density, dtype, device, bias)
+    g = torch.randn(x_shape[:-1] + (dout,), dtype=torch.float64).to(device=device, dtype=dtype)
+    outs = run(x, w, b, idx, rp, vals, g)
+    assert outs[0].shape == g.shape and outs[0].dtype == dtype
+    assert outs[2].dtype == vals.dtype
+    if dtype in (torch.float32, torch.float64):
+        refs = run_reference(x, w, b, idx, vals, g)
+        for name, o, r in zip(["y", "dx", "dvalues", "dbias"], outs, refs):
+            if r is not None:
+                torch.testing.assert_close(o, r.to(o.dtype), **TOLERANCES[dtype], msg=name)
+    else:
+        refs = run_reference(x, w, b, idx, vals, g, dtype=torch.float32)
+        # Plain PyTorch in the low precision: merged weight, F.linear, dense gᵀx gathered.
+        wl = reference.sparse_delta_weight(w, idx, vals).to(dtype)
+        xl = x.clone().requires_grad_()
+        wl.requires_grad_()
+        bl = None if b is None else b.clone().requires_grad_()
+        yl = F.linear(xl, wl, bl)
+        yl.backward(g)
+        eager = [yl, xl.grad, wl.grad.reshape(-1)[idx.long()], None if b is None else bl.grad]
+        for name, o, r, e in zip(["y", "dx", "dvalues", "dbias"], outs, refs, eager):
+            if r is not None and r.numel():
+                assert_lowp_error_bounded(o, r, e, floor=1e-3 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_values_over_low_precision_weight(device, dtype):
+    x, w, b, idx, rp, vals = make((9, 40), 30, 0.1, dtype, device, value_dtype=torch.float32)
+    g = torch.randn(9, 30, device=device).to(dtype)
+    y, dx, dv, db = run(x, w, b, idx, rp, vals, g)
+    assert dv.dtype == torch.float32
+    ref = reference.sparse_delta_sddmm(g, x, idx)
+    torch.testing.assert_close(dv, ref, atol=1e-4, rtol=1e-4)  # float32 accumulation of exact products
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sddmm_matches_dense_gather(device, index_dtype):
+    a = torch.randn(300, 33, device=device)  # more than one token tile
+    bm = torch.randn(300, 47, device=device)
+    idx, rp, _ = make_delta(33, 47, 0.2, device, index_dtype)
+    out = sparse_delta_sddmm(a, bm, idx, rp)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.sparse_delta_sddmm(a, bm, idx), atol=1e-4, rtol=1e-5)
+    # 3-D operands are flattened over their token dimensions.
+    out3 = sparse_delta_sddmm(a.view(3, 100, 33), bm.view(3, 100, 47), idx, rp)
+    torch.testing.assert_close(out3, out, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,dout,density", [((6, 9), 7, 0.2), ((2, 1, 11), 5, 0.1), ((1, 13), 12, 0.05)])
+def test_gradcheck_float64(x_shape, dout, density):
+    x, w, b, idx, rp, vals = make(x_shape, dout, density, torch.float64, "cpu")
+    x.requires_grad_(), b.requires_grad_(), vals.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b, v: sparse_delta_linear(x, w, b, idx, rp, v), (x, b, vals))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for grad in (False, True):
+        for x_shape in ((8, 16), (1, 16)):
+            x, w, b, idx, rp, vals = make(x_shape, 12, 0.1, torch.float32, device)
+            x.requires_grad_(grad), vals.requires_grad_(grad), b.requires_grad_(grad)
+            torch.library.opcheck(linear_op, (x, w, b, idx, rp, vals))
+            torch.library.opcheck(linear_op, (x, w, None, idx, rp, vals))
+    x, w, b, idx, rp, vals = make((2, 4, 16), 12, 0.1, torch.bfloat16, device, value_dtype=torch.float32)
+    g = torch.randn(2, 4, 12, device=device).to(torch.bfloat16)
+    torch.library.opcheck(backward_op, (g, x, w, idx, rp, vals, [True, True, True]))
+    torch.library.opcheck(backward_op, (g, x, w, idx, rp, vals, [False, True, False]))
+    torch.library.opcheck(sddmm_op, (g, x, idx, rp))
+
+
+def test_torch_compile_fullgraph_smoke():
+    x, w, b, idx, rp, vals = make((4, 6, 24), 20, 0.1, torch.float32, "cpu")
+    vals.requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, v):
+        return (sparse_delta_linear(x, w, b, idx, rp, v) ** 2).sum()
+
+    loss = f(x, vals)
+    loss.backward()
+    v2 = vals.detach().clone().requires_grad_()
+    ref = (reference.sparse_delta_linear(x, w, b, idx, v2) ** 2).sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(vals.grad, v2.grad, atol=1e-4, rtol=1e-5)
+
+
+def saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_only_x_saved_for_backward():
+    T, din, dout = 64, 96, 80
+    x, w, b, idx, rp, vals = make((T, din), dout, 0.05, torch.float32, "cpu")
+    x.requires_grad_(), vals.requires_grad_()
+    _, saved = saved_tensors(lambda: sparse_delta_linear(x, w, b, idx, rp, vals))
+    owned = {t.data_ptr() for t in (w, idx, rp, vals)}
+    extra = [t for t in saved if t.data_ptr() not in owned]
+    assert len(extra) == 1 and extra[0].data_ptr() == x.data_ptr(), [tuple(t.shape) for t in extra]
+    assert not any(t.numel() == w.numel() and t.data_ptr() != w.data_ptr() for t in saved), \
+        "a weight-sized tensor other than W0 itself was saved"
+    # The naive way keeps the merged weight alive too.
+    _, naive = saved_tensors(lambda: F.linear(x, w.view(-1).index_add(0, idx.long(), vals).view_as(w), b))
+    naive_extra = sum(t.numel() * t.element_size() for t in naive if t.data_ptr() not in owned)
+    assert naive_extra >= x.numel() * 4 + w.numel() * 4
+
+
+def test_frozen_weight_is_required():
+    x, w, b, idx, rp, vals = make((4, 8), 6, 0.2, torch.float32, "cpu")
+    w.requires_grad_()
+    with pytest.raises(RuntimeError, match="'weight' must be frozen"):
+        sparse_delta_linear(x, w, b, idx, rp, vals).sum().backward()
+
+
+def bad_inputs():
+    x, w, b, idx, rp, vals = make((4, 8), 6, 0.25, torch.float32, "cpu")
+    yield "x", "dtype", (x.double(), w, b, idx, rp, vals)
+    yield "x", "in_features", (x[:, :7], w, b, idx, rp, vals)
+    yield "weight", "contiguous", (x, w.t().contiguous().t(), b, idx, rp, vals)
+    yield "bias", "shape", (x, w, b[:3], idx, rp, vals)
+    yield "values", "elements", (x, w, b, idx, rp, vals[:-1])
+    yield "values", "float32", (x.half(), w.half(), b.half(), idx, rp, vals.double())
+    yield "indices", "int32 or int64", (x, w, b, idx.float(), rp, vals)
+    yield "indices", "sorted and unique", (x, w, b, idx.flip(0), rp, vals)
+    dup = idx.clone()
+    dup[1] = dup[0]
+    yield "indices", "sorted and unique", (x, w, b, dup, rowptr_for(dup, w.shape), vals)
+    big = idx.clone()
+    big[-1] = w.numel() + 3
+    yield "indices", "out of range", (x, w, b, big, rp, vals)
+    yield "rowptr", "shape", (x, w, b, idx, rp[:-1], vals)
+    yield "rowptr", "int64", (x, w, b, idx, rp.int(), vals)
+    stale = rp.clone()
+    stale[1:-1] = 0
+    yield "rowptr", "stale", (x, w, b, idx, stale, vals)
+
+
+@pytest.mark.parametrize("arg,phrase,args", list(bad_inputs()))
+def test_bad_inputs_raise_naming_the_argument(arg, phrase, args):
+    with pytest.raises(RuntimeError, match=f"'{arg}'") as excinfo:
+        linear_op(*args)
+    assert phrase in str(excinfo.value), str(excinfo.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_spmm_path_and_sddmm_large():
+    x, w, b, idx, rp, vals = make((3, 512), 384, 0.01, torch.bfloat16, "cuda", value_dtype=torch.float32)
+    g = torch.randn(3, 384, device="cuda").to(torch.bfloat16)
+    y, dx, dv, db = run(x, w, b, idx, rp, vals, g)
+    ry, rdx, rdv, rdb = run_reference(x, w, b, idx, vals, g, dtype=torch.float32)
+    torch.testing.assert_close(y.float(), ry, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(dv, rdv, atol=1e-3, rtol=1e-3)
