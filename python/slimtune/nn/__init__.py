@@ -1,1 +1,5 @@
 """Drop-in torch.nn modules backed by slimtune ops."""
+
+from .lora import LoRALinear  # noqa: E402
+
+__all__ = ["LoRALinear"]
