@@ -58,6 +58,28 @@ __global__ void masked_add_kernel(D* __restrict__ dx, const T* __restrict__ tmp,
   }
 }
 
+template <typename X, typename T>
+__global__ void backward_tile_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
+                                     const T* __restrict__ tmp, X* __restrict__ dx, T* __restrict__ xd,
+                                     int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
+                                     uint32_t thresh, uint64_t seed, uint64_t offset) {
+  using A = typename Acc<T>::type;
+  const A m = static_cast<A>(mult);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    int64_t first;
+    uint32_t bits;
+    int count;
+    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
+    for (int c = 0; c < count; ++c) {
+      const int64_t q = first + c, i = q / cols, j = q - i * cols;
+      const A keep = ((bits >> c) & 1u) ? m : A(0);
+      dx[q] = from_acc<X>(static_cast<A>(to_acc(dx[q])) + to_acc(tmp[q]) * keep);
+      xd[q] = from_acc<T>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * keep);
+    }
+  }
+}
+
 __global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, uint32_t thresh, uint64_t seed,
                             uint64_t offset) {
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
@@ -123,6 +145,30 @@ Status lora_masked_add(void* dx, DType dx_dtype, const void* tmp, DType tmp_dtyp
       masked_add_kernel<D, double><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
           static_cast<D*>(dx), static_cast<const double*>(tmp), e_base, n, b0, nb, mult, thresh, seed, offset,
           accumulate);
+    }
+    return last_status();
+  });
+}
+
+Status lora_dropout_backward_tile(const void* x, DType x_dtype, int64_t x_rs, int64_t x_cs, int64_t rows,
+                                  int64_t cols, const void* tmp, DType tmp_dtype, void* dx, void* xd, int64_t e_base,
+                                  double mult, uint32_t thresh, uint64_t seed, uint64_t offset, void* stream) {
+  const int64_t n = rows * cols;
+  if (n == 0) return 0;
+  if (tmp_dtype != DType::Float32 && tmp_dtype != DType::Float64) return static_cast<Status>(cudaErrorInvalidValue);
+  int64_t b0, nb;
+  block_span(e_base, n, &b0, &nb);
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    if (tmp_dtype == DType::Float32) {
+      backward_tile_kernel<X, float><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
+          static_cast<const X*>(x), x_rs, x_cs, cols, static_cast<const float*>(tmp), static_cast<X*>(dx),
+          static_cast<float*>(xd), e_base, n, b0, nb, mult, thresh, seed, offset);
+    } else {
+      backward_tile_kernel<X, double><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
+          static_cast<const X*>(x), x_rs, x_cs, cols, static_cast<const double*>(tmp), static_cast<X*>(dx),
+          static_cast<double*>(xd), e_base, n, b0, nb, mult, thresh, seed, offset);
     }
     return last_status();
   });

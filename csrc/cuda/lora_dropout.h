@@ -17,6 +17,13 @@ Status lora_masked_add(void* dx, DType dx_dtype, const void* tmp, DType tmp_dtyp
                        int64_t e_base, double mult, uint32_t thresh, uint64_t seed, uint64_t offset, bool accumulate,
                        void* stream);
 
+// One mask for both backward terms: dx[i, j] += keep ? tmp[i, j] * mult : 0 (dx in x's dtype)
+// and xd[i, j] = keep ? x[i * x_rs + j * x_cs] * mult : 0; dx, tmp, xd contiguous; tmp and xd
+// share a dtype (Float32 or Float64).
+Status lora_dropout_backward_tile(const void* x, DType x_dtype, int64_t x_rs, int64_t x_cs, int64_t rows,
+                                  int64_t cols, const void* tmp, DType tmp_dtype, void* dx, void* xd, int64_t e_base,
+                                  double mult, uint32_t thresh, uint64_t seed, uint64_t offset, void* stream);
+
 // out[e] = keep(e) for e < n (bool as one byte).
 Status lora_dropout_mask(bool* out, int64_t n, uint32_t thresh, uint64_t seed, uint64_t offset, void* stream);
 

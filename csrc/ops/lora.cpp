@@ -167,15 +167,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     // regenerated from the seed, one tile of rows at a time.
     const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
     at::Tensor scratch = at::empty({rows, d_in}, x.options().dtype(cdt));
+    at::Tensor scratch2 = need_x && need_A ? at::empty({rows, d_in}, x.options().dtype(cdt)) : scratch;
     for (int64_t t0 = 0; t0 < T; t0 += rows) {
       const int64_t n = std::min(rows, T - t0);
       at::Tensor tile = scratch.narrow(0, 0, n);
       const at::Tensor gBt = gB.narrow(0, t0, n);
-      if (need_A) {
-        k.dropout_scale(x2.narrow(0, t0, n), t0 * d_in, mult, thresh, useed, uoff, tile);
+      const at::Tensor xt = x2.narrow(0, t0, n);
+      if (need_x && need_A) {
+        at::Tensor xd = scratch2.narrow(0, 0, n);
+        at::mm_out(tile, gBt, Ac);
+        at::Tensor dxt = dx.narrow(0, t0, n);
+        k.backward_tile(xt, tile, dxt, t0 * d_in, mult, thresh, useed, uoff, xd);
+        dA.addmm_(gBt.t(), xd);
+      } else if (need_A) {
+        k.dropout_scale(xt, t0 * d_in, mult, thresh, useed, uoff, tile);
         dA.addmm_(gBt.t(), tile);
-      }
-      if (need_x) {
+      } else {
         at::mm_out(tile, gBt, Ac);
         at::Tensor dxt = dx.narrow(0, t0, n);
         k.masked_add(dxt, tile, t0 * d_in, mult, thresh, useed, uoff, true);
@@ -191,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
 
 namespace {
 
-const LoraKernels kCpu{&cpu::lora_dropout_scale, &cpu::lora_masked_add, 1 << 18};
+const LoraKernels kCpu{&cpu::lora_dropout_scale, &cpu::lora_masked_add, &cpu::lora_dropout_backward_tile, 1 << 18};
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,

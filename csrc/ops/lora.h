@@ -18,6 +18,9 @@ struct LoraKernels {
   // dx (+)= keep ? tmp * mult : 0.
   void (*masked_add)(at::Tensor& dx, const at::Tensor& tmp, int64_t e_base, double mult, uint32_t thresh,
                      uint64_t seed, uint64_t offset, bool accumulate);
+  // Both backward terms from one mask: dx += keep ? tmp * mult : 0, xd = keep ? x * mult : 0.
+  void (*backward_tile)(const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, int64_t e_base, double mult,
+                        uint32_t thresh, uint64_t seed, uint64_t offset, at::Tensor& xd);
   // Elements per tile of rows: the scratch a tile needs (a few MiB on a CPU cache, more on a GPU).
   int64_t tile_elems;
 };

@@ -26,8 +26,18 @@ void masked_add_cuda(at::Tensor& dx, const at::Tensor& tmp, int64_t e_base, doub
                     "lora_linear_backward");
 }
 
+void backward_tile_cuda(const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, int64_t e_base, double mult,
+                        uint32_t thresh, uint64_t seed, uint64_t offset, at::Tensor& xd) {
+  check_cuda_status(cuda::lora_dropout_backward_tile(x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0),
+                                                     x.stride(1), x.size(0), x.size(1), tmp.data_ptr(),
+                                                     to_kernel_dtype(tmp.scalar_type()), dx.data_ptr(), xd.data_ptr(),
+                                                     e_base, mult, thresh, seed, offset,
+                                                     current_cuda_stream(x.device())),
+                    "lora_linear_backward");
+}
+
 // Large tiles: on a GPU the scratch is cheap and each tile costs kernel launches.
-const LoraKernels kCuda{&dropout_scale_cuda, &masked_add_cuda, int64_t{1} << 24};
+const LoraKernels kCuda{&dropout_scale_cuda, &masked_add_cuda, &backward_tile_cuda, int64_t{1} << 24};
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
