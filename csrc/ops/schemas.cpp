@@ -14,4 +14,13 @@ TORCH_LIBRARY(slimtune, m) {
   m.def("sparse_delta_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor indices, Tensor rowptr, Tensor values, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // out[k] = sum_t a[t, row_k] * b[t, col_k] in float32 (float64 for float64): the values' gradient.
   m.def("sparse_delta_sddmm(Tensor a, Tensor b, Tensor indices, Tensor rowptr) -> Tensor");
+  // LoRA: y = x W^T (+ bias) + scale * (dropout(x) A^T) B^T with a Philox mask regenerated
+  // from (seed, offset); also returns xa = scale * dropout(x) A^T (T x r), kept for backward.
+  m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+        "float scale, float dropout, int seed, int offset, bool need_x, bool need_A, bool need_B, bool need_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
+  m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
 }

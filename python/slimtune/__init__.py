@@ -5,12 +5,14 @@ import torch  # noqa: F401  -- must be imported first: _C links against torch's 
 from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
 from . import functional, reference  # noqa: F401
+from . import lora, nn  # noqa: F401
 from ._version import __version__
 from . import nn, sparse  # noqa: F401
 from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices  # noqa: F401
 
 __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
 __all__ += ["sparse", "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices"]
+__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "lora", "nn"]
 
 
 def has_cuda() -> bool:

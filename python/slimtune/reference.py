@@ -43,3 +43,21 @@ def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) 
     a2 = a.reshape(-1, a.shape[-1]).to(acc)
     b2 = b.reshape(-1, b.shape[-1]).to(acc)
     return (a2.t() @ b2).reshape(-1)[indices.long()]
+# --- LoRA -------------------------------------------------------------------------------------
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None, p=0.0):
+    """``x W^T (+ b) + scale * ((x * mask / (1 - p)) A^T) B^T``, eager and differentiable.
+
+    ``dropout_mask`` (bool, shaped like ``x``) is given explicitly so a test can hand the
+    reference the kernel's own mask. Adapters may be float32 over a low-precision ``x``.
+    """
+    base = torch.nn.functional.linear(x, weight, bias) if weight is not None else None
+    xd = x.to(lora_A.dtype)
+    if dropout_mask is not None:
+        xd = xd * dropout_mask.to(xd.dtype) / (1.0 - p)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B) * scale
+    if base is None:
+        out = lora.to(x.dtype)
+        return out + bias if bias is not None else out
+    return base + lora.to(base.dtype)

@@ -1,0 +1,43 @@
+// Fused LoRA linear: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs are ATen's; the
+// dropout is a Philox mask regenerated from (seed, offset) by per-device elementwise kernels,
+// applied tile by tile so neither a dropped copy of x nor a mask is ever stored.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace slimtune {
+
+// The per-device pieces; the driver in ops/lora.cpp is shared by CPU and CUDA.
+struct LoraKernels {
+  // out = keep ? x * mult : 0 (see cpu/lora_dropout.h for the element numbering).
+  void (*dropout_scale)(const at::Tensor& x, int64_t e_base, double mult, uint32_t thresh, uint64_t seed,
+                        uint64_t offset, at::Tensor& out);
+  // dx (+)= keep ? tmp * mult : 0.
+  void (*masked_add)(at::Tensor& dx, const at::Tensor& tmp, int64_t e_base, double mult, uint32_t thresh,
+                     uint64_t seed, uint64_t offset, bool accumulate);
+  // Both backward terms from one mask: dx += keep ? tmp * mult : 0, xd = keep ? x * mult : 0.
+  void (*backward_tile)(const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, int64_t e_base, double mult,
+                        uint32_t thresh, uint64_t seed, uint64_t offset, at::Tensor& xd);
+  // Elements per tile of rows: the scratch a tile needs (a few MiB on a CPU cache, more on a GPU).
+  int64_t tile_elems;
+};
+
+void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                double p);
+
+std::tuple<at::Tensor, at::Tensor> lora_forward(const LoraKernels& k, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, double scale, double p, int64_t seed,
+                                                int64_t offset);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
+    const LoraKernels& k, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p, int64_t seed,
+    int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias);
+
+}  // namespace slimtune

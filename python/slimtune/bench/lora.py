@@ -1,0 +1,107 @@
+"""LoRA linear fwd+bwd: frozen Linear (the floor), HF PEFT's LoRA layer, an eager 3-matmul LoRA,
+and slimtune's fused op; time and bytes saved for backward (parameters excluded)."""
+
+import torch
+from torch import nn
+
+from .harness import Context, Group
+
+
+def _shapes(ctx: Context):
+    if ctx.quick:
+        return [(2048, 1024, 1024)]
+    if ctx.device.type == "cpu":  # the LLM shapes take minutes per case on a few CPU cores
+        return [(2048, 1024, 1024), (2048, 2048, 2048)]
+    return [(2048, 1024, 1024), (4096, 4096, 4096), (4096, 4096, 11008)]
+
+
+def _adapter_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _providers(ctx: Context, T, d_in, d_out, r, p):
+    """name -> (module, x, grad): each module maps x to y with a frozen base and trainable adapters."""
+    dev, dt = ctx.device, ctx.dtype
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
+    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
+    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    alpha = 2 * r
+    mods = {"frozen Linear": base}
+
+    try:
+        import peft
+
+        class One(nn.Module):
+            def __init__(self, lin):
+                super().__init__()
+                self.proj = lin
+
+            def forward(self, x):
+                return self.proj(x)
+
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False)
+        wrapped = peft.get_peft_model(One(nn.Linear(d_in, d_out).to(dev, dt)), cfg)
+        mods["peft"] = wrapped.base_model.model.proj.train()  # peft.tuners.lora.Linear
+    except ImportError:  # pragma: no cover - peft is optional
+        pass
+
+    adt = _adapter_dtype(dt)
+    A = nn.Parameter(torch.randn(r, d_in, generator=g).to(dev, adt) * d_in ** -0.5)
+    B = nn.Parameter(torch.randn(d_out, r, generator=g).to(dev, adt) * 0.01)
+    scale = alpha / r
+
+    class Eager(nn.Module):
+        def forward(self, x):
+            xd = nn.functional.dropout(x.to(adt), p, training=True)
+            return base(x) + (scale * ((xd @ A.t()) @ B.t())).to(x.dtype)
+
+    mods["eager 3-matmul"] = Eager()
+    from slimtune.nn import LoRALinear
+
+    ours = LoRALinear(base, r=r, alpha=alpha, dropout=p).train()
+    with torch.no_grad():
+        ours.lora_B["default"].normal_(0, 0.01)
+    mods["slimtune"] = ours
+    return mods, x, grad
+
+
+def _saved_bytes(module, x):
+    params = {t.data_ptr() for t in module.parameters()}
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if t.data_ptr() not in params and key not in seen:
+            seen.add(key)
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total[0] / 2**20
+
+
+def _groups(ctx: Context):
+    ranks = [16] if ctx.quick else [8, 16, 64]
+    for T, d_in, d_out in _shapes(ctx):
+        for r in ranks:
+            for p in (0.0, 0.1):
+                mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
+                label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
+                config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p,
+                          "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", "")}
+
+                def step(m, x=x, grad=grad):
+                    m(x).backward(grad)
+
+                yield Group(op="lora_linear", mode="fwd+bwd", x_name="shape,r,p", x_value=label,
+                            providers={n: (lambda m=m: step(m)) for n, m in mods.items()},
+                            baseline="frozen Linear", config=config)
+                yield Group(op="lora_linear", mode="saved", x_name="shape,r,p", x_value=label,
+                            providers={n: (lambda m=m: _saved_bytes(m, x)) for n, m in mods.items()},
+                            baseline="frozen Linear", metric="saved_bytes", unit="MiB",
+                            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20})
+
+
+BENCHMARKS = {"lora": _groups}

@@ -1,0 +1,74 @@
+"""Fake kernels and autograd for torch.ops.slimtune.lora_* (the backward is itself an op).
+
+The fake kernels are listed in ``FAKES`` and registered by ``slimtune.ops``, the module the
+C++ library names with ``set_python_module`` (torch checks where they are registered from).
+"""
+
+import math
+
+import torch
+
+_lib = "slimtune"
+
+
+def _compute_dtype(lora_A):
+    return torch.float64 if lora_A.dtype == torch.float64 else torch.float32
+
+
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset):
+    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2, lambda: "slimtune.lora_linear: lora_A/lora_B must be 2-D")
+    torch._check(x.shape[-1] == lora_A.shape[1], lambda: "slimtune.lora_linear: argument 'x' has the wrong features")
+    torch._check(lora_B.shape[1] == lora_A.shape[0], lambda: "slimtune.lora_linear: argument 'lora_B' rank mismatch")
+    tokens = math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
+    xa = x.new_empty((tokens, lora_A.shape[0]), dtype=_compute_dtype(lora_A))
+    return out, xa
+
+
+def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, xa, scale, dropout, seed, offset, need_x,
+                               need_A, need_B, need_bias):
+    none = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_x else none,
+        torch.empty_like(lora_A) if need_A else none,
+        torch.empty_like(lora_B) if need_B else none,
+        x.new_empty((lora_B.shape[0],)) if need_bias else none,
+    )
+
+
+def _lora_dropout_mask_fake(like, p, seed, offset):
+    return like.new_empty(like.shape, dtype=torch.bool)
+
+
+FAKES = {
+    "lora_linear": _lora_linear_fake,
+    "lora_linear_backward": _lora_linear_backward_fake,
+    "lora_dropout_mask": _lora_dropout_mask_fake,
+}
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset = inputs
+    _, xa = output
+    # Only x and the T x r intermediate are activations; weight/A/B are parameters.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+    ctx.args = (scale, dropout, seed, offset)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, grad_out, _grad_xa):
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_bias = bool(ctx.has_bias and need[2])
+    dx, dA, dB, dbias = torch.ops.slimtune.lora_linear_backward(
+        grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias)
+    dweight = None
+    if weight is not None and need[1]:
+        # A trainable base weight (not the LoRA use case) still gets its exact gradient.
+        dweight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    return (dx if need[0] else None, dweight, dbias if need_bias else None, dA if need[3] else None,
+            dB if need[4] else None, None, None, None, None)
+
+
+torch.library.register_autograd(f"{_lib}::lora_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,193 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus named low-rank adapters, backed by the fused op."""
+
+import math
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..lora.functional import lora_linear
+
+_INITS = ("kaiming", "gaussian", "zeros")
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + sum_a s_a * (dropout_a(x) A_a^T) B_a^T`` over the active adapters ``a``.
+
+    ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
+    (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
+    weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
+    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``"zeros"``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "kaiming", adapter_name: str = "default", dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear: 'base' must be an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: Dict[str, int] = {}
+        self.lora_alpha: Dict[str, float] = {}
+        self.lora_dropout: Dict[str, float] = {}
+        self.use_rslora: Dict[str, bool] = {}
+        self.active_adapters: List[str] = []
+        self.merged_adapters: List[str] = []
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.lora_A.keys())
+
+    def scaling(self, name: str) -> float:
+        self._check_name(name)
+        r = self.r[name]
+        return self.lora_alpha[name] / (math.sqrt(r) if self.use_rslora[name] else r)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"LoRALinear: unknown adapter {name!r}; known adapters: {self.adapter_names}")
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+                    init: str = "kaiming", dtype: Optional[torch.dtype] = None) -> None:
+        """Adds adapter ``name`` (not activated: see :meth:`set_adapter`)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"LoRALinear: adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"LoRALinear: adapter {name!r} already exists")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: 'r' must be a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: 'dropout' must be in [0, 1), got {dropout}")
+        if init not in _INITS:
+            raise ValueError(f"LoRALinear: 'init' must be one of {_INITS}, got {init!r}")
+        w = self.base.weight
+        if dtype is None:
+            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        A = torch.zeros(r, self.in_features, device=w.device, dtype=dtype)
+        B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.r[name] = r
+        self.lora_alpha[name] = float(alpha)
+        self.lora_dropout[name] = float(dropout)
+        self.use_rslora[name] = bool(rslora)
+
+    def set_adapter(self, names: Union[str, Sequence[str]]) -> None:
+        """Activates one adapter or several (their terms are summed)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check_name(n)
+        if self.merged_adapters:
+            raise RuntimeError(f"LoRALinear: unmerge() adapters {self.merged_adapters} before changing the active set")
+        self.active_adapters = names
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"LoRALinear: adapter {name!r} is merged; unmerge() it first")
+        del self.lora_A[name]
+        del self.lora_B[name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora):
+            del d[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # -- merge ------------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B A`` in the adapters' dtype."""
+        return self.scaling(name) * (self.lora_B[name] @ self.lora_A[name])
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Adds the active adapters into the base weight (forward then costs one GEMM)."""
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                w = self.base.weight
+                w.copy_((w.to(self.lora_A[name].dtype) + self.delta_weight(name)).to(w.dtype))
+                self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.base.weight
+            w.copy_((w.to(self.lora_A[name].dtype) - self.delta_weight(name)).to(w.dtype))
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _p(self, name: str) -> float:
+        return self.lora_dropout[name] if self.training else 0.0
+
+    def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
+        if adapter_ids is not None:
+            return self._forward_mixed(x, adapter_ids)
+        live = [a for a in self.active_adapters if a not in self.merged_adapters]
+        if not live:
+            return self.base(x)
+        first, rest = live[0], live[1:]
+        out = lora_linear(x, self.base.weight, self.base.bias, self.lora_A[first], self.lora_B[first],
+                          self.scaling(first), self._p(first))
+        for a in rest:
+            out = out + lora_linear(x, None, None, self.lora_A[a], self.lora_B[a], self.scaling(a), self._p(a))
+        return out
+
+    def _resolve_ids(self, adapter_ids, batch: int) -> List[Optional[str]]:
+        names = self.adapter_names
+        if isinstance(adapter_ids, torch.Tensor):
+            adapter_ids = adapter_ids.tolist()
+        ids = list(adapter_ids)
+        if len(ids) != batch:
+            raise ValueError(f"LoRALinear: 'adapter_ids' has {len(ids)} entries but the batch has {batch} rows")
+        out: List[Optional[str]] = []
+        for i in ids:
+            if i is None or (isinstance(i, int) and i < 0):
+                out.append(None)  # the base model alone
+            elif isinstance(i, int):
+                if i >= len(names):
+                    raise IndexError(f"LoRALinear: adapter index {i} out of range for adapters {names}")
+                out.append(names[i])
+            else:
+                self._check_name(i)
+                out.append(i)
+        return out
+
+    def _forward_mixed(self, x: torch.Tensor, adapter_ids) -> torch.Tensor:
+        """Row ``i`` of the batch (dim 0) uses adapter ``adapter_ids[i]`` (a name, an index into
+        :attr:`adapter_names`, or ``None``/-1 for the base alone)."""
+        if self.merged_adapters:
+            raise RuntimeError("LoRALinear: a mixed-adapter batch needs unmerged adapters; call unmerge() first")
+        if x.dim() < 2:
+            raise ValueError("LoRALinear: a mixed-adapter batch needs x of shape (batch, ..., in_features)")
+        ids = self._resolve_ids(adapter_ids, x.shape[0])
+        out = self.base(x)
+        for name in dict.fromkeys(i for i in ids if i is not None):
+            rows = torch.tensor([k for k, i in enumerate(ids) if i == name], device=x.device)
+            term = lora_linear(x.index_select(0, rows), None, None, self.lora_A[name], self.lora_B[name],
+                               self.scaling(name), self._p(name))
+            out = out.index_add(0, rows, term.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout[n]:g}"
+                 + (", rslora" if self.use_rslora[n] else "") for n in self.adapter_names]
+        return f"adapters=[{'; '.join(parts)}], active={self.active_adapters}, merged={self.merged_adapters}"
