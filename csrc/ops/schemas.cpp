@@ -7,4 +7,8 @@ TORCH_LIBRARY(slimtune, m) {
 
   // weight.view(-1)[indices] += alpha * values, in place.
   m.def("sparse_delta_merge_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> ()");
+
+  // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.
+  m.def("memsave_relu_mask(Tensor x) -> Tensor");
+  m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
 }

@@ -6,8 +6,9 @@ from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
 from . import functional, reference  # noqa: F401
 from ._version import __version__
+from .memsave import MemSaveReport, memsave, saved_bytes  # noqa: E402  -- shadows the subpackage name
 
-__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
+__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "memsave", "saved_bytes", "MemSaveReport"]
 
 
 def has_cuda() -> bool:

@@ -17,3 +17,7 @@ def _sparse_delta_merge_fake(weight, indices, values, alpha):
         lambda: "slimtune.sparse_delta_merge_: argument 'values' must have as many elements as 'indices'",
     )
     return None
+
+from .memsave import _ops as _memsave_ops  # noqa: E402  -- memsave fake kernels, registered here
+for _n, _f in _memsave_ops.FAKES.items():
+    torch.library.register_fake(f"{_lib}::{_n}")(_f)
