@@ -31,6 +31,22 @@ CONVERSIONS = {
 }
 _MEMSAVE_TYPES = tuple(CONVERSIONS.values())
 
+# Hugging Face RMSNorm classes whose forward is Llama's formula
+# (weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)), matched by name.
+HF_RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _target_class(module):
+    cls = type(module)
+    target = CONVERSIONS.get(cls)
+    if target is not None:
+        return target
+    if cls.__name__ in HF_RMS_NORM_CLASSES and cls.__name__ == cls.__qualname__ and \
+            isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1 and \
+            hasattr(module, "variance_epsilon"):
+        return L.memsave_hf_rms_norm_class(cls)
+    return None
+
 
 def _unsupported_reason(module):
     """Why `module` (of a convertible type) cannot be converted, or None."""
@@ -83,9 +99,10 @@ def memsave(model: nn.Module, layers=None, inplace: bool = True):
         model = copy.deepcopy(model)
     report = MemSaveReport()
     for name, module in model.named_modules():
-        if isinstance(module, _MEMSAVE_TYPES) or not _wanted(module, name, layers):
+        if isinstance(module, _MEMSAVE_TYPES) or type(module).__name__.startswith("MemSave") or \
+                not _wanted(module, name, layers):
             continue
-        target = CONVERSIONS.get(type(module))
+        target = _target_class(module)
         if target is None:
             base = next((b for b in CONVERSIONS if isinstance(module, b)), None)
             if base is not None:

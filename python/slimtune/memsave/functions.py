@@ -271,3 +271,32 @@ def _prod(xs):
     for v in xs:
         p *= int(v)
     return p
+
+
+class HFRMSNormFunction(torch.autograd.Function):
+    """The RMSNorm of Llama-family models in Hugging Face transformers
+    (``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``), computed the
+    same way but keeping only the input and the per-row rstd (the stock graph keeps a
+    float32 copy of the input, the normalized input and more)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            h = xhat.to(x.dtype)
+            gw = (grad * h).sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # Rounded through the input dtype as the stock graph's cast backward does.
+            gh = (grad * weight).to(x.dtype).to(torch.float32)
+            gx = (rstd * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None

@@ -14,6 +14,7 @@ from .functions import (
     BatchNormEvalFunction,
     ConvFunction,
     DropoutFunction,
+    HFRMSNormFunction,
     LayerNormFunction,
     MaxPoolFunction,
     PadFunction,
@@ -182,6 +183,24 @@ class MemSaveRMSNorm(nn.RMSNorm):
     def forward(self, x):
         x, w = _autocast_fp32("rms_norm", x, self.weight)
         return RMSNormFunction.apply(x, list(self.normalized_shape), w, self.eps)
+
+
+def _hf_rms_norm_forward(self, hidden_states):
+    return HFRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+_HF_RMS_CLASSES = {}
+
+
+def memsave_hf_rms_norm_class(cls):
+    """A subclass of a Hugging Face Llama-style RMSNorm class whose forward saves less."""
+    if cls not in _HF_RMS_CLASSES:
+        _HF_RMS_CLASSES[cls] = type("MemSave" + cls.__name__, (cls,), {
+            "forward": _hf_rms_norm_forward,
+            "__doc__": f"{cls.__name__} keeping only the input and the per-row rstd for backward.",
+            "__module__": __name__,
+        })
+    return _HF_RMS_CLASSES[cls]
 
 
 # ----------------------------------------------------------------------------- activations
