@@ -2,6 +2,7 @@
 saved for backward (measured through saved_tensors_hooks)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -258,6 +259,7 @@ POOL_CASES = [
     (nn.MaxPool2d, dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True), (1, 2, 9, 10)),
     (nn.MaxPool3d, dict(kernel_size=2, stride=1, padding=1), (1, 2, 4, 5, 3)),
     (nn.MaxPool2d, dict(kernel_size=3), (3, 9, 9)),
+    (nn.MaxPool2d, dict(kernel_size=12, stride=4, padding=2), (1, 2, 21, 20)),  # 144-element window: int16
 ]
 
 
@@ -271,8 +273,30 @@ def test_maxpool(device, dtype, case):
     x = torch.randn(shape, device=device).to(dtype)
     bytes_s, bytes_o = _compare(stock, ours, x, True, dtype)
     out = stock(x)
-    assert bytes_o == out.numel()  # one int8 offset per output element
-    assert bytes_o * 8 <= bytes_s
+    k = kwargs["kernel_size"]
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[cls]
+    window = k ** nd if isinstance(k, int) else math.prod(k)
+    per = 1 if window <= 127 else 2  # int8 offsets, int16 past 127 window elements
+    assert bytes_o == out.numel() * per
+    assert bytes_o * 4 <= bytes_s
+
+
+def test_maxpool_ops_opcheck_and_errors():
+    x = torch.randn(2, 3, 9, 8)
+    out, idx = torch.ops.aten.max_pool2d_with_indices(x, [3, 2], [2, 2], [1, 1], [1, 1], True)
+    args = ([2, 3, 9, 8], [3, 2], [2, 2], [1, 1], [1, 1])
+    off = torch.ops.slimtune.memsave_maxpool_compact(idx, *args)
+    assert off.dtype == torch.int8 and off.shape == idx.shape and int(off.min()) >= 0 and int(off.max()) < 6
+    torch.library.opcheck(torch.ops.slimtune.memsave_maxpool_compact.default, (idx,) + args)
+    for rg in (False, True):
+        g = torch.randn(out.shape, requires_grad=rg)
+        torch.library.opcheck(torch.ops.slimtune.memsave_maxpool_backward.default, (g, off) + args)
+    with pytest.raises(RuntimeError, match="argument 'indices'"):
+        torch.ops.slimtune.memsave_maxpool_compact(idx.int(), *args)
+    with pytest.raises(RuntimeError, match="argument 'kernel_size'"):
+        torch.ops.slimtune.memsave_maxpool_compact(idx, [2, 3, 9, 8], [12, 12], [2, 2], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="argument 'offsets'"):
+        torch.ops.slimtune.memsave_maxpool_backward(out, off[..., :-1], *args)
 
 
 def test_maxpool_rejects_return_indices():

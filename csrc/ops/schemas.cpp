@@ -11,4 +11,9 @@ TORCH_LIBRARY(slimtune, m) {
   // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.
   m.def("memsave_relu_mask(Tensor x) -> Tensor");
   m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
+  // memsave: max-pool argmax as an int8 offset inside its window, and the backward from it.
+  m.def("memsave_maxpool_compact(Tensor indices, int[] input_size, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
+  m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
 }

@@ -201,8 +201,6 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def _index_dtype(window):
-    if window <= 127:
-        return torch.int8
     if window <= 32767:
         return torch.int16
     return torch.int32
@@ -229,6 +227,14 @@ class MaxPoolFunction(torch.autograd.Function):
             out, idx = aten.max_pool3d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
         in_sizes = list(x.shape[-nd:])
         out_sizes = list(out.shape[-nd:])
+        window = _prod(kernel_size)
+        ctx.pool = (list(x.shape), in_sizes, out_sizes, kernel_size, stride, padding, dilation, x.dtype)
+        if window <= 127:
+            # The common case: one kernel pass to int8 offsets.
+            ctx.save_for_backward(torch.ops.slimtune.memsave_maxpool_compact(
+                idx, list(x.shape), kernel_size, stride, padding, dilation))
+            return out
+        # Larger windows: int16/int32 offsets formed with tensor ops.
         # Flat index -> per-dimension coordinate -> step inside the window -> one offset.
         offset = torch.zeros_like(idx)
         rem = idx
@@ -239,16 +245,17 @@ class MaxPoolFunction(torch.autograd.Function):
             start = _window_starts(out_sizes[d], stride[d], padding[d], idx.device).view(view)
             step = (coord - start) // dilation[d]
             offset = offset + step * _prod(kernel_size[d + 1:])
-        window = _prod(kernel_size)
-        compact = offset.to(_index_dtype(window))
-        ctx.save_for_backward(compact)
-        ctx.pool = (list(x.shape), in_sizes, out_sizes, kernel_size, stride, padding, dilation, x.dtype)
+        ctx.save_for_backward(offset.to(_index_dtype(window)))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (compact,) = ctx.saved_tensors
         x_shape, in_sizes, out_sizes, kernel_size, stride, padding, dilation, x_dtype = ctx.pool
+        if compact.dtype == torch.int8:
+            gx = torch.ops.slimtune.memsave_maxpool_backward(grad, compact, x_shape, kernel_size, stride, padding,
+                                                             dilation)
+            return gx, None, None, None, None, None
         nd = len(kernel_size)
         offset = compact.to(torch.int64)
         flat = torch.zeros_like(offset)
