@@ -13,6 +13,9 @@ from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_
 __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
 __all__ += ["sparse", "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices"]
 __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "lora", "nn"]
+from .memsave import MemSaveReport, memsave, saved_bytes  # noqa: E402  -- shadows the subpackage name
+
+__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "memsave", "saved_bytes", "MemSaveReport"]
 
 
 def has_cuda() -> bool:

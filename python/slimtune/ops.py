@@ -23,4 +23,7 @@ def _sparse_delta_merge_fake(weight, indices, values, alpha):
     return None
 from .lora import _ops as _lora_ops  # noqa: E402  -- LoRA autograd; its fake kernels are registered here
 for _n, _f in _lora_ops.FAKES.items():
+
+from .memsave import _ops as _memsave_ops  # noqa: E402  -- memsave fake kernels, registered here
+for _n, _f in _memsave_ops.FAKES.items():
     torch.library.register_fake(f"{_lib}::{_n}")(_f)
