@@ -6,8 +6,11 @@ from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
 from . import functional, reference  # noqa: F401
 from ._version import __version__
+from .convert import apply_lora, apply_sparse_delta, register_method, summary  # whole-model conversion
+from .model_io import load, merge, save, unmerge  # adapter files and merging
 
 __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
+__all__ += ["apply_lora", "apply_sparse_delta", "register_method", "summary", "save", "load", "merge", "unmerge"]
 
 
 def has_cuda() -> bool:
