@@ -212,3 +212,18 @@ def test_sparse_delta_roundtrip_and_merge(tmp_path):
     torch.testing.assert_close(fresh(IDS), out)
     slimtune.merge(fresh)
     torch.testing.assert_close(fresh(IDS), out, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
+def test_readme_whole_model_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Whole models"):]
+    code = re.search(r"```python\n(.+?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert not convert.converted_modules(scope["fresh"]) and (tmp_path / "adapters" / model_io.WEIGHTS_NAME).is_file()

@@ -30,7 +30,8 @@ def _log(msg: str, quiet: bool):
 
 def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: int = 24, batch_size: int = 8,
              seq_len: int = 64, device: str = "cpu", dtype: Optional[str] = None, seed: int = 0,
-             heldout_batches: int = 4, head_steps: int = 30, progress: bool = True, quiet: bool = False) -> dict:
+             heldout_batches: int = 4, head_steps: int = 30, head_lr: float = 3e-3, progress: bool = True,
+             quiet: bool = False) -> dict:
     """Run the comparison and return a JSON-ready dict (settings, data, model, per-method results)."""
     from .data import causal_batches, docstring_corpus, mlm_batches, token_blocks
     from .models import load_model
@@ -57,18 +58,23 @@ def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: 
     block = seq_len - 2 if mlm else seq_len
     chars_per_token = 1 if not mlm else 5
     n_train, n_held = steps * batch_size, heldout_batches * batch_size
-    corpus = docstring_corpus(train_chars=int(1.2 * chars_per_token * block * n_train) + 4000,
+    n_warm = head_steps * batch_size  # the head is fitted on its own text, never on the training batches
+    corpus = docstring_corpus(train_chars=int(1.2 * chars_per_token * block * (n_train + n_warm)) + 4000,
                               heldout_chars=int(1.2 * chars_per_token * block * n_held) + 4000)
     sep = loaded.special.get("sep") if mlm else loaded.special.get("eos")
-    train_blocks = token_blocks(corpus.train, loaded.tokenizer.encode, block, n_train, sep)
+    all_blocks = token_blocks(corpus.train, loaded.tokenizer.encode, block, n_train + n_warm, sep)
+    train_blocks, warm_blocks = all_blocks[:n_train], all_blocks[n_train:]
     held_blocks = token_blocks(corpus.heldout, loaded.tokenizer.encode, block, n_held, sep)
     if mlm:
         sp = loaded.special
         train = mlm_batches(train_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"], seed)
+        warm = mlm_batches(warm_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"],
+                           seed + 2) if n_warm else []
         heldout = mlm_batches(held_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"],
                               seed + 1)
     else:
         train, heldout = causal_batches(train_blocks, batch_size), causal_batches(held_blocks, batch_size)
+        warm = causal_batches(warm_blocks, batch_size) if n_warm else []
     _log(f"data: docstrings of {corpus.files} files under {', '.join(corpus.sources)}; "
          f"{n_train} training and {n_held} held-out sequences of {seq_len} tokens", quiet)
 
@@ -77,7 +83,8 @@ def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: 
     if loaded.new_params and head_steps > 0:
         _log(f"fitting the {len(loaded.new_params)} new parameter tensors ({', '.join(loaded.new_params[:3])}, ...) "
              f"for {head_steps} steps with everything else frozen: the shared starting point", quiet)
-        head_losses = warm_up_new_params(pristine, loaded.new_params, loaded.task, train, head_steps, dev)
+        head_losses = warm_up_new_params(pristine, loaded.new_params, loaded.task, warm, head_steps, dev,
+                                         lr=head_lr)
     for p in pristine.parameters():
         p.requires_grad_(False)
 
