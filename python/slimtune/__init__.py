@@ -16,6 +16,11 @@ __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "
 from .memsave import MemSaveReport, memsave, saved_bytes  # noqa: E402  -- shadows the subpackage name
 
 __all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "memsave", "saved_bytes", "MemSaveReport"]
+from .convert import apply_lora, apply_sparse_delta, register_method, summary  # whole-model conversion
+from .model_io import load, merge, save, unmerge  # adapter files and merging
+
+__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
+__all__ += ["apply_lora", "apply_sparse_delta", "register_method", "summary", "save", "load", "merge", "unmerge"]
 
 
 def has_cuda() -> bool:

@@ -1,0 +1,257 @@
+"""Adapter files: ``slimtune.save`` / ``slimtune.load`` and ``slimtune.merge``.
+
+A saved model is a directory with ``adapter_model.safetensors`` (the adapter state of every
+converted layer: ``<layer name>.<tensor name>``) and ``slimtune_config.json`` (format version,
+library versions, and per layer: method, keyword arguments, base layer shape). The frozen base
+weights are not written: ``load`` applies the file to a freshly built copy of the same base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from . import convert as _cv
+
+__all__ = ["save", "load", "merge", "unmerge", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+
+CONFIG_NAME = "slimtune_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "slimtune-adapters"
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict:
+    from ._version import __version__
+
+    out = {"slimtune": __version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except Exception:  # optional dependency: its version is recorded only when present
+        pass
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain, contiguous CPU copy (DTensor shards of FSDP2 are gathered: a collective)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor") and type(t).__name__ == "DTensor":
+        t = t.full_tensor()
+    return t.to("cpu").contiguous().clone()
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _json_safe(kwargs: dict, where: str) -> dict:
+    try:
+        json.dumps(kwargs)
+    except TypeError as e:
+        raise TypeError(f"slimtune.save: keyword arguments of {where} are not JSON-serializable ({e})") from None
+    return kwargs
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+    """Write the adapter state of every converted layer of ``model`` to directory ``path``.
+
+    Under ``torch.distributed`` every rank must call it (FSDP2 shards are gathered); rank 0 writes.
+    Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    inner = _cv._unwrap(model)
+    conv = _cv.converted_modules(inner)
+    if not conv:
+        raise ValueError("slimtune.save: the model has no converted layers (apply_lora / apply_sparse_delta first)")
+    tensors: Dict[str, torch.Tensor] = {}
+    layers = {}
+    for name, module in conv.items():
+        state = _cv.adapter_state(module)
+        base = module.base
+        layers[name] = {
+            "method": getattr(module, _cv._METHOD_ATTR),
+            "kwargs": _json_safe(getattr(module, _cv._KWARGS_ATTR), name),
+            "base": {"type": getattr(module, _cv._BASE_TYPE_ATTR, "Linear"), "in_features": base.in_features,
+                     "out_features": base.out_features, "bias": base.bias is not None},
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                            "parameter": isinstance(v, nn.Parameter)} for k, v in state.items()},
+        }
+        for k, v in state.items():
+            tensors[f"{name}.{k}"] = _full(v)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+              "model_class": type(inner).__name__, "layers": layers}
+    path = Path(path)
+    if _is_writer():
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _read(path: Path):
+    from safetensors.torch import load_file
+
+    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"slimtune.load: {str(path)!r} is not a directory written by slimtune.save")
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"slimtune.load: {str(f)!r} is missing")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not a slimtune adapter config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"slimtune.load: adapter format version {version!r} is newer than this slimtune reads "
+                         f"({FORMAT_VERSION}); upgrade slimtune (written by {config.get('versions')})")
+    if not isinstance(config.get("layers"), dict) or not config["layers"]:
+        raise ValueError(f"slimtune.load: {str(cfg_file)!r} lists no layers")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as e:
+        raise ValueError(f"slimtune.load: cannot read {str(weights_file)!r} ({e})") from None
+    return config, tensors
+
+
+def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = True) -> nn.Module:
+    """Apply adapters saved by ``slimtune.save`` to ``model`` (in place) and return it.
+
+    Unconverted layers named in the file are converted with the saved method and arguments;
+    layers that are already converted must use the same method (and, with ``strict_kwargs``, the
+    same arguments) and get their adapter state overwritten. Everything is checked first: on any
+    error the model is left as it was. Tensors are copied to each layer's device and dtype.
+    Afterwards only adapter parameters are trainable.
+    """
+    inner = _cv._unwrap(model)
+    config, tensors = _read(Path(path))
+    layers = config["layers"]
+
+    plan = []  # (name, module to install or None, the module holding the state)
+    expected_keys = set()
+    grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
+    try:
+        for name, entry in layers.items():
+            method, kwargs = entry.get("method"), entry.get("kwargs", {})
+            if method not in _cv._METHODS:
+                raise ValueError(f"slimtune.load: layer {name!r} uses method {method!r}, which is not registered "
+                                 f"(registered: {_cv.registered_methods()})")
+            try:
+                current = inner.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"slimtune.load: the model has no layer {name!r} "
+                                 f"(was the file saved from a different architecture?)") from None
+            if _cv.is_converted(current):
+                have = getattr(current, _cv._METHOD_ATTR)
+                if have != method:
+                    raise ValueError(f"slimtune.load: layer {name!r} is converted with {have!r}, the file has {method!r}")
+                have_kw = getattr(current, _cv._KWARGS_ATTR)
+                if strict_kwargs and have_kw != kwargs:
+                    raise ValueError(f"slimtune.load: layer {name!r} was converted with {have_kw}, the file has "
+                                     f"{kwargs} (pass strict_kwargs=False to load anyway)")
+                holder, new = current, None
+            elif _cv._is_linear_like(current):
+                new = _cv._build(method, name, current, kwargs)
+                holder = new
+            else:
+                raise ValueError(f"slimtune.load: layer {name!r} is a {type(current).__name__}, not a Linear layer")
+            base = holder.base
+            want = entry.get("base", {})
+            shape = (want.get("in_features"), want.get("out_features"))
+            if shape != (base.in_features, base.out_features):
+                raise ValueError(f"slimtune.load: layer {name!r} is {base.in_features}->{base.out_features} in the "
+                                 f"model but {shape[0]}->{shape[1]} in the file")
+            state = _cv.adapter_state(holder)
+            for k, dest in state.items():
+                key = f"{name}.{k}"
+                expected_keys.add(key)
+                if key not in tensors:
+                    raise ValueError(f"slimtune.load: tensor {key!r} is missing from the file")
+                src = tensors[key]
+                if tuple(src.shape) != tuple(dest.shape):
+                    raise ValueError(f"slimtune.load: tensor {key!r} has shape {tuple(src.shape)} in the file but "
+                                     f"{tuple(dest.shape)} in the model")
+                if src.dtype.is_floating_point != dest.dtype.is_floating_point:
+                    raise ValueError(f"slimtune.load: tensor {key!r} is {src.dtype} in the file but {dest.dtype} "
+                                     f"in the model")
+                if type(dest).__name__ == "DTensor":
+                    raise ValueError("slimtune.load: load adapters before sharding the model with FSDP")
+            plan.append((name, new, holder))
+        extra = sorted(set(tensors) - expected_keys)
+        if extra:
+            raise ValueError(f"slimtune.load: the file holds tensors no layer expects: {extra[:5]}")
+    except BaseException:
+        for p in inner.parameters():
+            p.requires_grad_(grad_flags[id(p)])
+        raise
+
+    with torch.no_grad():
+        for name, new, holder in plan:
+            for k, dest in _cv.adapter_state(holder).items():
+                dest.copy_(tensors[f"{name}.{k}"])
+            if new is not None:
+                _cv._set_submodule(inner, name, new)
+    _cv._freeze_all_but_adapters(inner)
+    return model
+
+
+def _restore_base(module: nn.Module) -> nn.Module:
+    base = module.base
+    if getattr(module, _cv._BASE_TYPE_ATTR, "Linear") != "Conv1D":
+        return base
+    conv1d = _cv._conv1d_class()
+    layer = conv1d(base.out_features, base.in_features)
+    layer.to(device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(base.weight.t())
+        if base.bias is not None:
+            layer.bias.copy_(base.bias)
+    layer.weight.requires_grad_(base.weight.requires_grad)
+    if base.bias is not None:
+        layer.bias.requires_grad_(base.bias.requires_grad)
+    return layer
+
+
+def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold every converted layer's adapter into its base weight, for inference.
+
+    With ``unload`` (default) each converted layer is replaced by its plain base layer (a GPT-2
+    Conv1D comes back as a Conv1D), leaving an ordinary model; otherwise the layers stay
+    converted in the merged state (``unmerge`` undoes it). Returns ``model``.
+    """
+    inner = _cv._unwrap(model)
+    conv = _cv.converted_modules(inner)
+    if not conv:
+        raise ValueError("slimtune.merge: the model has no converted layers")
+    missing = [n for n, m in conv.items() if not callable(getattr(m, "merge", None))]
+    if missing:
+        raise TypeError(f"slimtune.merge: layer {missing[0]!r} ({type(conv[missing[0]]).__name__}) has no merge()")
+    with torch.no_grad():
+        for name, module in conv.items():
+            module.merge()
+            if unload:
+                _cv._set_submodule(inner, name, _restore_base(module))
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge(model, unload=False)``."""
+    inner = _cv._unwrap(model)
+    conv = _cv.converted_modules(inner)
+    if not conv:
+        raise ValueError("slimtune.unmerge: the model has no converted layers")
+    with torch.no_grad():
+        for module in conv.values():
+            module.unmerge()
+    return model

@@ -1,0 +1,124 @@
+"""Test fixtures (not part of the library): a tiny conversion method and small models.
+
+``test_scale`` wraps a Linear as ``y = base(x) * (1 + scale * mask)`` with a trainable
+per-output ``scale`` and a ``mask`` buffer, so conversion, adapter files, merging, Trainer,
+DDP, FSDP2 and torch.compile are exercised with real modules independently of the pillars.
+"""
+
+import torch
+from torch import nn
+
+import slimtune
+import slimtune.nn  # noqa: F401  -- the pillar modules, when built
+from slimtune import convert
+
+
+class ScaleAdapter(nn.Module):
+    def __init__(self, base: nn.Linear, init: float = 0.0, mask_every: int = 1):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        self.scale = nn.Parameter(torch.full((base.out_features,), float(init), device=w.device, dtype=w.dtype))
+        mask = (torch.arange(base.out_features, device=w.device) % int(mask_every) == 0).to(w.dtype)
+        self.register_buffer("mask", mask)
+        self.merged = False
+
+    def factor(self):
+        return 1 + self.scale * self.mask
+
+    def forward(self, x):
+        y = self.base(x)
+        return y if self.merged else y * self.factor()
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            f = self.factor()
+            self.base.weight.mul_(f[:, None])
+            if self.base.bias is not None:
+                self.base.bias.mul_(f)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            f = self.factor()
+            self.base.weight.div_(f[:, None])
+            if self.base.bias is not None:
+                self.base.bias.div_(f)
+            self.merged = False
+
+
+convert.register_method("test_scale", ScaleAdapter, overwrite=True)
+
+HAS_LORA = hasattr(slimtune.nn, "LoRALinear")
+HAS_SPARSE = hasattr(slimtune.nn, "SparseDeltaLinear")
+HAS_MEMSAVE = callable(getattr(slimtune, "memsave", None))
+
+
+class TinyLM(nn.Module):
+    """A small causal-LM-shaped model in plain torch: embedding, two MLP blocks, a tied head."""
+
+    def __init__(self, vocab=32, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"up": nn.Linear(dim, 2 * dim), "down": nn.Linear(2 * dim, dim), "norm": nn.LayerNorm(dim)})
+            for _ in range(2)
+        )
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b["down"](torch.nn.functional.gelu(b["up"](b["norm"](h))))
+        return self.lm_head(h)
+
+    def loss(self, ids):
+        logits = self(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def tiny_hf(kind: str):
+    """Small Hugging Face models built from configs (random weights, seeded)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return tf.LlamaForCausalLM(cfg)
+    if kind == "bert":
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        return tf.BertForMaskedLM(cfg)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return tf.GPT2LMHeadModel(cfg)
+    if kind == "vit":
+        cfg = tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+        return tf.ViTForImageClassification(cfg)
+    raise ValueError(kind)
+
+
+def hf_inputs(kind: str, batch=2, seq=8):
+    g = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, 64, (batch, seq), generator=g)}
+
+
+def perturb_adapters(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
