@@ -4,23 +4,22 @@ import torch  # noqa: F401  -- must be imported first: _C links against torch's 
 
 from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
-from . import functional, reference  # noqa: F401
-from . import lora, nn  # noqa: F401
+from . import functional, lora, nn, reference, sparse  # noqa: F401
 from ._version import __version__
-from . import nn, sparse  # noqa: F401
-from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices  # noqa: F401
+from .convert import apply_lora, apply_sparse_delta, register_method, summary
+from .memsave import MemSaveReport, memsave, saved_bytes  # the function shadows the subpackage's name
+from .model_io import load, merge, save, unmerge
+from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices
 
-__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
-__all__ += ["sparse", "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices"]
-__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "lora", "nn"]
-from .memsave import MemSaveReport, memsave, saved_bytes  # noqa: E402  -- shadows the subpackage name
-
-__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda", "memsave", "saved_bytes", "MemSaveReport"]
-from .convert import apply_lora, apply_sparse_delta, register_method, summary  # whole-model conversion
-from .model_io import load, merge, save, unmerge  # adapter files and merging
-
-__all__ = ["__version__", "build_info", "functional", "reference", "has_cuda"]
-__all__ += ["apply_lora", "apply_sparse_delta", "register_method", "summary", "save", "load", "merge", "unmerge"]
+__all__ = [
+    "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse",
+    # sparse-delta fine-tuning
+    "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices",
+    # selective-gradient memory savings
+    "memsave", "saved_bytes", "MemSaveReport",
+    # whole models
+    "apply_lora", "apply_sparse_delta", "register_method", "summary", "save", "load", "merge", "unmerge",
+]
 
 
 def has_cuda() -> bool:

@@ -2,15 +2,17 @@
 torch.compile / FakeTensor, and autograd formulas whose backward is itself an op.
 
 The C++ library points the dispatcher here (``m.set_python_module("slimtune.ops")``).
+Each pillar keeps its autograd wiring and a ``FAKES`` dict (op name -> fake kernel) in its
+own ``_ops`` module; importing it registers the autograd, and the fakes are registered below.
 """
 
 import torch
 
-_lib = "slimtune"
+from .lora import _ops as _lora_ops
+from .memsave import _ops as _memsave_ops
+from .sparse import _ops as _sparse_ops
 
-from .sparse import _ops as _sparse_ops  # noqa: E402  -- sparse-delta fine-tuning; its fakes are registered here
-for _n, _f in _sparse_ops.FAKES.items():
-    torch.library.register_fake(f"{_lib}::{_n}", _f)
+_lib = "slimtune"
 
 
 @torch.library.register_fake(f"{_lib}::sparse_delta_merge_")
@@ -21,9 +23,8 @@ def _sparse_delta_merge_fake(weight, indices, values, alpha):
         lambda: "slimtune.sparse_delta_merge_: argument 'values' must have as many elements as 'indices'",
     )
     return None
-from .lora import _ops as _lora_ops  # noqa: E402  -- LoRA autograd; its fake kernels are registered here
-for _n, _f in _lora_ops.FAKES.items():
 
-from .memsave import _ops as _memsave_ops  # noqa: E402  -- memsave fake kernels, registered here
-for _n, _f in _memsave_ops.FAKES.items():
-    torch.library.register_fake(f"{_lib}::{_n}")(_f)
+
+for _module in (_sparse_ops, _lora_ops, _memsave_ops):
+    for _name, _fake in _module.FAKES.items():
+        torch.library.register_fake(f"{_lib}::{_name}", _fake)

@@ -1,7 +1,8 @@
 """Drop-in torch.nn modules backed by slimtune ops."""
 
-from .sparse_delta import SparseDeltaLinear  # noqa: F401
-from .lora import LoRALinear  # noqa: E402
+from . import memsave as _memsave
+from .lora import LoRALinear
+from .memsave import *  # noqa: F401,F403  -- the MemSave* layers
+from .sparse_delta import SparseDeltaLinear
 
-__all__ = ["LoRALinear"]
-from .memsave import *  # noqa: F401,F403,E402  -- MemSave* layers
+__all__ = ["LoRALinear", "SparseDeltaLinear"] + sorted(n for n in vars(_memsave) if n.startswith("MemSave"))
