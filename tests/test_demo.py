@@ -12,6 +12,7 @@ from slimtune.demo.data import docstring_corpus, mlm_batches, token_blocks  # no
 from slimtune.demo.models import minilm_path  # noqa: E402
 
 TINY = ["--model", "llama", "--steps", "5", "--batch-size", "2", "--seq-len", "24", "--head-steps", "0",
+        "--heldout-batches", "2",
         "--no-progress"]
 
 

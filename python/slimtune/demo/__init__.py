@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-batches", type=int, default=4, help="held-out batches per evaluation")
     p.add_argument("--head-steps", type=int, default=40,
                    help="steps fitting parameters the checkpoint lacks (a new MLM head) before the comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     try:
         out = run_demo(model=args.model, methods=methods, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, device=args.device, dtype=args.dtype, seed=args.seed,
-                       head_steps=args.head_steps, progress=not args.no_progress)
+                       heldout_batches=args.heldout_batches, head_steps=args.head_steps, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
     results = [MethodResult(**{**r, "heldout_curve": [tuple(x) for x in r["heldout_curve"]]}) for r in out["results"]]
