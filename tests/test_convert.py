@@ -237,3 +237,37 @@ def test_memsave_on_a_converted_model(method, tmp_path):
     torch.manual_seed(0)
     fresh = slimtune.load(TinyLM(), tmp_path)
     torch.testing.assert_close(fresh.loss(ids), ref)
+
+
+class _RecordingPillar(ScaleAdapter):
+    """Stand-in for a pillar class: records the keyword arguments the conversion API passes."""
+
+    calls = []
+
+    def __init__(self, base, **kwargs):
+        super().__init__(base)
+        type(self).calls.append(kwargs)
+
+
+@pytest.mark.parametrize("cls_name, fn, kwargs, expected", [
+    ("LoRALinear", "apply_lora", {}, dict(r=8, alpha=16, dropout=0.0, rslora=False, init="kaiming")),
+    ("LoRALinear", "apply_lora", dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian"),
+     dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian")),
+    ("SparseDeltaLinear", "apply_sparse_delta", {}, dict(density=0.01, k=None, structure="unstructured")),
+    ("SparseDeltaLinear", "apply_sparse_delta", dict(k=5, structure="rows"), dict(density=None, k=5, structure="rows")),
+])
+def test_builtin_methods_pass_the_pillar_contract(monkeypatch, cls_name, fn, kwargs, expected, tmp_path):
+    import slimtune.nn as snn
+
+    class Pillar(_RecordingPillar):
+        calls = []
+
+    monkeypatch.setattr(snn, cls_name, Pillar, raising=False)
+    model = TinyLM()
+    getattr(slimtune, fn)(model, ["up"], **kwargs)
+    assert Pillar.calls == [expected, expected]
+    assert all(isinstance(m, Pillar) for m in convert.converted_modules(model).values())
+    # the recorded arguments rebuild the same layers from a file
+    slimtune.save(model, tmp_path)
+    fresh = slimtune.load(TinyLM(), tmp_path)
+    assert Pillar.calls[-2:] == [expected, expected] and len(convert.converted_modules(fresh)) == 2
