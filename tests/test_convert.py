@@ -7,7 +7,7 @@ from torch import nn
 import slimtune
 from slimtune import convert
 
-from _adapter_fixtures import HAS_LORA, HAS_SPARSE, ScaleAdapter, TinyLM
+from _adapter_fixtures import HAS_LORA, HAS_MEMSAVE, HAS_SPARSE, ScaleAdapter, TinyLM
 
 
 def _types(model):
@@ -199,3 +199,75 @@ def test_apply_sparse_delta_on_tiny_lm():
     torch.testing.assert_close(model(ids), ref)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("values") for n in trainable)
+
+
+@pytest.mark.skipif(not HAS_MEMSAVE, reason="needs slimtune.memsave")
+@pytest.mark.parametrize("method", [
+    "test_scale",
+    pytest.param("lora", marks=pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")),
+    pytest.param("sparse_delta", marks=pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")),
+])
+def test_memsave_on_a_converted_model(method, tmp_path):
+    from _adapter_fixtures import perturb_adapters
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    if method == "lora":
+        slimtune.apply_lora(model, r=4, alpha=8)
+    elif method == "sparse_delta":
+        slimtune.apply_sparse_delta(model, density=0.1)
+    else:
+        convert.apply(model, method)
+    perturb_adapters(model)
+    ids = torch.randint(0, 32, (2, 9))
+    ref = model.loss(ids)
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    slimtune.memsave(model)
+    loss = model.loss(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], msg=n)
+        else:
+            assert p.grad is None, n
+    slimtune.save(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = slimtune.load(TinyLM(), tmp_path)
+    torch.testing.assert_close(fresh.loss(ids), ref)
+
+
+class _RecordingPillar(ScaleAdapter):
+    """Stand-in for a pillar class: records the keyword arguments the conversion API passes."""
+
+    calls = []
+
+    def __init__(self, base, **kwargs):
+        super().__init__(base)
+        type(self).calls.append(kwargs)
+
+
+@pytest.mark.parametrize("cls_name, fn, kwargs, expected", [
+    ("LoRALinear", "apply_lora", {}, dict(r=8, alpha=16, dropout=0.0, rslora=False, init="kaiming")),
+    ("LoRALinear", "apply_lora", dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian"),
+     dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian")),
+    ("SparseDeltaLinear", "apply_sparse_delta", {}, dict(density=0.01, k=None, structure="unstructured")),
+    ("SparseDeltaLinear", "apply_sparse_delta", dict(k=5, structure="rows"), dict(density=None, k=5, structure="rows")),
+])
+def test_builtin_methods_pass_the_pillar_contract(monkeypatch, cls_name, fn, kwargs, expected, tmp_path):
+    import slimtune.nn as snn
+
+    class Pillar(_RecordingPillar):
+        calls = []
+
+    monkeypatch.setattr(snn, cls_name, Pillar, raising=False)
+    model = TinyLM()
+    getattr(slimtune, fn)(model, ["up"], **kwargs)
+    assert Pillar.calls == [expected, expected]
+    assert all(isinstance(m, Pillar) for m in convert.converted_modules(model).values())
+    # the recorded arguments rebuild the same layers from a file
+    slimtune.save(model, tmp_path)
+    fresh = slimtune.load(TinyLM(), tmp_path)
+    assert Pillar.calls[-2:] == [expected, expected] and len(convert.converted_modules(fresh)) == 2

@@ -12,6 +12,7 @@ from slimtune.demo.data import docstring_corpus, mlm_batches, token_blocks  # no
 from slimtune.demo.models import minilm_path  # noqa: E402
 
 TINY = ["--model", "llama", "--steps", "5", "--batch-size", "2", "--seq-len", "24", "--head-steps", "0",
+        "--heldout-batches", "2",
         "--no-progress"]
 
 
@@ -82,3 +83,43 @@ def test_demo_default_model_loads_offline(monkeypatch):
     r = out["results"][0]
     assert r["status"] == "ok" and r["trainable_params"] > 20_000_000
     assert r["heldout_before"] == r["heldout_before"] and r["heldout_after"] < 20  # finite
+
+
+def test_demo_method_setup_uses_the_library(monkeypatch):
+    """Each demo method converts through slimtune's public API (stand-in pillar classes here)."""
+    import slimtune
+    import slimtune.nn as snn
+    from slimtune import convert
+    from slimtune.demo import run
+
+    from _adapter_fixtures import ScaleAdapter, TinyLM
+
+    seen = []
+
+    class LoRA(ScaleAdapter):
+        def __init__(self, base, **kw):
+            super().__init__(base)
+            seen.append(("lora", kw))
+
+    class Sparse(ScaleAdapter):
+        def __init__(self, base, **kw):
+            super().__init__(base)
+            seen.append(("sparse", kw))
+
+    monkeypatch.setattr(snn, "LoRALinear", LoRA, raising=False)
+    monkeypatch.setattr(snn, "SparseDeltaLinear", Sparse, raising=False)
+    monkeypatch.setattr(slimtune, "memsave", lambda model, **kw: seen.append(("memsave", model)), raising=False)
+    for method in ["lora", "lora+memsave", "sparse", "sparse+memsave", "full+memsave"]:
+        assert run._pillar_missing(method) is None
+        seen.clear()
+        model = run.prepare(method, TinyLM())
+        family = method.partition("+")[0]
+        if family == "full":
+            assert all(p.requires_grad for p in model.parameters())
+        else:
+            assert len(convert.converted_modules(model)) == 4
+            assert seen[0] == (family, dict(run.LORA, rslora=False, init="kaiming") if family == "lora"
+                               else dict(density=run.SPARSE_DENSITY, k=None, structure="unstructured"))
+        assert (seen[-1] == ("memsave", model)) == method.endswith("+memsave")
+    monkeypatch.delattr(snn, "LoRALinear")
+    assert "LoRALinear" in run._pillar_missing("lora+memsave")

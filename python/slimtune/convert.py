@@ -295,7 +295,7 @@ def apply(model: nn.Module, method: str, target_modules: TargetSpec = "all-linea
     """
     if method not in _METHODS:
         raise ValueError(f"unknown slimtune method {method!r}; registered: {registered_methods()}")
-    model = _unwrap(model)
+    given, model = model, _unwrap(model)
     names = find_targets(model, target_modules, exclude_modules)
     already = [n for n in names if is_converted(model.get_submodule(n))]
     if already:
@@ -316,7 +316,7 @@ def apply(model: nn.Module, method: str, target_modules: TargetSpec = "all-linea
     for n, new in built:
         _set_submodule(model, n, new)
     _freeze_all_but_adapters(model)
-    return model
+    return given
 
 
 def apply_lora(model: nn.Module, target_modules: TargetSpec = "all-linear", *, r: int = 8, alpha: float = 16,

