@@ -143,9 +143,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const LoraKernels& k, const at::
 
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, seed, offset);
 
-  // Up-projection accumulated into the base output: no T x d_out temporary.
+  // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
+  // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
   const auto odt = out.scalar_type();
-  out.addmm_(xa.to(odt), lora_B.to(odt).t());
+  out.addmm_(xa.to(odt), lora_B.t().to(odt).contiguous());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d_out;
   return {out.view(shape), xa};
@@ -170,13 +171,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
                      xa.scalar_type());
   check_same_device(op, x, "x", grad_out, "grad_out");
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
-  const at::Tensor Bc = lora_B.to(cdt);
+  // B^T (r x d_out) contiguous: see lora_forward.
+  const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
 
-  // One read of g per tile: gB = g B and dB += g^T xa (xa already holds the scale s) and the
+  // One read of g per tile: gB = g B and dB^T += xa^T g (xa already holds the scale s) and the
   // bias gradient, while the tile is in cache. Tiles run in order: deterministic sums.
   at::Tensor gB = at::empty({T, r}, x.options().dtype(cdt));
-  at::Tensor dB = at::zeros({d_out, r}, x.options().dtype(cdt));
+  at::Tensor dBt = at::zeros({r, d_out}, x.options().dtype(cdt));
   at::Tensor dbias = need_bias ? at::zeros({d_out}, x.options().dtype(cdt)) : none;
   {
     const int64_t rows = std::min(tile_rows(k, d_out), std::max<int64_t>(T, 1));
@@ -184,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
       const int64_t n = std::min(rows, T - t0);
       const at::Tensor gt = g2.narrow(0, t0, n).to(cdt);
       at::Tensor gBt = gB.narrow(0, t0, n);
-      at::mm_out(gBt, gt, Bc);
-      if (need_B) dB.addmm_(gt.t(), xa.narrow(0, t0, n));
+      at::mm_out(gBt, gt, Bt.t());
+      if (need_B) dBt.addmm_(xa.narrow(0, t0, n).t(), gt);
       if (need_bias) dbias.add_(gt.sum(0));
     }
   }
@@ -195,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
   lora_dropout_grads(k, x2, gB, lora_A, scale, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr);
   if (need_x) dx = dx.view(x.sizes());
   if (need_A) dA = dA.to(lora_A.scalar_type());
-  dB = need_B ? dB.to(lora_B.scalar_type()) : none;
+  const at::Tensor dB = need_B ? dBt.t().to(lora_B.scalar_type()).contiguous() : none;
   if (need_bias) dbias = dbias.to(x.scalar_type());
   return {dx, dA, dB, dbias};
 }

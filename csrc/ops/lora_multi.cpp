@@ -60,7 +60,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_multi_forward(
     const std::optional<at::Tensor> b = bias_at(biases, i);
     at::Tensor out = b ? at::addmm(*b, x2, weights[i].t()) : at::mm(x2, weights[i].t());
     const auto odt = out.scalar_type();
-    out.addmm_(xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt), lora_Bs[i].to(odt).t());
+    // B^T contiguous: BLAS is far slower on the (d_out x r)^T layout for small r.
+    out.addmm_(xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt), lora_Bs[i].t().to(odt).contiguous());
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = weights[i].size(0);
     outs.push_back(out.view(shape));
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     SLIMTUNE_CHECK_ARG(grad_outs[i].numel() == T * d_out && grad_outs[i].scalar_type() == x.scalar_type(), kOp,
                        "grad_outs", "entry ", i, " must be a (..., ", d_out, ") ", x.scalar_type(),
                        " tensor with ", T, " rows, got ", grad_outs[i].sizes(), " ", grad_outs[i].scalar_type());
-    dBs.push_back(need_B ? at::zeros({d_out, lora_Bs[i].size(1)}, x.options().dtype(cdt)) : none);
+    dBs.push_back(need_B ? at::zeros({lora_Bs[i].size(1), d_out}, x.options().dtype(cdt)) : none);  // dB^T
     dbiases.push_back(need_bias.get(i) ? at::zeros({d_out}, x.options().dtype(cdt)) : none);
     widest = std::max(widest, d_out);
   }
@@ -107,12 +108,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   for (size_t i = 0; i < n; ++i) {
     const int64_t d_out = lora_Bs[i].size(0), r = lora_As[i].size(0);
     const at::Tensor g2 = grad_outs[i].reshape({-1, d_out});
-    const at::Tensor Bc = lora_Bs[i].to(cdt);
+    const at::Tensor Bt = lora_Bs[i].t().to(cdt).contiguous();
     for (int64_t t0 = 0; t0 < T; t0 += rows) {
       const int64_t m = std::min(rows, T - t0);
       const at::Tensor gt = g2.narrow(0, t0, m).to(cdt);
-      gB.narrow(0, t0, m).narrow(1, offs[i], r).copy_(at::mm(gt, Bc));
-      if (need_B) dBs[i].addmm_(gt.t(), xa.narrow(0, t0, m).narrow(1, offs[i], r));
+      gB.narrow(0, t0, m).narrow(1, offs[i], r).copy_(at::mm(gt, Bt.t()));
+      if (need_B) dBs[i].addmm_(xa.narrow(0, t0, m).narrow(1, offs[i], r).t(), gt);
       if (need_bias.get(i)) dbiases[i].add_(gt.sum(0));
     }
   }
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   for (size_t i = 0; i < n; ++i) {
     dAs.push_back(need_A ? (dA.narrow(0, offs[i], lora_As[i].size(0)) * scales[i]).to(lora_As[i].scalar_type())
                          : none);
-    if (need_B) dBs[i] = dBs[i].to(lora_Bs[i].scalar_type());
+    if (need_B) dBs[i] = dBs[i].t().to(lora_Bs[i].scalar_type()).contiguous();
     if (need_bias.get(i)) dbiases[i] = dbiases[i].to(x.scalar_type());
   }
   if (need_x) dx = dx.view(x.sizes());
