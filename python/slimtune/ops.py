@@ -17,6 +17,9 @@ def _sparse_delta_merge_fake(weight, indices, values, alpha):
         lambda: "slimtune.sparse_delta_merge_: argument 'values' must have as many elements as 'indices'",
     )
     return None
+
+
+# torch checks that fake kernels are registered from the module set_python_module names (this one).
 from .lora import _ops as _lora_ops  # noqa: E402  -- LoRA autograd; its fake kernels are registered here
 for _n, _f in _lora_ops.FAKES.items():
     torch.library.register_fake(f"{_lib}::{_n}")(_f)
