@@ -12,10 +12,7 @@
 namespace slimtune {
 namespace {
 
-// Adapters and the T x r intermediate are computed in the adapters' accumulation type.
-at::ScalarType compute_dtype(const at::Tensor& lora_A) {
-  return lora_A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(const at::Tensor& lora_A) { return lora_compute_dtype(lora_A); }
 
 int64_t tile_rows(const LoraKernels& k, int64_t cols) { return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1)); }
 
@@ -65,16 +62,77 @@ void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Ten
   SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "dropout", "must be in [0, 1), got ", p);
 }
 
+at::Tensor lora_down(const LoraKernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
+                     int64_t seed, int64_t offset) {
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+  const auto cdt = compute_dtype(lora_A);
+  // xa = s * dropout(x) A^T, one pass over x; a dropped tile lives only in `scratch`.
+  if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
+  at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
+  const at::Tensor At = lora_A.to(cdt).t();
+  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
+  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
+  const uint32_t thresh = p > 0.0 ? philox::threshold(p) : 0u;
+  const double mult = scale / (1.0 - p);
+  for (int64_t t0 = 0; t0 < T; t0 += rows) {
+    const int64_t n = std::min(rows, T - t0);
+    at::Tensor tile = scratch.narrow(0, 0, n);
+    k.dropout_scale(x2.narrow(0, t0, n), t0 * d_in, mult, thresh, static_cast<uint64_t>(seed),
+                    static_cast<uint64_t>(offset), tile);
+    at::Tensor dst = xa.narrow(0, t0, n);
+    at::mm_out(dst, tile, At);
+  }
+  return xa;
+}
+
+void lora_dropout_grads(const LoraKernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
+                        double scale, double p, int64_t seed, int64_t offset, at::Tensor* dx, at::Tensor* dA) {
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+  const auto cdt = compute_dtype(lora_A);
+  const at::Tensor Ac = lora_A.to(cdt);
+  const bool use_direct = direct(x2, lora_A, p);
+  if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
+  if (dA) *dA = use_direct ? at::mm(gB.t(), x2).mul_(scale) : at::zeros({r, d_in}, x2.options().dtype(cdt));
+  if (use_direct || (!dx && !dA)) return;
+  // dx += s (gB A) * mask / (1 - p) and dA += gB^T (s x * mask / (1 - p)), the mask
+  // regenerated from the seed, one tile of rows at a time.
+  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  const uint32_t thresh = p > 0.0 ? philox::threshold(p) : 0u;
+  const double mult = scale / (1.0 - p);
+  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
+  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
+  at::Tensor scratch2 = dx && dA ? at::empty({rows, d_in}, x2.options().dtype(cdt)) : scratch;
+  for (int64_t t0 = 0; t0 < T; t0 += rows) {
+    const int64_t n = std::min(rows, T - t0);
+    at::Tensor tile = scratch.narrow(0, 0, n);
+    const at::Tensor gBt = gB.narrow(0, t0, n);
+    const at::Tensor xt = x2.narrow(0, t0, n);
+    if (dx && dA) {
+      at::Tensor xd = scratch2.narrow(0, 0, n);
+      at::mm_out(tile, gBt, Ac);
+      at::Tensor dxt = dx->narrow(0, t0, n);
+      k.backward_tile(xt, tile, dxt, t0 * d_in, mult, thresh, useed, uoff, xd);
+      dA->addmm_(gBt.t(), xd);
+    } else if (dA) {
+      k.dropout_scale(xt, t0 * d_in, mult, thresh, useed, uoff, tile);
+      dA->addmm_(gBt.t(), tile);
+    } else {
+      at::mm_out(tile, gBt, Ac);
+      at::Tensor dxt = dx->narrow(0, t0, n);
+      k.masked_add(dxt, tile, t0 * d_in, mult, thresh, useed, uoff, true);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_forward(const LoraKernels& k, const at::Tensor& x,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                 const at::Tensor& lora_B, double scale, double p, int64_t seed,
                                                 int64_t offset) {
   check_lora("lora_linear", x, weight, bias, lora_A, lora_B, scale, p);
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
+  const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
-  const auto cdt = compute_dtype(lora_A);
 
   at::Tensor out;
   if (weight) {
@@ -83,30 +141,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const LoraKernels& k, const at::
     out = bias ? bias->unsqueeze(0).expand({T, d_out}).contiguous() : at::zeros({T, d_out}, x.options());
   }
 
-  // xa = s * dropout(x) A^T, one pass over x; a dropped tile lives only in `scratch`.
-  at::Tensor xa;
-  if (direct(x, lora_A, p)) {
-    xa = at::mm(x2, lora_A.t()).mul_(scale);
-  } else {
-    xa = at::empty({T, r}, x.options().dtype(cdt));
-    const at::Tensor At = lora_A.to(cdt).t();
-    const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-    at::Tensor scratch = at::empty({rows, d_in}, x.options().dtype(cdt));
-    const uint32_t thresh = p > 0.0 ? philox::threshold(p) : 0u;
-    const double mult = scale / (1.0 - p);
-    for (int64_t t0 = 0; t0 < T; t0 += rows) {
-      const int64_t n = std::min(rows, T - t0);
-      at::Tensor tile = scratch.narrow(0, 0, n);
-      k.dropout_scale(x2.narrow(0, t0, n), t0 * d_in, mult, thresh, static_cast<uint64_t>(seed),
-                      static_cast<uint64_t>(offset), tile);
-      at::Tensor dst = xa.narrow(0, t0, n);
-      at::mm_out(dst, tile, At);
-    }
-  }
+  const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, seed, offset);
 
-  // Up-projection accumulated into the base output: no T x d_out temporary.
+  // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
+  // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
   const auto odt = out.scalar_type();
-  out.addmm_(xa.to(odt), lora_B.to(odt).t());
+  out.addmm_(xa.to(odt), lora_B.t().to(odt).contiguous());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d_out;
   return {out.view(shape), xa};
@@ -131,17 +171,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
                      xa.scalar_type());
   check_same_device(op, x, "x", grad_out, "grad_out");
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
-  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
-  const uint32_t thresh = p > 0.0 ? philox::threshold(p) : 0u;
-  const double mult = scale / (1.0 - p);
-  const at::Tensor Bc = lora_B.to(cdt);
-  const at::Tensor Ac = lora_A.to(cdt);
+  // B^T (r x d_out) contiguous: see lora_forward.
+  const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
 
-  // One read of g per tile: gB = g B and dB += g^T xa (xa already holds the scale s) and the
+  // One read of g per tile: gB = g B and dB^T += xa^T g (xa already holds the scale s) and the
   // bias gradient, while the tile is in cache. Tiles run in order: deterministic sums.
   at::Tensor gB = at::empty({T, r}, x.options().dtype(cdt));
-  at::Tensor dB = at::zeros({d_out, r}, x.options().dtype(cdt));
+  at::Tensor dBt = at::zeros({r, d_out}, x.options().dtype(cdt));
   at::Tensor dbias = need_bias ? at::zeros({d_out}, x.options().dtype(cdt)) : none;
   {
     const int64_t rows = std::min(tile_rows(k, d_out), std::max<int64_t>(T, 1));
@@ -149,56 +186,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
       const int64_t n = std::min(rows, T - t0);
       const at::Tensor gt = g2.narrow(0, t0, n).to(cdt);
       at::Tensor gBt = gB.narrow(0, t0, n);
-      at::mm_out(gBt, gt, Bc);
-      if (need_B) dB.addmm_(gt.t(), xa.narrow(0, t0, n));
+      at::mm_out(gBt, gt, Bt.t());
+      if (need_B) dBt.addmm_(xa.narrow(0, t0, n).t(), gt);
       if (need_bias) dbias.add_(gt.sum(0));
     }
   }
 
   at::Tensor dx = none, dA = none;
-  const bool use_direct = direct(x, lora_A, p);
-  if (need_x) {
-    dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
-    if (use_direct) dx.addmm_(gB, Ac, 1.0, scale);
-  }
-  if (need_A) dA = use_direct ? at::mm(gB.t(), x2).mul_(scale) : at::zeros({r, d_in}, x.options().dtype(cdt));
-  if (!use_direct && (need_x || need_A)) {
-    // dx += s (gB A) * mask / (1 - p) and dA += gB^T (s x * mask / (1 - p)), the mask
-    // regenerated from the seed, one tile of rows at a time.
-    const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-    at::Tensor scratch = at::empty({rows, d_in}, x.options().dtype(cdt));
-    at::Tensor scratch2 = need_x && need_A ? at::empty({rows, d_in}, x.options().dtype(cdt)) : scratch;
-    for (int64_t t0 = 0; t0 < T; t0 += rows) {
-      const int64_t n = std::min(rows, T - t0);
-      at::Tensor tile = scratch.narrow(0, 0, n);
-      const at::Tensor gBt = gB.narrow(0, t0, n);
-      const at::Tensor xt = x2.narrow(0, t0, n);
-      if (need_x && need_A) {
-        at::Tensor xd = scratch2.narrow(0, 0, n);
-        at::mm_out(tile, gBt, Ac);
-        at::Tensor dxt = dx.narrow(0, t0, n);
-        k.backward_tile(xt, tile, dxt, t0 * d_in, mult, thresh, useed, uoff, xd);
-        dA.addmm_(gBt.t(), xd);
-      } else if (need_A) {
-        k.dropout_scale(xt, t0 * d_in, mult, thresh, useed, uoff, tile);
-        dA.addmm_(gBt.t(), tile);
-      } else {
-        at::mm_out(tile, gBt, Ac);
-        at::Tensor dxt = dx.narrow(0, t0, n);
-        k.masked_add(dxt, tile, t0 * d_in, mult, thresh, useed, uoff, true);
-      }
-    }
-  }
+  if (need_x) dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
+  lora_dropout_grads(k, x2, gB, lora_A, scale, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr);
   if (need_x) dx = dx.view(x.sizes());
   if (need_A) dA = dA.to(lora_A.scalar_type());
-  dB = need_B ? dB.to(lora_B.scalar_type()) : none;
+  const at::Tensor dB = need_B ? dBt.t().to(lora_B.scalar_type()).contiguous() : none;
   if (need_bias) dbias = dbias.to(x.scalar_type());
   return {dx, dA, dB, dbias};
 }
 
+const LoraKernels kLoraCpu{&cpu::lora_dropout_scale, &cpu::lora_masked_add, &cpu::lora_dropout_backward_tile,
+                           1 << 18};
+
 namespace {
 
-const LoraKernels kCpu{&cpu::lora_dropout_scale, &cpu::lora_masked_add, &cpu::lora_dropout_backward_tile, 1 << 18};
+const LoraKernels& kCpu = kLoraCpu;
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,

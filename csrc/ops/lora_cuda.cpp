@@ -56,6 +56,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                        need_bias);
 }
 
+std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_cuda(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    at::TensorList lora_As, at::TensorList lora_Bs, at::ArrayRef<double> scales, double p, int64_t seed,
+    int64_t offset) {
+  c10::DeviceGuard guard(x.device());
+  return lora_multi_forward(kCuda, x, weights, biases, lora_As, lora_Bs, scales, p, seed, offset);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> multi_backward_cuda(
+    at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
+    at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p, int64_t seed, int64_t offset,
+    bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+  c10::DeviceGuard guard(x.device());
+  return lora_multi_backward(kCuda, grad_outs, x, weights, lora_As, lora_Bs, xa, scales, p, seed, offset, need_x,
+                             need_A, need_B, need_bias);
+}
+
 at::Tensor mask_cuda(const at::Tensor& like, double p, int64_t seed, int64_t offset) {
   SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, "lora_dropout_mask", "p", "must be in [0, 1), got ", p);
   c10::DeviceGuard guard(like.device());
@@ -74,4 +91,6 @@ TORCH_LIBRARY_IMPL(slimtune, CUDA, m) {
   m.impl("lora_linear", &slimtune::forward_cuda);
   m.impl("lora_linear_backward", &slimtune::backward_cuda);
   m.impl("lora_dropout_mask", &slimtune::mask_cuda);
+  m.impl("lora_linear_multi", &slimtune::multi_forward_cuda);
+  m.impl("lora_linear_multi_backward", &slimtune::multi_backward_cuda);
 }

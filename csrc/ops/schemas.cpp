@@ -21,6 +21,13 @@ TORCH_LIBRARY(slimtune, m) {
   m.def("lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
         "float scale, float dropout, int seed, int offset, bool need_x, bool need_A, bool need_B, bool need_bias) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Several projections of one x (Q/K/V): x read once for all adapters, one dropout mask.
+  // An empty (0-element) entry of `biases` means no bias for that projection.
+  m.def("lora_linear_multi(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_As, Tensor[] lora_Bs, "
+        "float[] scales, float dropout, int seed, int offset) -> (Tensor[], Tensor)");
+  m.def("lora_linear_multi_backward(Tensor[] grad_outs, Tensor x, Tensor[] weights, Tensor[] lora_As, "
+        "Tensor[] lora_Bs, Tensor xa, float[] scales, float dropout, int seed, int offset, bool need_x, bool need_A, "
+        "bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
   // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
   m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
   // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.

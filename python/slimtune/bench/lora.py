@@ -96,10 +96,10 @@ def _groups(ctx: Context):
                     m(x).backward(grad)
 
                 yield Group(op="lora_linear", mode="fwd+bwd", x_name="shape,r,p", x_value=label,
-                            providers={n: (lambda m=m: step(m)) for n, m in mods.items()},
+                            providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
                             baseline="frozen Linear", config=config)
                 yield Group(op="lora_linear", mode="saved", x_name="shape,r,p", x_value=label,
-                            providers={n: (lambda m=m: _saved_bytes(m, x)) for n, m in mods.items()},
+                            providers={n: (lambda m=m, x=x: _saved_bytes(m, x)) for n, m in mods.items()},
                             baseline="frozen Linear", metric="saved_bytes", unit="MiB",
                             config={**config, "input_MiB": x.numel() * x.element_size() / 2**20})
 

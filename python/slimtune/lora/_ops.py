@@ -40,7 +40,29 @@ def _lora_dropout_mask_fake(like, p, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
 
 
+def _lora_linear_multi_fake(x, weights, biases, lora_As, lora_Bs, scales, dropout, seed, offset):
+    torch._check(len(weights) == len(lora_As) == len(lora_Bs) == len(scales) == len(biases) and len(weights) > 0,
+                 lambda: "slimtune.lora_linear_multi: the argument lists must have one equal, non-zero length")
+    tokens = math.prod(x.shape[:-1])
+    outs = [x.new_empty((*x.shape[:-1], B.shape[0])) for B in lora_Bs]
+    xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(lora_As[0]))
+    return outs, xa
+
+
+def _lora_linear_multi_backward_fake(grad_outs, x, weights, lora_As, lora_Bs, xa, scales, dropout, seed, offset,
+                                     need_x, need_A, need_B, need_bias):
+    none = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_x else none,
+        [torch.empty_like(A) if need_A else x.new_empty((0,)) for A in lora_As],
+        [torch.empty_like(B) if need_B else x.new_empty((0,)) for B in lora_Bs],
+        [x.new_empty((B.shape[0],)) if nb else x.new_empty((0,)) for B, nb in zip(lora_Bs, need_bias)],
+    )
+
+
 FAKES = {
+    "lora_linear_multi": _lora_linear_multi_fake,
+    "lora_linear_multi_backward": _lora_linear_multi_backward_fake,
     "lora_linear": _lora_linear_fake,
     "lora_linear_backward": _lora_linear_backward_fake,
     "lora_dropout_mask": _lora_dropout_mask_fake,
@@ -72,3 +94,33 @@ def _backward(ctx, grad_out, _grad_xa):
 
 
 torch.library.register_autograd(f"{_lib}::lora_linear", _backward, setup_context=_setup_context)
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x, weights, biases, lora_As, lora_Bs, scales, dropout, seed, offset = inputs
+    _, xa = output
+    ctx.save_for_backward(x, xa, *weights, *lora_As, *lora_Bs)
+    ctx.n = len(weights)
+    ctx.args = (list(scales), dropout, seed, offset)
+    ctx.has_bias = [b.numel() > 0 for b in biases]
+    ctx.mark_non_differentiable(xa)
+
+
+def _multi_backward(ctx, grad_outs, _grad_xa):
+    x, xa, *rest = ctx.saved_tensors
+    n = ctx.n
+    weights, lora_As, lora_Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    # An output that did not reach the loss has no gradient: it contributes zero.
+    grads = [g if g is not None else x.new_zeros((*x.shape[:-1], B.shape[0])) for g, B in zip(grad_outs, lora_Bs)]
+    need_bias = [bool(h and nb) for h, nb in zip(ctx.has_bias, need_b)]
+    dx, dAs, dBs, dbs = torch.ops.slimtune.lora_linear_multi_backward(
+        grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias)
+    dws = [g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None
+           for g, nw in zip(grads, need_w)]
+    return (dx if need_x else None, dws, [b if nb else None for b, nb in zip(dbs, need_bias)],
+            [a if na else None for a, na in zip(dAs, need_A)], [b if nb else None for b, nb in zip(dBs, need_B)],
+            None, None, None, None)
+
+
+torch.library.register_autograd(f"{_lib}::lora_linear_multi", _multi_backward, setup_context=_multi_setup_context)
