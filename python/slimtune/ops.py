@@ -25,10 +25,7 @@ def _sparse_delta_merge_fake(weight, indices, values, alpha):
     return None
 
 
+# torch accepts fake kernels only from the module set_python_module names (this one).
 for _module in (_sparse_ops, _lora_ops, _memsave_ops):
     for _name, _fake in _module.FAKES.items():
         torch.library.register_fake(f"{_lib}::{_name}", _fake)
-# torch checks that fake kernels are registered from the module set_python_module names (this one).
-from .lora import _ops as _lora_ops  # noqa: E402  -- LoRA autograd; its fake kernels are registered here
-for _n, _f in _lora_ops.FAKES.items():
-    torch.library.register_fake(f"{_lib}::{_n}")(_f)
