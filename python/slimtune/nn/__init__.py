@@ -2,7 +2,8 @@
 
 from . import memsave as _memsave
 from .lora import LoRALinear
+from .lora_sparse import LoRASparseLinear
 from .memsave import *  # noqa: F401,F403  -- the MemSave* layers
 from .sparse_delta import SparseDeltaLinear
 
-__all__ = ["LoRALinear", "SparseDeltaLinear"] + sorted(n for n in vars(_memsave) if n.startswith("MemSave"))
+__all__ = ["LoRALinear", "LoRASparseLinear", "SparseDeltaLinear"] + sorted(n for n in vars(_memsave) if n.startswith("MemSave"))
