@@ -184,10 +184,15 @@ def test_norms(device, dtype, x_grad, w_grad, b_grad, shape):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("shape", [(4096,), (5, 123, 123), (2, 3, 8, 8), (0, 4), (7,)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_relu(device, dtype, shape, inplace):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_relu(device, dtype, shape, inplace, layout):
     x = torch.randn(shape, device=device).to(dtype)
     if x.numel() > 3:
         x.view(-1)[:3] = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    if layout == "transposed":
+        if x.dim() < 2:
+            pytest.skip("1-D input has one layout")
+        x = x.transpose(0, -1)
     stock, ours = nn.ReLU(inplace=inplace), nn.ReLU(inplace=inplace)
     slimtune.memsave(ours)
     assert type(ours).__name__ == "MemSaveReLU"
@@ -219,7 +224,10 @@ def test_relu_mask_op_errors_and_opcheck():
         torch.ops.slimtune.memsave_relu_backward(x, mask[:-1])
     with pytest.raises(RuntimeError, match="argument 'x'"):
         torch.ops.slimtune.memsave_relu_mask(torch.ones(3, dtype=torch.int32))
+    out, fused_mask = torch.ops.slimtune.memsave_relu(x)
+    assert torch.equal(out, torch.relu(x)) and torch.equal(fused_mask, mask)
     for rg in (False, True):
+        torch.library.opcheck(torch.ops.slimtune.memsave_relu.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_mask.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_backward.default, (x.clone().requires_grad_(rg), mask))
     nc = torch.randn(13, 5).t()

@@ -9,6 +9,7 @@ TORCH_LIBRARY(slimtune, m) {
   m.def("sparse_delta_merge_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> ()");
 
   // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.
+  m.def("memsave_relu(Tensor x) -> (Tensor out, Tensor mask)");
   m.def("memsave_relu_mask(Tensor x) -> Tensor");
   m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
   // memsave: max-pool argmax as an int8 offset inside its window, and the backward from it.
