@@ -375,3 +375,28 @@ def test_torch_compile_aot_eager():
     (g,) = torch.autograd.grad(out.sum(), x)
     (ge,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(g, ge)
+
+
+def test_dropout_under_torch_compile():
+    # The seed is drawn eagerly (.item() breaks the graph); the rest compiles.
+    layer = nn.Dropout(0.5)
+    slimtune.memsave(layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = (torch.rand(16, 32) + 0.5).requires_grad_(True)
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    keep = out != 0
+    assert 0.3 < keep.double().mean().item() < 0.7
+    assert torch.equal(gx, torch.where(keep, torch.tensor(2.0), torch.tensor(0.0)))
+
+
+def test_saved_bytes_parameters_option():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    # The input does not need a gradient: stock keeps x for the weight gradient (and the weight).
+    assert slimtune.saved_bytes(conv, x) == x.numel() * 4
+    assert slimtune.saved_bytes(conv, x, include_parameters=True) == x.numel() * 4 + conv.weight.numel() * 4
+    slimtune.memsave(conv)
+    assert slimtune.saved_bytes(conv, x) == x.numel() * 4
+    conv.weight.requires_grad_(False)
+    assert slimtune.saved_bytes(conv, x) == 0
