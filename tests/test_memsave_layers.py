@@ -400,3 +400,40 @@ def test_saved_bytes_parameters_option():
     assert slimtune.saved_bytes(conv, x) == x.numel() * 4
     conv.weight.requires_grad_(False)
     assert slimtune.saved_bytes(conv, x) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_relu_mask_matches_reference(device, n):
+    x = torch.randn(n, device=device)
+    x[: min(n, 3)] = torch.tensor([float("nan"), -0.0, 0.0], device=device)[: min(n, 3)]
+    expected = slimtune.reference.memsave_relu_mask(x)
+    assert torch.equal(torch.ops.slimtune.memsave_relu_mask(x), expected)
+    out, mask = torch.ops.slimtune.memsave_relu(x)
+    assert torch.equal(mask, expected)
+    g = torch.randn(n, device=device)
+    keep = ~(x <= 0)
+    assert torch.equal(torch.ops.slimtune.memsave_relu_backward(g, mask), torch.where(keep, g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("case", range(len(POOL_CASES) - 1))
+def test_maxpool_offsets_match_reference(case):
+    cls, kwargs, shape = POOL_CASES[case]
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[cls]
+    m = cls(**kwargs)
+    tup = lambda v: [v] * nd if isinstance(v, int) else list(v)  # noqa: E731
+    k, s = tup(m.kernel_size), tup(m.stride)
+    p, d = tup(m.padding), tup(m.dilation)
+    x = torch.randn(shape)
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[nd]
+    out, idx = pool(x, k, s, p, d, m.ceil_mode, return_indices=True)
+    got = torch.ops.slimtune.memsave_maxpool_compact(idx, list(x.shape), k, s, p, d)
+    expected = slimtune.reference.memsave_maxpool_offsets(idx, list(x.shape), k, s, p, d)
+    assert torch.equal(got.long(), expected)
+    g = torch.randn(out.shape)
+    gx = torch.ops.slimtune.memsave_maxpool_backward(g, got, list(x.shape), k, s, p, d)
+    ref = torch.zeros(x.shape[:-nd] + (math.prod(x.shape[-nd:]),), dtype=torch.float64)
+    ref.scatter_add_(-1, idx.flatten(-nd), g.double().flatten(-nd))
+    torch.testing.assert_close(gx, ref.view(x.shape).float())
