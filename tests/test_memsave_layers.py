@@ -437,3 +437,15 @@ def test_maxpool_offsets_match_reference(case):
     ref = torch.zeros(x.shape[:-nd] + (math.prod(x.shape[-nd:]),), dtype=torch.float64)
     ref.scatter_add_(-1, idx.flatten(-nd), g.double().flatten(-nd))
     torch.testing.assert_close(gx, ref.view(x.shape).float())
+
+
+def test_batchnorm_eval_function_gradcheck():
+    # The layer hands a training weight to stock batch norm; the Function itself covers it too.
+    from slimtune.memsave.functions import BatchNormEvalFunction
+
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 4, 5, **d, requires_grad=True)
+    mean, var = torch.randn(4, **d), torch.rand(4, **d) + 0.5
+    w = torch.rand(4, **d, requires_grad=True)
+    b = torch.randn(4, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: BatchNormEvalFunction.apply(x, mean, var, w, b, 1e-5), (x, w, b))
