@@ -184,10 +184,15 @@ def test_norms(device, dtype, x_grad, w_grad, b_grad, shape):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("shape", [(4096,), (5, 123, 123), (2, 3, 8, 8), (0, 4), (7,)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_relu(device, dtype, shape, inplace):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_relu(device, dtype, shape, inplace, layout):
     x = torch.randn(shape, device=device).to(dtype)
     if x.numel() > 3:
         x.view(-1)[:3] = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    if layout == "transposed":
+        if x.dim() < 2:
+            pytest.skip("1-D input has one layout")
+        x = x.transpose(0, -1)
     stock, ours = nn.ReLU(inplace=inplace), nn.ReLU(inplace=inplace)
     slimtune.memsave(ours)
     assert type(ours).__name__ == "MemSaveReLU"
@@ -219,7 +224,10 @@ def test_relu_mask_op_errors_and_opcheck():
         torch.ops.slimtune.memsave_relu_backward(x, mask[:-1])
     with pytest.raises(RuntimeError, match="argument 'x'"):
         torch.ops.slimtune.memsave_relu_mask(torch.ones(3, dtype=torch.int32))
+    out, fused_mask = torch.ops.slimtune.memsave_relu(x)
+    assert torch.equal(out, torch.relu(x)) and torch.equal(fused_mask, mask)
     for rg in (False, True):
+        torch.library.opcheck(torch.ops.slimtune.memsave_relu.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_mask.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_backward.default, (x.clone().requires_grad_(rg), mask))
     nc = torch.randn(13, 5).t()
@@ -367,3 +375,77 @@ def test_torch_compile_aot_eager():
     (g,) = torch.autograd.grad(out.sum(), x)
     (ge,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(g, ge)
+
+
+def test_dropout_under_torch_compile():
+    # The seed is drawn eagerly (.item() breaks the graph); the rest compiles.
+    layer = nn.Dropout(0.5)
+    slimtune.memsave(layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = (torch.rand(16, 32) + 0.5).requires_grad_(True)
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    keep = out != 0
+    assert 0.3 < keep.double().mean().item() < 0.7
+    assert torch.equal(gx, torch.where(keep, torch.tensor(2.0), torch.tensor(0.0)))
+
+
+def test_saved_bytes_parameters_option():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    # The input does not need a gradient: stock keeps x for the weight gradient (and the weight).
+    assert slimtune.saved_bytes(conv, x) == x.numel() * 4
+    assert slimtune.saved_bytes(conv, x, include_parameters=True) == x.numel() * 4 + conv.weight.numel() * 4
+    slimtune.memsave(conv)
+    assert slimtune.saved_bytes(conv, x) == x.numel() * 4
+    conv.weight.requires_grad_(False)
+    assert slimtune.saved_bytes(conv, x) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_relu_mask_matches_reference(device, n):
+    x = torch.randn(n, device=device)
+    x[: min(n, 3)] = torch.tensor([float("nan"), -0.0, 0.0], device=device)[: min(n, 3)]
+    expected = slimtune.reference.memsave_relu_mask(x)
+    assert torch.equal(torch.ops.slimtune.memsave_relu_mask(x), expected)
+    out, mask = torch.ops.slimtune.memsave_relu(x)
+    assert torch.equal(mask, expected)
+    g = torch.randn(n, device=device)
+    keep = ~(x <= 0)
+    assert torch.equal(torch.ops.slimtune.memsave_relu_backward(g, mask), torch.where(keep, g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("case", range(len(POOL_CASES) - 1))
+def test_maxpool_offsets_match_reference(case):
+    cls, kwargs, shape = POOL_CASES[case]
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[cls]
+    m = cls(**kwargs)
+    tup = lambda v: [v] * nd if isinstance(v, int) else list(v)  # noqa: E731
+    k, s = tup(m.kernel_size), tup(m.stride)
+    p, d = tup(m.padding), tup(m.dilation)
+    x = torch.randn(shape)
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[nd]
+    out, idx = pool(x, k, s, p, d, m.ceil_mode, return_indices=True)
+    got = torch.ops.slimtune.memsave_maxpool_compact(idx, list(x.shape), k, s, p, d)
+    expected = slimtune.reference.memsave_maxpool_offsets(idx, list(x.shape), k, s, p, d)
+    assert torch.equal(got.long(), expected)
+    g = torch.randn(out.shape)
+    gx = torch.ops.slimtune.memsave_maxpool_backward(g, got, list(x.shape), k, s, p, d)
+    ref = torch.zeros(x.shape[:-nd] + (math.prod(x.shape[-nd:]),), dtype=torch.float64)
+    ref.scatter_add_(-1, idx.flatten(-nd), g.double().flatten(-nd))
+    torch.testing.assert_close(gx, ref.view(x.shape).float())
+
+
+def test_batchnorm_eval_function_gradcheck():
+    # The layer hands a training weight to stock batch norm; the Function itself covers it too.
+    from slimtune.memsave.functions import BatchNormEvalFunction
+
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 4, 5, **d, requires_grad=True)
+    mean, var = torch.randn(4, **d), torch.rand(4, **d) + 0.5
+    w = torch.rand(4, **d, requires_grad=True)
+    b = torch.randn(4, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: BatchNormEvalFunction.apply(x, mean, var, w, b, 1e-5), (x, w, b))

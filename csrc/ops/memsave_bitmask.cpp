@@ -1,5 +1,7 @@
 #include "ops/memsave_bitmask.h"
 
+#include <tuple>
+
 #include <torch/library.h>
 
 #include "cpu/memsave_bitmask.h"
@@ -35,6 +37,15 @@ at::Tensor memsave_relu_mask_cpu(const at::Tensor& x) {
   return mask;
 }
 
+std::tuple<at::Tensor, at::Tensor> memsave_relu_cpu(const at::Tensor& x) {
+  check_memsave_relu_mask(x);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor mask = at::empty({memsave_mask_bytes(x.numel())}, x.options().dtype(at::kByte));
+  cpu::memsave_relu_forward(xc, out, mask);
+  return {out, mask};
+}
+
 at::Tensor memsave_relu_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   check_memsave_relu_backward(grad, mask);
   const at::Tensor gc = grad.contiguous();
@@ -47,6 +58,7 @@ at::Tensor memsave_relu_backward_cpu(const at::Tensor& grad, const at::Tensor& m
 }  // namespace slimtune
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
+  m.impl("memsave_relu", &slimtune::memsave_relu_cpu);
   m.impl("memsave_relu_mask", &slimtune::memsave_relu_mask_cpu);
   m.impl("memsave_relu_backward", &slimtune::memsave_relu_backward_cpu);
 }

@@ -1,6 +1,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "cuda/memsave_bitmask.h"
 #include "ops/common.h"
 #include "ops/cuda_stream.h"
@@ -21,6 +23,19 @@ at::Tensor memsave_relu_mask_cuda(const at::Tensor& x) {
   return mask;
 }
 
+std::tuple<at::Tensor, at::Tensor> memsave_relu_cuda(const at::Tensor& x) {
+  check_memsave_relu_mask(x);
+  c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor mask = at::empty({memsave_mask_bytes(x.numel())}, x.options().dtype(at::kByte));
+  check_cuda_status(cuda::memsave_relu_forward(xc.data_ptr(), to_kernel_dtype(xc.scalar_type()), xc.numel(),
+                                               out.data_ptr(), static_cast<unsigned char*>(mask.data_ptr()),
+                                               current_cuda_stream(x.device())),
+                    "memsave_relu");
+  return {out, mask};
+}
+
 at::Tensor memsave_relu_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
   check_memsave_relu_backward(grad, mask);
   c10::DeviceGuard guard(grad.device());
@@ -37,6 +52,7 @@ at::Tensor memsave_relu_backward_cuda(const at::Tensor& grad, const at::Tensor& 
 }  // namespace slimtune
 
 TORCH_LIBRARY_IMPL(slimtune, CUDA, m) {
+  m.impl("memsave_relu", &slimtune::memsave_relu_cuda);
   m.impl("memsave_relu_mask", &slimtune::memsave_relu_mask_cuda);
   m.impl("memsave_relu_backward", &slimtune::memsave_relu_backward_cuda);
 }

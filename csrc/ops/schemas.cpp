@@ -31,6 +31,7 @@ TORCH_LIBRARY(slimtune, m) {
   // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
   m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
   // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.
+  m.def("memsave_relu(Tensor x) -> (Tensor out, Tensor mask)");
   m.def("memsave_relu_mask(Tensor x) -> Tensor");
   m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
   // memsave: max-pool argmax as an int8 offset inside its window, and the backward from it.

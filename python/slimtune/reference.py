@@ -61,3 +61,33 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None, p=0.0
         out = lora.to(x.dtype)
         return out + bias if bias is not None else out
     return base + lora.to(base.dtype)
+# ----------------------------------------------------------------------------- memsave
+
+
+def memsave_relu_mask(x: torch.Tensor) -> torch.Tensor:
+    """Bit-packed ReLU mask: bit ``i % 8`` of byte ``i // 8`` is set where ``not x[i] <= 0``
+    (NaN included), ``i`` running over ``x`` in row-major order."""
+    keep = ~(x.reshape(-1) <= 0)
+    pad = (-keep.numel()) % 8
+    bits = torch.cat([keep, keep.new_zeros(pad)]).view(-1, 8).long()
+    weights = 2 ** torch.arange(8, device=x.device)
+    return (bits * weights).sum(1).to(torch.uint8)
+
+
+def memsave_maxpool_offsets(indices, input_size, kernel_size, stride, padding, dilation):
+    """Argmax offset inside each pooling window (row-major over the window) from ATen's
+    max-pool indices (flat over the input's spatial dims)."""
+    nd = len(kernel_size)
+    in_sizes = list(input_size[-nd:])
+    out_sizes = list(indices.shape[-nd:])
+    coords = []
+    rem = indices.long()
+    for d in range(nd - 1, -1, -1):
+        coords.insert(0, rem % in_sizes[d])
+        rem = rem // in_sizes[d]
+    offset = torch.zeros_like(indices, dtype=torch.long)
+    for d in range(nd):
+        shape = [1] * (indices.dim() - nd + d) + [out_sizes[d]] + [1] * (nd - 1 - d)
+        start = (torch.arange(out_sizes[d], device=indices.device) * stride[d] - padding[d]).view(shape)
+        offset = offset * kernel_size[d] + (coords[d] - start) // dilation[d]
+    return offset

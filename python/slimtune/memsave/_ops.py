@@ -14,6 +14,10 @@ def _relu_mask_fake(x):
     return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
 
+def _relu_fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _relu_mask_fake(x)
+
+
 def _relu_backward_fake(grad, mask):
     torch._check(
         mask.dtype == torch.uint8,
@@ -43,6 +47,7 @@ def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, paddi
 
 
 FAKES = {
+    "memsave_relu": _relu_fake,
     "memsave_relu_mask": _relu_mask_fake,
     "memsave_relu_backward": _relu_backward_fake,
     "memsave_maxpool_compact": _maxpool_compact_fake,

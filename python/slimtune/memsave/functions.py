@@ -164,11 +164,14 @@ class ReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, inplace):
-        mask = torch.ops.slimtune.memsave_relu_mask(x)
         if inplace:
+            mask = torch.ops.slimtune.memsave_relu_mask(x)
             ctx.mark_dirty(x)
             out = x.relu_()
-        else:
+        elif x.is_contiguous():
+            out, mask = torch.ops.slimtune.memsave_relu(x)  # one pass for both
+        else:  # keep the input's memory format, as torch.relu does
+            mask = torch.ops.slimtune.memsave_relu_mask(x)
             out = torch.relu(x)
         ctx.save_for_backward(mask)
         return out

@@ -149,9 +149,11 @@ class _MemSaveBatchNormMixin:
     def forward(self, input):
         self._check_input_dim(input)
         uses_running_stats = not self.training and self.running_mean is not None and self.running_var is not None
-        if not uses_running_stats:
+        weight_trains = self.weight is not None and self.weight.requires_grad and torch.is_grad_enabled()
+        if not uses_running_stats or weight_trains:
             # Batch statistics: the exact input gradient needs the input and the per-channel
             # mean/invstd, which is what the stock op keeps (and it skips frozen-weight work).
+            # A training weight needs the input for its gradient: stock keeps exactly that.
             return super().forward(input)
         return BatchNormEvalFunction.apply(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
