@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="results file (default: benchmarks/results/<device>/<ops>.json)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the ratios to this PNG")
     p.add_argument("--quick", action="store_true", help="smallest shapes and short runs (smoke test)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per provider (default 0.5; 0.05 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = p.parse_args(argv)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     ctx = Context(device=torch.device(args.device), dtype=dtype, quick=args.quick,
-                  min_run_time=0.05 if args.quick else 0.5)
+                  min_run_time=args.min_run_time or (0.05 if args.quick else 0.5))
     ops = args.ops or list(available)
     groups = [g for name in ops for g in available[name](ctx)]
     rows = run_groups(groups, ctx, progress=sys.stderr.isatty() or not args.quick)
