@@ -6,7 +6,10 @@
 #include "ops/common.h"
 
 namespace slimtune {
+namespace {
 
+// The kernel geometry from the pool's arguments; `pooled` (the indices or the grad) is shaped
+// like the pool's output.
 cuda::PoolGeometry memsave_pool_geometry(const char* op, const at::Tensor& pooled, const char* pooled_name,
                                          at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -45,14 +48,35 @@ cuda::PoolGeometry memsave_pool_geometry(const char* op, const at::Tensor& poole
   return g;
 }
 
+}  // namespace
+
+cuda::PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation) {
+  constexpr const char* op = "memsave_maxpool_compact";
+  SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kLong, op, "indices", "must be int64, got ", indices.scalar_type());
+  return memsave_pool_geometry(op, indices, "indices", input_size, kernel_size, stride, padding, dilation);
+}
+
+cuda::PoolGeometry check_maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation) {
+  constexpr const char* op = "memsave_maxpool_backward";
+  SLIMTUNE_CHECK_ARG(is_float_dtype(grad.scalar_type()), op, "grad", "must be a float tensor, got ",
+                     grad.scalar_type());
+  SLIMTUNE_CHECK_ARG(offsets.scalar_type() == at::kChar, op, "offsets", "must be int8, got ", offsets.scalar_type());
+  SLIMTUNE_CHECK_ARG(offsets.sizes() == grad.sizes(), op, "offsets", "has shape ", offsets.sizes(),
+                     " but 'grad' has ", grad.sizes());
+  check_same_device(op, grad, "grad", offsets, "offsets");
+  return memsave_pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
+}
+
 namespace {
 
 at::Tensor memsave_maxpool_compact_cpu(const at::Tensor& indices, at::IntArrayRef input_size,
                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation) {
-  constexpr const char* op = "memsave_maxpool_compact";
-  SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kLong, op, "indices", "must be int64, got ", indices.scalar_type());
-  const auto g = memsave_pool_geometry(op, indices, "indices", input_size, kernel_size, stride, padding, dilation);
+  const auto g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
   const at::Tensor idx = indices.contiguous();
   at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
   cpu::memsave_maxpool_compact(idx, offsets, g);
@@ -62,13 +86,7 @@ at::Tensor memsave_maxpool_compact_cpu(const at::Tensor& indices, at::IntArrayRe
 at::Tensor memsave_maxpool_backward_cpu(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
                                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation) {
-  constexpr const char* op = "memsave_maxpool_backward";
-  SLIMTUNE_CHECK_ARG(is_float_dtype(grad.scalar_type()), op, "grad", "must be a float tensor, got ",
-                     grad.scalar_type());
-  SLIMTUNE_CHECK_ARG(offsets.scalar_type() == at::kChar, op, "offsets", "must be int8, got ", offsets.scalar_type());
-  SLIMTUNE_CHECK_ARG(offsets.sizes() == grad.sizes(), op, "offsets", "has shape ", offsets.sizes(),
-                     " but 'grad' has ", grad.sizes());
-  const auto g = memsave_pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
+  const auto g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc));
   cpu::memsave_maxpool_backward(grad.contiguous(), offsets.contiguous(), buf, g);

@@ -5,10 +5,13 @@
 
 namespace slimtune {
 
-// Validates the arguments of memsave_maxpool_{compact,backward} (`pooled` is the indices
-// or the grad: shaped like the pool's output) and returns the kernel geometry.
-cuda::PoolGeometry memsave_pool_geometry(const char* op, const at::Tensor& pooled, const char* pooled_name,
-                                         at::IntArrayRef input_size, at::IntArrayRef kernel_size,
-                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+// Every check of memsave_maxpool_compact's / memsave_maxpool_backward's arguments, shared by
+// the CPU and CUDA glue; returns the kernel geometry.
+cuda::PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation);
+cuda::PoolGeometry check_maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation);
 
 }  // namespace slimtune

@@ -13,8 +13,7 @@ at::Tensor memsave_maxpool_compact_cuda(const at::Tensor& indices, at::IntArrayR
                                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation) {
   constexpr const char* op = "memsave_maxpool_compact";
-  SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kLong, op, "indices", "must be int64, got ", indices.scalar_type());
-  const auto g = memsave_pool_geometry(op, indices, "indices", input_size, kernel_size, stride, padding, dilation);
+  const auto g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(indices.device());
   const at::Tensor idx = indices.contiguous();
   at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
@@ -29,13 +28,7 @@ at::Tensor memsave_maxpool_backward_cuda(const at::Tensor& grad, const at::Tenso
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation) {
   constexpr const char* op = "memsave_maxpool_backward";
-  SLIMTUNE_CHECK_ARG(is_float_dtype(grad.scalar_type()), op, "grad", "must be a float tensor, got ",
-                     grad.scalar_type());
-  SLIMTUNE_CHECK_ARG(offsets.scalar_type() == at::kChar, op, "offsets", "must be int8, got ", offsets.scalar_type());
-  SLIMTUNE_CHECK_ARG(offsets.sizes() == grad.sizes(), op, "offsets", "has shape ", offsets.sizes(),
-                     " but 'grad' has ", grad.sizes());
-  check_same_device(op, grad, "grad", offsets, "offsets");
-  const auto g = memsave_pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
+  const auto g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(grad.device());
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc));

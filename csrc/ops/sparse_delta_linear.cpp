@@ -86,6 +86,31 @@ void check_sparse_delta_linear(const char* op, const at::Tensor& x, const at::Te
   check_sparse_delta_layout(op, weight.size(0), weight.size(1), x, indices, rowptr);
 }
 
+void check_sparse_delta_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                 const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& rowptr,
+                                 const at::Tensor& values) {
+  check_sparse_delta_linear(op, x, weight, c10::nullopt, indices, rowptr, values);
+  SLIMTUNE_CHECK_ARG(grad.scalar_type() == x.scalar_type(), op, "grad", "must have x's dtype (", x.scalar_type(),
+                     "), got ", grad.scalar_type());
+  SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0) &&
+                         grad.numel() / std::max<int64_t>(weight.size(0), 1) ==
+                             x.numel() / std::max<int64_t>(weight.size(1), 1),
+                     op, "grad", "must have shape x.shape[:-1] + (", weight.size(0), ",), got ", grad.sizes());
+  check_same_device(op, x, "x", grad, "grad");
+}
+
+void check_sparse_delta_sddmm(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
+                              const at::Tensor& rowptr) {
+  SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
+  SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
+                     "), got ", b.scalar_type());
+  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() && a.numel() / std::max<int64_t>(a.size(-1), 1) ==
+                                                               b.numel() / std::max<int64_t>(b.size(-1), 1),
+                     op, "b", "must have a's leading (token) dimensions; got ", a.sizes(), " and ", b.sizes());
+  check_same_device(op, a, "a", b, "b");
+  check_sparse_delta_layout(op, a.size(-1), b.size(-1), a, indices, rowptr);
+}
+
 namespace {
 
 // W0 + Δ as a new tensor (the caller drops it before returning).
@@ -118,16 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
     const at::Tensor& rowptr, const at::Tensor& values, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
-  check_sparse_delta_linear(op, x, weight, c10::nullopt, indices, rowptr, values);
-  SLIMTUNE_CHECK_ARG(grad.scalar_type() == x.scalar_type(), op, "grad", "must have x's dtype (", x.scalar_type(),
-                     "), got ", grad.scalar_type());
-  SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0) &&
-                         grad.numel() / std::max<int64_t>(weight.size(0), 1) ==
-                             x.numel() / std::max<int64_t>(weight.size(1), 1),
-                     op, "grad", "must have shape x.shape[:-1] + (", weight.size(0), ",), got ", grad.sizes());
+  check_sparse_delta_backward(op, grad, x, weight, indices, rowptr, values);
   const at::Tensor g2 = as_tokens(grad), x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
-  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const int64_t cols = weight.size(1);
   at::Tensor dx, dv, db;
   if (mask[0]) {
     if (sparse_delta_use_merge(g2.size(0), idx.numel(), weight.numel())) {
@@ -144,23 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
                : at::empty({0}, values.options());
   db = mask[2] ? g2.sum(0, false, g2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).to(g2.scalar_type())
                : at::empty({0}, grad.options());
-  (void)rows;
   return {dx, dv, db};
 }
 
 at::Tensor sparse_delta_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
                                   const at::Tensor& rowptr) {
   constexpr const char* op = "sparse_delta_sddmm";
-  SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
-  SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
-                     "), got ", b.scalar_type());
-  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() && a.numel() / std::max<int64_t>(a.size(-1), 1) ==
-                                                               b.numel() / std::max<int64_t>(b.size(-1), 1),
-                     op, "b", "must have a's leading (token) dimensions; got ", a.sizes(), " and ", b.sizes());
-  check_same_device(op, a, "a", b, "b");
-  const int64_t rows = a.size(-1), cols = b.size(-1);
-  check_sparse_delta_layout(op, rows, cols, a, indices, rowptr);
-  return cpu::sparse_delta_sddmm(as_tokens(a), as_tokens(b), indices.contiguous(), rowptr.contiguous(), cols);
+  check_sparse_delta_sddmm(op, a, b, indices, rowptr);
+  return cpu::sparse_delta_sddmm(as_tokens(a), as_tokens(b), indices.contiguous(), rowptr.contiguous(), b.size(-1));
 }
 
 }  // namespace

@@ -14,6 +14,13 @@ void check_sparse_delta_layout(const char* op, int64_t rows, int64_t cols, const
 void check_sparse_delta_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& indices,
                                const at::Tensor& rowptr, const at::Tensor& values);
+// sparse_delta_linear_backward: the forward's checks plus grad's dtype, shape and device.
+void check_sparse_delta_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                 const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& rowptr,
+                                 const at::Tensor& values);
+// sparse_delta_sddmm: float a, b of one dtype and device with the same tokens, and the layout.
+void check_sparse_delta_sddmm(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
+                              const at::Tensor& rowptr);
 
 // The delta is applied through a transient merged copy of W0 (one weight-sized copy, freed
 // before returning) when that is cheaper than the sparse product: the T·K gathered

@@ -69,12 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
     const at::Tensor& rowptr, const at::Tensor& values, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
-  check_sparse_delta_linear(op, x, weight, c10::nullopt, indices, rowptr, values);
-  SLIMTUNE_CHECK_ARG(grad.scalar_type() == x.scalar_type(), op, "grad", "must have x's dtype (", x.scalar_type(),
-                     "), got ", grad.scalar_type());
-  SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0), op, "grad",
-                     "must have shape x.shape[:-1] + (", weight.size(0), ",), got ", grad.sizes());
-  check_same_device(op, x, "x", grad, "grad");
+  check_sparse_delta_backward(op, grad, x, weight, indices, rowptr, values);
   c10::DeviceGuard guard(x.device());
   const at::Tensor g2 = as_tokens(grad), x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), val = values.contiguous();
@@ -90,18 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward_cuda
 at::Tensor sparse_delta_sddmm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
                                    const at::Tensor& rowptr) {
   constexpr const char* op = "sparse_delta_sddmm";
-  SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
-  SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
-                     "), got ", b.scalar_type());
-  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim(), op, "b", "must have a's leading (token) dimensions; got ",
-                     a.sizes(), " and ", b.sizes());
-  check_same_device(op, a, "a", b, "b");
-  check_sparse_delta_layout(op, a.size(-1), b.size(-1), a, indices, rowptr);
+  check_sparse_delta_sddmm(op, a, b, indices, rowptr);
   c10::DeviceGuard guard(a.device());
-  const at::Tensor a2 = as_tokens(a), b2 = as_tokens(b);
-  SLIMTUNE_CHECK_ARG(a2.size(0) == b2.size(0), op, "b", "must have a's number of tokens (", a2.size(0), "), got ",
-                     b2.size(0));
-  return sddmm_cuda_impl(a2, b2, indices.contiguous(), op);
+  return sddmm_cuda_impl(as_tokens(a), as_tokens(b), indices.contiguous(), op);
 }
 
 }  // namespace
