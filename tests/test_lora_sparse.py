@@ -23,7 +23,8 @@ def make(din=40, dout=24, dtype=torch.float32, device="cpu", bias=True, **kw):
 
 def reference_forward(m, x, mask=None, p=0.0):
     sparse = reference.sparse_delta_linear(x, m.base.weight, m.base.bias, m.indices, m.values)
-    lora = reference.lora_linear(x, None, None, m.lora_A["default"], m.lora_B["default"], m.scaling, mask, p)
+    lora = reference.lora_linear(x, None, None, m.lora_A["default"], m.lora_B["default"], m.scaling("default"), mask,
+                                p)
     return sparse + lora.to(sparse.dtype)
 
 
@@ -54,7 +55,7 @@ def test_matches_reference_values_and_gradients(device, dtype, bias):
 
 def test_dropout_uses_the_regenerated_mask():
     m = make().train()
-    m.lora_dropout = 0.3
+    m.lora_dropout["default"] = 0.3
     x = torch.randn(16, 40, requires_grad=True)
     torch.manual_seed(7)
     y = m(x)

@@ -4,21 +4,22 @@ import torch  # noqa: F401  -- must be imported first: _C links against torch's 
 
 from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
-from . import functional, lora, nn, reference, sparse  # noqa: F401
+from . import functional, lora, memsave, nn, reference, sparse  # noqa: F401
 from ._version import __version__
-from .convert import apply_lora, apply_sparse_delta, register_method, summary
-from .memsave import MemSaveReport, memsave, saved_bytes  # the function shadows the subpackage's name
+from .convert import apply_lora, apply_rosa, apply_sparse_delta, register_method, summary
+from .memory import saved_bytes
+from .memsave import MemSaveReport
 from .model_io import load, merge, save, unmerge
 from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices
 
 __all__ = [
-    "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse",
+    "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse", "memsave",
     # sparse-delta fine-tuning
     "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices",
     # selective-gradient memory savings
-    "memsave", "saved_bytes", "MemSaveReport",
+    "saved_bytes", "MemSaveReport",
     # whole models
-    "apply_lora", "apply_sparse_delta", "register_method", "summary", "save", "load", "merge", "unmerge",
+    "apply_lora", "apply_sparse_delta", "apply_rosa", "register_method", "summary", "save", "load", "merge", "unmerge",
 ]
 
 

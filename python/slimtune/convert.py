@@ -2,7 +2,7 @@
 
 A *method* is a name plus a factory ``(base: nn.Linear, **kwargs) -> nn.Module``; the module it
 returns keeps the frozen layer as ``.base`` and may add trainable parameters and buffers
-("adapter state"). ``apply_lora`` and ``apply_sparse_delta`` are the built-in methods;
+("adapter state"). ``apply_lora``, ``apply_sparse_delta`` and ``apply_rosa`` are the built-in methods;
 ``register_method`` adds others. Converted modules are marked with the method and its keyword
 arguments so that ``slimtune.save``/``load``/``merge`` can find and rebuild them.
 """
@@ -22,6 +22,7 @@ __all__ = [
     "apply",
     "apply_lora",
     "apply_sparse_delta",
+    "apply_rosa",
     "converted_modules",
     "adapter_state",
     "summary",
@@ -43,7 +44,8 @@ def register_method(name: str, factory: Callable[..., nn.Module], *, overwrite: 
 
     The returned module must keep ``base`` as its ``.base`` attribute; its other parameters and
     buffers are the adapter state that ``slimtune.save`` writes. ``merge()``/``unmerge()`` methods
-    are needed only by ``slimtune.merge``. Registering an existing name raises unless ``overwrite``.
+    are needed only by ``slimtune.merge``. Subclassing ``slimtune.nn.AdapterLayer`` provides all of
+    this (freezing the base, the adapter state, all-or-nothing merging) from ``_merge_parts``. Registering an existing name raises unless ``overwrite``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("register_method: argument 'name' must be a non-empty string")
@@ -82,8 +84,13 @@ def _sparse_delta_factory(base: nn.Linear, **kwargs) -> nn.Module:
     return _pillar_class("SparseDeltaLinear", "sparse_delta")(base, **kwargs)
 
 
+def _rosa_factory(base: nn.Linear, **kwargs) -> nn.Module:
+    return _pillar_class("LoRASparseLinear", "rosa")(base, **kwargs)
+
+
 register_method("lora", _lora_factory)
 register_method("sparse_delta", _sparse_delta_factory)
+register_method("rosa", _rosa_factory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +262,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     """A converted module's own parameters and buffers (everything not under ``.base``)."""
+    from .nn.adapter import AdapterLayer
+
+    if isinstance(module, AdapterLayer):
+        return module.adapter_state()
     out = {}
     for n, p in module.named_parameters(recurse=True):
         if not (n == "base" or n.startswith("base.")):
@@ -342,6 +353,20 @@ def apply_sparse_delta(model: nn.Module, target_modules: TargetSpec = "all-linea
     if density is None and k is None:
         density = 0.01
     return apply(model, "sparse_delta", target_modules, exclude_modules,
+                 density=density, k=k, structure=structure)
+
+
+def apply_rosa(model: nn.Module, target_modules: TargetSpec = "all-linear", *, r: int = 8, alpha: float = 16,
+               dropout: float = 0.0, rslora: bool = False, density: Optional[float] = None, k: Optional[int] = None,
+               structure: str = "unstructured", exclude_modules: Optional[TargetSpec] = None) -> nn.Module:
+    """Add RoSA (``slimtune.nn.LoRASparseLinear``: a sparse delta plus a LoRA adapter) to the selected
+    layers, in place. LoRA arguments as in :func:`apply_lora`, delta arguments as in
+    :func:`apply_sparse_delta` (with neither ``density`` nor ``k``, ``density=0.01``). Only the
+    delta values and the adapter parameters stay trainable. Returns ``model``.
+    """
+    if density is None and k is None:
+        density = 0.01
+    return apply(model, "rosa", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
                  density=density, k=k, structure=structure)
 
 

@@ -1,15 +1,17 @@
-"""Functional entry points: thin, documented wrappers over torch.ops.slimtune.*."""
+"""Every functional form of slimtune, re-exported from the pillar that defines it.
 
-import torch
+Each ``torch.ops.slimtune.*`` op is reached through one of these (a backward op through the
+forward whose autograd calls it); ``tests/test_functional.py`` checks that none is missing.
 
+- sparse-delta fine-tuning (``slimtune.sparse.functional``): ``sparse_delta_merge_``,
+  ``sparse_delta_linear``, ``sparse_delta_sddmm``
+- LoRA (``slimtune.lora.functional``): ``lora_linear``, ``lora_linear_multi``, ``lora_dropout_mask``
+- memsave (``slimtune.memsave.functional``): ``memsave_relu``, ``memsave_max_pool``, ``memsave_dropout``
+"""
 
-def sparse_delta_merge_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0):
-    """In place: ``weight.view(-1)[indices] += alpha * values``.
+from .lora.functional import lora_dropout_mask, lora_linear, lora_linear_multi
+from .memsave.functional import memsave_dropout, memsave_max_pool, memsave_relu
+from .sparse.functional import sparse_delta_linear, sparse_delta_merge_, sparse_delta_sddmm
 
-    ``indices`` are flat (row-major) int32/int64 positions, unique and in range;
-    ``values`` has the weight's dtype or float32 (a float32 master over a bf16/fp16
-    weight). The sum is formed in float32 (float64 for float64 weights) and rounded
-    once. Invalid input raises before the weight is touched. Returns ``weight``.
-    """
-    torch.ops.slimtune.sparse_delta_merge_(weight, indices, values, float(alpha))
-    return weight
+__all__ = ["sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "lora_linear", "lora_linear_multi",
+           "lora_dropout_mask", "memsave_relu", "memsave_max_pool", "memsave_dropout"]

@@ -1,7 +1,14 @@
 """Selective-gradient memory savings: layers that keep for backward only what the
-gradients actually requested need, and a one-call conversion of existing models."""
+gradients actually requested need, and a one-call conversion of existing models
+(``slimtune.memsave.convert(model)``)."""
 
-from .convert import CONVERSIONS, MemSaveReport, memsave, saved_bytes
+import sys as _sys
+import types as _types
+import warnings as _warnings
+
+from ..memory import saved_bytes
+from .conversion import CONVERSIONS, MemSaveReport, convert
+from .functional import memsave_dropout, memsave_max_pool, memsave_relu
 from .layers import (
     MemSaveBatchNorm1d,
     MemSaveBatchNorm2d,
@@ -27,4 +34,17 @@ LAYERS = [
     "MemSaveDropout", "MemSaveLayerNorm", "MemSaveMaxPool1d", "MemSaveMaxPool2d", "MemSaveMaxPool3d",
     "MemSaveReLU", "MemSaveRMSNorm",
 ]
-__all__ = LAYERS + ["CONVERSIONS", "MemSaveReport", "memsave", "saved_bytes"]
+__all__ = LAYERS + ["CONVERSIONS", "MemSaveReport", "convert", "saved_bytes", "memsave_relu", "memsave_max_pool",
+                    "memsave_dropout"]
+
+
+class _CallablePackage(_types.ModuleType):
+    """Keeps ``slimtune.memsave(model)`` (the former function) working while the name is the package."""
+
+    def __call__(self, model, *args, **kwargs):
+        _warnings.warn("calling slimtune.memsave(model) is deprecated; use slimtune.memsave.convert(model)",
+                      DeprecationWarning, stacklevel=2)
+        return convert(model, *args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage

@@ -7,28 +7,22 @@ import torch
 from torch import nn
 
 from ..lora.functional import lora_linear
+from .adapter import AdapterLayer
 
 _INITS = ("kaiming", "gaussian", "zeros")
 
 
-class LoRALinear(nn.Module):
-    """``y = base(x) + sum_a s_a * (dropout_a(x) A_a^T) B_a^T`` over the active adapters ``a``.
+class LoRAPart:
+    """The LoRA part of an adapter layer: named low-rank adapters over ``self.base``.
 
-    ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
-    (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
-    weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
-    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``"zeros"``.
+    Holds the adapters (``lora_A.<name>``, ``lora_B.<name>`` and their ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``use_rslora`` dicts), their initialisation, scaling, active set and
+    merging; ``LoRALinear`` and ``LoRASparseLinear`` both use it, so they cannot drift apart.
+    Mixed into an ``AdapterLayer`` subclass, which calls ``_init_lora`` from its ``__init__``.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "kaiming", adapter_name: str = "default", dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear: 'base' must be an nn.Linear, got {type(base).__name__}")
-        self.base = base
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
+    def _init_lora(self, adapter_name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str,
+                   dtype: Optional[torch.dtype]) -> None:
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.r: Dict[str, int] = {}
@@ -41,14 +35,6 @@ class LoRALinear(nn.Module):
         self.active_adapters = [adapter_name]
 
     @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
     def adapter_names(self) -> List[str]:
         return list(self.lora_A.keys())
 
@@ -59,7 +45,7 @@ class LoRALinear(nn.Module):
 
     def _check_name(self, name: str) -> None:
         if name not in self.lora_A:
-            raise KeyError(f"LoRALinear: unknown adapter {name!r}; known adapters: {self.adapter_names}")
+            raise KeyError(f"{type(self).__name__}: unknown adapter {name!r}; known adapters: {self.adapter_names}")
 
     # -- adapters ---------------------------------------------------------------------------------
 
@@ -67,15 +53,15 @@ class LoRALinear(nn.Module):
                     init: str = "kaiming", dtype: Optional[torch.dtype] = None) -> None:
         """Adds adapter ``name`` (not activated: see :meth:`set_adapter`)."""
         if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"LoRALinear: adapter name must be a non-empty string without '.', got {name!r}")
+            raise ValueError(f"{type(self).__name__}: adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
-            raise ValueError(f"LoRALinear: adapter {name!r} already exists")
+            raise ValueError(f"{type(self).__name__}: adapter {name!r} already exists")
         if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRALinear: 'r' must be a positive int, got {r!r}")
+            raise ValueError(f"{type(self).__name__}: 'r' must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: 'dropout' must be in [0, 1), got {dropout}")
+            raise ValueError(f"{type(self).__name__}: 'dropout' must be in [0, 1), got {dropout}")
         if init not in _INITS:
-            raise ValueError(f"LoRALinear: 'init' must be one of {_INITS}, got {init!r}")
+            raise ValueError(f"{type(self).__name__}: 'init' must be one of {_INITS}, got {init!r}")
         w = self.base.weight
         if dtype is None:
             dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -97,14 +83,15 @@ class LoRALinear(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             self._check_name(n)
-        if self.merged_adapters:
-            raise RuntimeError(f"LoRALinear: unmerge() adapters {self.merged_adapters} before changing the active set")
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}: unmerge() adapters {self.merged_adapters} before changing "
+                               f"the active set")
         self.active_adapters = names
 
     def delete_adapter(self, name: str) -> None:
         self._check_name(name)
         if name in self.merged_adapters:
-            raise RuntimeError(f"LoRALinear: adapter {name!r} is merged; unmerge() it first")
+            raise RuntimeError(f"{type(self).__name__}: adapter {name!r} is merged; unmerge() it first")
         del self.lora_A[name]
         del self.lora_B[name]
         for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora):
@@ -117,17 +104,15 @@ class LoRALinear(nn.Module):
         """``s * B A`` in the adapters' dtype."""
         return self.scaling(name) * (self.lora_B[name] @ self.lora_A[name])
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Adds the active adapters into the base weight (forward then costs one GEMM)."""
+    def _merge_lora(self) -> None:
+        """Adds the active adapters into the base weight, one at a time."""
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 w = self.base.weight
                 w.copy_((w.to(self.lora_A[name].dtype) + self.delta_weight(name)).to(w.dtype))
                 self.merged_adapters.append(name)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def _unmerge_lora(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             w = self.base.weight
@@ -138,18 +123,46 @@ class LoRALinear(nn.Module):
     def _p(self, name: str) -> float:
         return self.lora_dropout[name] if self.training else 0.0
 
+    def _lora_terms(self, x: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out`` plus the terms of the active, unmerged adapters; ``out=None`` starts from ``base(x)``,
+        fused into the first adapter's op."""
+        live = [a for a in self.active_adapters if a not in self.merged_adapters]
+        if out is None:
+            if not live:
+                return self.base(x)
+            first, live = live[0], live[1:]
+            out = lora_linear(x, self.base.weight, self.base.bias, self.lora_A[first], self.lora_B[first],
+                              self.scaling(first), self._p(first))
+        for a in live:
+            out = out + lora_linear(x, None, None, self.lora_A[a], self.lora_B[a], self.scaling(a), self._p(a))
+        return out
+
+    def _lora_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout[n]:g}"
+                 + (", rslora" if self.use_rslora[n] else "") for n in self.adapter_names]
+        return f"adapters=[{'; '.join(parts)}], active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoRALinear(LoRAPart, AdapterLayer):
+    """``y = base(x) + sum_a s_a * (dropout_a(x) A_a^T) B_a^T`` over the active adapters ``a``.
+
+    ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
+    (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
+    weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
+    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``"zeros"``.
+    """
+
+    _merge_parts = (("_merge_lora", "_unmerge_lora"),)
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "kaiming", adapter_name: str = "default", dtype: Optional[torch.dtype] = None):
+        AdapterLayer.__init__(self, base)
+        self._init_lora(adapter_name, r, alpha, dropout, rslora, init, dtype)
+
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
-        live = [a for a in self.active_adapters if a not in self.merged_adapters]
-        if not live:
-            return self.base(x)
-        first, rest = live[0], live[1:]
-        out = lora_linear(x, self.base.weight, self.base.bias, self.lora_A[first], self.lora_B[first],
-                          self.scaling(first), self._p(first))
-        for a in rest:
-            out = out + lora_linear(x, None, None, self.lora_A[a], self.lora_B[a], self.scaling(a), self._p(a))
-        return out
+        return self._lora_terms(x, None)
 
     def _resolve_ids(self, adapter_ids, batch: int) -> List[Optional[str]]:
         names = self.adapter_names
@@ -188,6 +201,4 @@ class LoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout[n]:g}"
-                 + (", rslora" if self.use_rslora[n] else "") for n in self.adapter_names]
-        return f"adapters=[{'; '.join(parts)}], active={self.active_adapters}, merged={self.merged_adapters}"
+        return self._lora_repr()

@@ -6,36 +6,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import sparse_delta_merge_
-from ..sparse.functional import sparse_delta_linear, sparse_delta_sddmm
+from ..sparse.functional import sparse_delta_linear, sparse_delta_merge_, sparse_delta_sddmm
 from ..sparse.layout import rowptr_for, validate_indices
 from ..sparse.selection import select_indices
+from .adapter import AdapterLayer
 
 
-class SparseDeltaLinear(nn.Module):
-    """``y = x·(W0 + Δ)ᵀ + b`` where W0 (``base.weight``) is frozen and Δ holds trainable ``values``
-    at the sorted flat ``indices`` (a buffer, with its per-row offsets ``rowptr``).
+class SparseDeltaPart:
+    """The sparse-delta part of an adapter layer: trainable ``values`` at sorted flat ``indices``
+    of ``self.base.weight``. ``SparseDeltaLinear`` and ``LoRASparseLinear`` both use it; mixed into
+    an ``AdapterLayer`` subclass, which calls ``_init_sparse_delta`` from its ``__init__``."""
 
-    base: the wrapped ``nn.Linear`` (kept as ``.base``; its weight and bias are frozen).
-    density / k: the delta's size (exactly one). structure: ``"unstructured"``, ``"rows"``,
-    ``"cols"`` or ``"blocks"`` (``block_size``² tiles), all stored as flat indices.
-    init: ``"random"``, ``"magnitude"`` or a scores tensor of the weight's shape (largest first).
-    value_dtype: the values' dtype (default the weight's; float32 gives fp32 master values over a
-    bf16/fp16 W0). Values start at zero, so the wrapped layer's output is unchanged at first.
-    """
-
-    def __init__(self, base: nn.Linear, density: Optional[float] = None, k: Optional[int] = None,
-                 structure: str = "unstructured", init: Union[str, torch.Tensor] = "random", block_size: int = 16,
-                 value_dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"'base' must be an nn.Linear, got {type(base).__name__}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+    def _init_sparse_delta(self, density: Optional[float], k: Optional[int], structure: str,
+                           init: Union[str, torch.Tensor], block_size: int, value_dtype: Optional[torch.dtype],
+                           generator: Optional[torch.Generator]) -> None:
         self.structure = structure
         self.block_size = block_size
-        w = base.weight
+        w = self.base.weight
         if isinstance(init, torch.Tensor):
             idx = select_indices(w, k, density, method="gradient", scores=init, structure=structure,
                                  block_size=block_size)
@@ -61,11 +48,7 @@ class SparseDeltaLinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base.bias
 
-    @property
-    def merged(self) -> bool:
-        return self._merged_original is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse_delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.base.weight, self.base.bias)
         y = sparse_delta_linear(x, self.base.weight, self.base.bias, self.indices, self.rowptr, self.values)
@@ -98,26 +81,48 @@ class SparseDeltaLinear(nn.Module):
         else:
             self.values = nn.Parameter(values.to(device=w.device, dtype=self.values.dtype).clone())
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W0 += Δ in place, for inference at a plain Linear's cost. The W0 entries it overwrites are
-        kept (K elements), so ``unmerge()`` restores W0 bit for bit."""
-        if self.merged:
-            return
-        flat = self.base.weight.view(-1)
-        self._merged_original = flat[self.indices.long()].clone()
+    def _merge_sparse_delta(self) -> None:
+        """W0 += Δ in place. The W0 entries it overwrites are kept (K elements), so unmerging
+        restores W0 bit for bit; the op checks its input before it writes, so it applies all or nothing."""
+        original = self.base.weight.view(-1)[self.indices.long()].clone()
         sparse_delta_merge_(self.base.weight, self.indices, self.values.detach(), 1.0)
+        self._merged_original = original
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restores the exact W0 that ``merge()`` found."""
-        if not self.merged:
+    def _unmerge_sparse_delta(self) -> None:
+        if self._merged_original is None:
             return
         self.base.weight.view(-1)[self.indices.long()] = self._merged_original
         self._merged_original = None
 
-    def extra_repr(self) -> str:
+    def _sparse_delta_repr(self) -> str:
         w = self.base.weight
         return (f"in_features={w.shape[1]}, out_features={w.shape[0]}, k={self.indices.numel()}, "
                 f"density={self.indices.numel() / max(1, w.numel()):.4g}, structure={self.structure}, "
                 f"bias={self.base.bias is not None}, merged={self.merged}")
+
+
+class SparseDeltaLinear(SparseDeltaPart, AdapterLayer):
+    """``y = x·(W0 + Δ)ᵀ + b`` where W0 (``base.weight``) is frozen and Δ holds trainable ``values``
+    at the sorted flat ``indices`` (a buffer, with its per-row offsets ``rowptr``).
+
+    base: the wrapped ``nn.Linear`` (kept as ``.base``; its weight and bias are frozen).
+    density / k: the delta's size (exactly one). structure: ``"unstructured"``, ``"rows"``,
+    ``"cols"`` or ``"blocks"`` (``block_size``² tiles), all stored as flat indices.
+    init: ``"random"``, ``"magnitude"`` or a scores tensor of the weight's shape (largest first).
+    value_dtype: the values' dtype (default the weight's; float32 gives fp32 master values over a
+    bf16/fp16 W0). Values start at zero, so the wrapped layer's output is unchanged at first.
+    """
+
+    _merge_parts = (("_merge_sparse_delta", "_unmerge_sparse_delta"),)
+
+    def __init__(self, base: nn.Linear, density: Optional[float] = None, k: Optional[int] = None,
+                 structure: str = "unstructured", init: Union[str, torch.Tensor] = "random", block_size: int = 16,
+                 value_dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None):
+        AdapterLayer.__init__(self, base)
+        self._init_sparse_delta(density, k, structure, init, block_size, value_dtype, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sparse_delta_forward(x)
+
+    def extra_repr(self) -> str:
+        return self._sparse_delta_repr()

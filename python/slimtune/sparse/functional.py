@@ -1,4 +1,4 @@
-"""Functional form of the sparse-delta linear layer."""
+"""Functional forms of the sparse-delta ops: merge, linear, SDDMM."""
 
 from typing import Optional
 
@@ -20,3 +20,15 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, rowptr: torch.Tensor) -> torch.Tensor:
     """``out[k] = Σ_t a[t, row_k]·b[t, col_k]`` (float32 accumulation; float64 for float64)."""
     return torch.ops.slimtune.sparse_delta_sddmm(a, b, indices, rowptr)
+
+
+def sparse_delta_merge_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0):
+    """In place: ``weight.view(-1)[indices] += alpha * values``.
+
+    ``indices`` are flat (row-major) int32/int64 positions, unique and in range;
+    ``values`` has the weight's dtype or float32 (a float32 master over a bf16/fp16
+    weight). The sum is formed in float32 (float64 for float64 weights) and rounded
+    once. Invalid input raises before the weight is touched. Returns ``weight``.
+    """
+    torch.ops.slimtune.sparse_delta_merge_(weight, indices, values, float(alpha))
+    return weight

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..functional import sparse_delta_merge_
+from .functional import sparse_delta_merge_
 from .layout import validate_indices
 
 FORMAT = "slimtune.sparse_delta"

@@ -1,5 +1,5 @@
-"""One-call conversion of a model's layers to their memory-saving versions, and a meter
-for the bytes a forward pass keeps for backward."""
+"""One-call conversion of a model's layers to their memory-saving versions
+(``slimtune.memsave.convert``)."""
 
 import copy
 from dataclasses import dataclass, field
@@ -52,7 +52,7 @@ def _unsupported_reason(module):
     """Why `module` (of a convertible type) cannot be converted, or None."""
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and module.return_indices:
         return "return_indices=True (the caller wants int64 indices)"
-    if isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d) and \
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
             module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}"
     if isinstance(module, nn.Dropout) and module.inplace:
@@ -62,7 +62,7 @@ def _unsupported_reason(module):
 
 @dataclass
 class MemSaveReport:
-    """What :func:`memsave` converted and what it left alone (and why)."""
+    """What :func:`convert` converted and what it left alone (and why)."""
 
     converted: list = field(default_factory=list)  # (qualified name, old class, new class)
     skipped: list = field(default_factory=list)  # (qualified name, class, reason)
@@ -86,7 +86,7 @@ def _wanted(module, name, layers):
     return False
 
 
-def memsave(model: nn.Module, layers=None, inplace: bool = True):
+def convert(model: nn.Module, layers=None, inplace: bool = True):
     """Convert every supported layer of `model` to its memory-saving version.
 
     The conversion swaps each module's class, so parameters (and an optimizer holding them),
@@ -117,28 +117,3 @@ def memsave(model: nn.Module, layers=None, inplace: bool = True):
         module.__class__ = target
         report.converted.append((name, old, target.__name__))
     return model, report
-
-
-def saved_bytes(model, *inputs, include_parameters: bool = False, **kwargs) -> int:
-    """Bytes that one forward pass of ``model(*inputs, **kwargs)`` keeps for backward.
-
-    Measured through ``torch.autograd.graph.saved_tensors_hooks`` and counting each
-    storage once. Storages of the model's parameters and buffers are excluded unless
-    ``include_parameters`` (they stay in memory anyway).
-    """
-    resident = set()
-    if isinstance(model, nn.Module) and not include_parameters:
-        resident = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in resident and storage.nbytes() > 0:
-            seen[(ptr, t.device)] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*inputs, **kwargs)
-    del out
-    return int(sum(seen.values()))
