@@ -224,7 +224,7 @@ def test_memsave_on_a_converted_model(method, tmp_path):
     ref.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    slimtune.memsave(model)
+    slimtune.memsave.convert(model)
     loss = model.loss(ids)
     loss.backward()
     torch.testing.assert_close(loss, ref)

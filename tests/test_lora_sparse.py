@@ -129,3 +129,76 @@ def test_bad_arguments():
         LoRASparseLinear(nn.Linear(4, 4), dropout=1.0, k=2)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRASparseLinear(nn.Conv1d(2, 2, 1), k=1)
+
+
+def test_lora_and_rosa_share_the_lora_part():
+    from slimtune.nn import AdapterLayer, LoRALinear, SparseDeltaLinear
+
+    m = make()
+    plain = LoRALinear(nn.Linear(40, 24), r=4, alpha=8)
+    assert isinstance(m, AdapterLayer) and isinstance(m, SparseDeltaLinear) and not isinstance(m, LoRALinear)
+    assert type(m.r) is type(plain.r) is dict and m.r == plain.r == {"default": 4}
+    assert m.scaling("default") == plain.scaling("default") == 2.0
+    m.add_adapter("second", r=2, alpha=2)
+    m.set_adapter(["default", "second"])
+    with torch.no_grad():
+        m.lora_B["second"].normal_(0, 0.3)
+    x = torch.randn(8, 40)
+    want = reference_forward(m, x) + reference.lora_linear(x, None, None, m.lora_A["second"], m.lora_B["second"],
+                                                           m.scaling("second"))
+    torch.testing.assert_close(m(x), want)
+
+
+def test_merge_is_all_or_nothing():
+    m = make()
+    w0 = m.base.weight.detach().clone()
+    with torch.no_grad():
+        m.values[3] = float("nan")  # the sparse part refuses to merge after the LoRA part merged
+    with pytest.raises(RuntimeError, match="values"):
+        m.merge()
+    assert not m.merged and m.merged_adapters == []
+    torch.testing.assert_close(m.base.weight, w0, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        m.values[3] = 0.5
+    m.merge()
+    assert m.merged
+
+
+@pytest.mark.parametrize("unload", [True, False])
+def test_whole_model_method_save_load_merge(tmp_path, unload):
+    from _adapter_fixtures import TinyLM, perturb_adapters
+    from safetensors.torch import load_file
+
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    model = TinyLM()
+    slimtune.apply_rosa(model, r=4, alpha=8, density=0.1, exclude_modules=["blocks.1.down"])
+    conv = slimtune.convert.converted_modules(model)
+    assert sorted(conv) == ["blocks.0.down", "blocks.0.up", "blocks.1.up"]
+    assert all(isinstance(m, LoRASparseLinear) for m in conv.values())
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{n}.{t}" for n in conv for t in ("values", "lora_A.default", "lora_B.default"))
+    perturb_adapters(model)
+    out = model(ids)
+    slimtune.save(model, tmp_path)
+    keys = set(load_file(str(tmp_path / slimtune.model_io.WEIGHTS_NAME)))
+    assert keys == {f"{n}.{t}" for n in conv
+                    for t in ("values", "indices", "rowptr", "lora_A.default", "lora_B.default")}
+
+    torch.manual_seed(0)
+    fresh = TinyLM()
+    torch.manual_seed(123)  # another RNG state: indices and A must come from the file
+    slimtune.load(fresh, tmp_path)
+    loaded = slimtune.convert.converted_modules(fresh)
+    assert sorted(loaded) == sorted(conv)
+    for name, m in conv.items():
+        for k, t in m.adapter_state().items():
+            assert torch.equal(loaded[name].adapter_state()[k], t), f"{name}.{k}"
+    assert torch.equal(fresh(ids), out)  # bit-exact round trip
+
+    slimtune.merge(fresh, unload=unload)
+    assert bool(slimtune.convert.converted_modules(fresh)) is not unload
+    torch.testing.assert_close(fresh(ids), out, atol=1e-5, rtol=1e-4)
+    if not unload:
+        slimtune.unmerge(fresh)
+        torch.testing.assert_close(fresh(ids), out, atol=1e-5, rtol=1e-4)

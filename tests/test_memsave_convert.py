@@ -59,7 +59,7 @@ def test_resnet_conversion(mode):
     ours = copy.deepcopy(stock)
     params_before = list(ours.parameters())
     opt = torch.optim.SGD(ours.parameters(), lr=0.1)
-    model, report = slimtune.memsave(ours)
+    model, report = slimtune.memsave.convert(ours)
     assert model is ours
     assert [id(p) for p in ours.parameters()] == [id(p) for p in params_before]
     assert list(ours.state_dict()) == list(stock.state_dict())
@@ -92,17 +92,17 @@ def test_conversion_options_and_skips():
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), MyConv(4, 4, 3), nn.MaxPool2d(2, return_indices=False),
                           nn.MaxPool2d(2, return_indices=True), nn.ReLU(), nn.Dropout(0.1, inplace=True))
-    copy_model, report = slimtune.memsave(model, inplace=False)
+    copy_model, report = slimtune.memsave.convert(model, inplace=False)
     assert copy_model is not model and type(model[0]) is nn.Conv2d
     assert type(copy_model[0]) is slimtune.nn.MemSaveConv2d
     skipped = {name: why for name, _, why in report.skipped}
     assert "subclass" in skipped["1"] and "return_indices" in skipped["3"] and "inplace" in skipped["5"]
-    only, report2 = slimtune.memsave(copy.deepcopy(model), layers=[nn.ReLU])
+    only, report2 = slimtune.memsave.convert(copy.deepcopy(model), layers=[nn.ReLU])
     assert [new for _, _, new in report2.converted] == ["MemSaveReLU"]
-    by_name, report3 = slimtune.memsave(copy.deepcopy(model), layers=["0"])
+    by_name, report3 = slimtune.memsave.convert(copy.deepcopy(model), layers=["0"])
     assert [name for name, _, _ in report3.converted] == ["0"]
     # Converting twice is a no-op.
-    _, again = slimtune.memsave(copy_model)
+    _, again = slimtune.memsave.convert(copy_model)
     assert not again.converted
 
 
@@ -120,7 +120,7 @@ def _freeze_but(model, patterns):
 def _compare_hf(stock, batch, patterns, expect_types, bytes_dtype=None):
     _freeze_but(stock, patterns)
     ours = copy.deepcopy(stock)
-    _, report = slimtune.memsave(ours)
+    _, report = slimtune.memsave.convert(ours)
     got = {new for _, _, new in report.converted}
     assert expect_types <= got, str(report)
     # Values in eval mode (dropout masks are drawn differently), bytes in train mode.

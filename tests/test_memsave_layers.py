@@ -11,7 +11,7 @@ import torch.nn as nn
 import slimtune
 import slimtune.nn
 from conftest import TOLERANCES, assert_lowp_error_bounded, device_dtype_params
-from memsave_helpers import forward_backward, module_state, saved_tensors
+from memsave_helpers import forward_backward
 
 GRAD_CASES = [  # (input, weight, bias) requires_grad
     pytest.param(True, False, False, id="frozen"),
@@ -77,7 +77,7 @@ def test_conv_matches_stock_and_saves_less(device, dtype, x_grad, w_grad, b_grad
     stock = cls(**kwargs).to(device, dtype)
     _set_grads(stock, w_grad, b_grad)
     ours = copy.deepcopy(stock)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     assert type(ours).__name__ == "MemSave" + cls.__name__ and isinstance(ours, cls)
     x = torch.randn(shape, device=device).to(dtype)
     bytes_s, bytes_o = _compare(stock, ours, x, x_grad, dtype, exact_grads=dtype == torch.float64)
@@ -94,12 +94,12 @@ def test_conv_matches_stock_and_saves_less(device, dtype, x_grad, w_grad, b_grad
 def test_conv_unbatched_and_output_size():
     conv = nn.ConvTranspose2d(3, 2, 3, stride=2)
     ours = copy.deepcopy(conv)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = torch.randn(3, 5, 5, requires_grad=True)
     torch.testing.assert_close(ours(x, output_size=[12, 12]), conv(x, output_size=[12, 12]), rtol=0, atol=0)
     c2 = nn.Conv2d(3, 4, 3)
     o2 = copy.deepcopy(c2)
-    slimtune.memsave(o2)
+    slimtune.memsave.convert(o2)
     assert torch.equal(o2(x), c2(x))
 
 
@@ -107,7 +107,7 @@ def test_conv_noncontiguous_channels_last():
     conv = nn.Conv2d(4, 5, 3, padding=1)
     conv.weight.requires_grad_(False)
     ours = copy.deepcopy(conv)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
     _compare(conv, ours, x, True, torch.float32)
     xt = torch.randn(2, 4, 8, 9).transpose(-1, -2)
@@ -128,7 +128,7 @@ def test_batchnorm_eval(device, dtype, x_grad, w_grad, b_grad, cls, shape):
     stock = stock.to(dtype).eval()
     _set_grads(stock, w_grad, b_grad)
     ours = copy.deepcopy(stock)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = torch.randn(shape, device=device).to(dtype)
     bytes_s, bytes_o = _compare(stock, ours, x, x_grad, dtype)
     if not w_grad:
@@ -142,7 +142,7 @@ def test_batchnorm_train_mode_is_stock(dtype):
     stock = nn.BatchNorm2d(3).to(dtype)
     stock.weight.requires_grad_(False)
     ours = copy.deepcopy(stock)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = torch.randn(4, 3, 5, 5).to(dtype)
     _compare(stock, ours, x, True, dtype, exact_grads=True)
     assert torch.equal(stock.running_mean, ours.running_mean)
@@ -166,7 +166,7 @@ def test_norms(device, dtype, x_grad, w_grad, b_grad, shape):
         stock = stock.to(dtype)
         _set_grads(stock, w_grad, b_grad)
         ours = copy.deepcopy(stock)
-        slimtune.memsave(ours)
+        slimtune.memsave.convert(ours)
         x = torch.randn(shape, device=device).to(dtype)
         bytes_s, bytes_o = _compare(stock, ours, x, x_grad, dtype)
         x_bytes = x.numel() * x.element_size()
@@ -194,16 +194,16 @@ def test_relu(device, dtype, shape, inplace, layout):
             pytest.skip("1-D input has one layout")
         x = x.transpose(0, -1)
     stock, ours = nn.ReLU(inplace=inplace), nn.ReLU(inplace=inplace)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     assert type(ours).__name__ == "MemSaveReLU"
 
     def run(m):
         leaf = x.clone().requires_grad_(True)
         inp = leaf * 1 if inplace else leaf
-        out, seen = saved_tensors(m, inp)
+        out, nbytes = slimtune.saved_bytes(m, inp, with_output=True)
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
         (gx,) = torch.autograd.grad(out, leaf, g)
-        return out.detach(), sum(seen.values()), gx
+        return out.detach(), nbytes, gx
 
     out_s, bytes_s, g_s = run(stock)
     out_o, bytes_o, g_o = run(ours)
@@ -238,10 +238,10 @@ def test_relu_mask_op_errors_and_opcheck():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_saves_only_a_seed(dtype, p):
     ours = nn.Dropout(p)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = (torch.rand(64, 257) + 0.5).to(dtype).requires_grad_(True)
-    out, seen = saved_tensors(ours, x)
-    assert sum(seen.values()) == 0
+    out, nbytes = slimtune.saved_bytes(ours, x, with_output=True)
+    assert nbytes == 0
     g = torch.randn(out.shape).to(dtype)
     (gx,) = torch.autograd.grad(out, x, g)
     keep = out != 0
@@ -277,7 +277,7 @@ def test_maxpool(device, dtype, case):
     cls, kwargs, shape = POOL_CASES[case]
     stock = cls(**kwargs)
     ours = cls(**kwargs)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     x = torch.randn(shape, device=device).to(dtype)
     bytes_s, bytes_o = _compare(stock, ours, x, True, dtype)
     out = stock(x)
@@ -309,7 +309,7 @@ def test_maxpool_ops_opcheck_and_errors():
 
 def test_maxpool_rejects_return_indices():
     m = nn.MaxPool2d(2, return_indices=True)
-    _, report = slimtune.memsave(m)
+    _, report = slimtune.memsave.convert(m)
     assert not report.converted and "return_indices" in str(report)
     direct = slimtune.nn.MemSaveMaxPool2d(2, return_indices=True)
     with pytest.raises(ValueError, match="return_indices"):
@@ -340,16 +340,16 @@ def test_autocast_cpu_bf16():
     stock[1].eval()
     stock[0].requires_grad_(False)
     ours = copy.deepcopy(stock)
-    _, report = slimtune.memsave(ours)
+    _, report = slimtune.memsave.convert(ours)
     assert len(report.converted) == 7, str(report)
     x = torch.randn(2, 3, 8, 8)
     res = []
     for m in (stock, ours):
         xx = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, seen = saved_tensors(m, xx, exclude=module_state(m))
+            out, nbytes = slimtune.saved_bytes(m, xx, with_output=True)
         out.float().sum().backward()
-        res.append((out, sum(seen.values()), xx.grad, [p.grad for p in m.parameters() if p.requires_grad]))
+        res.append((out, nbytes, xx.grad, [p.grad for p in m.parameters() if p.requires_grad]))
     (o_s, b_s, gx_s, gp_s), (o_o, b_o, gx_o, gp_o) = res
     assert o_s.dtype == o_o.dtype
     assert torch.equal(o_s, o_o)
@@ -366,7 +366,7 @@ def test_torch_compile_aot_eager():
     model[1].eval()
     model[0].weight.requires_grad_(False)
     ref = copy.deepcopy(model)
-    slimtune.memsave(model)
+    slimtune.memsave.convert(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     out = compiled(x)
@@ -380,7 +380,7 @@ def test_torch_compile_aot_eager():
 def test_dropout_under_torch_compile():
     # The seed is drawn eagerly (.item() breaks the graph); the rest compiles.
     layer = nn.Dropout(0.5)
-    slimtune.memsave(layer)
+    slimtune.memsave.convert(layer)
     compiled = torch.compile(layer, backend="aot_eager")
     x = (torch.rand(16, 32) + 0.5).requires_grad_(True)
     out = compiled(x)
@@ -396,7 +396,7 @@ def test_saved_bytes_parameters_option():
     # The input does not need a gradient: stock keeps x for the weight gradient (and the weight).
     assert slimtune.saved_bytes(conv, x) == x.numel() * 4
     assert slimtune.saved_bytes(conv, x, include_parameters=True) == x.numel() * 4 + conv.weight.numel() * 4
-    slimtune.memsave(conv)
+    slimtune.memsave.convert(conv)
     assert slimtune.saved_bytes(conv, x) == x.numel() * 4
     conv.weight.requires_grad_(False)
     assert slimtune.saved_bytes(conv, x) == 0

@@ -45,7 +45,8 @@ def register_method(name: str, factory: Callable[..., nn.Module], *, overwrite: 
     The returned module must keep ``base`` as its ``.base`` attribute; its other parameters and
     buffers are the adapter state that ``slimtune.save`` writes. ``merge()``/``unmerge()`` methods
     are needed only by ``slimtune.merge``. Subclassing ``slimtune.nn.AdapterLayer`` provides all of
-    this (freezing the base, the adapter state, all-or-nothing merging) from ``_merge_parts``. Registering an existing name raises unless ``overwrite``.
+    this (freezing the base, the adapter state, all-or-nothing merging) from ``_merge_parts``.
+    Registering an existing name raises unless ``overwrite``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("register_method: argument 'name' must be a non-empty string")

@@ -1,6 +1,8 @@
 """Plain-PyTorch reference implementations: the oracle every kernel is tested against.
 
-Each function is written for clarity, not speed, and returns new tensors.
+Each function is written for clarity, not speed, and returns new tensors. The ``*_naive``
+functions are the other kind of reference: what plain PyTorch code computes in the storage
+dtype, the baselines the benchmarks measure slimtune against.
 """
 
 import torch
@@ -43,6 +45,20 @@ def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) 
     a2 = a.reshape(-1, a.shape[-1]).to(acc)
     b2 = b.reshape(-1, b.shape[-1]).to(acc)
     return (a2.t() @ b2).reshape(-1)[indices.long()]
+
+
+def sparse_delta_linear_naive(x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor,
+                              values: torch.Tensor) -> torch.Tensor:
+    """The naive sparse-delta Linear in the storage dtype: a merged copy of W0 (``index_add``),
+    then ``F.linear``; autograd keeps that weight-sized copy for backward."""
+    w = weight.reshape(-1).index_add(0, indices.long(), values.to(weight.dtype)).view_as(weight)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def sparse_delta_sddmm_naive(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The naive values' gradient in the storage dtype: the dense ``aᵀb`` (a weight-sized GEMM),
+    gathered at ``indices``."""
+    return (a.t() @ b).reshape(-1)[indices.long()]
 # --- LoRA -------------------------------------------------------------------------------------
 
 
@@ -61,6 +77,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None, p=0.0
         out = lora.to(x.dtype)
         return out + bias if bias is not None else out
     return base + lora.to(base.dtype)
+
+
+def lora_linear_naive(x, weight, bias, lora_A, lora_B, scale, p=0.0):
+    """Eager LoRA as plain PyTorch writes it: ``F.linear`` for the base, ``F.dropout`` (which keeps
+    the dropped copy of ``x`` for backward) and two matmuls for the adapter."""
+    xd = torch.nn.functional.dropout(x.to(lora_A.dtype), p, training=True)
+    return torch.nn.functional.linear(x, weight, bias) + (scale * ((xd @ lora_A.t()) @ lora_B.t())).to(x.dtype)
 # ----------------------------------------------------------------------------- memsave
 
 

@@ -4,6 +4,8 @@ and slimtune's fused op; time and bytes saved for backward (parameters excluded)
 import torch
 from torch import nn
 
+from slimtune import reference, saved_bytes
+
 from .harness import Context, Group
 
 
@@ -53,8 +55,7 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
 
     class Eager(nn.Module):
         def forward(self, x):
-            xd = nn.functional.dropout(x.to(adt), p, training=True)
-            return base(x) + (scale * ((xd @ A.t()) @ B.t())).to(x.dtype)
+            return reference.lora_linear_naive(x, base.weight, base.bias, A, B, scale, p)
 
     mods["eager 3-matmul"] = Eager()
     from slimtune.nn import LoRALinear
@@ -64,22 +65,6 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
         ours.lora_B["default"].normal_(0, 0.01)
     mods["slimtune"] = ours
     return mods, x, grad
-
-
-def _saved_bytes(module, x):
-    params = {t.data_ptr() for t in module.parameters()}
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if t.data_ptr() not in params and key not in seen:
-            seen.add(key)
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total[0] / 2**20
 
 
 def _groups(ctx: Context):
@@ -99,7 +84,7 @@ def _groups(ctx: Context):
                             providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
                             baseline="frozen Linear", config=config)
                 yield Group(op="lora_linear", mode="saved", x_name="shape,r,p", x_value=label,
-                            providers={n: (lambda m=m, x=x: _saved_bytes(m, x)) for n, m in mods.items()},
+                            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
                             baseline="frozen Linear", metric="saved_bytes", unit="MiB",
                             config={**config, "input_MiB": x.numel() * x.element_size() / 2**20})
 

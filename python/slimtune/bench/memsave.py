@@ -27,7 +27,7 @@ def _fwd_bwd(model, x, grad):
 
 def _pair(stock):
     ours = copy.deepcopy(stock)
-    slimtune.memsave(ours)
+    slimtune.memsave.convert(ours)
     return stock, ours
 
 

@@ -5,27 +5,13 @@ saves for backward and the values' gradient (SDDMM) against the dense gᵀx it r
 import torch
 import torch.nn.functional as F
 
+from slimtune import reference, saved_bytes
 from slimtune.sparse import rowptr_for, sparse_delta_linear, sparse_delta_sddmm
 
 from .harness import Context, Group
 
 SHAPES = [(2048, 1024, 1024), (4096, 4096, 4096), (4096, 4096, 11008)]  # (T, d_in, d_out)
 DENSITIES = [0.001, 0.01, 0.05]
-
-
-def _saved_bytes(fn, owned):
-    """Bytes of the tensors autograd saves during ``fn()`` that the model does not already own."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in owned:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total / 2**20
 
 
 def _groups(ctx: Context):
@@ -45,7 +31,7 @@ def _groups(ctx: Context):
             idx64 = idx.long()
             rp = rowptr_for(idx, w.shape)
             v = (torch.randn(k, generator=gen) * 1e-2).to(dev, dt).requires_grad_()
-            owned = {t.untyped_storage().data_ptr() for t in (w, w_ft, idx, idx64, rp, v)}
+            owned = (w, w_ft, idx, idx64, rp, v)
 
             def frozen(x=x, w=w, g=g):
                 x.grad = None
@@ -57,7 +43,7 @@ def _groups(ctx: Context):
 
             def naive(x=x, w=w, idx64=idx64, v=v, g=g):
                 x.grad = v.grad = None
-                F.linear(x, w.flatten().index_add(0, idx64, v).view_as(w)).backward(g)
+                reference.sparse_delta_linear_naive(x, w, None, idx64, v).backward(g)
 
             def full_ft(x=x, w_ft=w_ft, g=g):
                 x.grad = w_ft.grad = None
@@ -72,19 +58,21 @@ def _groups(ctx: Context):
 
             fwd = {
                 "slimtune": lambda x=x, w=w, idx=idx, rp=rp, v=v: sparse_delta_linear(x, w, None, idx, rp, v),
-                "naive_index_add": lambda x=x, w=w, idx64=idx64, v=v: F.linear(
-                    x, w.flatten().index_add(0, idx64, v).view_as(w)),
+                "naive_index_add": lambda x=x, w=w, idx64=idx64, v=v: reference.sparse_delta_linear_naive(
+                    x, w, None, idx64, v),
                 "full_finetune": lambda x=x, w_ft=w_ft: F.linear(x, w_ft),
                 "frozen_linear": lambda x=x, w=w: F.linear(x, w),
             }
             providers = {"input_x": lambda x=x: x.numel() * x.element_size() / 2**20}
-            providers.update({n: (lambda f=f, owned=owned: _saved_bytes(f, owned)) for n, f in fwd.items()})
+            providers.update({n: (lambda f=f, owned=owned: saved_bytes(f, exclude=owned) / 2**20)
+                              for n, f in fwd.items()})
             yield Group(op="sparse_delta_linear", mode="saved_for_backward", x_name="T,din,dout,density", x_value=xv,
                         providers=providers, baseline="input_x", metric="saved_bytes", unit="MiB", config=cfg)
 
             xd = x.detach()
             yield Group(op="sparse_delta_sddmm", mode="bwd", x_name="T,din,dout,density", x_value=xv,
-                        providers={"dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64: (g.t() @ xd).view(-1)[idx64],
+                        providers={"dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64:
+                                   reference.sparse_delta_sddmm_naive(g, xd, idx64),
                                    "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp)},
                         baseline="dense_gTx_gather", config=cfg)
 

@@ -6,7 +6,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -121,26 +121,9 @@ class LossFn:
 
 
 def saved_for_backward(fn: Callable[[], torch.Tensor], model: nn.Module) -> Tuple[torch.Tensor, int]:
-    """Run ``fn`` (a forward pass) and count the bytes of distinct storages autograd saves for
-    backward, leaving out the model's own parameters and buffers (they are alive anyway)."""
-    owned = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        owned.add(t.untyped_storage().data_ptr())
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. subclasses)
-            return t
-        ptr = st.data_ptr()
-        if ptr and ptr not in owned:
-            seen[ptr] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+    """Run ``fn`` (a forward pass); its output and the bytes ``slimtune.saved_bytes`` counts for it,
+    leaving out the model's own parameters and buffers (they are alive anyway)."""
+    return slimtune.saved_bytes(fn, exclude=list(model.parameters()) + list(model.buffers()), with_output=True)
 
 
 def _sync(device):

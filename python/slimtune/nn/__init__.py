@@ -7,4 +7,5 @@ from .lora_sparse import LoRASparseLinear
 from .memsave import *  # noqa: F401,F403  -- the MemSave* layers
 from .sparse_delta import SparseDeltaLinear
 
-__all__ = ["AdapterLayer", "LoRALinear", "LoRASparseLinear", "SparseDeltaLinear"] + sorted(n for n in vars(_memsave) if n.startswith("MemSave"))
+__all__ = ["AdapterLayer", "LoRALinear", "LoRASparseLinear", "SparseDeltaLinear"] + sorted(
+    n for n in vars(_memsave) if n.startswith("MemSave"))

@@ -53,7 +53,8 @@ class LoRAPart:
                     init: str = "kaiming", dtype: Optional[torch.dtype] = None) -> None:
         """Adds adapter ``name`` (not activated: see :meth:`set_adapter`)."""
         if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"{type(self).__name__}: adapter name must be a non-empty string without '.', got {name!r}")
+            raise ValueError(f"{type(self).__name__}: adapter name must be a non-empty string without '.', "
+                             f"got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"{type(self).__name__}: adapter {name!r} already exists")
         if not isinstance(r, int) or r < 1:

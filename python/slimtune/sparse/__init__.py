@@ -7,6 +7,6 @@ from .layout import index_dtype_for, rowptr_for, validate_indices
 from .scheduler import SparseDeltaScheduler
 from .selection import select_indices
 
-__all__ = ["sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "compose", "delta_state", "load_delta", "read_delta",
-           "save_delta", "index_dtype_for", "rowptr_for", "validate_indices", "SparseDeltaScheduler",
+__all__ = ["sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "compose", "delta_state", "load_delta",
+           "read_delta", "save_delta", "index_dtype_for", "rowptr_for", "validate_indices", "SparseDeltaScheduler",
            "select_indices"]
