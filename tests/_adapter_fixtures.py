@@ -53,10 +53,6 @@ class ScaleAdapter(nn.Module):
 
 convert.register_method("test_scale", ScaleAdapter, overwrite=True)
 
-HAS_LORA = hasattr(slimtune.nn, "LoRALinear")
-HAS_SPARSE = hasattr(slimtune.nn, "SparseDeltaLinear")
-HAS_MEMSAVE = callable(getattr(slimtune, "memsave", None))
-
 
 class TinyLM(nn.Module):
     """A small causal-LM-shaped model in plain torch: embedding, two MLP blocks, a tied head."""

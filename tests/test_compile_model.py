@@ -6,7 +6,7 @@ import torch
 import slimtune
 from slimtune import convert
 
-from _adapter_fixtures import HAS_LORA, HAS_SPARSE, TinyLM, perturb_adapters
+from _adapter_fixtures import TinyLM, perturb_adapters
 
 
 def _convert(method):
@@ -24,8 +24,8 @@ def _convert(method):
 
 METHODS = [
     "test_scale",
-    pytest.param("lora", marks=pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")),
-    pytest.param("sparse_delta", marks=pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")),
+    "lora",
+    "sparse_delta",
 ]
 
 

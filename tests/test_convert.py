@@ -7,7 +7,7 @@ from torch import nn
 import slimtune
 from slimtune import convert
 
-from _adapter_fixtures import HAS_LORA, HAS_MEMSAVE, HAS_SPARSE, ScaleAdapter, TinyLM
+from _adapter_fixtures import ScaleAdapter, TinyLM
 
 
 def _types(model):
@@ -159,21 +159,21 @@ def test_training_changes_only_adapters():
             assert p.grad is None
 
 
-@pytest.mark.skipif(HAS_LORA, reason="the LoRA pillar is present")
-def test_missing_pillar_is_a_clear_import_error():
-    with pytest.raises(ImportError, match="slimtune.nn.LoRALinear"):
-        slimtune.apply_lora(TinyLM())
-
-
-@pytest.mark.skipif(HAS_SPARSE, reason="the sparse-delta pillar is present")
-def test_missing_sparse_pillar_is_a_clear_import_error():
+@pytest.mark.parametrize("method, cls", [("lora", "LoRALinear"), ("sparse_delta", "SparseDeltaLinear"),
+                                         ("rosa", "LoRASparseLinear")])
+def test_missing_pillar_is_a_clear_import_error(method, cls, monkeypatch):
+    # A build without the pillar's module, simulated by removing the class from slimtune.nn.
+    monkeypatch.delattr(slimtune.nn, cls)
     model = TinyLM()
-    with pytest.raises(ImportError, match="slimtune.nn.SparseDeltaLinear"):
-        slimtune.apply_sparse_delta(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {} if method == "lora" else {"density": 0.1}
+    with pytest.raises(ImportError, match=f"slimtune.nn.{cls}"):
+        convert.apply(model, method, **kwargs)
     assert not convert.converted_modules(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
 def test_apply_lora_on_tiny_lm():
     model = TinyLM()
     ids = torch.randint(0, 32, (2, 6))
@@ -188,7 +188,6 @@ def test_apply_lora_on_tiny_lm():
         slimtune.apply_lora(model)
 
 
-@pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")
 def test_apply_sparse_delta_on_tiny_lm():
     model = TinyLM()
     ids = torch.randint(0, 32, (2, 6))
@@ -201,11 +200,10 @@ def test_apply_sparse_delta_on_tiny_lm():
     assert trainable and all(n.endswith("values") for n in trainable)
 
 
-@pytest.mark.skipif(not HAS_MEMSAVE, reason="needs slimtune.memsave")
 @pytest.mark.parametrize("method", [
     "test_scale",
-    pytest.param("lora", marks=pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")),
-    pytest.param("sparse_delta", marks=pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")),
+    "lora",
+    "sparse_delta",
 ])
 def test_memsave_on_a_converted_model(method, tmp_path):
     from _adapter_fixtures import perturb_adapters

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 import slimtune  # noqa: E402
 from slimtune import convert  # noqa: E402
 
-from _adapter_fixtures import HAS_LORA, HAS_SPARSE, hf_inputs, perturb_adapters, tiny_hf  # noqa: E402
+from _adapter_fixtures import hf_inputs, perturb_adapters, tiny_hf  # noqa: E402
 
 KINDS = ["llama", "bert", "gpt2", "vit"]
 # What "all-linear" must select per model (counts for 2 layers) and the head it must leave alone.
@@ -67,7 +67,6 @@ def test_llama_suffix_names():
         convert.apply(tiny_hf("llama"), "test_scale", target_modules=["query"])
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
 @pytest.mark.parametrize("kind", KINDS)
 def test_apply_lora_hf(kind):
     model = tiny_hf(kind)
@@ -77,7 +76,6 @@ def test_apply_lora_hf(kind):
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")
 @pytest.mark.parametrize("kind", KINDS)
 def test_apply_sparse_delta_hf(kind):
     model = tiny_hf(kind)

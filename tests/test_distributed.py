@@ -165,19 +165,9 @@ def _spawn(worker, method):
 
 METHODS = [
     "test_scale",
-    pytest.param("lora", marks=pytest.mark.skipif("not HAS_LORA", reason="needs slimtune.nn.LoRALinear")),
-    pytest.param("sparse_delta", marks=pytest.mark.skipif("not HAS_SPARSE", reason="needs slimtune.nn.SparseDeltaLinear")),
+    "lora",
+    "sparse_delta",
 ]
-
-
-def _has(name):
-    import slimtune.nn
-
-    return hasattr(slimtune.nn, name)
-
-
-HAS_LORA = _has("LoRALinear")
-HAS_SPARSE = _has("SparseDeltaLinear")
 
 
 @pytest.mark.parametrize("method", METHODS)

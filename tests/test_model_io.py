@@ -10,7 +10,7 @@ from torch import nn
 import slimtune
 from slimtune import convert, model_io
 
-from _adapter_fixtures import HAS_LORA, HAS_SPARSE, TinyLM, perturb_adapters
+from _adapter_fixtures import TinyLM, perturb_adapters
 
 
 def _converted(seed=0, **kw):
@@ -176,7 +176,6 @@ def test_wrappers_are_unwrapped(tmp_path):
     torch.testing.assert_close(fresh(IDS), model(IDS))
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
 def test_lora_roundtrip_and_merge(tmp_path):
     torch.manual_seed(0)
     model = TinyLM()
@@ -195,7 +194,6 @@ def test_lora_roundtrip_and_merge(tmp_path):
     torch.testing.assert_close(fresh(IDS), out, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not HAS_SPARSE, reason="needs slimtune.nn.SparseDeltaLinear")
 def test_sparse_delta_roundtrip_and_merge(tmp_path):
     torch.manual_seed(0)
     model = TinyLM()
@@ -214,7 +212,6 @@ def test_sparse_delta_roundtrip_and_merge(tmp_path):
     torch.testing.assert_close(fresh(IDS), out, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
 def test_readme_whole_model_example_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path

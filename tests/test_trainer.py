@@ -8,7 +8,7 @@ pytest.importorskip("accelerate")
 
 from slimtune import convert  # noqa: E402
 
-from _adapter_fixtures import HAS_LORA, tiny_hf  # noqa: E402
+from _adapter_fixtures import tiny_hf  # noqa: E402
 
 
 class _Data(torch.utils.data.Dataset):
@@ -49,7 +49,6 @@ def test_trainer_on_converted_llama(tmp_path):
     assert all(n.endswith(".scale") for n in changed)
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="needs slimtune.nn.LoRALinear")
 def test_trainer_with_apply_lora(tmp_path):
     import slimtune
 
