@@ -54,8 +54,13 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
     scale = alpha / r
 
     class Eager(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # Registered, so saved_bytes leaves them out as it does every other provider's weights.
+            self.base, self.A, self.B = base, A, B
+
         def forward(self, x):
-            return reference.lora_linear_naive(x, base.weight, base.bias, A, B, scale, p)
+            return reference.lora_linear_naive(x, self.base.weight, self.base.bias, self.A, self.B, scale, p)
 
     mods["eager 3-matmul"] = Eager()
     from slimtune.nn import LoRALinear
