@@ -1,17 +1,8 @@
 """Helpers shared by the memsave tests: stock-vs-memsave runs, measured with slimtune.saved_bytes."""
 
-import copy
-
 import torch
 
 import slimtune
-
-
-def converted_copy(module):
-    twin = copy.deepcopy(module)
-    _, report = slimtune.memsave.convert(twin)
-    assert report.converted, str(report)
-    return twin
 
 
 def forward_backward(module, x, grad_seed=1):
