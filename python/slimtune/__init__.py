@@ -4,6 +4,7 @@ import torch  # noqa: F401  -- must be imported first: _C links against torch's 
 
 from . import _C
 from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slimtune.*
+from . import amp  # noqa: F401  -- autocast rules for torch.ops.slimtune.*
 from . import functional, lora, memsave, nn, reference, sparse  # noqa: F401
 from ._version import __version__
 from .convert import apply_lora, apply_rosa, apply_sparse_delta, register_method, summary

@@ -56,7 +56,8 @@ class SparseDeltaPart:
         if pool is not None and y.requires_grad:
             # The candidates' gradients, from the same x the op already saved: no extra activation.
             def score(g, x=x, pool=pool):
-                gd = sparse_delta_sddmm(g.detach(), x.detach(), pool["indices"], pool["rowptr"])
+                # Under autocast the op ran on x cast to g's dtype; score with the same operands.
+                gd = sparse_delta_sddmm(g.detach(), x.detach().to(g.dtype), pool["indices"], pool["rowptr"])
                 pool["scores"] += gd.square() if pool["kind"] == "fisher" else gd.abs()
 
             y.register_hook(score)
