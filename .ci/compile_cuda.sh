@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compiles every CUDA kernel with nvcc (sm_80 and sm_90) and syntax-checks the CUDA glue
-# against the installed torch's headers, so both halves of the CUDA path are compiled on a
-# machine without a GPU or a CUDA build of torch.
+# Compiles every CUDA kernel (csrc/**/*.cu) with nvcc (sm_80 and sm_90, warnings as errors) and
+# syntax-checks every glue file's CUDA registration (-DSLIMTUNE_WITH_CUDA) against the installed
+# torch's headers, so both halves of the CUDA path are compiled on a machine without a GPU or a
+# CUDA build of torch.
 # Usage: .ci/compile_cuda.sh [PYTHON]   (PYTHON: an interpreter with torch, for the glue check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,18 +12,17 @@ NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 n=0
-for f in csrc/cuda/*.cu; do
+while IFS= read -r f; do
   "$NVCC" -c -std=c++17 -O3 -Icsrc --expt-relaxed-constexpr -Werror all-warnings \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-    "$f" -o "$out/$(basename "$f").o"
+    "$f" -o "$out/$(echo "$f" | tr / _).o"
   echo "nvcc ok: $f"
   n=$((n + 1))
-done
+done < <(find csrc -name '*.cu' | sort)
 torch_root="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
-for f in csrc/ops/*_cuda.cpp; do
-  [ -e "$f" ] || continue
-  c++ -std=c++17 -fsyntax-only -Wall -Icsrc -isystem "$torch_root/include" \
+while IFS= read -r f; do
+  c++ -std=c++17 -fsyntax-only -Wall -DSLIMTUNE_WITH_CUDA -Icsrc -isystem "$torch_root/include" \
     -isystem "$torch_root/include/torch/csrc/api/include" "$f"
   echo "glue ok: $f"
-done
+done < <(grep -l -r --include='*.cpp' 'SLIMTUNE_WITH_CUDA\|SLIMTUNE_HAS_GPU' csrc | grep -v '^csrc/module.cpp$' | sort)
 echo "compile_cuda: $n CUDA sources compiled with $("$NVCC" --version | tail -1)"

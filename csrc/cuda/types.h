@@ -1,20 +1,12 @@
-// Plain types shared by the torch-free CUDA kernels and the torch-facing glue.
-// Nothing here may include torch or CUDA headers: the glue is compiled by the host
-// compiler and the kernels by nvcc without torch.
+// Transitional: the families still under csrc/ops, csrc/cpu and csrc/cuda see common/types.h here.
 #pragma once
-#include <cstdint>
+#include "common/types.h"
 
 namespace slimtune {
 namespace cuda {
-
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
-enum class IndexType : int { Int32 = 0, Int64 = 1 };
-
-// Every launcher returns 0 on success or the cudaError_t of the failed launch.
-using Status = int;
-
-// cudaGetErrorString, reachable from code that does not include CUDA headers.
-const char* error_string(Status status);
-
+using slimtune::DType;
+using slimtune::error_string;
+using slimtune::IndexType;
+using slimtune::Status;
 }  // namespace cuda
 }  // namespace slimtune

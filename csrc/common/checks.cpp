@@ -1,4 +1,4 @@
-#include "ops/common.h"
+#include "common/checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 
+#include "common/acc.h"
 
 namespace slimtune {
 namespace {
@@ -44,6 +45,39 @@ void check_cpu(const char* op, const at::Tensor& indices, const char* name, int6
 }
 
 }  // namespace
+
+DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kDouble: return DType::Float64;
+    default: TORCH_CHECK(false, "slimtune: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType to_scalar_type(DType t) {
+  switch (t) {
+    case DType::Float32: return at::kFloat;
+    case DType::Float16: return at::kHalf;
+    case DType::BFloat16: return at::kBFloat16;
+    case DType::Float64: return at::kDouble;
+  }
+  TORCH_CHECK(false, "slimtune: unknown kernel dtype ", static_cast<int>(t));
+}
+
+IndexType to_kernel_index(at::ScalarType t) {
+  TORCH_CHECK(t == at::kInt || t == at::kLong, "slimtune: unsupported index dtype ", t);
+  return t == at::kInt ? IndexType::Int32 : IndexType::Int64;
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType storage) { return to_scalar_type(acc_dtype(to_kernel_dtype(storage))); }
+
+void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  SLIMTUNE_CHECK_ARG(t.device() == ref.device(), op, name, "is on ", t.device(), " but '", ref_name, "' is on ",
+                     ref.device());
+}
 
 void check_flat_indices(const char* op, const at::Tensor& indices, const char* name, int64_t numel) {
   SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op, name,
