@@ -21,13 +21,4 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
         "bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
   // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
   m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
-  // memsave: bit-packed ReLU mask (1 bit per element) and the backward that reads it.
-  m.def("memsave_relu(Tensor x) -> (Tensor out, Tensor mask)");
-  m.def("memsave_relu_mask(Tensor x) -> Tensor");
-  m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
-  // memsave: max-pool argmax as an int8 offset inside its window, and the backward from it.
-  m.def("memsave_maxpool_compact(Tensor indices, int[] input_size, int[] kernel_size, int[] stride, int[] padding, "
-        "int[] dilation) -> Tensor");
-  m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
-        "int[] padding, int[] dilation) -> Tensor");
 }
