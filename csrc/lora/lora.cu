@@ -1,10 +1,14 @@
-#include "cuda/common.cuh"
-#include "cuda/lora_dropout.h"
-#include "cuda/philox.h"
+// CUDA kernels of the LoRA family: the dropout passes (torch-free; launched through
+// common/launch.cuh). The mask bits come from common/philox.h, so they equal the CPU ones.
+#include "common/device.cuh"
+#include "common/philox.h"
+#include "lora/lora.h"
 
 namespace slimtune {
-namespace cuda {
+namespace lora {
 namespace {
+
+constexpr int kThreads = 256;
 
 // One thread per Philox block: 8 consecutive mask indices, clipped to [e_base, e_base + n).
 // Returns the first element's position relative to e_base, the keep bits shifted to it, and the count.
@@ -23,7 +27,7 @@ template <typename X, typename O>
 __global__ void dropout_scale_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
                                      int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
                                      uint32_t thresh, uint64_t seed, uint64_t offset, O* __restrict__ out) {
-  using A = typename Acc<O>::type;
+  using A = acc_t<O>;
   const A m = static_cast<A>(mult);
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -41,8 +45,8 @@ __global__ void dropout_scale_kernel(const X* __restrict__ x, int64_t x_rs, int6
 template <typename D, typename T>
 __global__ void masked_add_kernel(D* __restrict__ dx, const T* __restrict__ tmp, int64_t e_base, int64_t n,
                                   int64_t b0, int64_t nblocks, double mult, uint32_t thresh, uint64_t seed,
-                                  uint64_t offset, bool accumulate) {
-  using A = typename Acc<T>::type;
+                                  uint64_t offset) {
+  using A = acc_t<T>;
   const A m = static_cast<A>(mult);
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -53,7 +57,7 @@ __global__ void masked_add_kernel(D* __restrict__ dx, const T* __restrict__ tmp,
     for (int c = 0; c < count; ++c) {
       const int64_t q = first + c;
       const A add = ((bits >> c) & 1u) ? to_acc(tmp[q]) * m : A(0);
-      dx[q] = from_acc<D>(accumulate ? static_cast<A>(to_acc(dx[q])) + add : add);
+      dx[q] = from_acc<D>(static_cast<A>(to_acc(dx[q])) + add);
     }
   }
 }
@@ -63,7 +67,7 @@ __global__ void backward_tile_kernel(const X* __restrict__ x, int64_t x_rs, int6
                                      const T* __restrict__ tmp, X* __restrict__ dx, T* __restrict__ xd,
                                      int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
                                      uint32_t thresh, uint64_t seed, uint64_t offset) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const A m = static_cast<A>(mult);
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -93,94 +97,84 @@ __global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, 
 }
 
 // Philox blocks touching [e_base, e_base + n).
-inline void block_span(int64_t e_base, int64_t n, int64_t* b0, int64_t* nblocks) {
-  *b0 = e_base / philox::kElemsPerBlock;
-  *nblocks = (e_base + n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock - *b0;
+struct BlockSpan {
+  int64_t b0, count;
+};
+inline BlockSpan block_span(int64_t e_base, int64_t n) {
+  const int64_t b0 = e_base / philox::kElemsPerBlock;
+  return {b0, (e_base + n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock - b0};
 }
 
-constexpr int kThreads = 256;
+// Calls f(T{}) for the accumulation-typed tiles (Float32 or Float64).
+template <typename F>
+Status dispatch_acc(DType dtype, F&& f) {
+  if (dtype == DType::Float32) return f(float{});
+  if (dtype == DType::Float64) return f(double{});
+  return kInvalidValue;
+}
 
 }  // namespace
 
-Status lora_dropout_scale(const void* x, DType x_dtype, int64_t x_rs, int64_t x_cs, int64_t rows, int64_t cols,
-                          int64_t e_base, double mult, uint32_t thresh, uint64_t seed, uint64_t offset, void* out,
-                          DType out_dtype, void* stream) {
-  const int64_t n = rows * cols;
-  if (n == 0) return 0;
-  if (out_dtype != DType::Float32 && out_dtype != DType::Float64) return static_cast<Status>(cudaErrorInvalidValue);
-  int64_t b0, nb;
-  block_span(e_base, n, &b0, &nb);
+Status dropout_scale_cuda(const DropoutScaleParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(x_dtype, [&](auto x_tag) {
+  return dispatch_float(p.x_dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
-    if (out_dtype == DType::Float32) {
-      dropout_scale_kernel<X, float><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<const X*>(x), x_rs, x_cs, cols, e_base, n, b0, nb, mult, thresh, seed, offset,
-          static_cast<float*>(out));
-    } else {
-      dropout_scale_kernel<X, double><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<const X*>(x), x_rs, x_cs, cols, e_base, n, b0, nb, mult, thresh, seed, offset,
-          static_cast<double*>(out));
-    }
-    return last_status();
+    return dispatch_acc(p.out_dtype, [&](auto o_tag) {
+      using O = decltype(o_tag);
+      return launch(dropout_scale_kernel<X, O>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
+                    p.x_cs, p.cols, mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset,
+                    static_cast<O*>(p.out));
+    });
   });
 }
 
-Status lora_masked_add(void* dx, DType dx_dtype, const void* tmp, DType tmp_dtype, int64_t rows, int64_t cols,
-                       int64_t e_base, double mult, uint32_t thresh, uint64_t seed, uint64_t offset, bool accumulate,
-                       void* stream) {
-  const int64_t n = rows * cols;
-  if (n == 0) return 0;
-  if (tmp_dtype != DType::Float32 && tmp_dtype != DType::Float64) return static_cast<Status>(cudaErrorInvalidValue);
-  int64_t b0, nb;
-  block_span(e_base, n, &b0, &nb);
+Status masked_add_cuda(const MaskedAddParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(dx_dtype, [&](auto d_tag) {
+  return dispatch_float(p.dx_dtype, [&](auto d_tag) {
     using D = decltype(d_tag);
-    if (tmp_dtype == DType::Float32) {
-      masked_add_kernel<D, float><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<D*>(dx), static_cast<const float*>(tmp), e_base, n, b0, nb, mult, thresh, seed, offset,
-          accumulate);
-    } else {
-      masked_add_kernel<D, double><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<D*>(dx), static_cast<const double*>(tmp), e_base, n, b0, nb, mult, thresh, seed, offset,
-          accumulate);
-    }
-    return last_status();
+    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
+      using T = decltype(t_tag);
+      return launch(masked_add_kernel<D, T>, grid, dim3(kThreads), 0, s, static_cast<D*>(p.dx),
+                    static_cast<const T*>(p.tmp), mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed,
+                    mp.offset);
+    });
   });
 }
 
-Status lora_dropout_backward_tile(const void* x, DType x_dtype, int64_t x_rs, int64_t x_cs, int64_t rows,
-                                  int64_t cols, const void* tmp, DType tmp_dtype, void* dx, void* xd, int64_t e_base,
-                                  double mult, uint32_t thresh, uint64_t seed, uint64_t offset, void* stream) {
-  const int64_t n = rows * cols;
-  if (n == 0) return 0;
-  if (tmp_dtype != DType::Float32 && tmp_dtype != DType::Float64) return static_cast<Status>(cudaErrorInvalidValue);
-  int64_t b0, nb;
-  block_span(e_base, n, &b0, &nb);
+Status backward_tile_cuda(const BackwardTileParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(x_dtype, [&](auto x_tag) {
+  return dispatch_float(p.x_dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
-    if (tmp_dtype == DType::Float32) {
-      backward_tile_kernel<X, float><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<const X*>(x), x_rs, x_cs, cols, static_cast<const float*>(tmp), static_cast<X*>(dx),
-          static_cast<float*>(xd), e_base, n, b0, nb, mult, thresh, seed, offset);
-    } else {
-      backward_tile_kernel<X, double><<<blocks_for(nb, kThreads), kThreads, 0, s>>>(
-          static_cast<const X*>(x), x_rs, x_cs, cols, static_cast<const double*>(tmp), static_cast<X*>(dx),
-          static_cast<double*>(xd), e_base, n, b0, nb, mult, thresh, seed, offset);
-    }
-    return last_status();
+    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
+      using T = decltype(t_tag);
+      return launch(backward_tile_kernel<X, T>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
+                    p.x_cs, p.cols, static_cast<const T*>(p.tmp), static_cast<X*>(p.dx), static_cast<T*>(p.xd),
+                    mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset);
+    });
   });
 }
 
-Status lora_dropout_mask(bool* out, int64_t n, uint32_t thresh, uint64_t seed, uint64_t offset, void* stream) {
-  if (n == 0) return 0;
-  const int64_t nb = (n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock;
-  mask_kernel<<<blocks_for(nb, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(out, n, nb, thresh, seed,
-                                                                                          offset);
-  return last_status();
+Status dropout_mask_cuda(const DropoutMaskParams& p, void* stream) {
+  if (p.n == 0) return kSuccess;
+  const int64_t nb = (p.n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock;
+  return launch(mask_kernel, dim3(blocks_for(nb, kThreads)), dim3(kThreads), 0, static_cast<cudaStream_t>(stream),
+                p.out, p.n, nb, p.thresh, p.seed, p.offset);
 }
 
-}  // namespace cuda
+}  // namespace lora
 }  // namespace slimtune
