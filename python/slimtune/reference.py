@@ -43,6 +43,31 @@ def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) 
     a2 = a.reshape(-1, a.shape[-1]).to(acc)
     b2 = b.reshape(-1, b.shape[-1]).to(acc)
     return (a2.t() @ b2).reshape(-1)[indices.long()]
+
+
+def spiel_regrow(indices: torch.Tensor, values: torch.Tensor, grad_sum: torch.Tensor, n: int,
+                 score: str = "gradient") -> torch.Tensor:
+    """SpIEL's drop-and-regrow on dense tensors: drop the ``n`` active entries with the smallest
+    |value| (ties by position), regrow the ``n`` entries, inactive before the update, with the largest
+    ``|grad_sum|`` (``grad_sum`` itself for ``score="fisher"``, a sum of squares). ``grad_sum`` is the
+    dense weight gradient summed over the accumulation steps. Returns the new sorted flat indices."""
+    idx = indices.long()
+    order = torch.argsort(values.detach().abs().float(), stable=True)
+    keep = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+    keep[order[:n]] = False
+    s = grad_sum.float().reshape(-1)
+    s = (s if score == "fisher" else s.abs()).clone()
+    s[idx] = float("-inf")
+    grown = torch.topk(s, n).indices
+    return torch.cat([idx[keep], grown]).sort().values
+
+
+def spiel_seed_moments(grad_mean: torch.Tensor, step: int, betas) -> tuple:
+    """Adam moments SpIEL-style for regrown entries: as if ``grad_mean`` had been seen at every one
+    of ``step`` earlier steps, so the bias-corrected first step is ±lr when the next gradient equals it."""
+    return (1 - betas[0] ** step) * grad_mean, (1 - betas[1] ** step) * grad_mean.square()
+
+
 # --- LoRA -------------------------------------------------------------------------------------
 
 
