@@ -1,0 +1,193 @@
+"""Index updates of sparse deltas: exact regrowth, optimizer state, structures, checkpoints."""
+
+import pytest
+import torch
+from torch import nn
+
+import slimtune
+from slimtune import reference
+from slimtune.nn import SparseDeltaLinear
+from slimtune.sparse.blocks import Units
+
+
+def dense_grad(g, x):
+    return g.reshape(-1, g.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
+
+
+def layer(din=24, dout=20, k=60, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    m = SparseDeltaLinear(nn.Linear(din, dout).to(dtype), k=k, **kw)
+    with torch.no_grad():
+        m.values.normal_()
+    return m
+
+
+def run(m, opt, sched, xs, capture=None, before_sched=None):
+    for x in xs:
+        loss = (m(x).float() ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if before_sched is not None:
+            before_sched()
+        sched.step()
+
+
+OPTIMIZERS = {
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2),
+    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_kept_entries_keep_their_optimizer_state(name):
+    m = layer()
+    opt = OPTIMIZERS[name]([m.values])
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=4, accumulate_steps=2, drop_fraction=0.3, total_steps=100)
+    xs = [torch.randn(8, 24) for _ in range(4)]
+    snap = {}
+
+    def before():
+        if sched.step_count == 3:  # the next scheduler step is the update
+            snap["idx"] = m.indices.long().clone()
+            snap["state"] = {k: v.clone() for k, v in opt.state[m.values].items()
+                             if isinstance(v, torch.Tensor) and v.shape == m.values.shape}
+
+    run(m, opt, sched, xs, before_sched=before)
+    assert sched.updates == 1 and snap["state"]
+    old, new = snap["idx"], m.indices.long()
+    kept = torch.isin(new, old)
+    assert 0 < int((~kept).sum()) and int(kept.sum()) < new.numel()
+    pos = torch.searchsorted(old, new[kept])
+    state = opt.state[m.values]
+    for key, before_buf in snap["state"].items():
+        after = state[key]
+        assert after.shape == m.values.shape, key
+        assert torch.equal(after[kept], before_buf[pos]), f"{name}: kept entries' {key!r} changed"
+        if name == "Adagrad" and key == "sum":
+            assert bool((after[~kept] == 0.1).all())
+        elif key not in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf"):
+            assert bool((after[~kept] == 0).all()), f"{name}: regrown entries' {key!r} is not the initial state"
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls):
+    lr = 1e-5
+    torch.manual_seed(0)
+    m = SparseDeltaLinear(nn.Linear(24, 20), k=80)  # values start at 0: drops barely change the function,
+    # so the next gradient at a regrown entry is ≈ its accumulated mean ḡ, the case the seeding is exact for
+    opt = opt_cls([m.values], lr=lr, betas=(0.5, 0.999))
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=20, accumulate_steps=5, drop_fraction=0.25, total_steps=1000)
+    x = torch.randn(16, 24)
+    run(m, opt, sched, [x] * 20)
+    assert sched.updates == 1
+    fresh = m.values.detach() == 0
+    assert int(fresh.sum()) == int(sched.fraction(20) * 80) > 0
+    before = m.values.detach().clone()
+    run(m, opt, sched, [x])
+    first = (m.values.detach() - before)[fresh].abs()
+    # Zeroed moments would give (1-β1)/(1-β1^21)·√((1-β2^21)/(1-β2)) ≈ 2.3·lr here.
+    assert float(first.max()) <= lr * (1 + 1e-3), float(first.max()) / lr
+    assert float(first.min()) >= 0.9 * lr
+
+
+@pytest.mark.parametrize("structure,shape,block", [("rows", (20, 24), 16), ("cols", (20, 24), 16),
+                                                   ("blocks", (20, 24), 4), ("blocks", (22, 26), 4)])
+def test_structured_updates_keep_whole_units(structure, shape, block):
+    dout, din = shape
+    m = layer(din, dout, k=5 * din if structure == "rows" else 5 * dout if structure == "cols" else 5 * block * block,
+              structure=structure, block_size=block)
+    units = Units(structure, shape, block)
+    size = units.sizes()
+    opt = torch.optim.AdamW([m.values], lr=1e-2)
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=4, accumulate_steps=2, drop_fraction=0.5, total_steps=100)
+    captured = []
+    m.register_grad_observer(lambda mod, g, x: captured.append(dense_grad(g, x)))
+    snap = {}
+
+    def before():
+        if sched.step_count == 3:
+            snap["idx"], snap["vals"] = m.indices.long().clone(), m.values.detach().clone()
+
+    run(m, opt, sched, [torch.randn(8, din) for _ in range(4)], before_sched=before)
+    assert sched.updates == 1
+    old, new = snap["idx"], m.indices.long()
+    u_old, u_new = units.of(old), units.of(new)
+    counts = torch.bincount(u_new, minlength=units.count).float()
+    present = counts > 0
+    assert torch.equal(counts[present], size[present]), "a unit is incomplete"
+    assert int(present.sum()) == u_old.unique().numel()
+    assert m.values.numel() == new.numel() == opt.state[m.values]["exp_avg"].numel()
+    # Dropped: the smallest mean |value| units; grown: the inactive units with the largest mean |Σ g|.
+    n = len(set(u_old.tolist()) - set(u_new.tolist()))
+    assert n == int(sched.fraction(4) * u_old.unique().numel()) and n > 0
+    mag = torch.zeros(units.count, dtype=torch.float64).index_add_(0, u_old, snap["vals"].abs().double())
+    active = u_old.unique()
+    mean_mag = mag[active] / size[active].double()
+    assert set(u_old.tolist()) - set(u_new.tolist()) == set(active[mean_mag.argsort()[:n]].tolist())
+    gsum = (captured[2] + captured[3]).abs()
+    mean_g = torch.zeros(units.count, dtype=torch.float64).index_add_(
+        0, units.of(torch.arange(dout * din)), gsum.reshape(-1)) / size.double()
+    mean_g[active] = -1
+    assert set(u_new.tolist()) - set(u_old.tolist()) == set(mean_g.topk(n).indices.tolist())
+
+
+def test_regrowth_matches_the_spiel_reference_step_by_step():
+    """Same gradients → same drops and regrowth as the dense-masked reference, over several updates."""
+    m = layer(32, 24, k=70)
+    opt = torch.optim.SGD([m.values], lr=0.05)
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=3, accumulate_steps=2, drop_fraction=0.3, total_steps=30)
+    grads = []
+    m.register_grad_observer(lambda mod, g, x: grads.append(dense_grad(g, x)))
+    snap = {}
+
+    def before():
+        if (sched.step_count + 1) % 3 == 0:
+            snap["idx"], snap["vals"] = m.indices.long().clone(), m.values.detach().clone()
+
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 16):
+        run(m, opt, sched, [torch.randn(10, 32, generator=gen)], before_sched=before)
+        if step % 3 == 0:
+            n = int(sched.fraction(step) * 70)
+            expected = reference.spiel_regrow(snap["idx"], snap["vals"], grads[-1] + grads[-2], n)
+            assert torch.equal(m.indices.long(), expected), f"update at step {step} differs"
+    assert sched.updates == 5
+
+
+def test_bfloat16_scores_pick_nearly_the_exact_top_entries():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256).to(torch.bfloat16)
+    m = SparseDeltaLinear(base, density=0.01, value_dtype=torch.float32)
+    opt = torch.optim.AdamW([m.values], lr=1e-3)
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=5, accumulate_steps=5, drop_fraction=0.5, total_steps=100)
+    assert sched.accumulators[0].sum.dtype == torch.bfloat16
+    grads = []
+    m.register_grad_observer(lambda mod, g, x: grads.append(dense_grad(g, x)))
+    old = m.indices.long().clone()
+    xs = [torch.randn(64, 256, dtype=torch.bfloat16) for _ in range(5)]
+    vals = {}
+    run(m, opt, sched, xs, before_sched=lambda: vals.setdefault(sched.step_count, m.values.detach().clone()))
+    n = int(sched.fraction(5) * old.numel())
+    exact = reference.spiel_regrow(old, vals[4], sum(grads), n)
+    grown, grown_exact = m.indices.long(), exact
+    fresh = grown[~torch.isin(grown, old)]
+    fresh_exact = grown_exact[~torch.isin(grown_exact, old)]
+    overlap = torch.isin(fresh, fresh_exact).float().mean().item()
+    assert overlap >= 0.95, overlap
+
+
+def test_scheduler_rejects_bad_arguments():
+    m = layer()
+    opt = torch.optim.SGD([m.values], lr=0.1)
+    with pytest.raises(ValueError, match="candidate_memory"):
+        slimtune.SparseDeltaScheduler(m, opt, candidate_memory=0)
+    with pytest.raises(ValueError, match="score_dtype"):
+        slimtune.SparseDeltaScheduler(m, opt, score_dtype=torch.int32)
+    with pytest.raises(ValueError, match="regrow"):
+        slimtune.SparseDeltaScheduler(m, opt, regrow="magic")
