@@ -191,3 +191,59 @@ def test_scheduler_rejects_bad_arguments():
         slimtune.SparseDeltaScheduler(m, opt, score_dtype=torch.int32)
     with pytest.raises(ValueError, match="regrow"):
         slimtune.SparseDeltaScheduler(m, opt, regrow="magic")
+
+
+def _task(seed):
+    gen = torch.Generator().manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    for p in teacher.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.5
+    x = torch.randn(512, 16, generator=gen)
+    with torch.no_grad():
+        y = teacher(x)
+    return (x[:384], y[:384]), (x[384:], y[384:])
+
+
+def test_small_task_held_out_loss_matches_the_dense_masked_spiel_reference():
+    every, acc, total = 10, 3, 80
+    for seed in range(2):
+        (xt, yt), (xv, yv) = _task(seed)
+        torch.manual_seed(seed)
+        student = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+        ours = nn.Sequential(SparseDeltaLinear(copy_linear(student[0]), density=0.1), nn.Tanh(),
+                             SparseDeltaLinear(copy_linear(student[2]), density=0.2))
+        refs = [reference.SpielMaskedLinear(student[0], ours[0].indices),
+                reference.SpielMaskedLinear(student[2], ours[2].indices)]
+        ref = nn.Sequential(refs[0], nn.Tanh(), refs[1])
+        opt = torch.optim.AdamW([ours[0].values, ours[2].values], lr=2e-2)
+        ropt = torch.optim.AdamW([r.delta for r in refs], lr=2e-2)
+        sched = slimtune.SparseDeltaScheduler(ours, opt, every=every, accumulate_steps=acc, drop_fraction=0.3,
+                                              total_steps=total)
+        for step in range(1, total + 1):
+            batch = slice((step * 32) % 384, (step * 32) % 384 + 32)
+            if step % every == every - acc + 1 and step < total:
+                for r in refs:
+                    r.grad_sum = torch.zeros_like(r.w0, dtype=torch.float64)
+            for model, o in ((ours, opt), (ref, ropt)):
+                loss = torch.nn.functional.mse_loss(model(xt[batch]), yt[batch])
+                o.zero_grad()
+                loss.backward()
+                o.step()
+            sched.step()
+            if step % every == 0 and step < total:
+                for r, mine in zip(refs, (ours[0], ours[2])):
+                    r.update(ropt, int(sched.fraction(step) * mine.indices.numel()), acc)
+        with torch.no_grad():
+            held = torch.nn.functional.mse_loss(ours(xv), yv).item()
+            held_ref = torch.nn.functional.mse_loss(ref(xv), yv).item()
+            start = torch.nn.functional.mse_loss(student(xv), yv).item()
+        assert held < 0.8 * start
+        assert abs(held - held_ref) <= 0.02 * held_ref, (seed, held, held_ref)
+        for r, mine in zip(refs, (ours[0], ours[2])):
+            assert torch.isin(mine.indices.long(), r.indices()).float().mean() >= 0.9
+
+
+def copy_linear(lin):
+    out = nn.Linear(lin.in_features, lin.out_features)
+    out.load_state_dict(lin.state_dict())
+    return out
