@@ -14,7 +14,8 @@ from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_
 __all__ = [
     "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse",
     # sparse-delta fine-tuning
-    "SparseDeltaScheduler", "SparseDeltaCallback", "compose", "load_delta", "read_delta", "save_delta", "select_indices",
+    "SparseDeltaScheduler", "SparseDeltaCallback", "compose", "load_delta", "read_delta", "save_delta",
+    "select_indices",
     # selective-gradient memory savings
     "memsave", "saved_bytes", "MemSaveReport",
     # whole models

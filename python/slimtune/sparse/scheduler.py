@@ -10,22 +10,7 @@ from .blocks import DEFAULT_BLOCK_BYTES, Units, top_inactive
 from .layout import index_dtype_for, rowptr_for
 from .optim_state import remap_entry_state
 from .regrowth import GradientAccumulator
-
-
-def _random_inactive(active: torch.Tensor, numel: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` distinct positions outside the sorted ``active`` set, uniformly at random, sorted; drawn
-    by rejection in rounds (O(n) memory while the free set is at least half the weight, as it is
-    for sparse deltas)."""
-    n = min(n, numel - active.numel())
-    act = active.cpu().long()
-    got = torch.empty(0, dtype=torch.int64)
-    while got.numel() < n:
-        draw = torch.randint(0, numel, (2 * (n - got.numel()) + 16,), generator=generator)
-        pos = torch.searchsorted(act, draw).clamp(max=max(0, act.numel() - 1))
-        free = draw if act.numel() == 0 else draw[act[pos] != draw]
-        got = torch.unique(torch.cat([got, free]))
-    pick = torch.randperm(got.numel(), generator=generator)[:n]
-    return got[pick].sort().values
+from .selection import random_positions
 
 
 class SparseDeltaScheduler:
@@ -193,7 +178,7 @@ class SparseDeltaScheduler:
         if n <= 0:
             return
         if acc is None:
-            new = _random_inactive(layer.indices, numel, n, gen).to(layer.indices.device)
+            new = random_positions(numel, n, gen, exclude=layer.indices).to(layer.indices.device)
         else:
             new = top_inactive(acc.score, shape, layer.indices, layer.rowptr, n, self.candidate_memory)
         # Drop the n smallest |value| entries; ties broken by position, so ranks agree.
@@ -212,7 +197,7 @@ class SparseDeltaScheduler:
         if n <= 0:
             return
         if acc is None:
-            grown = _random_inactive(active.cpu(), units.count, n, gen).to(dev)
+            grown = random_positions(units.count, n, gen, exclude=active).to(dev)
         else:
             mean = units.sums(acc.score, self.candidate_memory, device=dev) / units.sizes(dev)
             mean[active] = float("-inf")
