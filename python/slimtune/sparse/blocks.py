@@ -5,17 +5,19 @@ from typing import Callable, Optional
 
 import torch
 
-DEFAULT_BLOCK_BYTES = 32 << 20  # the scan's working set: one float32 block of rows
+DEFAULT_BLOCK_BYTES = 32 << 20  # the working set of one block of rows
+# A float32 score block plus what a flat top-k over it allocates (measured: ≈4× its input).
+SCAN_BYTES_PER_ELEMENT = 20
 
 ScoreFn = Callable[[int, int], torch.Tensor]  # (r0, r1) -> float scores of rows r0:r1, shape (r1 - r0, cols)
 
 
-def block_rows(cols: int, block_bytes: int, multiple: int = 1) -> int:
-    """Rows per block so that a float32 block of ``cols`` columns stays within ``block_bytes``
-    (at least ``multiple`` rows, and a multiple of it, so tiles are never split)."""
+def block_rows(cols: int, block_bytes: int, multiple: int = 1, bytes_per_element: int = 4) -> int:
+    """Rows per block so that ``bytes_per_element`` bytes per entry of ``cols`` columns stay within
+    ``block_bytes`` (at least ``multiple`` rows, and a multiple of it, so tiles are never split)."""
     if block_bytes <= 0:
         raise ValueError(f"'block_bytes' must be positive, got {block_bytes}")
-    rows = max(1, int(block_bytes) // (4 * max(1, cols)))
+    rows = max(1, int(block_bytes) // (bytes_per_element * max(1, cols)))
     return max(multiple, rows // multiple * multiple)
 
 
@@ -25,7 +27,8 @@ def top_inactive(score: ScoreFn, shape, indices: torch.Tensor, rowptr: torch.Ten
 
     A streaming top-k: each block of rows contributes its own top-n, merged with the running best,
     so the result equals a dense top-k over the whole inactive set (ties aside) while only one block
-    and 2·n candidates are alive. ``exclude`` (optional sorted flat positions) is also skipped.
+    (``block_bytes`` including the top-k's own temporaries) and 2·n candidates are alive. ``score``
+    must return a new tensor (it is overwritten). ``exclude`` (sorted flat positions) is also skipped.
     """
     rows, cols = int(shape[0]), int(shape[1])
     dev = indices.device
@@ -33,13 +36,13 @@ def top_inactive(score: ScoreFn, shape, indices: torch.Tensor, rowptr: torch.Ten
     best_i = torch.empty(0, dtype=torch.int64, device=dev)
     if n <= 0:
         return best_i
-    br = block_rows(cols, block_bytes)
+    br = block_rows(cols, block_bytes, bytes_per_element=SCAN_BYTES_PER_ELEMENT)
     idx = indices.long()
     rp = rowptr.tolist()
     ex = None if exclude is None else exclude.long()
     for r0 in range(0, rows, br):
         r1 = min(rows, r0 + br)
-        s = score(r0, r1).float().reshape(-1).clone()
+        s = score(r0, r1).float().reshape(-1)
         s[idx[rp[r0]:rp[r1]] - r0 * cols] = float("-inf")
         if ex is not None:
             lo, hi = torch.searchsorted(ex, torch.tensor([r0 * cols, r1 * cols], device=ex.device)).tolist()
@@ -105,7 +108,7 @@ class Units:
     def sums(self, score: ScoreFn, block_bytes: int, device=None) -> torch.Tensor:
         """Σ of ``score`` over each unit, scanned in blocks of rows (whole tiles per block)."""
         out = torch.zeros(self.count, dtype=torch.float32, device=device)
-        br = block_rows(self.cols, block_bytes, multiple=self.b)
+        br = block_rows(self.cols, block_bytes, multiple=self.b, bytes_per_element=8)
         for r0 in range(0, self.rows, br):
             r1 = min(self.rows, r0 + br)
             s = score(r0, r1).float()

@@ -45,8 +45,8 @@ class GradientAccumulator:
 
     def score(self, r0: int, r1: int) -> torch.Tensor:
         """The regrowth score of rows r0:r1: |Σ g| (or Σ g² for fisher), float32."""
-        s = self.sum[r0:r1].float()
-        return s if self.kind == "fisher" else s.abs()
+        s = self.sum[r0:r1].to(torch.float32, copy=True)
+        return s if self.kind == "fisher" else s.abs_()
 
     def mean_gradient(self, flat: torch.Tensor, steps: int) -> Optional[torch.Tensor]:
         """The signed mean gradient at the flat positions over ``steps`` optimizer steps (None for fisher)."""
