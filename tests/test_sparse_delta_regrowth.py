@@ -247,3 +247,36 @@ def copy_linear(lin):
     out = nn.Linear(lin.in_features, lin.out_features)
     out.load_state_dict(lin.state_dict())
     return out
+
+
+def test_momentum_approximation_keeps_sm3_row_and_column_statistics():
+    m = layer(32, 24, k=70)
+    opt = torch.optim.AdamW([m.values], lr=1e-2)
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=4, accumulate_steps=3, drop_fraction=0.3, total_steps=100,
+                                          regrow="momentum_approx")
+    grads = []
+    m.register_grad_observer(lambda mod, g, x: grads.append(dense_grad(g, x)))
+    gen = torch.Generator().manual_seed(0)
+    # Inputs and outputs with a few loud features, as in real layers: row x column structure to find.
+    loud_in = torch.where(torch.arange(32) < 6, 8.0, 1.0)
+    snap = {}
+
+    def before():
+        if sched.step_count == 3:
+            acc = sched.accumulators[0]
+            snap["rows"], snap["cols"] = acc.rows.clone(), acc.cols.clone()
+            snap["idx"] = m.indices.long().clone()
+
+    run(m, opt, sched, [torch.randn(16, 32, generator=gen) * loud_in for _ in range(4)], before_sched=before)
+    # The SM3 recursion over the window's three gradients (steps 2..4).
+    R, C = torch.zeros(24, dtype=torch.float64), torch.zeros(32, dtype=torch.float64)
+    for G in grads[1:4]:
+        nu = torch.minimum(R[:, None], C[None, :]) + G.abs()
+        R, C = nu.amax(1), nu.amax(0)
+    torch.testing.assert_close(snap["rows"].double(), R, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(snap["cols"].double(), C, rtol=1e-5, atol=1e-6)
+    assert sched.updates == 1 and sched.accumulators is None
+    score = torch.minimum(R[:, None], C[None, :]).reshape(-1)
+    grown = m.indices.long()[~torch.isin(m.indices.long(), snap["idx"])]
+    score[snap["idx"]] = -1
+    assert bool((score[grown] >= score.topk(grown.numel()).values.min() - 1e-5).all())

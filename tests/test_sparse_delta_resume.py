@@ -11,7 +11,7 @@ import slimtune
 from slimtune.nn import SparseDeltaLinear
 
 
-def build(seed):
+def build(seed, regrow="accumulated_grad"):
     torch.manual_seed(seed)
     model = nn.Sequential(SparseDeltaLinear(nn.Linear(16, 24), density=0.1), nn.Tanh(),
                           SparseDeltaLinear(nn.Linear(24, 24), k=96, structure="rows"), nn.Tanh(), nn.Linear(24, 4))
@@ -20,7 +20,8 @@ def build(seed):
         if isinstance(m, nn.Linear):
             m.reset_parameters()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = slimtune.SparseDeltaScheduler(model, opt, every=5, accumulate_steps=3, drop_fraction=0.3, total_steps=40)
+    sched = slimtune.SparseDeltaScheduler(model, opt, every=5, accumulate_steps=3, drop_fraction=0.3, total_steps=40,
+                                          regrow=regrow)
     return model, opt, sched
 
 
@@ -33,17 +34,18 @@ def train(model, opt, sched, batches):
         sched.step()
 
 
-@pytest.mark.parametrize("stop", [4, 5, 8])  # inside a window, at an update, before a window
-def test_resume_is_identical_to_an_uninterrupted_run(stop):
+@pytest.mark.parametrize("stop,regrow", [(4, "accumulated_grad"), (5, "accumulated_grad"), (8, "accumulated_grad"),
+                                         (4, "momentum_approx"), (4, "random")])  # in a window, at an update, before
+def test_resume_is_identical_to_an_uninterrupted_run(stop, regrow):
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(12, 16, generator=gen), torch.randn(12, 4, generator=gen)) for _ in range(17)]
-    model, opt, sched = build(0)
+    model, opt, sched = build(0, regrow)
     train(model, opt, sched, batches[:stop])
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
     train(model, opt, sched, batches[stop:])
     assert sched.updates == 3
 
-    model2, opt2, sched2 = build(123)  # different delta indices until the state is loaded
+    model2, opt2, sched2 = build(123, regrow)  # different delta indices until the state is loaded
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])

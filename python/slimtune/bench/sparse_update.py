@@ -56,12 +56,12 @@ def peak_bytes(fn, device: torch.device) -> int:
     return max(0, _rss_bytes("VmHWM") - start)
 
 
-def _setup(T, din, dout, dev, dt, score_dtype=None, candidate_memory=32 << 20):
+def _setup(T, din, dout, dev, dt, score_dtype=None, candidate_memory=32 << 20, regrow="accumulated_grad"):
     torch.manual_seed(0)
     m = SparseDeltaLinear(nn.Linear(din, dout).to(dev, dt), density=DENSITY, value_dtype=torch.float32)
     opt = torch.optim.AdamW([m.values], lr=1e-3)
     sched = SparseDeltaScheduler(m, opt, every=5, accumulate_steps=5, drop_fraction=0.2, total_steps=1000,
-                                 score_dtype=score_dtype, candidate_memory=candidate_memory)
+                                 score_dtype=score_dtype, candidate_memory=candidate_memory, regrow=regrow)
     xs = [torch.randn(T, din, device=dev, dtype=dt) for _ in range(5)]
     return m, opt, sched, xs
 
@@ -104,11 +104,9 @@ def _overlap(T, din, dout, ctx):
     dev, dt = ctx.device, ctx.dtype
     res = {}
     for name, sd, regrow in (("float32_sums", torch.float32, "accumulated_grad"),
-                             ("bfloat16_sums", torch.bfloat16, "accumulated_grad"), ("random", None, "random")):
-        m, opt, sched, xs = _setup(T, din, dout, dev, dt, score_dtype=sd)
-        sched.regrow = regrow
-        if regrow == "random":
-            sched._disarm()
+                             ("bfloat16_sums", torch.bfloat16, "accumulated_grad"),
+                             ("momentum_approx", None, "momentum_approx"), ("random", None, "random")):
+        m, opt, sched, xs = _setup(T, din, dout, dev, dt, score_dtype=sd, regrow=regrow)
         dense = torch.zeros(dout, din, dtype=torch.float64, device=dev)
         m.register_grad_observer(lambda mod, g, x: dense.add_(g.double().t() @ x.double()))
         old, snap = m.indices.long().clone(), {}

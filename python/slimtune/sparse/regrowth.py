@@ -54,5 +54,66 @@ class GradientAccumulator:
             return None
         return self.sum.view(-1)[flat.long()].float() / steps
 
+    def state(self) -> dict:
+        return {"sum": self.sum}
+
+    def all_reduce_mean(self, dist) -> None:
+        # Each rank observed its own gradient; DDP trains on their mean.
+        dist.all_reduce(self.sum)
+        self.sum /= dist.get_world_size()
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class MomentumApproximation:
+    """SpIEL-MA's low-memory regrowth scores: SM3-style row and column statistics of |gᵀx|.
+
+    Each backward forms ``G = gᵀx`` in row blocks (transient, at most ``block_bytes``) and updates, as
+    SM3 does with its cover sets of rows and columns, ``ν_ij = min(R_i, C_j) + |G_ij|``,
+    ``R_i ← max_j ν_ij``, ``C_j ← max_i ν_ij``. The score of entry (i, j) is ``min(R_i, C_j)``, an
+    upper estimate of its accumulated |gradient|. Memory: rows + cols floats per layer, nothing
+    weight-sized kept between steps; the choice is approximate (see the overlap benchmark).
+    """
+
+    kind = "momentum_approx"
+
+    def __init__(self, layer, block_bytes: int = 32 << 20, rows: Optional[torch.Tensor] = None,
+                 cols: Optional[torch.Tensor] = None):
+        w = layer.base.weight
+        self.block_bytes = int(block_bytes)
+        self.rows = torch.zeros(w.shape[0], device=w.device) if rows is None else rows.to(w.device)
+        self.cols = torch.zeros(w.shape[1], device=w.device) if cols is None else cols.to(w.device)
+        self.handle = layer.register_grad_observer(self.observe)
+
+    @torch.no_grad()
+    def observe(self, layer, grad: torch.Tensor, x: torch.Tensor) -> None:
+        g = grad.reshape(-1, grad.shape[-1])
+        xf = x.reshape(-1, x.shape[-1]).float()
+        n_rows = g.shape[1]
+        br = block_rows(xf.shape[1], self.block_bytes, bytes_per_element=8)
+        new_cols = torch.zeros_like(self.cols)
+        for r0 in range(0, n_rows, br):
+            r1 = min(n_rows, r0 + br)
+            nu = (g[:, r0:r1].float().t() @ xf).abs_()
+            nu += torch.minimum(self.rows[r0:r1, None], self.cols[None, :])
+            self.rows[r0:r1] = nu.amax(1)
+            torch.maximum(new_cols, nu.amax(0), out=new_cols)
+        self.cols = new_cols
+
+    def score(self, r0: int, r1: int) -> torch.Tensor:
+        return torch.minimum(self.rows[r0:r1, None], self.cols[None, :])
+
+    def mean_gradient(self, flat: torch.Tensor, steps: int) -> None:
+        return None  # no signed gradient is kept: regrown moments start from zero
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols}
+
+    def all_reduce_mean(self, dist) -> None:
+        for t in (self.rows, self.cols):
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+
     def close(self) -> None:
         self.handle.remove()

@@ -9,8 +9,11 @@ import torch.distributed as dist
 from .blocks import DEFAULT_BLOCK_BYTES, Units, top_inactive
 from .layout import index_dtype_for, rowptr_for
 from .optim_state import remap_entry_state
-from .regrowth import GradientAccumulator
+from .regrowth import GradientAccumulator, MomentumApproximation
 from .selection import random_positions
+
+
+REGROW = ("accumulated_grad", "momentum_approx", "random")
 
 
 class SparseDeltaScheduler:
@@ -27,7 +30,10 @@ class SparseDeltaScheduler:
     (Σ g² with ``score="fisher"``) over ALL inactive entries, found by a streaming top-k over blocks
     of rows. Memory: one weight-sized sum per layer during the window only (``score_dtype``,
     default the weight's dtype, bfloat16 for float16 weights), plus one ``candidate_memory`` block.
-    With float32 sums the choice is exact. regrow="random": uniformly random inactive positions.
+    With float32 sums the choice is exact. regrow="momentum_approx" (SpIEL-MA): SM3-style row and
+    column statistics of |gᵀx| instead of the sum (rows + cols floats per layer; approximate, see
+    :class:`slimtune.sparse.regrowth.MomentumApproximation`). regrow="random": uniformly random
+    inactive positions.
 
     Structured layers (``"rows"``, ``"cols"``, ``"blocks"``) drop and regrow whole units: the units
     with the smallest mean |value| go, the inactive units with the largest mean score come in, so the
@@ -53,8 +59,8 @@ class SparseDeltaScheduler:
 
         if decay not in ("linear", "cosine"):
             raise ValueError(f"'decay' must be 'linear' or 'cosine', got {decay!r}")
-        if regrow not in ("accumulated_grad", "random"):
-            raise ValueError(f"'regrow' must be 'accumulated_grad' or 'random', got {regrow!r}")
+        if regrow not in REGROW:
+            raise ValueError(f"'regrow' must be one of {REGROW}, got {regrow!r}")
         if score not in ("gradient", "fisher"):
             raise ValueError(f"'score' must be 'gradient' or 'fisher', got {score!r}")
         if every < 1 or accumulate_steps < 1 or not 0.0 <= drop_fraction <= 1.0:
@@ -97,11 +103,16 @@ class SparseDeltaScheduler:
     def _generator(self, layer_no: int, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + layer_no)
 
-    def _arm(self, sums: Optional[List[torch.Tensor]] = None) -> None:
+    def _arm(self, states: Optional[List[Dict[str, torch.Tensor]]] = None) -> None:
         kind = "fisher" if self.score == "fisher" else "gradient"
-        self.accumulators = [GradientAccumulator(layer, kind, self.score_dtype, self.candidate_memory,
-                                                 sum=None if sums is None else sums[i])
-                             for i, layer in enumerate(self.layers)]
+        accs = []
+        for i, layer in enumerate(self.layers):
+            st = {} if states is None else states[i]
+            if self.regrow == "momentum_approx":
+                accs.append(MomentumApproximation(layer, self.candidate_memory, **st))
+            else:
+                accs.append(GradientAccumulator(layer, kind, self.score_dtype, self.candidate_memory, **st))
+        self.accumulators = accs
 
     def _disarm(self) -> None:
         for acc in self.accumulators or []:
@@ -111,7 +122,7 @@ class SparseDeltaScheduler:
 
     def _maybe_arm(self) -> None:
         nxt = self._next_update()
-        if self.regrow != "accumulated_grad" or not self._active(nxt) or self.accumulators is not None:
+        if self.regrow == "random" or not self._active(nxt) or self.accumulators is not None:
             return
         if self.step_count >= nxt - self.accumulate_steps:
             self._arm()
@@ -128,7 +139,7 @@ class SparseDeltaScheduler:
     def state_dict(self) -> Dict:
         """Counters and, inside an accumulation window, the partial gradient sums (one per layer)."""
         return {"step_count": self.step_count, "updates": self.updates, "window_steps": self.window_steps,
-                "sums": None if self.accumulators is None else [a.sum for a in self.accumulators],
+                "sums": None if self.accumulators is None else [a.state() for a in self.accumulators],
                 "config": {"every": self.every, "accumulate_steps": self.accumulate_steps, "regrow": self.regrow,
                            "score": self.score, "layers": len(self.layers)}}
 
@@ -141,8 +152,12 @@ class SparseDeltaScheduler:
                 raise ValueError(f"load_state_dict: 'state' was saved with {key}={cfg[key]!r}, this scheduler has "
                                  f"{mine[key]!r}")
         sums = state.get("sums")
-        if sums is not None and [tuple(s.shape) for s in sums] != [tuple(m.base.weight.shape) for m in self.layers]:
-            raise ValueError("load_state_dict: the saved gradient sums do not match this model's layers")
+        if sums is not None:
+            shapes = [tuple(m.base.weight.shape) for m in self.layers]
+            if len(sums) != len(shapes) or any(
+                    tuple(t.shape) not in (shape, shape[:1], shape[1:])
+                    for st, shape in zip(sums, shapes) for t in st.values()):
+                raise ValueError("load_state_dict: the saved gradient statistics do not match this model's layers")
         self._disarm()
         self.step_count, self.updates = int(state["step_count"]), int(state["updates"])
         if sums is not None:
@@ -154,7 +169,7 @@ class SparseDeltaScheduler:
     def _update(self, step: int) -> None:
         f = self.fraction(step)
         accs = self.accumulators
-        if self.regrow == "accumulated_grad" and accs is None:
+        if self.regrow != "random" and accs is None:
             return  # no gradients were observed (e.g. the window began before a restart without state)
         distributed = dist.is_available() and dist.is_initialized()
         for i, layer in enumerate(self.layers):
@@ -162,7 +177,7 @@ class SparseDeltaScheduler:
                 raise RuntimeError("SparseDeltaScheduler: a SparseDeltaLinear is merged; unmerge() it before training")
             acc = None if accs is None else accs[i]
             if acc is not None and distributed:
-                dist.all_reduce(acc.sum)
+                acc.all_reduce_mean(dist)
             if layer.structure in ("rows", "cols", "blocks"):
                 self._update_units(layer, f, acc, self._generator(i, step))
             else:
