@@ -103,3 +103,25 @@ def test_reselect_from_gradients_matches_dense_gradients(method, budget):
                                            structure=layer.structure)
         assert torch.equal(layer.indices, expected), i
         assert bool((layer.values == 0).all()) and layer.values.grad is None
+
+
+def test_s2ft_couples_heads_across_projections():
+    torch.manual_seed(0)
+    heads, hd, hidden = 4, 3, 10
+    scores = {"q": torch.randn(heads * hd, hidden), "v": torch.randn(heads * hd, hidden),
+              "o": torch.randn(hidden, heads * hd)}
+    scores["o"][:, 2 * hd:3 * hd] *= 100  # head 2 matters most
+    scores["q"][0:hd] *= 30  # then head 0
+    out = slimtune.sparse.select_coupled_channels(scores, ["q", "v"], ["o"], n_groups=2, group_size=hd)
+    chan = torch.tensor([0, 1, 2, 6, 7, 8])
+    for n in ("q", "v"):
+        assert torch.equal(out[n].long(), (chan[:, None] * hidden + torch.arange(hidden)).reshape(-1))
+    assert torch.equal(out["o"].long(), (torch.arange(hidden)[:, None] * heads * hd + chan).reshape(-1))
+    # The selection is a valid delta for each layer, e.g. SparseDeltaLinear.set_delta.
+    m = SparseDeltaLinear(nn.Linear(hidden, heads * hd), k=5)
+    m.set_delta(out["q"])
+    assert m.values.numel() == out["q"].numel()
+    with pytest.raises(ValueError, match="channel count"):
+        slimtune.sparse.select_coupled_channels({"a": torch.randn(4, 5), "b": torch.randn(5, 3)}, ["a"], ["b"], 1)
+    with pytest.raises(ValueError, match="group_size"):
+        slimtune.sparse.select_coupled_channels(scores, ["q"], ["o"], 1, group_size=5)

@@ -177,3 +177,50 @@ def select_blocks_across_layers(scores: Mapping[str, torch.Tensor], k: Optional[
         idx = unit_sets[i].expand(mine.to(s.device)) if mine.numel() else torch.empty(0, dtype=torch.int64)
         out[name] = idx.to(s.device, index_dtype_for(s.numel()))
     return out
+
+
+def select_coupled_channels(scores: Mapping[str, torch.Tensor], producers, consumers, n_groups: int,
+                            group_size: int = 1) -> Dict[str, torch.Tensor]:
+    """S²FT: choose whole channels (``group_size=1``: FFN channels) or heads (``group_size=head_dim``)
+    shared by coupled layers, and train exactly those slices.
+
+    ``producers`` write the channels (their output rows: e.g. ``up_proj``/``gate_proj``, or
+    ``q_proj``/``k_proj``/``v_proj`` with heads), ``consumers`` read them (their input columns:
+    ``down_proj``, ``o_proj``). Each group of ``group_size`` consecutive channels is scored by the
+    summed |score| (e.g. accumulated gradient) over its producer rows and consumer columns; the best
+    ``n_groups`` are kept for every layer alike, so the selected structures stay coupled. Returns layer
+    name -> sorted flat indices (producers: whole rows, consumers: whole columns).
+    """
+    producers, consumers = list(producers), list(consumers)
+    if not producers and not consumers:
+        raise ValueError("give at least one of 'producers' and 'consumers'")
+    missing = [n for n in producers + consumers if n not in scores]
+    if missing:
+        raise ValueError(f"'scores' has no entry for {missing}")
+    dims = {n: scores[n].shape[0] for n in producers}
+    dims.update({n: scores[n].shape[1] for n in consumers})
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"coupled layers must share the channel count, got {dims}")
+    channels = next(iter(dims.values()))
+    if group_size < 1 or channels % group_size:
+        raise ValueError(f"'group_size' must divide the {channels} channels, got {group_size}")
+    groups = channels // group_size
+    if not 0 < n_groups <= groups:
+        raise ValueError(f"'n_groups' must be in [1, {groups}], got {n_groups}")
+    total = torch.zeros(channels, dtype=torch.float64)
+    for n in producers:
+        total += scores[n].detach().abs().double().sum(1).cpu()
+    for n in consumers:
+        total += scores[n].detach().abs().double().sum(0).cpu()
+    chosen = torch.topk(total.view(groups, group_size).sum(1), n_groups).indices.sort().values
+    chan = (chosen[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    out = {}
+    for n in producers:
+        rows, cols = scores[n].shape
+        idx = (chan[:, None] * cols + torch.arange(cols)).reshape(-1)
+        out[n] = idx.to(scores[n].device, index_dtype_for(rows * cols))
+    for n in consumers:
+        rows, cols = scores[n].shape
+        idx = (torch.arange(rows)[:, None] * cols + chan[None, :]).reshape(-1)
+        out[n] = idx.to(scores[n].device, index_dtype_for(rows * cols))
+    return out
