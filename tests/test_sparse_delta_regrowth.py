@@ -280,3 +280,16 @@ def test_momentum_approximation_keeps_sm3_row_and_column_statistics():
     grown = m.indices.long()[~torch.isin(m.indices.long(), snap["idx"])]
     score[snap["idx"]] = -1
     assert bool((score[grown] >= score.topk(grown.numel()).values.min() - 1e-5).all())
+
+
+def test_update_with_a_merged_layer_raises_before_changing_anything():
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseDeltaLinear(nn.Linear(8, 8), k=10), SparseDeltaLinear(nn.Linear(8, 8), k=10))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = slimtune.SparseDeltaScheduler(model, opt, every=2, accumulate_steps=1, regrow="random")
+    sched.step()
+    before = [m.indices.clone() for m in model]
+    model[1].merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        sched.step()
+    assert all(torch.equal(m.indices, b) for m, b in zip(model, before))

@@ -171,10 +171,10 @@ class SparseDeltaScheduler:
         accs = self.accumulators
         if self.regrow != "random" and accs is None:
             return  # no gradients were observed (e.g. the window began before a restart without state)
+        if any(layer.merged for layer in self.layers):  # checked first: no layer is left half-updated
+            raise RuntimeError("SparseDeltaScheduler: a SparseDeltaLinear is merged; unmerge() it before training")
         distributed = dist.is_available() and dist.is_initialized()
         for i, layer in enumerate(self.layers):
-            if layer.merged:
-                raise RuntimeError("SparseDeltaScheduler: a SparseDeltaLinear is merged; unmerge() it before training")
             acc = None if accs is None else accs[i]
             if acc is not None and distributed:
                 acc.all_reduce_mean(dist)
