@@ -293,3 +293,44 @@ def test_update_with_a_merged_layer_raises_before_changing_anything():
     with pytest.raises(RuntimeError, match="merged"):
         sched.step()
     assert all(torch.equal(m.indices, b) for m, b in zip(model, before))
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest new storage any op creates while active (views of inputs do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                if t.numel() * t.element_size() > self.largest:
+                    self.largest, self.op = t.numel() * t.element_size(), str(func)
+        return out
+
+
+def test_construction_and_update_create_no_weight_sized_temporary():
+    base = nn.Linear(256, 256)
+    weight_bytes = base.weight.numel() * 4
+    with _LargestTensor() as mode:
+        m = SparseDeltaLinear(base, density=0.01)
+    assert mode.largest < weight_bytes / 16, mode.largest
+    opt = torch.optim.AdamW([m.values], lr=1e-2)
+    budget = weight_bytes // 8
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=3, accumulate_steps=2, candidate_memory=budget)
+    run(m, opt, sched, [torch.randn(8, 256) for _ in range(2)])
+    loss = m(torch.randn(8, 256)).square().mean()
+    opt.zero_grad()
+    with _LargestTensor() as mode:
+        loss.backward()  # the observer forms gᵀx block by block
+    assert mode.largest <= budget, mode.largest
+    opt.step()
+    with _LargestTensor() as mode:
+        sched.step()
+    assert sched.updates == 1
+    # One float32 block of the scan: the budget also covers the top-k's own temporaries.
+    assert mode.largest <= budget / 4, (mode.largest, mode.op)
