@@ -75,14 +75,18 @@ def test_kept_entries_keep_their_optimizer_state(name):
             assert bool((after[~kept] == 0).all()), f"{name}: regrown entries' {key!r} is not the initial state"
 
 
-@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
-def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls):
+@pytest.mark.parametrize("opt_cls,regrow,score", [(torch.optim.Adam, "accumulated_grad", "gradient"),
+                                                  (torch.optim.AdamW, "accumulated_grad", "gradient"),
+                                                  (torch.optim.Adam, "accumulated_grad", "fisher"),
+                                                  (torch.optim.Adam, "momentum_approx", "gradient")])
+def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls, regrow, score):
     lr = 1e-5
     torch.manual_seed(0)
     m = SparseDeltaLinear(nn.Linear(24, 20), k=80)  # values start at 0: drops barely change the function,
     # so the next gradient at a regrown entry is ≈ its accumulated mean ḡ, the case the seeding is exact for
     opt = opt_cls([m.values], lr=lr, betas=(0.5, 0.999))
-    sched = slimtune.SparseDeltaScheduler(m, opt, every=20, accumulate_steps=5, drop_fraction=0.25, total_steps=1000)
+    sched = slimtune.SparseDeltaScheduler(m, opt, every=20, accumulate_steps=5, drop_fraction=0.25, total_steps=1000,
+                                          regrow=regrow, score=score)
     x = torch.randn(16, 24)
     run(m, opt, sched, [x] * 20)
     assert sched.updates == 1
@@ -93,7 +97,8 @@ def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls):
     first = (m.values.detach() - before)[fresh].abs()
     # Zeroed moments would give (1-β1)/(1-β1^21)·√((1-β2^21)/(1-β2)) ≈ 2.3·lr here.
     assert float(first.max()) <= lr * (1 + 1e-3), float(first.max()) / lr
-    assert float(first.min()) >= 0.9 * lr
+    if score == "gradient" and regrow == "accumulated_grad":  # exact seeding: the step is lr itself
+        assert float(first.min()) >= 0.9 * lr
 
 
 @pytest.mark.parametrize("structure,shape,block", [("rows", (20, 24), 16), ("cols", (20, 24), 16),

@@ -18,17 +18,19 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     return {}
 
 
-def _fresh(key: str, like: torch.Tensor, n: int, group: dict, step: float, gbar: Optional[torch.Tensor]):
+def _fresh(key: str, like: torch.Tensor, n: int, group: dict, step: float, gbar: Optional[torch.Tensor],
+           gsq: Optional[torch.Tensor]):
     """The state a regrown entry starts with, for one per-entry state tensor."""
     betas = group.get("betas")
-    if gbar is not None and betas is not None and step > 0:
-        g = gbar.to(device=like.device, dtype=like.dtype)
-        if key in _FIRST_MOMENTS:
-            return (1.0 - betas[0] ** step) * g
-        if key in _SECOND_MOMENTS:
-            return (1.0 - betas[1] ** step) * g.square()
-        if key == "exp_inf":  # Adamax: u = max(β2·u, |g|), the step is lr·m̂/u
-            return g.abs()
+    if gsq is None and gbar is not None:
+        gsq = gbar.square()
+    if betas is not None and step > 0:
+        if key in _FIRST_MOMENTS and gbar is not None:
+            return (1.0 - betas[0] ** step) * gbar.to(device=like.device, dtype=like.dtype)
+        if key in _SECOND_MOMENTS and gsq is not None:
+            return (1.0 - betas[1] ** step) * gsq.to(device=like.device, dtype=like.dtype)
+        if key == "exp_inf" and gsq is not None:  # Adamax: u = max(β2·u, |g|), the step is lr·m̂/u
+            return gsq.to(device=like.device, dtype=like.dtype).sqrt()
     if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
         return torch.full((n,), float(group.get("initial_accumulator_value", 0.0)), dtype=like.dtype,
                           device=like.device)
@@ -42,14 +44,16 @@ def _step_of(state: dict) -> float:
 
 @torch.no_grad()
 def remap_entry_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, old_numel: int, source: torch.Tensor,
-                      gbar: Optional[torch.Tensor] = None) -> None:
+                      gbar: Optional[torch.Tensor] = None, gsq: Optional[torch.Tensor] = None) -> None:
     """Reorders every per-entry tensor of ``optimizer.state[param]`` (any tensor of shape
     ``(old_numel,)``) to the new index set.
 
     ``source[j]`` is the old position of new entry j, or -1 for a regrown entry; kept entries keep
     their own state, dropped entries' state is discarded. Regrown entries start from the optimizer's
     initial state, except Adam-family moments, seeded from ``gbar`` (the accumulated mean gradient of
-    the regrown entries, in order) when given. Scalars such as ``step`` are left alone.
+    the regrown entries, in order) and ``gsq`` (their mean squared gradient, default ``gbar²``) when
+    given: without ``gbar`` the first moment starts at zero and the second at ``gsq``, which keeps the
+    first step below lr. Scalars such as ``step`` are left alone.
     """
     state = optimizer.state.get(param)
     if not state:
@@ -64,7 +68,7 @@ def remap_entry_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, old
             continue
         moved = buf[src.to(buf.device)]
         if n_fresh:
-            moved[fresh.to(buf.device)] = _fresh(key, buf, n_fresh, group, step, gbar)
+            moved[fresh.to(buf.device)] = _fresh(key, buf, n_fresh, group, step, gbar, gsq)
         if moved.shape == buf.shape:
             buf.copy_(moved)
         else:

@@ -48,11 +48,11 @@ class GradientAccumulator:
         s = self.sum[r0:r1].to(torch.float32, copy=True)
         return s if self.kind == "fisher" else s.abs_()
 
-    def mean_gradient(self, flat: torch.Tensor, steps: int) -> Optional[torch.Tensor]:
-        """The signed mean gradient at the flat positions over ``steps`` optimizer steps (None for fisher)."""
-        if self.kind == "fisher" or steps <= 0:
-            return None
-        return self.sum.view(-1)[flat.long()].float() / steps
+    def moments(self, flat: torch.Tensor, steps: int):
+        """(mean gradient, mean squared gradient) at the flat positions over ``steps`` optimizer steps;
+        the first is None for fisher (no signed sum is kept), the second None where it is its square."""
+        s = self.sum.view(-1)[flat.long()].float() / max(1, steps)
+        return (None, s) if self.kind == "fisher" else (s, None)
 
     def state(self) -> dict:
         return {"sum": self.sum}
@@ -104,8 +104,12 @@ class MomentumApproximation:
     def score(self, r0: int, r1: int) -> torch.Tensor:
         return torch.minimum(self.rows[r0:r1, None], self.cols[None, :])
 
-    def mean_gradient(self, flat: torch.Tensor, steps: int) -> None:
-        return None  # no signed gradient is kept: regrown moments start from zero
+    def moments(self, flat: torch.Tensor, steps: int):
+        """(None, an upper estimate of the mean squared gradient): no signed gradient is kept."""
+        flat = flat.long()
+        cols = self.cols.numel()
+        est = torch.minimum(self.rows[flat // cols], self.cols[flat % cols]) / max(1, steps)
+        return None, est.square()
 
     def state(self) -> dict:
         return {"rows": self.rows, "cols": self.cols}

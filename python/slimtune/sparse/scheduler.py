@@ -44,7 +44,9 @@ class SparseDeltaScheduler:
     entries start at value 0 from the optimizer's initial state, except Adam-family moments, seeded
     from the accumulated mean gradient ḡ (``exp_avg = (1-β1^t)·ḡ``, ``exp_avg_sq = (1-β2^t)·ḡ²``), so
     their first step is ≈ lr instead of the oversized step zeroed moments give under a global
-    step count. Indices stay sorted and unique.
+    step count. ``score="fisher"`` and SpIEL-MA keep no signed gradient: there the first moment starts
+    at zero and the second at the mean squared gradient (or its upper estimate), so the first step stays
+    below lr. Indices stay sorted and unique.
 
     Under ``torch.distributed`` the sums are all-reduced and random draws share a seed, so every rank
     ends with identical indices. ``state_dict()``/``load_state_dict()`` resume exactly, mid-window too.
@@ -246,5 +248,5 @@ class SparseDeltaScheduler:
         else:  # blocks with smaller edge tiles: the same Parameter object (optimizers keep track), resized
             vals.data = new_vals
             vals.grad = None
-        gbar = None if acc is None else acc.mean_gradient(new, max(1, self.window_steps))
-        remap_entry_state(self.optimizer, vals, old_k, source, gbar)
+        gbar, gsq = (None, None) if acc is None else acc.moments(new, self.window_steps)
+        remap_entry_state(self.optimizer, vals, old_k, source, gbar, gsq)
