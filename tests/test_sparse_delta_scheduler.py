@@ -33,69 +33,60 @@ def train_steps(m, opt, sched, n, xs, capture=None):
         sched.step()
 
 
-def test_update_prunes_smallest_and_regrows_best_candidates():
+def dense_grad(g, x):
+    return g.reshape(-1, g.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
+
+
+def test_update_drops_smallest_and_regrows_the_best_of_all_inactive_entries():
     m = one_layer()
     opt = torch.optim.AdamW([m.values], lr=1e-3)
     sched = slimtune.SparseDeltaScheduler(m, opt, every=4, accumulate_steps=2, drop_fraction=0.25, total_steps=1000)
     xs = [torch.randn(8, 20) for _ in range(4)]
     captured = []
-    train_steps(m, opt, sched, 3, xs)  # steps 1..3: the pool is armed after step 2
-    pool = m._score_pool
-    assert pool is not None and sched.step_count == 3
-    pool_idx = pool["indices"].long().clone()
-    assert not bool(torch.isin(pool_idx, m.indices.long()).any())
-    old_idx, old_vals = m.indices.long().clone(), m.values.detach().clone()
-    # Step 4: its gradient is scored too, then the update runs.
-    vals_before_step = None
-
-    def grab(g, x=xs[3]):
-        captured.append((g.detach().clone(), x))
-
+    m.register_grad_observer(lambda mod, g, x: captured.append((g.clone(), x.clone())))
+    train_steps(m, opt, sched, 3, xs)  # steps 1..3: the accumulators are armed after step 2
+    assert sched.accumulators is not None and sched.step_count == 3
+    old_idx = m.indices.long().clone()
     y = m(xs[3])
-    y.register_hook(grab)
     loss = (y ** 2).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()
-    vals_before_step = m.values.detach().clone()
-    expected_scores = pool["scores"].clone()
+    vals_before_update = m.values.detach().clone()
     sched.step()
     n = int(sched.fraction(4) * 40)
-    assert sched.updates == 1 and n == 9
+    assert sched.updates == 1 and n == 9 and sched.accumulators is None
     new_idx = m.indices.long()
     assert new_idx.numel() == 40 and bool((new_idx[1:] > new_idx[:-1]).all())
-    dropped = old_idx[~torch.isin(old_idx, new_idx)]
-    assert torch.equal(dropped.sort().values, old_idx[vals_before_step.abs().argsort()[:n]].sort().values)
+    # The same choice as SpIEL's rule on the dense gradient summed over the last two steps.
+    grad_sum = dense_grad(*captured[2]) + dense_grad(*captured[3])
+    expected = reference.spiel_regrow(old_idx, vals_before_update, grad_sum, n)
+    assert torch.equal(new_idx, expected)
     grown = new_idx[~torch.isin(new_idx, old_idx)]
-    assert torch.equal(grown.sort().values, pool_idx[expected_scores.topk(n).indices].sort().values)
-    # The pool scores are the accumulated |dense gradient| at the pool positions (steps 3 and 4).
-    g4, x4 = captured[0]
-    dense = reference.sparse_delta_sddmm(g4, x4, pool_idx).abs()
-    assert bool((expected_scores >= dense - 1e-6).all())
-    # Regrown entries start at zero with zero Adam moments; kept ones keep value and moments.
+    assert grown.numel() == n
+    # Regrown entries start at zero; kept ones keep value and moments.
     fresh = torch.isin(new_idx, grown)
-    st = opt.state[m.values]
     assert bool((m.values[fresh] == 0).all())
-    assert bool((st["exp_avg"][fresh] == 0).all()) and bool((st["exp_avg_sq"][fresh] == 0).all())
-    kept_new = new_idx[~fresh]
-    kept_old_pos = torch.searchsorted(old_idx, kept_new)
-    assert torch.equal(m.values.detach()[~fresh], vals_before_step[kept_old_pos])
-    assert bool((st["exp_avg_sq"][~fresh] > 0).all())
+    kept_old_pos = torch.searchsorted(old_idx, new_idx[~fresh])
+    assert torch.equal(m.values.detach()[~fresh], vals_before_update[kept_old_pos])
     assert torch.equal(m.rowptr, slimtune.sparse.rowptr_for(m.indices, m.base.weight.shape))
-    assert m._score_pool is None
+    assert len(m._grad_observers) == 1  # the scheduler removed its observer; the test's own is left
 
 
-def test_accumulated_scores_equal_the_dense_gradient_at_the_pool():
-    m = one_layer()
-    opt = torch.optim.SGD([m.values], lr=0.0)
-    sched = slimtune.SparseDeltaScheduler(m, opt, every=5, accumulate_steps=3, score="fisher", total_steps=100)
-    xs = [torch.randn(6, 20) for _ in range(4)]
-    captured = []
-    train_steps(m, opt, sched, 2, xs)
-    pool_idx = m._score_pool["indices"]
-    train_steps(m, opt, sched, 2, xs[2:], capture=captured)
-    expected = sum(reference.sparse_delta_sddmm(g, x, pool_idx).square() for g, x in captured)
-    torch.testing.assert_close(m._score_pool["scores"], expected.float(), atol=1e-6, rtol=1e-5)
+def test_accumulated_scores_equal_the_dense_gradient():
+    for score in ("gradient", "fisher"):
+        m = one_layer()
+        opt = torch.optim.SGD([m.values], lr=0.0)
+        sched = slimtune.SparseDeltaScheduler(m, opt, every=5, accumulate_steps=3, score=score, total_steps=100)
+        xs = [torch.randn(6, 20) for _ in range(4)]
+        captured = []
+        train_steps(m, opt, sched, 2, xs)
+        train_steps(m, opt, sched, 2, xs[2:], capture=captured)
+        grads = [dense_grad(g, x) for g, x in captured]
+        expected = sum(g.square() for g in grads) if score == "fisher" else sum(grads)
+        acc = sched.accumulators[0]
+        torch.testing.assert_close(acc.sum.double(), expected, atol=1e-6, rtol=1e-5)
+        assert acc.sum.dtype == torch.float32 and acc.sum.shape == m.base.weight.shape
 
 
 def test_decay_schedules_and_random_regrow():

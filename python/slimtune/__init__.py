@@ -16,12 +16,22 @@ from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_
 __all__ = [
     "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse", "memsave",
     # sparse-delta fine-tuning
-    "SparseDeltaScheduler", "compose", "load_delta", "read_delta", "save_delta", "select_indices",
+    "SparseDeltaScheduler", "SparseDeltaCallback", "compose", "load_delta", "read_delta", "save_delta",
+    "select_indices",
     # selective-gradient memory savings
     "saved_bytes", "MemSaveReport",
     # whole models
     "apply_lora", "apply_sparse_delta", "apply_rosa", "register_method", "summary", "save", "load", "merge", "unmerge",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: it needs transformers, which slimtune itself does not.
+    if name == "SparseDeltaCallback":
+        from .sparse.callback import SparseDeltaCallback
+
+        return SparseDeltaCallback
+    raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
 
 
 def has_cuda() -> bool:

@@ -59,6 +59,77 @@ def sparse_delta_sddmm_naive(a: torch.Tensor, b: torch.Tensor, indices: torch.Te
     """The naive values' gradient in the storage dtype: the dense ``aᵀb`` (a weight-sized GEMM),
     gathered at ``indices``."""
     return (a.t() @ b).reshape(-1)[indices.long()]
+
+
+def spiel_regrow(indices: torch.Tensor, values: torch.Tensor, grad_sum: torch.Tensor, n: int,
+                 score: str = "gradient") -> torch.Tensor:
+    """SpIEL's drop-and-regrow on dense tensors: drop the ``n`` active entries with the smallest
+    |value| (ties by position), regrow the ``n`` entries, inactive before the update, with the largest
+    ``|grad_sum|`` (``grad_sum`` itself for ``score="fisher"``, a sum of squares). ``grad_sum`` is the
+    dense weight gradient summed over the accumulation steps. Returns the new sorted flat indices."""
+    idx = indices.long()
+    order = torch.argsort(values.detach().abs().float(), stable=True)
+    keep = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+    keep[order[:n]] = False
+    s = grad_sum.float().reshape(-1)
+    s = (s if score == "fisher" else s.abs()).clone()
+    s[idx] = float("-inf")
+    grown = torch.topk(s, n).indices
+    return torch.cat([idx[keep], grown]).sort().values
+
+
+def spiel_seed_moments(grad_mean: torch.Tensor, step: int, betas) -> tuple:
+    """Adam moments SpIEL-style for regrown entries: as if ``grad_mean`` had been seen at every one
+    of ``step`` earlier steps, so the bias-corrected first step is ±lr when the next gradient equals it."""
+    return (1 - betas[0] ** step) * grad_mean, (1 - betas[1] ** step) * grad_mean.square()
+
+
+class SpielMaskedLinear(torch.nn.Module):
+    """SpIEL in its plain dense form: ``y = x·(W0 + D)ᵀ + b`` with a dense trainable ``delta`` D kept
+    zero outside the active set by masking its gradient. While ``grad_sum`` is a tensor, backward
+    adds the unmasked dense gradient into it; ``update`` applies :func:`spiel_regrow` and re-seeds the
+    optimizer's Adam moments (dropped entries zeroed, regrown ones by :func:`spiel_seed_moments`)."""
+
+    def __init__(self, base: torch.nn.Linear, indices: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w0", base.weight.detach().clone())
+        self.register_buffer("b", None if base.bias is None else base.bias.detach().clone())
+        self.delta = torch.nn.Parameter(torch.zeros_like(self.w0))
+        self.register_buffer("mask", torch.zeros(self.w0.numel(), dtype=torch.bool, device=self.w0.device))
+        self.mask[indices.long()] = True
+        self.grad_sum = None
+        self.delta.register_hook(self._masked)
+
+    def _masked(self, g):
+        if self.grad_sum is not None:
+            self.grad_sum += g.double()
+        return g * self.mask.view_as(g)
+
+    def indices(self) -> torch.Tensor:
+        return self.mask.nonzero().squeeze(1)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w0 + self.delta, self.b)
+
+    @torch.no_grad()
+    def update(self, optimizer, n: int, steps: int) -> None:
+        old = self.indices()
+        flat = self.delta.view(-1)
+        new = spiel_regrow(old, flat[old], self.grad_sum, n)
+        dropped, grown = old[~torch.isin(old, new)], new[~torch.isin(new, old)]
+        flat[dropped] = 0
+        self.mask[dropped], self.mask[grown] = False, True
+        state = optimizer.state.get(self.delta, {})
+        if "exp_avg" in state:
+            betas = next(g["betas"] for g in optimizer.param_groups if any(p is self.delta for p in g["params"]))
+            m, v = spiel_seed_moments(self.grad_sum.view(-1)[grown] / steps, float(state["step"]), betas)
+            for key, seed in (("exp_avg", m), ("exp_avg_sq", v)):
+                buf = state[key].view(-1)
+                buf[dropped] = 0
+                buf[grown] = seed.to(buf.dtype)
+        self.grad_sum = None
+
+
 # --- LoRA -------------------------------------------------------------------------------------
 
 

@@ -1,12 +1,14 @@
 """SparseDeltaLinear: a frozen nn.Linear plus a trainable sparse delta (indices + values)."""
 
-from typing import Optional, Union
+from collections import OrderedDict
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ..sparse.functional import sparse_delta_linear, sparse_delta_merge_, sparse_delta_sddmm
+from ..sparse.functional import sparse_delta_linear, sparse_delta_merge_
 from ..sparse.layout import rowptr_for, validate_indices
 from ..sparse.selection import select_indices
 from .adapter import AdapterLayer
@@ -38,7 +40,7 @@ class SparseDeltaPart:
         self.register_buffer("rowptr", rowptr_for(idx, w.shape))
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=vdtype, device=w.device))
         self._merged_original: Optional[torch.Tensor] = None
-        self._score_pool = None  # set by SparseDeltaScheduler while it accumulates regrowth scores
+        self._grad_observers: "OrderedDict[int, Callable]" = OrderedDict()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -52,16 +54,26 @@ class SparseDeltaPart:
         if self.merged:
             return F.linear(x, self.base.weight, self.base.bias)
         y = sparse_delta_linear(x, self.base.weight, self.base.bias, self.indices, self.rowptr, self.values)
-        pool = self._score_pool
-        if pool is not None and y.requires_grad:
-            # The candidates' gradients, from the same x the op already saved: no extra activation.
-            def score(g, x=x, pool=pool):
-                # Under autocast the op ran on x cast to g's dtype; score with the same operands.
-                gd = sparse_delta_sddmm(g.detach(), x.detach().to(g.dtype), pool["indices"], pool["rowptr"])
-                pool["scores"] += gd.square() if pool["kind"] == "fisher" else gd.abs()
+        if self._grad_observers and y.requires_grad:
+            # The same x the op already saved: observing adds no activation.
+            def observe(g, x=x):
+                for fn in list(self._grad_observers.values()):
+                    # Under autocast the op ran on x cast to g's dtype: observers see those operands.
+                    fn(self, g.detach(), x.detach().to(g.dtype))
 
-            y.register_hook(score)
+            y.register_hook(observe)
         return y
+
+    def register_grad_observer(self, fn: Callable[["SparseDeltaLinear", torch.Tensor, torch.Tensor], None]
+                               ) -> RemovableHandle:
+        """Calls ``fn(module, grad_output, input)`` in every backward through this layer, with the
+        gradient of the output and the forward's input (both detached, leading dims intact): enough
+        to form any function of the dense weight gradient ``Σ_t g[t]ᵀ x[t]`` without materializing it
+        in autograd. ``SparseDeltaScheduler`` scores regrowth candidates this way. Returns a handle;
+        ``handle.remove()`` stops the calls."""
+        handle = RemovableHandle(self._grad_observers)
+        self._grad_observers[handle.id] = fn
+        return handle
 
     @torch.no_grad()
     def set_delta(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
