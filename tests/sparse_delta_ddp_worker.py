@@ -37,6 +37,7 @@ def main(rank: int, world: int, port: str, out_dir: str) -> None:
     layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
     torch.save({"indices": [m.indices for m in layers], "before": before, "values": [m.values.detach() for m in layers]},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears gloo down (an early exit aborts the peer)
     dist.destroy_process_group()
 
 
