@@ -26,9 +26,6 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear: 'base' must be an nn.Linear, got {type(base).__name__}")
         self.base = base
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.r: Dict[str, int] = {}
@@ -39,6 +36,10 @@ class LoRALinear(nn.Module):
         self.merged_adapters: List[str] = []
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
         self.active_adapters = [adapter_name]
+        # Frozen only once the adapter was accepted: a rejected argument leaves the Linear as it was.
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
 
     @property
     def in_features(self) -> int:
@@ -74,6 +75,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: 'r' must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: 'dropout' must be in [0, 1), got {dropout}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"LoRALinear: 'alpha' must be finite, got {alpha}")
         if init not in _INITS:
             raise ValueError(f"LoRALinear: 'init' must be one of {_INITS}, got {init!r}")
         w = self.base.weight

@@ -25,12 +25,12 @@ class LoRASparseLinear(SparseDeltaLinear):
                  init: Union[str, torch.Tensor] = "random", block_size: int = 16,
                  value_dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
                  generator: Optional[torch.Generator] = None):
-        super().__init__(base, density=density, k=k, structure=structure, init=init, block_size=block_size,
-                         value_dtype=value_dtype, generator=generator)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRASparseLinear: 'r' must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRASparseLinear: 'dropout' must be in [0, 1), got {dropout}")
+        super().__init__(base, density=density, k=k, structure=structure, init=init, block_size=block_size,
+                         value_dtype=value_dtype, generator=generator)
         w = base.weight
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -61,17 +61,18 @@ class LoRASparseLinear(SparseDeltaLinear):
         """W0 += Δ + s·B·A in place; ``unmerge()`` restores W0 (the sparse part bit for bit)."""
         if self.merged:
             return
+        # The sparse part first: it validates before writing, so a rejected delta leaves W0 untouched.
+        super().merge()
         w = self.base.weight
         w.copy_((w.to(self.lora_A["default"].dtype) + self.delta_weight()).to(w.dtype))
-        super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        super().unmerge()
         w = self.base.weight
         w.copy_((w.to(self.lora_A["default"].dtype) - self.delta_weight()).to(w.dtype))
+        super().unmerge()  # last: the delta's entries come back bit for bit
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}"

@@ -31,8 +31,6 @@ class SparseDeltaLinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"'base' must be an nn.Linear, got {type(base).__name__}")
         self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.structure = structure
         self.block_size = block_size
         w = base.weight
@@ -50,8 +48,19 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", idx)
         self.register_buffer("rowptr", rowptr_for(idx, w.shape))
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=vdtype, device=w.device))
+        # Frozen only once everything above succeeded: a rejected argument leaves the Linear as it was.
+        for p in base.parameters():
+            p.requires_grad_(False)
         self._merged_original: Optional[torch.Tensor] = None
         self._score_pool = None  # set by SparseDeltaScheduler while it accumulates regrowth scores
+
+    def __setattr__(self, name, value):
+        # An index update while W0 holds the merged delta would make unmerge() restore the wrong
+        # entries (e.g. a scheduler step on a merged layer): refused before anything changes.
+        if name in ("indices", "rowptr") and self.__dict__.get("_merged_original") is not None:
+            raise RuntimeError(f"SparseDeltaLinear: cannot replace '{name}' while the layer is merged; "
+                               f"unmerge() it first")
+        super().__setattr__(name, value)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -81,22 +90,32 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def set_delta(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
-        """Replaces the index set (sorted, unique, in range) and, if given, the values."""
+        """Replaces the index set (sorted, unique, in range) and, if given, the values.
+
+        ``values`` stays the same Parameter object (resized in place when the count changes), so an
+        optimizer built over it keeps training it; its per-entry state no longer fits a new count."""
         if self.merged:
-            raise RuntimeError("SparseDeltaLinear.set_delta: unmerge() first")
+            raise RuntimeError("SparseDeltaLinear.set_delta: the layer is merged; unmerge() it first")
         w = self.base.weight
-        validate_indices(indices, w.numel())
+        validate_indices(indices, w.numel(), name="SparseDeltaLinear.set_delta: argument 'indices'")
+        if values is not None:
+            if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+                raise TypeError("SparseDeltaLinear.set_delta: argument 'values' must be a floating-point tensor")
+            if values.shape != indices.shape:
+                raise ValueError(f"SparseDeltaLinear.set_delta: argument 'values' must have shape "
+                                 f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError("SparseDeltaLinear.set_delta: argument 'values' holds NaN or infinite entries")
         indices = indices.to(device=w.device)
-        if values is not None and values.shape != indices.shape:
-            raise ValueError(f"'values' must have shape {tuple(indices.shape)}, got {tuple(values.shape)}")
-        self.indices = indices
-        self.rowptr = rowptr_for(indices, w.shape)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=self.values.dtype, device=w.device)
+        values = values.to(device=w.device, dtype=self.values.dtype)
+        self.indices = indices
+        self.rowptr = rowptr_for(indices, w.shape)
         if values.numel() == self.values.numel():
             self.values.copy_(values)
         else:
-            self.values = nn.Parameter(values.to(device=w.device, dtype=self.values.dtype).clone())
+            self.values.data = values.clone()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -105,8 +124,9 @@ class SparseDeltaLinear(nn.Module):
         if self.merged:
             return
         flat = self.base.weight.view(-1)
-        self._merged_original = flat[self.indices.long()].clone()
-        sparse_delta_merge_(self.base.weight, self.indices, self.values.detach(), 1.0)
+        original = flat[self.indices.long()].clone()
+        sparse_delta_merge_(self.base.weight, self.indices, self.values.detach(), 1.0)  # raises before writing
+        self._merged_original = original
 
     @torch.no_grad()
     def unmerge(self) -> None:
