@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 
-def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` fills a temporary directory; it then replaces ``target`` as a whole."""
+def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "target") -> Path:
+    """``write(tmp)`` fills a temporary directory; it then replaces ``target`` as a whole.
+    ``what`` names the argument in errors."""
     target = Path(target)
     if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
+        raise ValueError(f"{what}: {str(target)!r} exists and is not a directory")
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))

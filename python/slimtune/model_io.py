@@ -102,7 +102,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     if _is_writer():
-        write_dir_atomic(path, write)
+        write_dir_atomic(path, write, "slimtune.save: argument 'path'")
     return path
 
 
@@ -117,7 +117,7 @@ def _read(path: Path):
             raise FileNotFoundError(f"slimtune.load: {str(f)!r} is missing")
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not a slimtune adapter config")

@@ -226,7 +226,7 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
-    write_dir_atomic(directory, write)
+    write_dir_atomic(directory, write, "export_peft_adapter: argument 'directory'")
     return directory
 
 
