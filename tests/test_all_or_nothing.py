@@ -317,3 +317,23 @@ def test_demo_seq_len_bounded_by_model_positions(monkeypatch):
     monkeypatch.setattr("slimtune.demo.models.load_model", lambda spec, seq_len: Loaded())
     with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
         run_demo(model="x", methods=["full"], steps=1, batch_size=1, seq_len=64)
+
+
+def test_save_delta_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "d.safetensors"
+    slimtune.save_delta(_sparse_model(), path)
+    before = files(tmp_path)
+    real = safetensors.torch.save_file
+
+    def half(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half)
+    with pytest.raises(OSError, match="disk full"):
+        slimtune.save_delta(_sparse_model(k=5), path)
+    assert files(tmp_path) == before

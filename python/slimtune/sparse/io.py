@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -47,8 +48,16 @@ def save_delta(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         meta[name] = {"shape": d["shape"], "structure": d["structure"], "weight_dtype": d["weight_dtype"],
                       "index_dtype": str(d["indices"].dtype).replace("torch.", ""),
                       "value_dtype": str(d["values"].dtype).replace("torch.", "")}
-    save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "version": str(VERSION),
-                                                  "layers": json.dumps(meta)})
+    # Written beside the target and renamed over it: a failure never leaves a truncated file.
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "layers": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_delta(path: Union[str, os.PathLike]) -> Delta:
