@@ -140,10 +140,10 @@ for dtype in (torch.float32, torch.bfloat16):
 
 
 for defect in ("x-features", "x-dtype", "rowptr-len", "values-len", "index", "x-meta", "weight-1d"):
-    @case(0, f"sparse_delta_linear-{defect}", accept=_meta_result if defect == "x-meta" else None, match={"x-features": "x|in_features|shape", "x-dtype": "x|dtype",
-                                                "rowptr-len": "rowptr", "values-len": "values",
-                                                "index": "indices|rowptr", "x-meta": "x|device|meta",
-                                                "weight-1d": "weight"}[defect])
+    @case(0, f"sparse_delta_linear-{defect}", accept=_meta_result if defect == "x-meta" else None,
+          match={"x-features": "x|in_features|shape", "x-dtype": "x|dtype", "rowptr-len": "rowptr",
+                 "values-len": "values", "index": "indices|rowptr", "x-meta": "x|device|meta",
+                 "weight-1d": "weight"}[defect])
     def _sdl(defect=defect):
         w = torch.randn(6, 8)
         idx = torch.tensor(sorted(RNG.sample(range(48), 7)), dtype=torch.int32)
@@ -184,10 +184,10 @@ for defect in ("a-shape", "index-len", "rowptr-short", "b-dtype"):
 
 
 for defect in ("x-features", "A-rank", "dropout-high", "dropout-negative", "x-meta", "B-dtype", "scale-nan"):
-    @case(0, f"lora_linear-{defect}", accept=_meta_result if defect == "x-meta" else None, match={"x-features": "x|lora_A|features", "A-rank": "lora_B|rank|lora_A",
-                                       "dropout-high": "dropout", "dropout-negative": "dropout",
-                                       "x-meta": "x|device|meta", "B-dtype": "lora_B|dtype",
-                                       "scale-nan": "scale"}[defect])
+    @case(0, f"lora_linear-{defect}", accept=_meta_result if defect == "x-meta" else None,
+          match={"x-features": "x|lora_A|features", "A-rank": "lora_B|rank|lora_A", "dropout-high": "dropout",
+                 "dropout-negative": "dropout", "x-meta": "x|device|meta", "B-dtype": "lora_B|dtype",
+                 "scale-nan": "scale"}[defect])
     def _lora(defect=defect):
         x, w = torch.randn(3, 8), torch.randn(6, 8)
         A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
