@@ -166,6 +166,29 @@ for defect in ("x-features", "x-dtype", "rowptr-len", "values-len", "index", "x-
         return (lambda: sparse_delta_linear(x, w, None, idx, rowptr, vals)), _tensor_state(w, vals)
 
 
+for defect in ("rowptr-end", "rowptr-stale"):
+    @case(0, f"sparse_delta_linear_backward-{defect}", "rowptr")
+    def _sdl_bw(defect=defect):
+        w, x, g = torch.randn(6, 8), torch.randn(3, 8), torch.randn(3, 6)
+        idx = torch.tensor(sorted(RNG.sample(range(48), 7)), dtype=torch.int32)
+        rowptr, vals = rowptr_for(idx, w.shape), torch.randn(7)
+        if defect == "rowptr-end":
+            rowptr[-1] = RNG.choice([8, 1000, 10**9])
+        else:
+            rowptr[1:-1] = rowptr[1:-1].flip(0)
+            if torch.equal(rowptr, rowptr_for(idx, w.shape)):
+                rowptr[1] = 7
+        return (lambda: torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rowptr, vals,
+                                                                        [True, True, True])), _tensor_state(w, vals)
+
+
+@case(0, "memsave_maxpool_compact-indices-outside-windows", "indices|window|range")
+def _pool_compact():
+    ind = torch.full((1, 1, 3, 3), RNG.choice([36, 10**6, -1]), dtype=torch.int64)
+    return (lambda: torch.ops.slimtune.memsave_maxpool_compact(ind, [1, 1, 6, 6], [2, 2], [2, 2], [0, 0],
+                                                                [1, 1])), _tensor_state(ind)
+
+
 for defect in ("a-shape", "index-len", "rowptr-short", "b-dtype"):
     @case(0, f"sparse_delta_sddmm-{defect}", "a|b|indices|rowptr|shape")
     def _sddmm(defect=defect):

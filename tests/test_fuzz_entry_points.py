@@ -23,15 +23,20 @@ KNOWN_CRASHES = {
     "memsave_maxpool_backward-offset-out-of-window":
         "memsave_maxpool_backward does not check that each int8 offset lies inside its window: writes outside "
         "the gradient (segmentation fault)",
+    "memsave_maxpool_compact-indices-outside-windows":
+        "memsave_maxpool_compact does not check that each index lies inside its window: it returns offsets "
+        "outside the window, which memsave_maxpool_backward then writes through",
 }
 
 _results = {}
+_seconds = {}
 
 
 def _run_batch(batch: int) -> dict:
     """{case: (ok, detail)} for every case of ``batch``, crashed ones included."""
     if batch in _results:
         return _results[batch]
+    t0 = time.perf_counter()
     out, skip = {}, set(KNOWN_CRASHES)
     expected = {n for n, c in CASES.items() if c[0] == batch}
     for _ in range(len(expected) + 1):
@@ -55,6 +60,7 @@ def _run_batch(batch: int) -> dict:
         if name in expected:
             out[name] = _run_one_isolated(batch, name)
     _results[batch] = out
+    _seconds[batch] = time.perf_counter() - t0
     return out
 
 
@@ -82,10 +88,9 @@ def test_bad_argument(batch, name):
 
 
 def test_fuzz_is_bounded_and_covers_every_entry_point():
-    t0 = time.perf_counter()
     for batch in sorted({c[0] for c in CASES.values()}):
         _run_batch(batch)
-    assert time.perf_counter() - t0 < 60  # three subprocesses; about 15 s on an idle 2-core machine
+    assert sum(_seconds.values()) < 30, _seconds  # the subprocesses, known crashes included
     prefixes = {n.split("-")[0] for n in CASES}
     for entry in ("sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "lora_linear",
                   "memsave_relu_backward", "memsave_maxpool_backward", "construct", "forward", "set_delta",
