@@ -338,3 +338,20 @@ def test_readme_sparse_delta_example_runs_and_composes_once():
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(ns["plain"](x), ns["model"](x))
+
+
+def test_lora_dropout_under_reentrant_checkpoint_matches_plain_backward():
+    torch.manual_seed(0)
+    layer = slimtune.nn.LoRALinear(nn.Linear(16, 8), r=4, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(4, 16, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):
+        x.grad = layer.lora_A["default"].grad = None
+        torch.manual_seed(7)
+        out = checkpoint(layer, x, use_reentrant=True) if ckpt else layer(x)
+        out.pow(2).sum().backward()
+        grads.append((x.grad.clone(), layer.lora_A["default"].grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
