@@ -291,10 +291,26 @@ def test_merge_failing_on_a_later_layer_changes_nothing():
     with torch.no_grad():
         model[2].values[1] = float("nan")  # the op refuses NaN: the second layer fails
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match="values"):
+    with pytest.raises(ValueError, match="layer '2' holds NaN"):
         slimtune.merge(model)
     assert_same(before, snapshot(model))
     assert not model[0].merged and not model[2].merged
+
+
+def test_merge_rolls_back_when_a_layer_method_fails():
+    """A layer whose own merge() raises (any registered method): the ones merged before it are undone."""
+    model = _tiny("sparse_delta")
+    before = snapshot(model)
+
+    def broken():
+        raise RuntimeError("cannot merge this one")
+
+    model[2].merge = broken
+    with pytest.raises(RuntimeError, match="cannot merge this one"):
+        slimtune.merge(model)
+    del model[2].merge
+    assert_same(before, snapshot(model))
+    assert not model[0].merged
 
 
 # -- compose -----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import uuid
 from pathlib import Path
@@ -298,6 +297,12 @@ def merge(model: nn.Module, unload: bool = True, safe_merge: bool = False) -> nn
     missing = [n for n, m in conv.items() if not callable(getattr(m, "merge", None))]
     if missing:
         raise TypeError(f"slimtune.merge: layer {missing[0]!r} ({type(conv[missing[0]]).__name__}) has no merge()")
+    for name, module in conv.items():
+        # The sparse-delta op refuses non-finite values; found here, before any layer is written, the
+        # model stays bit for bit as it was (an unmerge() of LoRA layers would restore it only to rounding).
+        values = getattr(module, "values", None)
+        if isinstance(values, torch.Tensor) and not _is_merged(module) and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"slimtune.merge: layer {name!r} holds NaN or infinite delta values; nothing was merged")
     with torch.no_grad():
         if safe_merge:
             for name, module in conv.items():
