@@ -380,3 +380,14 @@ def test_concurrent_saves_never_expose_a_mixed_pair(tmp_path):
     assert not errors, errors
     assert seen > 0
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_atomic_writes_keep_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        d = slimtune.save(_lora_model(), tmp_path / "ckpt")
+        slimtune.save_delta(_sparse_model(), tmp_path / "d.safetensors")
+    finally:
+        os.umask(mask)
+    assert (d.stat().st_mode & 0o777) == 0o755
+    assert ((tmp_path / "d.safetensors").stat().st_mode & 0o777) == 0o644

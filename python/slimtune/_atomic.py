@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 
+def default_mode(directory: bool) -> int:
+    """The permissions a plain mkdir/open would give (temporary files are created private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "target") -> Path:
     """``write(tmp)`` fills a temporary directory; it then replaces ``target`` as a whole.
     ``what`` names the argument in errors."""
@@ -23,6 +30,7 @@ def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "t
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         write(tmp)
         for _ in range(100):  # another writer may swap the same target in between: try again
@@ -42,7 +50,11 @@ def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "t
                 try:
                     os.rename(tmp, target)
                 except OSError:
-                    os.rename(old, target) if not target.exists() else None
+                    # Another writer's directory took the place meanwhile: the moved-aside one is stale.
+                    try:
+                        os.rename(old, target)
+                    except OSError:
+                        shutil.rmtree(old, ignore_errors=True)
                     continue
                 shutil.rmtree(old, ignore_errors=True)
                 return target

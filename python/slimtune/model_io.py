@@ -133,6 +133,9 @@ def _read(path: Path):
             meta = f.metadata() or {}
         tensors = load_file(str(weights_file))
     except Exception as e:
+        if isinstance(e, FileNotFoundError) or "No such file" in str(e) or not weights_file.is_file():
+            # Gone since the check above (the directory was replaced by a concurrent save).
+            raise FileNotFoundError(f"slimtune.load: {str(weights_file)!r} is missing") from None
         raise ValueError(f"slimtune.load: cannot read {str(weights_file)!r} ({e})") from None
     if "weights_id" in config and "weights_id" in meta and meta["weights_id"] != config["weights_id"]:
         raise ValueError(f"slimtune.load: {str(weights_file)!r} and {str(cfg_file)!r} come from different saves "

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._atomic import default_mode
 from ..functional import sparse_delta_merge_
 from .layout import validate_indices
 
@@ -54,6 +55,7 @@ def save_delta(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "layers": json.dumps(meta)})
+        os.chmod(tmp, default_mode(directory=False))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
