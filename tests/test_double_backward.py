@@ -173,3 +173,18 @@ def test_memsave_other_layers_double_backward_exact(make):
         return m(x)
 
     assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(),) + params)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: slimtune.nn.MemSaveConv2d(2, 3, 3, padding=1),
+    lambda: slimtune.nn.MemSaveConv1d(2, 3, 4, padding="same", padding_mode="replicate"),
+    lambda: slimtune.nn.MemSaveBatchNorm2d(2).eval(),
+], ids=["conv", "conv1d-same-replicate", "batchnorm-eval"])
+def test_memsave_frozen_layers_double_backward_exact(make):
+    """Frozen weights: the layer keeps shape placeholders instead of tensors; the second derivative
+    with respect to the input must not be affected."""
+    torch.manual_seed(0)
+    m = make().to(**D).requires_grad_(False)
+    x = torch.randn(2, 2, 5, 5, **D) if not isinstance(m, nn.Conv1d) else torch.randn(2, 2, 7, **D)
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: m(x).pow(2), (x,))
