@@ -8,8 +8,10 @@ weights are not written: ``load`` applies the file to a freshly built copy of th
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Dict, Union
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from . import convert as _cv
+from ._atomic import write_dir_atomic
 
 __all__ = ["save", "load", "merge", "unmerge", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
@@ -87,13 +90,18 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         }
         for k, v in state.items():
             tensors[f"{name}.{k}"] = _full(v)
+    # The pair is tagged with one id: a reader that meets a config and weights of two saves says so.
+    pair_id = uuid.uuid4().hex
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
-              "model_class": type(inner).__name__, "layers": layers}
+              "model_class": type(inner).__name__, "layers": layers, "weights_id": pair_id}
     path = Path(path)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "weights_id": pair_id})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     if _is_writer():
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_dir_atomic(path, write, "slimtune.save: argument 'path'")
     return path
 
 
@@ -108,7 +116,7 @@ def _read(path: Path):
             raise FileNotFoundError(f"slimtune.load: {str(f)!r} is missing")
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not a slimtune adapter config")
@@ -119,10 +127,43 @@ def _read(path: Path):
     if not isinstance(config.get("layers"), dict) or not config["layers"]:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} lists no layers")
     try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), framework="pt") as f:
+            meta = f.metadata() or {}
         tensors = load_file(str(weights_file))
     except Exception as e:
+        if isinstance(e, FileNotFoundError) or "No such file" in str(e) or not weights_file.is_file():
+            # Gone since the check above (the directory was replaced by a concurrent save).
+            raise FileNotFoundError(f"slimtune.load: {str(weights_file)!r} is missing") from None
         raise ValueError(f"slimtune.load: cannot read {str(weights_file)!r} ({e})") from None
+    if "weights_id" in config and "weights_id" in meta and meta["weights_id"] != config["weights_id"]:
+        raise ValueError(f"slimtune.load: {str(weights_file)!r} and {str(cfg_file)!r} come from different saves "
+                         f"(the directory changed while it was read?)")
+    bad = [n for n, e in config["layers"].items() if not isinstance(n, str) or not isinstance(e, dict)
+           or not isinstance(e.get("kwargs", {}), dict) or not isinstance(e.get("base", {}), dict)]
+    if bad:
+        raise ValueError(f"slimtune.load: {str(cfg_file)!r}: malformed entry for layer {bad[0]!r}")
     return config, tensors
+
+
+def _check_values(name: str, holder: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Values a layer would silently misuse: non-finite numbers, a sparse index set out of range,
+    unsorted or with a rowptr that does not describe it."""
+    for k in _cv.adapter_state(holder):
+        src = tensors[f"{name}.{k}"]
+        if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+            raise ValueError(f"slimtune.load: tensor {name + '.' + k!r} holds NaN or infinite values")
+    from .nn.sparse_delta import SparseDeltaLinear
+
+    if isinstance(holder, SparseDeltaLinear):
+        from .sparse.layout import rowptr_for, validate_indices
+
+        idx = tensors[f"{name}.indices"]
+        validate_indices(idx, holder.base.weight.numel(), name=f"slimtune.load: tensor {name + '.indices'!r}")
+        rowptr = tensors.get(f"{name}.rowptr")
+        if rowptr is not None and not torch.equal(rowptr.to(torch.int64), rowptr_for(idx, holder.base.weight.shape)):
+            raise ValueError(f"slimtune.load: tensor {name + '.rowptr'!r} does not match {name + '.indices'!r}")
 
 
 def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = True) -> nn.Module:
@@ -153,6 +194,9 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                 raise ValueError(f"slimtune.load: the model has no layer {name!r} "
                                  f"(was the file saved from a different architecture?)") from None
             if _cv.is_converted(current):
+                if _is_merged(current):
+                    raise ValueError(f"slimtune.load: layer {name!r} is merged (slimtune.merge(..., unload=False)); "
+                                     f"unmerge it first, or unmerge() would restore the wrong weights")
                 have = getattr(current, _cv._METHOD_ATTR)
                 if have != method:
                     raise ValueError(f"slimtune.load: layer {name!r} is converted with {have!r}, the file has {method!r}")
@@ -187,6 +231,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                                      f"in the model")
                 if type(dest).__name__ == "DTensor":
                     raise ValueError("slimtune.load: load adapters before sharding the model with FSDP")
+            _check_values(name, holder, tensors)
             plan.append((name, new, holder))
         extra = sorted(set(tensors) - expected_keys)
         if extra:
@@ -223,12 +268,30 @@ def _restore_base(module: nn.Module) -> nn.Module:
     return layer
 
 
-def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+def _is_merged(module: nn.Module) -> bool:
+    merged = getattr(module, "merged", None)
+    if isinstance(merged, bool):
+        return merged
+    return bool(getattr(module, "merged_adapters", None))
+
+
+def _finite_merge_probe(name: str, module: nn.Module) -> None:
+    """Merges a copy of the layer and checks the result, so the model's weights are never written
+    with NaN/Inf (PEFT's safe_merge)."""
+    probe = copy.deepcopy(module)
+    probe.merge()
+    if not bool(torch.isfinite(probe.base.weight).all()):
+        raise ValueError(f"slimtune.merge: merging layer {name!r} gives NaN or infinite weights; nothing was merged")
+
+
+def merge(model: nn.Module, unload: bool = True, safe_merge: bool = False) -> nn.Module:
     """Fold every converted layer's adapter into its base weight, for inference.
 
     With ``unload`` (default) each converted layer is replaced by its plain base layer (a GPT-2
     Conv1D comes back as a Conv1D), leaving an ordinary model; otherwise the layers stay
-    converted in the merged state (``unmerge`` undoes it). Returns ``model``.
+    converted in the merged state (``unmerge`` undoes it). With ``safe_merge`` every layer is first
+    merged into a copy and checked for NaN/Inf. All or nothing: when a layer fails, the layers
+    merged before it are unmerged and the model keeps its structure. Returns ``model``.
     """
     inner = _cv._unwrap(model)
     conv = _cv.converted_modules(inner)
@@ -237,11 +300,31 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     missing = [n for n, m in conv.items() if not callable(getattr(m, "merge", None))]
     if missing:
         raise TypeError(f"slimtune.merge: layer {missing[0]!r} ({type(conv[missing[0]]).__name__}) has no merge()")
+    for name, module in conv.items():
+        # The sparse-delta op refuses non-finite values; found here, before any layer is written, the
+        # model stays bit for bit as it was (an unmerge() of LoRA layers would restore it only to rounding).
+        values = getattr(module, "values", None)
+        if isinstance(values, torch.Tensor) and not _is_merged(module) and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"slimtune.merge: layer {name!r} holds NaN or infinite delta values; nothing was merged")
     with torch.no_grad():
-        for name, module in conv.items():
-            module.merge()
-            if unload:
-                _cv._set_submodule(inner, name, _restore_base(module))
+        if safe_merge:
+            for name, module in conv.items():
+                if not _is_merged(module):
+                    _finite_merge_probe(name, module)
+        done = []
+        try:
+            for name, module in conv.items():
+                if _is_merged(module):
+                    continue
+                module.merge()
+                done.append(module)
+            bases = {name: _restore_base(module) for name, module in conv.items()} if unload else {}
+        except BaseException:
+            for module in reversed(done):
+                module.unmerge()
+            raise
+        for name, base in bases.items():
+            _cv._set_submodule(inner, name, base)
     return model
 
 

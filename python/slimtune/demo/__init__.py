@@ -22,6 +22,47 @@ __all__ = ["run_demo", "main", "METHODS"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Bounds that keep a mistyped flag from growing the run past a workstation (checked before loading).
+LIMITS = {"steps": (1, 100_000), "batch_size": (1, 4096), "seq_len": (8, 8192), "heldout_batches": (1, 10_000),
+          "head_steps": (0, 100_000)}
+MAX_TOKENS_PER_STEP = 2**18  # batch x sequence length
+MAX_TOTAL_TOKENS = 2**24  # training, head-fitting and held-out tokens together (the corpus is built for them)
+
+
+def check_settings(steps: int, batch_size: int, seq_len: int, heldout_batches: int, head_steps: int,
+                   head_lr: float = 3e-3, seed: int = 0, device: str = "cpu") -> torch.device:
+    """Raises ValueError naming the flag when a setting is out of range; returns the device."""
+    values = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "heldout_batches": heldout_batches,
+              "head_steps": head_steps}
+    for name, value in values.items():
+        lo, hi = LIMITS[name]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"slimtune demo: {flag} must be an int in [{lo}, {hi}], got {value!r}")
+    if batch_size * seq_len > MAX_TOKENS_PER_STEP:
+        raise ValueError(f"slimtune demo: --batch-size x --seq-len = {batch_size * seq_len} tokens per step exceeds "
+                         f"{MAX_TOKENS_PER_STEP}")
+    total = (steps + head_steps + heldout_batches) * batch_size * seq_len
+    if total > MAX_TOTAL_TOKENS:
+        raise ValueError(f"slimtune demo: (--steps + --head-steps + --heldout-batches) x --batch-size x --seq-len = "
+                         f"{total} tokens exceeds {MAX_TOTAL_TOKENS}")
+    if isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or not 0.0 < head_lr < 1e3:
+        raise ValueError(f"slimtune demo: head learning rate must be a positive number, got {head_lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"slimtune demo: --seed must be an int in [0, 2**63), got {seed!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"slimtune demo: --device {device!r} is not a device ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"slimtune demo: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _max_positions(model) -> Optional[int]:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
 
 def _log(msg: str, quiet: bool):
     if not quiet:
@@ -40,9 +81,7 @@ def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"slimtune demo: unknown method(s) {unknown}; known: {METHODS}")
-    if steps < 1 or batch_size < 1 or seq_len < 8 or heldout_batches < 1:
-        raise ValueError("slimtune demo: --steps, --batch-size and held-out batches must be >= 1, --seq-len >= 8")
-    dev = torch.device(device)
+    dev = check_settings(steps, batch_size, seq_len, heldout_batches, head_steps, head_lr, seed, device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("slimtune demo: --device cuda but no CUDA device is visible")
     dtype_name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
@@ -52,6 +91,10 @@ def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: 
 
     torch.manual_seed(seed)
     loaded = load_model(model, seq_len)
+    limit = _max_positions(loaded.model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"slimtune demo: --seq-len {seq_len} exceeds the model's {limit} positions "
+                         f"(max_position_embeddings of {loaded.name})")
     _log(f"model: {loaded.name} ({loaded.task})" + (f"; {loaded.note}" if loaded.note else ""), quiet)
 
     mlm = loaded.task == "mlm"
@@ -146,7 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=None, help="draw loss curves and memory/time bars to this PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
+        if not 1 <= args.threads <= 1024:
+            p.error(f"--threads must be in [1, 1024], got {args.threads}")
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from .._autograd import refuse_double_backward
+
 _lib = "slimtune"
 
 
@@ -83,12 +85,15 @@ def _backward(ctx, grad_out, _grad_xa):
     x, weight, lora_A, lora_B, xa = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_bias = bool(ctx.has_bias and need[2])
-    dx, dA, dB, dbias = torch.ops.slimtune.lora_linear_backward(
-        grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias)
-    dweight = None
-    if weight is not None and need[1]:
-        # A trainable base weight (not the LoRA use case) still gets its exact gradient.
-        dweight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    with torch.no_grad():
+        dx, dA, dB, dbias = torch.ops.slimtune.lora_linear_backward(
+            grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias)
+        dweight = None
+        if weight is not None and need[1]:
+            # A trainable base weight (not the LoRA use case) still gets its exact gradient.
+            dweight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    dx, dweight, dbias, dA, dB = refuse_double_backward(
+        "slimtune.lora_linear", (dx, dweight, dbias, dA, dB), (grad_out, x, weight, lora_A, lora_B))
     return (dx if need[0] else None, dweight, dbias if need_bias else None, dA if need[3] else None,
             dB if need[4] else None, None, None, None, None)
 
@@ -114,10 +119,16 @@ def _multi_backward(ctx, grad_outs, _grad_xa):
     # An output that did not reach the loss has no gradient: it contributes zero.
     grads = [g if g is not None else x.new_zeros((*x.shape[:-1], B.shape[0])) for g, B in zip(grad_outs, lora_Bs)]
     need_bias = [bool(h and nb) for h, nb in zip(ctx.has_bias, need_b)]
-    dx, dAs, dBs, dbs = torch.ops.slimtune.lora_linear_multi_backward(
-        grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias)
-    dws = [g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None
-           for g, nw in zip(grads, need_w)]
+    with torch.no_grad():
+        dx, dAs, dBs, dbs = torch.ops.slimtune.lora_linear_multi_backward(
+            grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias)
+        dws = [g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None
+               for g, nw in zip(grads, need_w)]
+    n_out = [1, len(dws), len(dbs), len(dAs), len(dBs)]
+    flat = refuse_double_backward("slimtune.lora_linear_multi", (dx, *dws, *dbs, *dAs, *dBs),
+                                  (x, *grads, *weights, *lora_As, *lora_Bs))
+    dx, dws, dbs, dAs, dBs = [list(flat[sum(n_out[:i]):sum(n_out[:i + 1])]) for i in range(5)]
+    dx = dx[0]
     return (dx if need_x else None, dws, [b if nb else None for b, nb in zip(dbs, need_bias)],
             [a if na else None for a, na in zip(dAs, need_A)], [b if nb else None for b, nb in zip(dBs, need_B)],
             None, None, None, None)

@@ -2,12 +2,15 @@
 ``adapter_model.safetensors``) with slimtune ``LoRALinear`` modules."""
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 from torch import nn
+
+from .._atomic import write_dir_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +39,26 @@ def _read_config(directory: Path) -> dict:
     for unsupported in ("use_dora",):
         if config.get(unsupported):
             raise PeftAdapterError(f"load_peft_adapter: {path}: '{unsupported}' adapters are not supported")
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init == "gaussian"):
+        # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...: the checkpoint's lora_A/lora_B belong to base weights
+        # that loading first changes; applied to the original weights they give wrong outputs.
+        raise PeftAdapterError(f"load_peft_adapter: {path}: 'init_lora_weights' = {init!r} adapters change the "
+                               f"base weights when loaded; they are not supported (convert to a plain LoRA first)")
+    if config.get("alora_invocation_tokens"):
+        raise PeftAdapterError(f"load_peft_adapter: {path}: 'alora_invocation_tokens' (activated LoRA applies only "
+                               f"from the invocation tokens on) is not supported")
+    for field in ("layer_replication", "lora_bias", "use_qalora"):
+        if config.get(field):
+            raise PeftAdapterError(f"load_peft_adapter: {path}: '{field}' is not supported")
+    alpha, dropout = config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise PeftAdapterError(f"load_peft_adapter: {path}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise PeftAdapterError(f"load_peft_adapter: {path}: 'lora_dropout' must be in [0, 1), got {dropout!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise PeftAdapterError(f"load_peft_adapter: {path}: '{field}' must be a JSON object")
     return config
 
 
@@ -52,11 +75,23 @@ def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
 
 
 def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it."""
+    """PEFT's rank_pattern/alpha_pattern lookup (``peft.utils.other.get_pattern_key``): the first key
+    that, as a regular expression, matches the module name or a dotted suffix of it."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as e:
+            raise PeftAdapterError(f"load_peft_adapter: pattern key {key!r} is not a valid regular expression ({e})")
+        if hit:
             return value
     return default
+
+
+def _exact_pattern_key(name: str) -> str:
+    r"""A pattern key that PEFT's lookup matches to module ``name`` only: PEFT tries ``(.*\.)?(key)$``
+    with ``re.match``, so an unanchored ``lin`` would also match ``block.lin``; ``^`` inside the group
+    admits only a match from the start of the name."""
+    return "^" + re.escape(name)
 
 
 def _targeted(target_modules, name: str) -> bool:
@@ -108,8 +143,13 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             raise PeftAdapterError(f"load_peft_adapter: target {name!r} is a {type(module).__name__}, not nn.Linear")
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise PeftAdapterError(f"load_peft_adapter: {name!r} already has an adapter named {adapter_name!r}")
-        r = int(_pattern_value(config.get("rank_pattern"), name, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise PeftAdapterError(f"load_peft_adapter: rank_pattern gives {name!r} rank {r!r}, not a positive int")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise PeftAdapterError(f"load_peft_adapter: alpha_pattern gives {name!r} alpha {alpha!r}, not a number")
+        alpha = float(alpha)
         A, B = ab["A"], ab["B"]
         if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[1] != r:
             raise PeftAdapterError(f"load_peft_adapter: rank mismatch at {name!r}: config r={r} but lora_A is "
@@ -117,17 +157,30 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features:
             raise PeftAdapterError(f"load_peft_adapter: shape mismatch at {name!r}: lora_A {tuple(A.shape)} / lora_B "
                                    f"{tuple(B.shape)} vs Linear({linear.in_features}, {linear.out_features})")
+        if not A.is_floating_point() or not B.is_floating_point():
+            raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} must be floating point")
+        if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(B).all()):
+            raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} hold NaN or infinite values")
         plan[name] = (module, r, alpha, A, B)
 
     dropout = float(config.get("lora_dropout", 0.0))
     rslora = bool(config.get("use_rslora", False))
+    # New wrappers are built (they freeze nothing until they succeed) before any module is touched.
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        built = {name: LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros",
+                                  adapter_name=adapter_name)
+                 for name, (module, r, alpha, A, B) in plan.items() if not isinstance(module, LoRALinear)}
+    except BaseException:
+        for p in model.parameters():
+            p.requires_grad_(grad_flags[id(p)])
+        raise
     for name, (module, r, alpha, A, B) in plan.items():
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros")
             target = module
         else:
-            target = LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros",
-                                adapter_name=adapter_name)
+            target = built[name]
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, target)
         with torch.no_grad():
@@ -155,9 +208,9 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         if m.use_rslora[adapter_name] != rslora:
             raise ValueError("export_peft_adapter: PEFT needs one use_rslora setting for the whole adapter")
         if m.r[adapter_name] != r0:
-            rank_pattern[re.escape(name)] = m.r[adapter_name]
+            rank_pattern[_exact_pattern_key(name)] = m.r[adapter_name]
         if m.lora_alpha[adapter_name] != alpha0:
-            alpha_pattern[re.escape(name)] = m.lora_alpha[adapter_name]
+            alpha_pattern[_exact_pattern_key(name)] = m.lora_alpha[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous().cpu()
     config = {
@@ -168,9 +221,12 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
     }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    write_dir_atomic(directory, write, "export_peft_adapter: argument 'directory'")
     return directory
 
 

@@ -95,6 +95,17 @@ def convert(model: nn.Module, layers=None, inplace: bool = True):
     converts a deep copy. Returns ``(model, report)``; ``print(report)`` lists what was
     converted and what was skipped, with the reason.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memsave: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, (str, type)) else layers
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise TypeError(f"memsave: argument 'layers' must be None or a list of layer classes and module names, "
+                            f"got {type(layers).__name__}") from None
+        if not all(isinstance(sel, (str, type)) for sel in layers):
+            raise TypeError("memsave: argument 'layers' must hold layer classes and module names only")
     if not inplace:
         model = copy.deepcopy(model)
     report = MemSaveReport()

@@ -5,6 +5,10 @@ are bit-identical; each backward asks ATen only for the gradients autograd needs
 (``output_mask``), so tensors needed only by a frozen parameter's gradient are never saved.
 Everything kept goes through ``ctx.save_for_backward``: saved-tensor hooks (offloading,
 checkpointing, :func:`slimtune.saved_bytes`) see it.
+
+Backward formulas are written with differentiable ops so that double backward
+(``create_graph=True``) is exact; where a statistic was saved without its history (rstd) it is
+formed again from the input when a graph is being recorded.
 """
 
 import torch
@@ -15,6 +19,11 @@ aten = torch.ops.aten
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _recording(*ts):
+    """True when backward itself is being differentiated through one of ``ts`` (create_graph=True)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def _shape_only(shape, like):
@@ -138,6 +147,7 @@ class RMSNormFunction(torch.autograd.Function):
         out, rstd = aten._fused_rms_norm(x, normalized_shape, weight, eps)
         ctx.save_for_backward(x, rstd, weight if ctx.needs_input_grad[0] else None)
         ctx.normalized_shape = normalized_shape
+        ctx.eps = torch.finfo(x.dtype).eps if eps is None else eps
         ctx.w_dtype = None if weight is None else weight.dtype
         return out
 
@@ -147,6 +157,9 @@ class RMSNormFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         acc = _acc_dtype(x.dtype)
         dims = tuple(range(-len(ctx.normalized_shape), 0))
+        if _recording(grad, x, weight):
+            # The saved rstd has no history; the second derivative needs its dependence on x.
+            rstd = torch.rsqrt(x.to(acc).pow(2).mean(dims, keepdim=True) + ctx.eps).to(rstd.dtype)
         xhat = x.to(acc) * rstd.to(acc)
         g = grad.to(acc)
         gx = gw = None
@@ -168,9 +181,9 @@ class ReLUFunction(torch.autograd.Function):
             mask = torch.ops.slimtune.memsave_relu_mask(x)
             ctx.mark_dirty(x)
             out = x.relu_()
-        elif x.is_contiguous():
-            out, mask = torch.ops.slimtune.memsave_relu(x)  # one pass for both
-        else:  # keep the input's memory format, as torch.relu does
+        else:
+            # torch.relu itself, not the fused memsave_relu kernel: that one writes +0.0 for an input of
+            # -0.0 where torch.relu keeps -0.0, and outputs must be bit-identical to stock.
             mask = torch.ops.slimtune.memsave_relu_mask(x)
             out = torch.relu(x)
         ctx.save_for_backward(mask)
@@ -179,7 +192,17 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
+        if _recording(grad):
+            # The kernel has no derivative; grad * unpacked mask is the same product, differentiable in grad.
+            return grad * _unpack_bits(mask, grad).to(grad.dtype), None
         return torch.ops.slimtune.memsave_relu_backward(grad, mask), None
+
+
+def _unpack_bits(mask, like):
+    """The boolean mask ``memsave_relu_mask`` packed into bytes (bit i of byte k: element 8k + i)."""
+    bits = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    flat = ((mask.unsqueeze(-1) >> bits) & 1).reshape(-1)[:like.numel()]
+    return flat.view(like.shape).bool()
 
 
 def _dropout_scaled_mask(like, p, seed):
@@ -255,7 +278,8 @@ class MaxPoolFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (compact,) = ctx.saved_tensors
         x_shape, in_sizes, out_sizes, kernel_size, stride, padding, dilation, x_dtype = ctx.pool
-        if compact.dtype == torch.int8:
+        # The int8 kernel has no derivative: under create_graph the differentiable scatter below serves.
+        if compact.dtype == torch.int8 and not _recording(grad):
             gx = torch.ops.slimtune.memsave_maxpool_backward(grad, compact, x_shape, kernel_size, stride, padding,
                                                              dilation)
             return gx, None, None, None, None, None
@@ -295,11 +319,14 @@ class HFRMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         out = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, rstd, weight)
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, rstd, weight = ctx.saved_tensors
+        if _recording(grad, x, weight):
+            rstd = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + ctx.eps)
         xhat = x.to(torch.float32) * rstd
         gx = gw = None
         if ctx.needs_input_grad[1]:

@@ -77,7 +77,10 @@ def _conv_forward(module, x, transposed=False, output_padding=None):
     if unbatched:
         x = x.unsqueeze(0)
     padding = module.padding
-    if isinstance(padding, str):
+    if module.padding_mode != "zeros":
+        # _reversed_padding_repeated_twice already holds the whole 'same' padding, odd extra included.
+        padding = (0,) * nd
+    elif isinstance(padding, str):
         if padding == "valid":
             padding = (0,) * nd
         else:
@@ -209,7 +212,7 @@ def memsave_hf_rms_norm_class(cls):
 
 
 class MemSaveReLU(nn.ReLU):
-    """nn.ReLU keeping one bit per element for backward."""
+    """nn.ReLU keeping one bit per element for backward (the output is torch.relu's, -0.0 included)."""
 
     def forward(self, input):
         if not (torch.is_grad_enabled() and input.requires_grad):
@@ -218,16 +221,22 @@ class MemSaveReLU(nn.ReLU):
 
 
 class MemSaveDropout(nn.Dropout):
-    """nn.Dropout keeping only a seed: the mask is regenerated in backward."""
+    """nn.Dropout keeping only a seed: the mask is regenerated in backward.
+
+    The mask has nn.Dropout's distribution but comes from its own seeded generator, so it is not
+    the mask nn.Dropout would draw. The seed is drawn from torch's default CPU generator on every
+    training call, with or without grad: ``torch.manual_seed`` repeats it, and activation
+    checkpointing, which restores that generator before recomputing, recomputes the same mask.
+    """
 
     def forward(self, input):
-        if not self.training or self.p == 0.0 or self.p == 1.0 or not (
-                torch.is_grad_enabled() and input.requires_grad):
+        if not self.training or self.p == 0.0 or self.p == 1.0:
             return F.dropout(input, self.p, self.training, self.inplace)
         if self.inplace:
-            raise ValueError("MemSaveDropout: inplace=True is not supported with a regenerated mask; "
-                             "use inplace=False (it saves no mask either way)")
-        # Drawn from the default CPU generator: torch.manual_seed makes runs repeatable.
+            if torch.is_grad_enabled() and input.requires_grad:
+                raise ValueError("MemSaveDropout: inplace=True is not supported with a regenerated mask; "
+                                 "use inplace=False (it saves no mask either way)")
+            return F.dropout(input, self.p, self.training, self.inplace)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return DropoutFunction.apply(input, float(self.p), seed)
 

@@ -32,9 +32,13 @@ class AdapterLayer(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{type(self).__name__}: 'base' must be an nn.Linear, got {type(base).__name__}")
         self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
         self._merged = False
+
+    def _freeze_base(self) -> None:
+        """Freezes the base weight and bias. Subclasses call it last in ``__init__``, so a rejected
+        argument leaves the wrapped Linear as it was."""
+        for p in self.base.parameters():
+            p.requires_grad_(False)
 
     @property
     def in_features(self) -> int:

@@ -61,6 +61,8 @@ class LoRAPart:
             raise ValueError(f"{type(self).__name__}: 'r' must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__}: 'dropout' must be in [0, 1), got {dropout}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"{type(self).__name__}: 'alpha' must be finite, got {alpha}")
         if init not in _INITS:
             raise ValueError(f"{type(self).__name__}: 'init' must be one of {_INITS}, got {init!r}")
         w = self.base.weight
@@ -159,6 +161,7 @@ class LoRALinear(LoRAPart, AdapterLayer):
                  init: str = "kaiming", adapter_name: str = "default", dtype: Optional[torch.dtype] = None):
         AdapterLayer.__init__(self, base)
         self._init_lora(adapter_name, r, alpha, dropout, rslora, init, dtype)
+        self._freeze_base()
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         if adapter_ids is not None:

@@ -28,7 +28,9 @@ class LoRASparseLinear(LoRAPart, SparseDeltaLinear):
     """
 
     # The LoRA term first, then the delta: unmerging restores the delta's entries bit for bit.
-    _merge_parts = (("_merge_lora", "_unmerge_lora"), ("_merge_sparse_delta", "_unmerge_sparse_delta"))
+    # The sparse part first: it validates before writing and unmerges bit for bit, so a rejected
+    # delta leaves W0 untouched and a rejected LoRA half is undone exactly.
+    _merge_parts = (("_merge_sparse_delta", "_unmerge_sparse_delta"), ("_merge_lora", "_unmerge_lora"))
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
                  density: Optional[float] = None, k: Optional[int] = None, structure: str = "unstructured",
@@ -38,6 +40,7 @@ class LoRASparseLinear(LoRAPart, SparseDeltaLinear):
         AdapterLayer.__init__(self, base)
         self._init_sparse_delta(density, k, structure, init, block_size, value_dtype, generator)
         self._init_lora("default", r, alpha, dropout, rslora, "kaiming", adapter_dtype)
+        self._freeze_base()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._sparse_delta_forward(x)

@@ -42,6 +42,14 @@ class SparseDeltaPart:
         self._merged_original: Optional[torch.Tensor] = None
         self._grad_observers: "OrderedDict[int, Callable]" = OrderedDict()
 
+    def __setattr__(self, name, value):
+        # An index update while W0 holds the merged delta would make unmerge() restore the wrong
+        # entries (e.g. a scheduler step on a merged layer): refused before anything changes.
+        if name in ("indices", "rowptr") and self.__dict__.get("_merged_original") is not None:
+            raise RuntimeError(f"SparseDeltaLinear: cannot replace '{name}' while the layer is merged; "
+                               f"unmerge() it first")
+        super().__setattr__(name, value)
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
@@ -77,22 +85,32 @@ class SparseDeltaPart:
 
     @torch.no_grad()
     def set_delta(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
-        """Replaces the index set (sorted, unique, in range) and, if given, the values."""
+        """Replaces the index set (sorted, unique, in range) and, if given, the values.
+
+        ``values`` stays the same Parameter object (resized in place when the count changes), so an
+        optimizer built over it keeps training it; its per-entry state no longer fits a new count."""
         if self.merged:
-            raise RuntimeError("SparseDeltaLinear.set_delta: unmerge() first")
+            raise RuntimeError("SparseDeltaLinear.set_delta: the layer is merged; unmerge() it first")
         w = self.base.weight
-        validate_indices(indices, w.numel())
+        validate_indices(indices, w.numel(), name="SparseDeltaLinear.set_delta: argument 'indices'")
+        if values is not None:
+            if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+                raise TypeError("SparseDeltaLinear.set_delta: argument 'values' must be a floating-point tensor")
+            if values.shape != indices.shape:
+                raise ValueError(f"SparseDeltaLinear.set_delta: argument 'values' must have shape "
+                                 f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError("SparseDeltaLinear.set_delta: argument 'values' holds NaN or infinite entries")
         indices = indices.to(device=w.device)
-        if values is not None and values.shape != indices.shape:
-            raise ValueError(f"'values' must have shape {tuple(indices.shape)}, got {tuple(values.shape)}")
-        self.indices = indices
-        self.rowptr = rowptr_for(indices, w.shape)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=self.values.dtype, device=w.device)
+        values = values.to(device=w.device, dtype=self.values.dtype)
+        self.indices = indices
+        self.rowptr = rowptr_for(indices, w.shape)
         if values.numel() == self.values.numel():
             self.values.copy_(values)
         else:
-            self.values = nn.Parameter(values.to(device=w.device, dtype=self.values.dtype).clone())
+            self.values.data = values.clone()
 
     def _merge_sparse_delta(self) -> None:
         """W0 += Δ in place. The W0 entries it overwrites are kept (K elements), so unmerging
@@ -133,6 +151,7 @@ class SparseDeltaLinear(SparseDeltaPart, AdapterLayer):
                  value_dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None):
         AdapterLayer.__init__(self, base)
         self._init_sparse_delta(density, k, structure, init, block_size, value_dtype, generator)
+        self._freeze_base()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparse_delta_forward(x)

@@ -7,6 +7,8 @@ that the model did not already hold.
 
 import torch
 
+from .._autograd import refuse_double_backward
+
 _NS = "slimtune"
 
 
@@ -51,8 +53,10 @@ def _backward(ctx, grad):
         raise RuntimeError("slimtune.sparse_delta_linear: argument 'weight' must be frozen (requires_grad=False); "
                            "only the delta values are trained")
     mask = [bool(need_x), bool(need_v), bool(need_b and ctx.has_bias)]
-    dx, dv, db = torch.ops.slimtune.sparse_delta_linear_backward(grad.contiguous(), x, weight, indices, rowptr,
-                                                                 values, mask)
+    with torch.no_grad():
+        dx, dv, db = torch.ops.slimtune.sparse_delta_linear_backward(grad.contiguous(), x, weight, indices, rowptr,
+                                                                     values, mask)
+    dx, dv, db = refuse_double_backward("slimtune.sparse_delta_linear", (dx, dv, db), (grad, x, values))
     return (dx if mask[0] else None, None, db if mask[2] else None, None, None, dv if mask[1] else None)
 
 
