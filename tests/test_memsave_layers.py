@@ -411,6 +411,7 @@ def test_relu_mask_matches_reference(device, n):
     assert torch.equal(torch.ops.slimtune.memsave_relu_mask(x), expected)
     out, mask = torch.ops.slimtune.memsave_relu(x)
     assert torch.equal(mask, expected)
+    assert torch.equal(out.view(torch.int32), torch.relu(x).view(torch.int32))  # bitwise: -0.0 and NaN kept
     g = torch.randn(n, device=device)
     keep = ~(x <= 0)
     assert torch.equal(torch.ops.slimtune.memsave_relu_backward(g, mask), torch.where(keep, g, torch.zeros_like(g)))

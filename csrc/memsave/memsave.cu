@@ -34,7 +34,8 @@ __global__ void relu_forward_kernel(const T* x, int64_t n, T* out, unsigned char
     for (int64_t j = 0; j < lim; ++j) {
       const T v = x[base + j];
       const bool keep = !(to_acc(v) <= 0);
-      out[base + j] = keep ? v : from_acc<T>(acc_t<T>(0));
+      // -0.0 and NaN are written through, as torch.relu does; only the mask drops -0.0.
+      out[base + j] = (to_acc(v) < 0) ? from_acc<T>(acc_t<T>(0)) : v;
       byte |= static_cast<unsigned int>(keep) << j;
     }
     mask[b] = static_cast<unsigned char>(byte);

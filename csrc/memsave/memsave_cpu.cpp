@@ -24,6 +24,13 @@ inline bool passes(T v) {
   return !(static_cast<acc_t<T>>(v) <= 0);
 }
 
+// The output keeps every input that is not below zero: -0.0 stays -0.0 and NaN stays NaN, as
+// torch.relu gives; only the gradient mask (passes) drops -0.0.
+template <typename T>
+inline bool kept(T v) {
+  return !(static_cast<acc_t<T>>(v) < 0);
+}
+
 // Bytes [begin, end) of the mask over n elements; `out` (may alias x) gets relu(x) when given.
 template <typename T>
 void relu_bytes(const T* x, Bits<T>* out, uint8_t* m, int64_t n, int64_t begin, int64_t end) {
@@ -35,13 +42,13 @@ void relu_bytes(const T* x, Bits<T>* out, uint8_t* m, int64_t n, int64_t begin, 
       for (int j = 0; j < 8; ++j) {
         const bool keep = passes(x[base + j]);
         byte |= static_cast<uint8_t>(keep) << j;
-        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(keep));
+        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(kept(x[base + j])));
       }
     } else {
       for (int64_t j = 0; base + j < n; ++j) {
         const bool keep = passes(x[base + j]);
         byte |= static_cast<uint8_t>(keep) << j;
-        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(keep));
+        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(kept(x[base + j])));
       }
     }
     m[b] = byte;

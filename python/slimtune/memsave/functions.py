@@ -182,10 +182,8 @@ class ReLUFunction(torch.autograd.Function):
             ctx.mark_dirty(x)
             out = x.relu_()
         else:
-            # torch.relu itself, not the fused memsave_relu kernel: that one writes +0.0 for an input of
-            # -0.0 where torch.relu keeps -0.0, and outputs must be bit-identical to stock.
-            mask = torch.ops.slimtune.memsave_relu_mask(x)
-            out = torch.relu(x)
+            # One pass: output and mask together (the output keeps -0.0 and NaN bit for bit, like torch.relu).
+            out, mask = torch.ops.slimtune.memsave_relu(x)
         ctx.save_for_backward(mask)
         return out
 
