@@ -169,11 +169,10 @@ int run(const std::string& name, const float* in, int64_t n, float* out, const u
         const unsigned block[3], size_t smem, int64_t opt_in_smem) {
   Kernel k = find(name);
   if (k == nullptr) return -1;
-  if (opt_in_smem >= 0) {
-    const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(opt_in_smem));
-    if (e != cudaSuccess) return e;
-  }
+  // Without an opt-in the kernel is back at the default limit, whatever an earlier call set.
+  const int limit = opt_in_smem >= 0 ? static_cast<int>(opt_in_smem) : 48 * 1024;
+  const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (e != cudaSuccess) return e;
   return slimtune_emu::launch(k, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), smem, nullptr,
                               in, n, out);
 }

@@ -8,7 +8,7 @@ namespace slimtune_emu {
 namespace selftest {
 
 // Launches the named kernel(in, n, out); returns 0, a cudaError_t, or -1 for an unknown name.
-// opt_in_smem >= 0 first raises the kernel's dynamic shared memory limit (cudaFuncSetAttribute).
+// opt_in_smem >= 0 first sets the kernel's dynamic shared memory limit (cudaFuncSetAttribute), -1 the default.
 int run(const std::string& name, const float* in, int64_t n, float* out, const unsigned grid[3],
         const unsigned block[3], size_t smem, int64_t opt_in_smem);
 const char* error_string(int status);
