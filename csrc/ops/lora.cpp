@@ -12,13 +12,11 @@
 namespace slimtune {
 namespace {
 
-at::ScalarType compute_dtype(const at::Tensor& lora_A) { return lora_compute_dtype(lora_A); }
-
 int64_t tile_rows(const LoraKernels& k, int64_t cols) { return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1)); }
 
 // The dropout-free path may hand x straight to a GEMM when no dtype conversion is needed.
 bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
-  const auto cdt = compute_dtype(lora_A);
+  const auto cdt = lora_compute_dtype(x, lora_A);
   return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
 }
 
@@ -65,7 +63,7 @@ void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Ten
 at::Tensor lora_down(const LoraKernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
                      int64_t seed, int64_t offset) {
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
-  const auto cdt = compute_dtype(lora_A);
+  const auto cdt = lora_compute_dtype(x2, lora_A);
   // xa = s * dropout(x) A^T, one pass over x; a dropped tile lives only in `scratch`.
   if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
   at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
@@ -88,7 +86,7 @@ at::Tensor lora_down(const LoraKernels& k, const at::Tensor& x2, const at::Tenso
 void lora_dropout_grads(const LoraKernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
                         double scale, double p, int64_t seed, int64_t offset, at::Tensor* dx, at::Tensor* dA) {
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
-  const auto cdt = compute_dtype(lora_A);
+  const auto cdt = lora_compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt);
   const bool use_direct = direct(x2, lora_A, p);
   if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
@@ -161,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
-  const auto cdt = compute_dtype(lora_A);
+  const auto cdt = lora_compute_dtype(x, lora_A);
   SLIMTUNE_CHECK_ARG(grad_out.numel() == T * d_out && grad_out.size(-1) == d_out, op, "grad_out", "must have shape ",
                      "(..., ", d_out, ") with ", T, " rows, got ", grad_out.sizes());
   SLIMTUNE_CHECK_ARG(grad_out.scalar_type() == x.scalar_type(), op, "grad_out", "must have the dtype of 'x' (",

@@ -25,9 +25,10 @@ struct LoraKernels {
   int64_t tile_elems;
 };
 
-// The adapters' accumulation dtype: float32, or float64 for float64 adapters.
-inline at::ScalarType lora_compute_dtype(const at::Tensor& lora_A) {
-  return lora_A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// The accumulation dtype: float64 when x or the adapters are float64 (float32 adapters over a
+// float64 x must not round x, g B A or dx to float32), float32 otherwise.
+inline at::ScalarType lora_compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
+  return x.scalar_type() == at::kDouble || lora_A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // xa = scale * dropout(x2) A^T (T x r, compute dtype), one pass over x2 (T x d_in).

@@ -20,8 +20,9 @@ void check_lists(size_t n, size_t biases, size_t As, size_t Bs, size_t scales) {
 }
 
 // [s_i A_i] stacked (sum r_i x d_in) in the compute dtype, and each adapter's row offset.
-at::Tensor stacked_A(at::TensorList As, at::ArrayRef<double> scales, std::vector<int64_t>* offsets) {
-  const auto cdt = lora_compute_dtype(As[0]);
+at::Tensor stacked_A(const at::Tensor& x, at::TensorList As, at::ArrayRef<double> scales,
+                     std::vector<int64_t>* offsets) {
+  const auto cdt = lora_compute_dtype(x, As[0]);
   std::vector<at::Tensor> parts;
   int64_t off = 0;
   for (size_t i = 0; i < As.size(); ++i) {
@@ -53,7 +54,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_multi_forward(
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   std::vector<int64_t> offs;
-  const at::Tensor A = stacked_A(lora_As, scales, &offs);
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
   const at::Tensor xa = lora_down(k, x2, A, 1.0, p, seed, offset);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
@@ -83,9 +84,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
-  const auto cdt = lora_compute_dtype(lora_As[0]);
+  const auto cdt = lora_compute_dtype(x, lora_As[0]);
   std::vector<int64_t> offs;
-  const at::Tensor A = stacked_A(lora_As, scales, &offs);
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
   SLIMTUNE_CHECK_ARG(xa.dim() == 2 && xa.size(0) == T && xa.size(1) == A.size(0) && xa.scalar_type() == cdt, kOp,
                      "xa", "must be the (", T, ", ", A.size(0), ") intermediate saved by forward, got ", xa.sizes());
   const at::Tensor none = at::empty({0}, x.options());

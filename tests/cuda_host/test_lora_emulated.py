@@ -11,7 +11,8 @@ CPU = torch.ops.slimtune
 
 # (x dtype, adapter dtype): every pair the ops accept.
 PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float16),
-         (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
+         (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+         (torch.float64, torch.float32)]
 
 
 def make(x_shape, d_out, r, dtype, adapter_dtype, bias=True):
@@ -72,6 +73,8 @@ def test_forward_backward(emu, schedule, dtype, adapter_dtype, case):
     torch.testing.assert_close(ours[1], cpu[1], atol=1e-5, rtol=1e-5, msg="xa")
     for name, o, c, rr in zip(["y", "dx", "dA", "dB", "dbias"], [ours[0]] + ours[2:], [cpu[0]] + cpu[2:], ref):
         assert_near(o, c, rr, name)
+        if o.dtype == torch.float64:  # float64 x: formed in float64 whatever the adapters' dtype
+            torch.testing.assert_close(o, rr, atol=1e-12, rtol=1e-12, msg=name)
 
 
 def test_noncontiguous_x(emu, schedule):
