@@ -6,6 +6,13 @@
 
 #include "selftest.h"
 
+#if __has_include("common/schemas.h")
+#include "common/schemas.h"
+#define SLIMTUNE_EMU_DEFINE_SCHEMAS(m) slimtune::define_all_schemas(m)
+#else  // earlier layout: conftest.py copies the schemas from the slimtune library
+#define SLIMTUNE_EMU_DEFINE_SCHEMAS(m)
+#endif
+
 namespace {
 
 void set_schedule(c10::string_view spec) {
@@ -36,7 +43,9 @@ std::tuple<at::Tensor, std::string> selftest(c10::string_view name, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(slimtune_emu, m) {
+  SLIMTUNE_EMU_DEFINE_SCHEMAS(m);
   m.def("_set_schedule(str spec) -> ()", &set_schedule);
   m.def("_selftest(str name, Tensor x, int out_size, int[] grid, int[] block, int smem, int opt_in_smem) "
         "-> (Tensor, str)", &selftest);
+  m.def("_launch_count() -> int", [] { return slimtune_emu::selftest::launch_count(); });
 }

@@ -181,5 +181,7 @@ const char* error_string(int status) { return cudaGetErrorString(static_cast<cud
 
 bool set_schedule(const std::string& spec) { return parse_schedule(spec, &config()); }
 
+int64_t launch_count() { return static_cast<int64_t>(detail::launches()); }
+
 }  // namespace selftest
 }  // namespace slimtune_emu

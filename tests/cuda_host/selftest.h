@@ -14,6 +14,8 @@ int run(const std::string& name, const float* in, int64_t n, float* out, const u
 const char* error_string(int status);
 // "inorder", "reversed", "shuffled:SEED" or "barrier"; false if not one of these.
 bool set_schedule(const std::string& spec);
+// Kernel launches so far (failed ones included, rejected configurations not).
+int64_t launch_count();
 
 }  // namespace selftest
 }  // namespace slimtune_emu

@@ -117,3 +117,10 @@ def test_launch_limits_admit_the_largest_legal_launch(emu, grid, block, smem, op
 def test_schedule_names_are_checked(emu):
     with pytest.raises(RuntimeError, match="argument 'spec'"):
         emu._set_schedule("backwards")
+
+
+def test_launch_count(emu):
+    before = emu._launch_count()
+    run(emu, "noop", torch.zeros(1), 1)
+    run(emu, "noop", torch.zeros(1), 1, block=(2048, 1, 1))  # rejected: never launched
+    assert emu._launch_count() == before + 1

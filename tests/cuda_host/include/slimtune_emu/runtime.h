@@ -29,6 +29,12 @@ inline std::map<const void*, size_t>& dynamic_smem_limits() {
   return limits;
 }
 
+// Kernels run since the library was loaded, so tests can tell that a driver ran a kernel.
+inline uint64_t& launches() {
+  static uint64_t count = 0;
+  return count;
+}
+
 inline std::string dims(dim3 d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
 }
@@ -97,6 +103,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
     if (!error.empty()) break;
   }
   active = nullptr;
+  ++launches();
   if (!error.empty()) return fail(cudaErrorLaunchFailure, error);
   return cudaSuccess;
 }
