@@ -9,7 +9,6 @@ Every `.cu` under `csrc/` is compiled as C++ through a generated wrapper; glue f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -146,22 +145,61 @@ def generate_sources(gen: Path) -> list[Path]:
     return sources
 
 
+def _ninja_file(sources: list[Path], objdir: Path, lib: Path, cflags: list[str], ldflags: list[str]) -> str:
+    q = lambda p: str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")  # noqa: E731
+    lines = [
+        f"cxx = {os.environ.get('CXX', 'g++')}",
+        f"cflags = {' '.join(cflags)}",
+        f"ldflags = {' '.join(ldflags)}",
+        "rule cxx",
+        "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = CXX $in",
+        "rule link",
+        "  command = $cxx -shared $in $ldflags -o $out",
+        "  description = LINK $out",
+    ]
+    objs = []
+    for src in sources:
+        obj = objdir / (src.stem + ".o")
+        objs.append(q(obj))
+        lines.append(f"build {q(obj)}: cxx {q(src)}")
+    lines.append(f"build {q(lib)}: link {' '.join(objs)}")
+    return "\n".join(lines) + "\n"
+
+
 def build(verbose: bool = False) -> dict:
-    """Compiles (or reuses) the emulated extension and loads it; returns build facts."""
+    """Compiles what changed (ninja, one object per translation unit, header dependencies tracked)
+    and loads the library into torch.ops; returns build facts."""
+    import subprocess
+
+    import torch
     from torch.utils import cpp_extension
 
-    gen = BUILD / "generated"
-    sources = generate_sources(gen)
+    if shutil.which("ninja") is None:
+        raise RuntimeError("building the emulated extension needs ninja on PATH")
+    sources = generate_sources(BUILD / "generated")
     inc = toolkit_include()
-    includes = [str(HERE / "shim"), str(HERE / "include"), str(CSRC)]
-    cflags = FLAGS + [f"-idirafter{inc}", f"-idirafter{inc / 'cccl'}"]
+    includes = [HERE / "shim", HERE / "include", CSRC, *map(Path, cpp_extension.include_paths())]
+    cflags = FLAGS + ["-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    cflags += [f"-I{p}" for p in includes] + [f"-idirafter{inc}", f"-idirafter{inc / 'cccl'}"]
     if not (CSRC / "common" / "backend.h").is_file():
         cflags.append("-DSLIMTUNE_EMU_LEGACY_LAYOUT")
-    key = hashlib.sha1("\n".join(map(str, sources + cflags)).encode()).hexdigest()[:8]
-    build_dir = BUILD / f"ext-{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MAX_JOBS", "2")
+    ldflags = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu"]
+    ldflags += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    lib = BUILD / "libslimtune_emu.so"
+    text = _ninja_file(sources, BUILD / "obj", lib, cflags, ldflags)
+    ninja_file = BUILD / "build.ninja"
+    if not ninja_file.is_file() or ninja_file.read_text() != text:
+        ninja_file.write_text(text)
+    (BUILD / "obj").mkdir(exist_ok=True)
+    jobs = os.environ.get("MAX_JOBS", str(min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    cpp_extension.load(name="slimtune_emu", sources=[str(s) for s in sources], extra_include_paths=includes,
-                       extra_cflags=cflags, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
-    return {"seconds": time.perf_counter() - t0, "build_dir": str(build_dir), "sources": len(sources)}
+    res = subprocess.run(["ninja", "-C", str(BUILD), "-j", jobs] + (["-v"] if verbose else []), capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building the emulated CUDA extension failed:\n{res.stdout[-20000:]}{res.stderr[-5000:]}")
+    seconds = time.perf_counter() - t0
+    torch.ops.load_library(str(lib))
+    return {"seconds": seconds, "library": str(lib), "sources": len(sources), "log": res.stdout}
