@@ -1,16 +1,15 @@
 """Builds `slimtune_emu`: the project's CUDA kernels and CUDA glue compiled by g++ against the host
 SIMT emulator in `include/`, registered as `torch.ops.slimtune_emu.*` for CPU tensors.
 
-Every `.cu` under `csrc/` is compiled as C++ through a generated wrapper; glue files are compiled with
-`-DSLIMTUNE_HOST_EMULATION`. Sources written before launches went through `slimtune::launch`
-(`kernel<<<grid, block, smem, stream>>>(args)`) get that launch rewritten into a call of
-`slimtune_emu::launch`; nothing else of a kernel body is touched.
+Every `.cu` under `csrc/` is compiled as C++ through a generated wrapper, with the glue, under
+`-DSLIMTUNE_HOST_EMULATION`: launches go through `slimtune::launch` (csrc/common/launch.cuh), which
+then calls `slimtune_emu::launch`, and the glue registers its GPU backend under `slimtune_emu` for
+the CPU dispatch key (csrc/common/backend.h).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
 BUILD = REPO / "build" / "cuda_host"
 TOOLKIT_CANDIDATES = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+LAST: dict = {}  # facts of the latest build() of this process
 FLAGS = ["-O1", "-std=c++17", "-ffp-contract=off", "-DSLIMTUNE_HOST_EMULATION", "-Wno-attributes"]
 
 
@@ -43,105 +43,21 @@ def missing_prerequisite() -> str | None:
     return None
 
 
-_LAUNCH = re.compile(r"<<<")
-
-
-def _kernel_start(text: str, end: int) -> int:
-    """Start of the kernel expression that ends right before `<<<` at `end` (a name, maybe with
-    template arguments and namespace qualifiers)."""
-    i = end
-    while True:
-        while i > 0 and text[i - 1].isspace():
-            i -= 1
-        if text[i - 1] == ">":  # template arguments: skip back to the matching '<'
-            depth = 0
-            while True:
-                i -= 1
-                depth += {">": 1, "<": -1}.get(text[i], 0)
-                if depth == 0:
-                    break
-            continue
-        while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
-            i -= 1
-        return i
-
-
-def _matching(text: str, i: int, open_: str, close: str) -> int:
-    depth = 0
-    for j in range(i, len(text)):
-        depth += (text[j] == open_) - (text[j] == close)
-        if depth == 0:
-            return j
-    raise ValueError("unbalanced launch expression")
-
-
-def rewrite_launches(text: str) -> str:
-    """`k<<<g, b, s, st>>>(args)` -> `::slimtune_emu::launch(&k, g, b, s, st, args)`; newlines are kept so
-    line numbers stay those of the source file."""
-    out, pos = [], 0
-    for m in _LAUNCH.finditer(text):
-        if m.start() < pos:
-            continue
-        k0 = _kernel_start(text, m.start())
-        close = text.index(">>>", m.end())
-        config = [c.strip() for c in text[m.end():close].split(",")]
-        config += ["0", "nullptr"][len(config) - 2:] if len(config) < 4 else []
-        p0 = text.index("(", close)
-        p1 = _matching(text, p0, "(", ")")
-        args = text[p0 + 1:p1]
-        kernel = text[k0:m.start()].strip()
-        call = f"::slimtune_emu::launch(&{kernel}, {', '.join(config)}{', ' if args.strip() else ''}{args})"
-        call += "\n" * (text[k0:p1 + 1].count("\n") - call.count("\n"))
-        out.append(text[pos:k0])
-        out.append(call)
-        pos = p1 + 1
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def _legacy_glue_prelude(register: bool) -> str:
-    """Before `csrc/common/backend.h` existed the glue registered under `slimtune` for CUDA: point those
-    registrations at `slimtune_emu`/CPU (CUDA glue) or drop them (shared CPU glue, already in slimtune._C)."""
-    impl = ("_TORCH_LIBRARY_IMPL(slimtune_emu, CPU, m, C10_UID)" if register else
-            "[[maybe_unused]] static void C10_CONCATENATE(slimtune_emu_unused_, C10_UID)(torch::Library & m)")
-    return f"#include <torch/library.h>\n#undef TORCH_LIBRARY_IMPL\n#define TORCH_LIBRARY_IMPL(ns, k, m) {impl}\n"
-
-
 def generate_sources(gen: Path) -> list[Path]:
-    """Wrapper translation units for every .cu and glue file, plus the emulator's own files."""
+    """One wrapper translation unit per .cu (compiled as C++) and per glue or common .cpp, plus the
+    emulator's own files. CPU kernel files (`*_cpu.cpp`) are left out: under emulation no driver
+    refers to them, and they are the slowest to compile."""
     gen.mkdir(parents=True, exist_ok=True)
-    legacy = not (CSRC / "common" / "backend.h").is_file()
     sources: list[Path] = []
-
-    def write(name: str, text: str, compile_: bool = True) -> Path:
-        p = gen / name
-        if not p.is_file() or p.read_text() != text:  # unchanged files keep their timestamps: no rebuild
+    units = [p for p in sorted(CSRC.rglob("*.cu")) + sorted(CSRC.rglob("*.cpp"))
+             if p.name != "module.cpp" and not p.name.endswith("_cpu.cpp")]
+    units += [HERE / "registration.cpp", HERE / "selftest.cu"]
+    for unit in units:
+        p = gen / f"{unit.parent.name}__{unit.name.replace('.', '_')}.cpp"
+        text = f'#include "{unit}"\n'
+        if not p.is_file() or p.read_text() != text:  # unchanged wrappers keep their timestamps: no rebuild
             p.write_text(text)
-        if compile_:
-            sources.append(p)
-        return p
-
-    for cu in sorted(CSRC.rglob("*.cu")):
-        rel = cu.relative_to(REPO)
-        body = cu.read_text()
-        name = f"{cu.parent.name}__{cu.stem}"
-        if "<<<" in body:
-            cu = write(f"{name}.cu.inc", f'#line 1 "{rel}"\n' + rewrite_launches(body), compile_=False)
-        write(f"{name}_cu.cpp", f'#include "{cu}"\n')
-    if legacy:
-        for cpp in sorted((CSRC / "ops").glob("*.cpp")):
-            if cpp.name == "schemas.cpp":
-                continue
-            prelude = _legacy_glue_prelude(register=cpp.stem.endswith("_cuda"))
-            write(f"ops__{cpp.stem}.cpp", prelude + f'#include "{cpp}"\n')
-        for cpp in sorted((CSRC / "cpu").glob("*.cpp")):
-            write(f"cpu__{cpp.stem}.cpp", f'#include "{cpp}"\n')
-    else:
-        for cpp in sorted(CSRC.rglob("*.cpp")):
-            if cpp.name != "module.cpp":
-                write(f"{cpp.parent.name}__{cpp.stem}.cpp", f'#include "{cpp}"\n')
-    for own in ("registration.cpp", "selftest.cu"):
-        write(f"emu__{own.replace('.', '_')}.cpp", f'#include "{HERE / own}"\n')
+        sources.append(p)
     return sources
 
 
@@ -181,12 +97,10 @@ def build(verbose: bool = False) -> dict:
         raise RuntimeError("building the emulated extension needs ninja on PATH")
     sources = generate_sources(BUILD / "generated")
     inc = toolkit_include()
-    includes = [HERE / "shim", HERE / "include", CSRC, *map(Path, cpp_extension.include_paths())]
+    includes = [HERE / "include", CSRC, *map(Path, cpp_extension.include_paths())]
     cflags = FLAGS + ["-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cflags += [f"-I{p}" for p in includes] + [f"-idirafter{inc}", f"-idirafter{inc / 'cccl'}"]
-    if not (CSRC / "common" / "backend.h").is_file():
-        cflags.append("-DSLIMTUNE_EMU_LEGACY_LAYOUT")
-    ldflags = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu"]
+    ldflags = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu", "-Wl,--no-undefined"]
     ldflags += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
     lib = BUILD / "libslimtune_emu.so"
     text = _ninja_file(sources, BUILD / "obj", lib, cflags, ldflags)
@@ -202,4 +116,5 @@ def build(verbose: bool = False) -> dict:
         raise RuntimeError(f"building the emulated CUDA extension failed:\n{res.stdout[-20000:]}{res.stderr[-5000:]}")
     seconds = time.perf_counter() - t0
     torch.ops.load_library(str(lib))
-    return {"seconds": seconds, "library": str(lib), "sources": len(sources), "log": res.stdout}
+    LAST.update(seconds=seconds, library=str(lib), sources=len(sources), log=res.stdout)
+    return LAST

@@ -11,30 +11,14 @@ from . import build
 
 SCHEDULES = ["inorder", "reversed", "shuffled:1", "shuffled:2", "barrier"]
 
-_legacy_fragment = None
-
-
-def _define_legacy_schemas():
-    """Layout before csrc/common/backend.h: the glue registers kernels only, so slimtune_emu takes
-    every slimtune op's schema from the real library."""
-    global _legacy_fragment
-    if hasattr(torch.ops.slimtune_emu, "sparse_delta_merge_"):
-        return
-    _legacy_fragment = torch.library.Library("slimtune_emu", "FRAGMENT")
-    for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("slimtune::"):
-            _legacy_fragment.define(str(schema).split("::", 1)[1])
-
 
 @pytest.fixture(scope="session")
 def emu():
-    """torch.ops.slimtune_emu, with its build facts as `.build_info`."""
+    """torch.ops.slimtune_emu (build facts in build.LAST)."""
     why = build.missing_prerequisite()
     if why is not None:
         pytest.skip(f"CUDA host emulation needs g++ and the CUDA toolkit headers: {why}")
-    info = build.build(verbose=bool(os.environ.get("SLIMTUNE_EMU_VERBOSE")))
-    if not (build.CSRC / "common" / "backend.h").is_file():
-        _define_legacy_schemas()
+    build.build(verbose=bool(os.environ.get("SLIMTUNE_EMU_VERBOSE")))
     ops = torch.ops.slimtune_emu
     yield ops
     ops._set_schedule("inorder")

@@ -6,12 +6,7 @@
 
 #include "selftest.h"
 
-#if __has_include("common/schemas.h")
 #include "common/schemas.h"
-#define SLIMTUNE_EMU_DEFINE_SCHEMAS(m) slimtune::define_all_schemas(m)
-#else  // earlier layout: conftest.py copies the schemas from the slimtune library
-#define SLIMTUNE_EMU_DEFINE_SCHEMAS(m)
-#endif
 
 namespace {
 
@@ -43,7 +38,7 @@ std::tuple<at::Tensor, std::string> selftest(c10::string_view name, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(slimtune_emu, m) {
-  SLIMTUNE_EMU_DEFINE_SCHEMAS(m);
+  slimtune::define_all_schemas(m);
   m.def("_set_schedule(str spec) -> ()", &set_schedule);
   m.def("_selftest(str name, Tensor x, int out_size, int[] grid, int[] block, int smem, int opt_in_smem) "
         "-> (Tensor, str)", &selftest);

@@ -12,7 +12,7 @@ _lib = "slimtune"
 
 
 def _compute_dtype(x, lora_A):
-    """float64 when x or the adapters are float64 (as csrc/ops/lora.h), float32 otherwise."""
+    """float64 when x or the adapters are float64 (as csrc/lora/lora.cpp), float32 otherwise."""
     return torch.float64 if torch.float64 in (x.dtype, lora_A.dtype) else torch.float32
 
 

@@ -1,0 +1,54 @@
+// Where a family's driver runs its kernels: the CPU backend, and the GPU backend that runs the
+// CUDA kernels (common/launch.cuh).
+//
+// Contract (every family's glue follows it):
+// - Normal CUDA build (SLIMTUNE_WITH_CUDA): the GPU backend registers under the `slimtune`
+//   library for the CUDA dispatch key; its stream is the current CUDA stream of the tensor's
+//   device and it accepts CUDA tensors.
+// - Host emulation (SLIMTUNE_HOST_EMULATION, without SLIMTUNE_WITH_CUDA): the glue registers
+//   nothing for `slimtune` (no schemas, no CPU kernels). Its GPU backend registers under the
+//   `slimtune_emu` library for the CPU dispatch key, runs the CUDA kernels (emulated) on CPU
+//   tensors with a null stream. The emulator defines the library itself:
+//   TORCH_LIBRARY(slimtune_emu, m) { slimtune::define_all_schemas(m); } (common/schemas.h).
+// - CPU-only build: the CPU backend only.
+// Each family writes its schemas once (define_<family>_schemas) and registers a backend with
+//   TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) under #ifdef SLIMTUNE_HAS_GPU.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "common/types.h"
+
+#if defined(SLIMTUNE_HOST_EMULATION) && defined(SLIMTUNE_WITH_CUDA)
+#error "SLIMTUNE_HOST_EMULATION replaces the CUDA build; define only one of them"
+#endif
+
+#if defined(SLIMTUNE_HOST_EMULATION)
+#define SLIMTUNE_HAS_GPU 1
+#define SLIMTUNE_GPU_LIB slimtune_emu
+#define SLIMTUNE_GPU_KEY CPU
+#elif defined(SLIMTUNE_WITH_CUDA)
+#define SLIMTUNE_HAS_GPU 1
+#define SLIMTUNE_GPU_LIB slimtune
+#define SLIMTUNE_GPU_KEY CUDA
+#endif
+
+namespace slimtune {
+
+struct Backend {
+  const char* name;
+  // The stream kernels are queued on, as an opaque cudaStream_t (null on the CPU).
+  void* (*stream)(const at::Tensor& on);
+  // Whether a tensor lives where this backend's kernels can read it.
+  bool (*holds)(const at::Tensor& t);
+  const char* (*error_string)(Status status);
+};
+
+extern const Backend kCpuBackend;
+#ifdef SLIMTUNE_HAS_GPU
+extern const Backend kGpuBackend;
+#endif
+
+// Throws naming the op when a kernel entry point reports an error.
+void check_status(const Backend& backend, Status status, const char* op);
+
+}  // namespace slimtune

@@ -1,0 +1,35 @@
+// Argument checks and dtype conversions shared by the torch-facing glue of every family.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "common/types.h"
+
+namespace slimtune {
+
+// Error messages always name the argument, so a user can tell which input is wrong.
+#define SLIMTUNE_CHECK_ARG(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "slimtune.", op, ": argument '", arg, "' ", __VA_ARGS__)
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+DType to_kernel_dtype(at::ScalarType t);
+at::ScalarType to_scalar_type(DType t);
+IndexType to_kernel_index(at::ScalarType t);
+
+// The accumulation dtype (common/acc.h) of a float storage dtype.
+at::ScalarType acc_scalar_type(at::ScalarType storage);
+
+void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name);
+
+// Flat indices into a tensor of `numel` elements must be 1-D int32/int64, in range and
+// unique; throws naming `name` otherwise. CPU: one pass (a sort only for unsorted input);
+// other devices: ATen reductions with one host sync.
+void check_flat_indices(const char* op, const at::Tensor& indices, const char* name, int64_t numel);
+
+// True when no element is NaN or infinite. CPU: one allocation-free pass; elsewhere one sync.
+bool all_finite(const at::Tensor& t);
+
+}  // namespace slimtune

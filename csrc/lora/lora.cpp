@@ -1,0 +1,525 @@
+// Glue of the LoRA family: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs are ATen's; the
+// dropout is a Philox mask regenerated from (seed, offset) by the kernels of lora.h (lora_cpu.cpp,
+// lora.cu), applied tile by tile so neither a dropped copy of x nor a mask is ever stored. Holds
+// the argument checks, the one device-generic driver of each op, the schemas and the
+// registration for every backend.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/backend.h"
+#include "common/checks.h"
+#include "common/philox.h"
+#include "common/schemas.h"
+#include "lora/lora.h"
+
+namespace slimtune {
+namespace lora {
+namespace {
+
+// ---- argument checks (one place for every backend) ----
+
+void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                double p) {
+  const auto xt = x.scalar_type();
+  SLIMTUNE_CHECK_ARG(is_float_dtype(xt), op, "x", "must be float32, float16, bfloat16 or float64, got ", xt);
+  SLIMTUNE_CHECK_ARG(x.dim() >= 1, op, "x", "must have at least one dimension");
+  SLIMTUNE_CHECK_ARG(lora_A.dim() == 2, op, "lora_A", "must be 2-D (r, in_features), got shape ", lora_A.sizes());
+  SLIMTUNE_CHECK_ARG(lora_B.dim() == 2, op, "lora_B", "must be 2-D (out_features, r), got shape ", lora_B.sizes());
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
+  SLIMTUNE_CHECK_ARG(lora_B.size(1) == r, op, "lora_B", "has rank ", lora_B.size(1), " but 'lora_A' has rank ", r);
+  SLIMTUNE_CHECK_ARG(x.size(-1) == d_in, op, "x", "has ", x.size(-1), " features but 'lora_A' expects ", d_in);
+  const auto at_ = lora_A.scalar_type();
+  SLIMTUNE_CHECK_ARG(at_ == xt || at_ == at::kFloat, op, "lora_A", "must have the dtype of 'x' (", xt,
+                     ") or float32, got ", at_);
+  SLIMTUNE_CHECK_ARG(lora_B.scalar_type() == at_, op, "lora_B", "must have the dtype of 'lora_A' (", at_, "), got ",
+                     lora_B.scalar_type());
+  check_same_device(op, x, "x", lora_A, "lora_A");
+  check_same_device(op, x, "x", lora_B, "lora_B");
+  if (weight) {
+    const at::Tensor& w = *weight;
+    SLIMTUNE_CHECK_ARG(w.dim() == 2 && w.size(0) == d_out && w.size(1) == d_in, op, "weight", "must have shape (",
+                       d_out, ", ", d_in, ") to match 'lora_B' and 'lora_A', got ", w.sizes());
+    SLIMTUNE_CHECK_ARG(w.scalar_type() == xt, op, "weight", "must have the dtype of 'x' (", xt, "), got ",
+                       w.scalar_type());
+    check_same_device(op, x, "x", w, "weight");
+  }
+  if (bias) {
+    const at::Tensor& b = *bias;
+    SLIMTUNE_CHECK_ARG(b.dim() == 1 && b.size(0) == d_out, op, "bias", "must have shape (", d_out, "), got ",
+                       b.sizes());
+    SLIMTUNE_CHECK_ARG(b.scalar_type() == xt, op, "bias", "must have the dtype of 'x' (", xt, "), got ",
+                       b.scalar_type());
+    check_same_device(op, x, "x", b, "bias");
+  }
+  SLIMTUNE_CHECK_ARG(std::isfinite(scale), op, "scale", "must be finite, got ", scale);
+  SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "dropout", "must be in [0, 1), got ", p);
+}
+
+void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, int64_t T,
+                    int64_t r, int64_t d_out, at::ScalarType cdt) {
+  SLIMTUNE_CHECK_ARG(grad_out.numel() == T * d_out && grad_out.size(-1) == d_out, op, "grad_out", "must have shape ",
+                     "(..., ", d_out, ") with ", T, " rows, got ", grad_out.sizes());
+  SLIMTUNE_CHECK_ARG(grad_out.scalar_type() == x.scalar_type(), op, "grad_out", "must have the dtype of 'x' (",
+                     x.scalar_type(), "), got ", grad_out.scalar_type());
+  SLIMTUNE_CHECK_ARG(xa.dim() == 2 && xa.size(0) == T && xa.size(1) == r && xa.scalar_type() == cdt, op, "xa",
+                     "must be the (", T, ", ", r, ") ", cdt, " intermediate saved by forward, got ", xa.sizes(), " ",
+                     xa.scalar_type());
+  check_same_device(op, x, "x", grad_out, "grad_out");
+}
+
+constexpr const char* kMultiOp = "lora_linear_multi";
+
+void check_lists(size_t n, size_t biases, size_t As, size_t Bs, size_t scales) {
+  SLIMTUNE_CHECK_ARG(n >= 1, kMultiOp, "weights", "must hold at least one weight");
+  SLIMTUNE_CHECK_ARG(biases == n, kMultiOp, "biases", "has ", biases, " entries but 'weights' has ", n);
+  SLIMTUNE_CHECK_ARG(As == n, kMultiOp, "lora_As", "has ", As, " entries but 'weights' has ", n);
+  SLIMTUNE_CHECK_ARG(Bs == n, kMultiOp, "lora_Bs", "has ", Bs, " entries but 'weights' has ", n);
+  SLIMTUNE_CHECK_ARG(scales == n, kMultiOp, "scales", "has ", scales, " entries but 'weights' has ", n);
+}
+
+void check_dropout_p(const char* op, double p) {
+  SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "p", "must be in [0, 1), got ", p);
+}
+
+// ---- the kernels of one backend ----
+
+struct Kernels {
+  const Backend& backend;
+  Status (*dropout_scale)(const DropoutScaleParams&, void*);
+  Status (*masked_add)(const MaskedAddParams&, void*);
+  Status (*backward_tile)(const BackwardTileParams&, void*);
+  Status (*dropout_mask)(const DropoutMaskParams&, void*);
+  // Elements per tile of rows: the scratch a tile needs (a few MiB on a CPU cache; more on a
+  // GPU, where the scratch is cheap and each tile costs kernel launches).
+  int64_t tile_elems;
+};
+
+// One call's mask: seed, offset, threshold and the multiplier of a kept element.
+struct Mask {
+  uint64_t seed, offset;
+  uint32_t thresh;
+  double mult;
+  MaskParams at(int64_t e_base) const { return MaskParams{e_base, mult, thresh, seed, offset}; }
+};
+
+Mask make_mask(double scale, double p, int64_t seed, int64_t offset) {
+  return Mask{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), p > 0.0 ? philox::threshold(p) : 0u,
+              scale / (1.0 - p)};
+}
+
+// out = keep ? x * mult : 0 over a 2-D tile of x (any strides) whose first element is e_base.
+void dropout_scale(const Kernels& k, const at::Tensor& x, const Mask& m, int64_t e_base, at::Tensor& out,
+                   const char* op) {
+  const DropoutScaleParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
+                             x.size(1), out.data_ptr(), to_kernel_dtype(out.scalar_type()), m.at(e_base)};
+  check_status(k.backend, k.dropout_scale(p, k.backend.stream(x)), op);
+}
+
+// dx += keep ? tmp * mult : 0.
+void masked_add(const Kernels& k, at::Tensor& dx, const at::Tensor& tmp, const Mask& m, int64_t e_base,
+                const char* op) {
+  const MaskedAddParams p{dx.data_ptr(), to_kernel_dtype(dx.scalar_type()), tmp.data_ptr(),
+                          to_kernel_dtype(tmp.scalar_type()), dx.size(0), dx.size(1), m.at(e_base)};
+  check_status(k.backend, k.masked_add(p, k.backend.stream(dx)), op);
+}
+
+// Both backward terms from one mask: dx += keep ? tmp * mult : 0, xd = keep ? x * mult : 0.
+void backward_tile(const Kernels& k, const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, const Mask& m,
+                   int64_t e_base, at::Tensor& xd, const char* op) {
+  const BackwardTileParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
+                             x.size(1), tmp.data_ptr(), to_kernel_dtype(tmp.scalar_type()), dx.data_ptr(),
+                             xd.data_ptr(), m.at(e_base)};
+  check_status(k.backend, k.backward_tile(p, k.backend.stream(x)), op);
+}
+
+// ---- the drivers (one per op, every backend) ----
+
+// The accumulation dtype: float64 when x or the adapters are float64 (float32 adapters over a
+// float64 x must not round x, g B A or dx to float32), float32 otherwise.
+at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : acc_scalar_type(lora_A.scalar_type());
+}
+
+int64_t tile_rows(const Kernels& k, int64_t cols) {
+  return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1));
+}
+
+// The dropout-free path may hand x straight to a GEMM when no dtype conversion is needed.
+bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
+  const auto cdt = compute_dtype(x, lora_A);
+  return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
+}
+
+// xa = scale * dropout(x2) A^T (T x r, accumulation dtype), one pass over x2 (T x d_in).
+at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
+                     int64_t seed, int64_t offset, const char* op) {
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+  const auto cdt = compute_dtype(x2, lora_A);
+  // A dropped tile lives only in `scratch`.
+  if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
+  at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
+  const at::Tensor At = lora_A.to(cdt).t();
+  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
+  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
+  const Mask m = make_mask(scale, p, seed, offset);
+  for (int64_t t0 = 0; t0 < T; t0 += rows) {
+    const int64_t n = std::min(rows, T - t0);
+    at::Tensor tile = scratch.narrow(0, 0, n);
+    dropout_scale(k, x2.narrow(0, t0, n), m, t0 * d_in, tile, op);
+    at::Tensor dst = xa.narrow(0, t0, n);
+    at::mm_out(dst, tile, At);
+  }
+  return xa;
+}
+
+// *dx += scale * (gB A) * mask / (1 - p) and *dA = scale * gB^T (x2 * mask / (1 - p)) (accumulation
+// dtype), the mask regenerated from (seed, offset); either pointer may be null.
+void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
+                        double scale, double p, int64_t seed, int64_t offset, at::Tensor* dx, at::Tensor* dA,
+                        const char* op) {
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+  const auto cdt = compute_dtype(x2, lora_A);
+  const at::Tensor Ac = lora_A.to(cdt);
+  const bool use_direct = direct(x2, lora_A, p);
+  if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
+  if (dA) *dA = use_direct ? at::mm(gB.t(), x2).mul_(scale) : at::zeros({r, d_in}, x2.options().dtype(cdt));
+  if (use_direct || (!dx && !dA)) return;
+  // One tile of rows at a time.
+  const Mask m = make_mask(scale, p, seed, offset);
+  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
+  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
+  at::Tensor scratch2 = dx && dA ? at::empty({rows, d_in}, x2.options().dtype(cdt)) : scratch;
+  for (int64_t t0 = 0; t0 < T; t0 += rows) {
+    const int64_t n = std::min(rows, T - t0);
+    at::Tensor tile = scratch.narrow(0, 0, n);
+    const at::Tensor gBt = gB.narrow(0, t0, n);
+    const at::Tensor xt = x2.narrow(0, t0, n);
+    if (dx && dA) {
+      at::Tensor xd = scratch2.narrow(0, 0, n);
+      at::mm_out(tile, gBt, Ac);
+      at::Tensor dxt = dx->narrow(0, t0, n);
+      backward_tile(k, xt, tile, dxt, m, t0 * d_in, xd, op);
+      dA->addmm_(gBt.t(), xd);
+    } else if (dA) {
+      dropout_scale(k, xt, m, t0 * d_in, tile, op);
+      dA->addmm_(gBt.t(), tile);
+    } else {
+      at::mm_out(tile, gBt, Ac);
+      at::Tensor dxt = dx->narrow(0, t0, n);
+      masked_add(k, dxt, tile, m, t0 * d_in, op);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor& x,
+                                              const std::optional<at::Tensor>& weight,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, double scale, double p, int64_t seed,
+                                              int64_t offset) {
+  constexpr const char* op = "lora_linear";
+  check_lora(op, x, weight, bias, lora_A, lora_B, scale, p);
+  c10::DeviceGuard guard(x.device());
+  const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const int64_t T = x2.size(0);
+
+  at::Tensor out;
+  if (weight) {
+    out = bias ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
+  } else {
+    out = bias ? bias->unsqueeze(0).expand({T, d_out}).contiguous() : at::zeros({T, d_out}, x.options());
+  }
+
+  const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, seed, offset, op);
+
+  // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
+  // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
+  const auto odt = out.scalar_type();
+  out.addmm_(xa.to(odt), lora_B.t().to(odt).contiguous());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = d_out;
+  return {out.view(shape), xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const Kernels& k, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p, int64_t seed,
+    int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
+  constexpr const char* op = "lora_linear_backward";
+  check_lora(op, x, weight, std::nullopt, lora_A, lora_B, scale, p);
+  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const int64_t T = x2.size(0);
+  const auto cdt = compute_dtype(x, lora_A);
+  check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
+  c10::DeviceGuard guard(x.device());
+  const at::Tensor g2 = grad_out.reshape({-1, d_out});
+  // B^T (r x d_out) contiguous: see forward_op.
+  const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
+  const at::Tensor none = at::empty({0}, x.options());
+
+  // One read of g per tile: gB = g B and dB^T += xa^T g (xa already holds the scale s) and the
+  // bias gradient, while the tile is in cache. Tiles run in order: deterministic sums.
+  at::Tensor gB = at::empty({T, r}, x.options().dtype(cdt));
+  at::Tensor dBt = at::zeros({r, d_out}, x.options().dtype(cdt));
+  at::Tensor dbias = need_bias ? at::zeros({d_out}, x.options().dtype(cdt)) : none;
+  {
+    const int64_t rows = std::min(tile_rows(k, d_out), std::max<int64_t>(T, 1));
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      const int64_t n = std::min(rows, T - t0);
+      const at::Tensor gt = g2.narrow(0, t0, n).to(cdt);
+      at::Tensor gBt = gB.narrow(0, t0, n);
+      at::mm_out(gBt, gt, Bt.t());
+      if (need_B) dBt.addmm_(xa.narrow(0, t0, n).t(), gt);
+      if (need_bias) dbias.add_(gt.sum(0));
+    }
+  }
+
+  at::Tensor dx = none, dA = none;
+  if (need_x) dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
+  lora_dropout_grads(k, x2, gB, lora_A, scale, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr, op);
+  if (need_x) dx = dx.view(x.sizes());
+  if (need_A) dA = dA.to(lora_A.scalar_type());
+  const at::Tensor dB = need_B ? dBt.t().to(lora_B.scalar_type()).contiguous() : none;
+  if (need_bias) dbias = dbias.to(x.scalar_type());
+  return {dx, dA, dB, dbias};
+}
+
+// Q/K/V-style LoRA: several adapted projections of one input. The down-projections of all
+// adapters run as one (their A's stacked, scales folded in), so x is read once and one
+// dropout mask serves them all; the base GEMMs and up-projections stay per projection.
+
+// [s_i A_i] stacked (sum r_i x d_in) in the accumulation dtype, and each adapter's row offset.
+at::Tensor stacked_A(const at::Tensor& x, at::TensorList As, at::ArrayRef<double> scales,
+                     std::vector<int64_t>* offsets) {
+  const auto cdt = compute_dtype(x, As[0]);
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (size_t i = 0; i < As.size(); ++i) {
+    SLIMTUNE_CHECK_ARG(As[i].scalar_type() == As[0].scalar_type(), kMultiOp, "lora_As",
+                       "must share one dtype; entry ", i, " is ", As[i].scalar_type(), " but entry 0 is ",
+                       As[0].scalar_type());
+    parts.push_back(As[i].to(cdt) * scales[i]);
+    offsets->push_back(off);
+    off += As[i].size(0);
+  }
+  return at::cat(parts, 0);
+}
+
+std::optional<at::Tensor> bias_at(at::TensorList biases, size_t i) {
+  if (biases[i].numel() == 0) return std::nullopt;
+  return biases[i];
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& k, const at::Tensor& x,
+                                                                 at::TensorList weights, at::TensorList biases,
+                                                                 at::TensorList lora_As, at::TensorList lora_Bs,
+                                                                 at::ArrayRef<double> scales, double p, int64_t seed,
+                                                                 int64_t offset) {
+  const size_t n = weights.size();
+  check_lists(n, biases.size(), lora_As.size(), lora_Bs.size(), scales.size());
+  for (size_t i = 0; i < n; ++i) {
+    check_lora(kMultiOp, x, weights[i], bias_at(biases, i), lora_As[i], lora_Bs[i], scales[i], p);
+  }
+  c10::DeviceGuard guard(x.device());
+  const int64_t d_in = lora_As[0].size(1);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  std::vector<int64_t> offs;
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
+  const at::Tensor xa = lora_down(k, x2, A, 1.0, p, seed, offset, kMultiOp);
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < n; ++i) {
+    const std::optional<at::Tensor> b = bias_at(biases, i);
+    at::Tensor out = b ? at::addmm(*b, x2, weights[i].t()) : at::mm(x2, weights[i].t());
+    const auto odt = out.scalar_type();
+    // B^T contiguous: BLAS is far slower on the (d_out x r)^T layout for small r.
+    out.addmm_(xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt), lora_Bs[i].t().to(odt).contiguous());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weights[i].size(0);
+    outs.push_back(out.view(shape));
+  }
+  return {outs, xa};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> multi_backward_op(
+    const Kernels& k, at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
+    at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p, int64_t seed, int64_t offset,
+    bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+  const size_t n = weights.size();
+  check_lists(n, n, lora_As.size(), lora_Bs.size(), scales.size());
+  SLIMTUNE_CHECK_ARG(grad_outs.size() == n, kMultiOp, "grad_outs", "has ", grad_outs.size(), " entries, expected ",
+                     n);
+  SLIMTUNE_CHECK_ARG(need_bias.size() == n, kMultiOp, "need_bias", "has ", need_bias.size(), " entries, expected ",
+                     n);
+  for (size_t i = 0; i < n; ++i) {
+    check_lora(kMultiOp, x, weights[i], std::nullopt, lora_As[i], lora_Bs[i], scales[i], p);
+  }
+  c10::DeviceGuard guard(x.device());
+  const int64_t d_in = lora_As[0].size(1);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const int64_t T = x2.size(0);
+  const auto cdt = compute_dtype(x, lora_As[0]);
+  std::vector<int64_t> offs;
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
+  SLIMTUNE_CHECK_ARG(xa.dim() == 2 && xa.size(0) == T && xa.size(1) == A.size(0) && xa.scalar_type() == cdt,
+                     kMultiOp, "xa", "must be the (", T, ", ", A.size(0), ") intermediate saved by forward, got ",
+                     xa.sizes());
+  const at::Tensor none = at::empty({0}, x.options());
+
+  // gB = [g_i B_i]_i, dB_i = g_i^T xa_i (xa_i holds s_i) and the bias gradients, each g_i read
+  // once per tile of rows.
+  at::Tensor gB = at::empty({T, A.size(0)}, x.options().dtype(cdt));
+  std::vector<at::Tensor> dBs, dbiases;
+  int64_t widest = 1;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t d_out = lora_Bs[i].size(0);
+    SLIMTUNE_CHECK_ARG(grad_outs[i].numel() == T * d_out && grad_outs[i].scalar_type() == x.scalar_type(), kMultiOp,
+                       "grad_outs", "entry ", i, " must be a (..., ", d_out, ") ", x.scalar_type(), " tensor with ",
+                       T, " rows, got ", grad_outs[i].sizes(), " ", grad_outs[i].scalar_type());
+    dBs.push_back(need_B ? at::zeros({lora_Bs[i].size(1), d_out}, x.options().dtype(cdt)) : none);  // dB^T
+    dbiases.push_back(need_bias.get(i) ? at::zeros({d_out}, x.options().dtype(cdt)) : none);
+    widest = std::max(widest, d_out);
+  }
+  const int64_t rows = std::min(tile_rows(k, widest), std::max<int64_t>(T, 1));
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t d_out = lora_Bs[i].size(0), r = lora_As[i].size(0);
+    const at::Tensor g2 = grad_outs[i].reshape({-1, d_out});
+    const at::Tensor Bt = lora_Bs[i].t().to(cdt).contiguous();
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      const int64_t m = std::min(rows, T - t0);
+      const at::Tensor gt = g2.narrow(0, t0, m).to(cdt);
+      gB.narrow(0, t0, m).narrow(1, offs[i], r).copy_(at::mm(gt, Bt.t()));
+      if (need_B) dBs[i].addmm_(xa.narrow(0, t0, m).narrow(1, offs[i], r).t(), gt);
+      if (need_bias.get(i)) dbiases[i].add_(gt.sum(0));
+    }
+  }
+
+  at::Tensor dx = none, dA = none;
+  if (need_x) {
+    dx = at::mm(grad_outs[0].reshape({-1, lora_Bs[0].size(0)}), weights[0]);
+    for (size_t i = 1; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
+  }
+  lora_dropout_grads(k, x2, gB, A, 1.0, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr, kMultiOp);
+  std::vector<at::Tensor> dAs;
+  for (size_t i = 0; i < n; ++i) {
+    dAs.push_back(need_A ? (dA.narrow(0, offs[i], lora_As[i].size(0)) * scales[i]).to(lora_As[i].scalar_type())
+                         : none);
+    if (need_B) dBs[i] = dBs[i].t().to(lora_Bs[i].scalar_type()).contiguous();
+    if (need_bias.get(i)) dbiases[i] = dbiases[i].to(x.scalar_type());
+  }
+  if (need_x) dx = dx.view(x.sizes());
+  return {dx, dAs, dBs, dbiases};
+}
+
+// The keep mask (bool, shape of `like`) the ops above use.
+at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "lora_dropout_mask";
+  check_dropout_p(op, p);
+  c10::DeviceGuard guard(like.device());
+  at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kBool));
+  const DropoutMaskParams params{out.data_ptr<bool>(), out.numel(), p > 0.0 ? philox::threshold(p) : 0u,
+                                 static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
+  check_status(k.backend, k.dropout_mask(params, k.backend.stream(out)), op);
+  return out;
+}
+
+// ---- registration ----
+
+// Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
+template <const Kernels& K>
+struct Bound {
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scale, double p, int64_t seed,
+                                                    int64_t offset) {
+    return forward_op(K, x, weight, bias, lora_A, lora_B, scale, p, seed, offset);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p, int64_t seed,
+      int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
+    return backward_op(K, grad_out, x, weight, lora_A, lora_B, xa, scale, p, seed, offset, need_x, need_A, need_B,
+                       need_bias);
+  }
+  static std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward(const at::Tensor& x, at::TensorList weights,
+                                                                       at::TensorList biases, at::TensorList lora_As,
+                                                                       at::TensorList lora_Bs,
+                                                                       at::ArrayRef<double> scales, double p,
+                                                                       int64_t seed, int64_t offset) {
+    return multi_forward_op(K, x, weights, biases, lora_As, lora_Bs, scales, p, seed, offset);
+  }
+  static std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+  multi_backward(at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
+                 at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p, int64_t seed,
+                 int64_t offset, bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+    return multi_backward_op(K, grad_outs, x, weights, lora_As, lora_Bs, xa, scales, p, seed, offset, need_x, need_A,
+                             need_B, need_bias);
+  }
+  static at::Tensor dropout_mask(const at::Tensor& like, double p, int64_t seed, int64_t offset) {
+    return dropout_mask_op(K, like, p, seed, offset);
+  }
+  static void register_all(torch::Library& m) {
+    m.impl("lora_linear", &forward);
+    m.impl("lora_linear_backward", &backward);
+    m.impl("lora_linear_multi", &multi_forward);
+    m.impl("lora_linear_multi_backward", &multi_backward);
+    m.impl("lora_dropout_mask", &dropout_mask);
+  }
+};
+
+#ifndef SLIMTUNE_HOST_EMULATION
+const Kernels kCpuKernels{kCpuBackend, &dropout_scale_cpu, &masked_add_cpu, &backward_tile_cpu, &dropout_mask_cpu,
+                          int64_t{1} << 18};
+#endif
+#ifdef SLIMTUNE_HAS_GPU
+const Kernels kGpuKernels{kGpuBackend,       &dropout_scale_cuda, &masked_add_cuda, &backward_tile_cuda,
+                          &dropout_mask_cuda, int64_t{1} << 24};
+#endif
+
+}  // namespace
+}  // namespace lora
+
+void define_lora_schemas(torch::Library& m) {
+  // y = x W^T (+ bias) + scale * (dropout(x) A^T) B^T with a Philox mask regenerated from
+  // (seed, offset); also returns xa = scale * dropout(x) A^T (T x r), kept for backward.
+  m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+        "float scale, float dropout, int seed, int offset, bool need_x, bool need_A, bool need_B, bool need_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Several projections of one x (Q/K/V): x read once for all adapters, one dropout mask.
+  // An empty (0-element) entry of `biases` means no bias for that projection.
+  m.def("lora_linear_multi(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_As, Tensor[] lora_Bs, "
+        "float[] scales, float dropout, int seed, int offset) -> (Tensor[], Tensor)");
+  m.def("lora_linear_multi_backward(Tensor[] grad_outs, Tensor x, Tensor[] weights, Tensor[] lora_As, "
+        "Tensor[] lora_Bs, Tensor xa, float[] scales, float dropout, int seed, int offset, bool need_x, bool need_A, "
+        "bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+  // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
+  m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
+}
+
+}  // namespace slimtune
+
+#ifndef SLIMTUNE_HOST_EMULATION
+TORCH_LIBRARY_FRAGMENT(slimtune, m) {
+  m.set_python_module("slimtune.ops");
+  slimtune::define_lora_schemas(m);
+}
+
+TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::lora::Bound<slimtune::lora::kCpuKernels>::register_all(m); }
+#endif
+
+#ifdef SLIMTUNE_HAS_GPU
+TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
+  slimtune::lora::Bound<slimtune::lora::kGpuKernels>::register_all(m);
+}
+#endif

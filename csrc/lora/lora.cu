@@ -1,0 +1,180 @@
+// CUDA kernels of the LoRA family: the dropout passes (torch-free; launched through
+// common/launch.cuh). The mask bits come from common/philox.h, so they equal the CPU ones.
+#include "common/device.cuh"
+#include "common/philox.h"
+#include "lora/lora.h"
+
+namespace slimtune {
+namespace lora {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One thread per Philox block: 8 consecutive mask indices, clipped to [e_base, e_base + n).
+// Returns the first element's position relative to e_base, the keep bits shifted to it, and the count.
+__device__ __forceinline__ void block_range(int64_t b, int64_t e_base, int64_t n, uint32_t thresh, uint64_t seed,
+                                            uint64_t offset, int64_t* first, uint32_t* bits, int* count) {
+  const int64_t lo = max(b * philox::kElemsPerBlock, e_base);
+  const int64_t hi = min((b + 1) * philox::kElemsPerBlock, e_base + n);
+  *first = lo - e_base;
+  *count = static_cast<int>(hi - lo);
+  const uint32_t all = thresh == 0u ? 0xFFu
+                                    : philox::keep_bits(philox::block(seed, offset, static_cast<uint64_t>(b)), thresh);
+  *bits = all >> static_cast<int>(lo - b * philox::kElemsPerBlock);
+}
+
+template <typename X, typename O>
+__global__ void dropout_scale_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
+                                     int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
+                                     uint32_t thresh, uint64_t seed, uint64_t offset, O* __restrict__ out) {
+  using A = acc_t<O>;
+  const A m = static_cast<A>(mult);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    int64_t first;
+    uint32_t bits;
+    int count;
+    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
+    for (int c = 0; c < count; ++c) {
+      const int64_t q = first + c, i = q / cols, j = q - i * cols;
+      out[q] = ((bits >> c) & 1u) ? from_acc<O>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * m) : from_acc<O>(A(0));
+    }
+  }
+}
+
+template <typename D, typename T>
+__global__ void masked_add_kernel(D* __restrict__ dx, const T* __restrict__ tmp, int64_t e_base, int64_t n,
+                                  int64_t b0, int64_t nblocks, double mult, uint32_t thresh, uint64_t seed,
+                                  uint64_t offset) {
+  using A = acc_t<T>;
+  const A m = static_cast<A>(mult);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    int64_t first;
+    uint32_t bits;
+    int count;
+    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
+    for (int c = 0; c < count; ++c) {
+      const int64_t q = first + c;
+      const A add = ((bits >> c) & 1u) ? to_acc(tmp[q]) * m : A(0);
+      dx[q] = from_acc<D>(static_cast<A>(to_acc(dx[q])) + add);
+    }
+  }
+}
+
+template <typename X, typename T>
+__global__ void backward_tile_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
+                                     const T* __restrict__ tmp, X* __restrict__ dx, T* __restrict__ xd,
+                                     int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
+                                     uint32_t thresh, uint64_t seed, uint64_t offset) {
+  using A = acc_t<T>;
+  const A m = static_cast<A>(mult);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    int64_t first;
+    uint32_t bits;
+    int count;
+    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
+    for (int c = 0; c < count; ++c) {
+      const int64_t q = first + c, i = q / cols, j = q - i * cols;
+      const A keep = ((bits >> c) & 1u) ? m : A(0);
+      dx[q] = from_acc<X>(static_cast<A>(to_acc(dx[q])) + to_acc(tmp[q]) * keep);
+      xd[q] = from_acc<T>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * keep);
+    }
+  }
+}
+
+__global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, uint32_t thresh, uint64_t seed,
+                            uint64_t offset) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    int64_t first;
+    uint32_t bits;
+    int count;
+    block_range(k, 0, n, thresh, seed, offset, &first, &bits, &count);
+    for (int c = 0; c < count; ++c) out[first + c] = (bits >> c) & 1u;
+  }
+}
+
+// Philox blocks touching [e_base, e_base + n).
+struct BlockSpan {
+  int64_t b0, count;
+};
+inline BlockSpan block_span(int64_t e_base, int64_t n) {
+  const int64_t b0 = e_base / philox::kElemsPerBlock;
+  return {b0, (e_base + n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock - b0};
+}
+
+// Calls f(T{}) for the accumulation-typed tiles (Float32 or Float64).
+template <typename F>
+Status dispatch_acc(DType dtype, F&& f) {
+  if (dtype == DType::Float32) return f(float{});
+  if (dtype == DType::Float64) return f(double{});
+  return kInvalidValue;
+}
+
+}  // namespace
+
+Status dropout_scale_cuda(const DropoutScaleParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    return dispatch_acc(p.out_dtype, [&](auto o_tag) {
+      using O = decltype(o_tag);
+      return launch(dropout_scale_kernel<X, O>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
+                    p.x_cs, p.cols, mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset,
+                    static_cast<O*>(p.out));
+    });
+  });
+}
+
+Status masked_add_cuda(const MaskedAddParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(p.dx_dtype, [&](auto d_tag) {
+    using D = decltype(d_tag);
+    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
+      using T = decltype(t_tag);
+      return launch(masked_add_kernel<D, T>, grid, dim3(kThreads), 0, s, static_cast<D*>(p.dx),
+                    static_cast<const T*>(p.tmp), mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed,
+                    mp.offset);
+    });
+  });
+}
+
+Status backward_tile_cuda(const BackwardTileParams& p, void* stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return kSuccess;
+  const MaskParams& mp = p.mask;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
+      using T = decltype(t_tag);
+      return launch(backward_tile_kernel<X, T>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
+                    p.x_cs, p.cols, static_cast<const T*>(p.tmp), static_cast<X*>(p.dx), static_cast<T*>(p.xd),
+                    mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset);
+    });
+  });
+}
+
+Status dropout_mask_cuda(const DropoutMaskParams& p, void* stream) {
+  if (p.n == 0) return kSuccess;
+  const int64_t nb = (p.n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock;
+  return launch(mask_kernel, dim3(blocks_for(nb, kThreads)), dim3(kThreads), 0, static_cast<cudaStream_t>(stream),
+                p.out, p.n, nb, p.thresh, p.seed, p.offset);
+}
+
+}  // namespace lora
+}  // namespace slimtune

@@ -1,0 +1,240 @@
+// Glue of the memsave family: argument checks, the one device-generic driver of each op, the
+// schemas and the registration for every backend. Kernels: memsave_cpu.cpp, memsave.cu.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/backend.h"
+#include "common/checks.h"
+#include "common/schemas.h"
+#include "memsave/memsave.h"
+
+namespace slimtune {
+namespace memsave {
+namespace {
+
+// ---- argument checks (one place for every backend) ----
+
+int64_t mask_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+void check_relu(const at::Tensor& x) {
+  SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), "memsave_relu_mask", "x",
+                     "must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+}
+
+void check_relu_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  constexpr const char* op = "memsave_relu_backward";
+  SLIMTUNE_CHECK_ARG(is_float_dtype(grad.scalar_type()), op, "grad",
+                     "must be float32, float16, bfloat16 or float64, got ", grad.scalar_type());
+  SLIMTUNE_CHECK_ARG(mask.scalar_type() == at::kByte, op, "mask", "must be uint8 (bit-packed), got ",
+                     mask.scalar_type());
+  SLIMTUNE_CHECK_ARG(mask.dim() == 1 && mask.numel() == mask_bytes(grad.numel()), op, "mask",
+                     "must be 1-D with ceil(grad.numel() / 8) = ", mask_bytes(grad.numel()), " bytes, got shape ",
+                     mask.sizes());
+  SLIMTUNE_CHECK_ARG(mask.is_contiguous(), op, "mask", "must be contiguous");
+  check_same_device(op, grad, "grad", mask, "mask");
+}
+
+// The kernel geometry from the pool's arguments; `pooled` (the indices or the grad) is shaped
+// like the pool's output.
+PoolGeometry pool_geometry(const char* op, const at::Tensor& pooled, const char* pooled_name,
+                           at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
+  SLIMTUNE_CHECK_ARG(nd >= 1 && nd <= 3, op, "kernel_size", "must have 1 to 3 entries, got ", kernel_size);
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(stride.size()) == nd, op, "stride", "must have ", nd, " entries");
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(padding.size()) == nd, op, "padding", "must have ", nd, " entries");
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(dilation.size()) == nd, op, "dilation", "must have ", nd, " entries");
+  const int64_t dims = static_cast<int64_t>(input_size.size());
+  SLIMTUNE_CHECK_ARG(dims > nd, op, "input_size", "must have more than ", nd, " dims, got ", input_size);
+  SLIMTUNE_CHECK_ARG(pooled.dim() == dims, op, pooled_name, "must have ", dims, " dims like the input, got shape ",
+                     pooled.sizes());
+  PoolGeometry g{};
+  g.planes = 1;
+  for (int64_t i = 0; i < dims - nd; ++i) {
+    SLIMTUNE_CHECK_ARG(pooled.size(i) == input_size[i], op, pooled_name, "has shape ", pooled.sizes(),
+                       " but the input's leading dims are ", input_size.slice(0, dims - nd));
+    g.planes *= input_size[i];
+  }
+  int64_t window = 1;
+  for (int64_t d = 0; d < 3; ++d) {
+    const int64_t j = d - (3 - nd);  // index into the per-dim lists, negative for unused dims
+    const bool used = j >= 0;
+    g.in[d] = used ? input_size[dims - nd + j] : 1;
+    g.out[d] = used ? pooled.size(dims - nd + j) : 1;
+    g.kernel[d] = used ? kernel_size[j] : 1;
+    g.stride[d] = used ? stride[j] : 1;
+    g.padding[d] = used ? padding[j] : 0;
+    g.dilation[d] = used ? dilation[j] : 1;
+    SLIMTUNE_CHECK_ARG(g.kernel[d] >= 1 && g.stride[d] >= 1 && g.dilation[d] >= 1 && g.padding[d] >= 0, op,
+                       "kernel_size", "stride/dilation must be positive and padding non-negative");
+    window *= g.kernel[d];
+  }
+  SLIMTUNE_CHECK_ARG(window <= 127, op, "kernel_size", "window of ", window,
+                     " elements does not fit int8 offsets (at most 127)");
+  return g;
+}
+
+PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "memsave_maxpool_compact";
+  SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kLong, op, "indices", "must be int64, got ", indices.scalar_type());
+  return pool_geometry(op, indices, "indices", input_size, kernel_size, stride, padding, dilation);
+}
+
+PoolGeometry check_maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation) {
+  constexpr const char* op = "memsave_maxpool_backward";
+  SLIMTUNE_CHECK_ARG(is_float_dtype(grad.scalar_type()), op, "grad", "must be a float tensor, got ",
+                     grad.scalar_type());
+  SLIMTUNE_CHECK_ARG(offsets.scalar_type() == at::kChar, op, "offsets", "must be int8, got ", offsets.scalar_type());
+  SLIMTUNE_CHECK_ARG(offsets.sizes() == grad.sizes(), op, "offsets", "has shape ", offsets.sizes(), " but 'grad' has ",
+                     grad.sizes());
+  check_same_device(op, grad, "grad", offsets, "offsets");
+  return pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
+}
+
+// ---- the kernels of one backend ----
+
+struct Kernels {
+  const Backend& backend;
+  Status (*relu)(const ReluParams&, void*);
+  Status (*relu_backward)(const ReluBackwardParams&, void*);
+  Status (*maxpool_compact)(const MaxpoolCompactParams&, void*);
+  Status (*maxpool_backward)(const MaxpoolBackwardParams&, void*);
+};
+
+// ---- the drivers (one per op, every backend) ----
+
+// The mask of x, and relu(x) into `out` when it is defined.
+at::Tensor run_relu(const Kernels& k, const at::Tensor& xc, at::Tensor* out, const char* op) {
+  at::Tensor mask = at::empty({mask_bytes(xc.numel())}, xc.options().dtype(at::kByte));
+  const ReluParams p{xc.data_ptr(), to_kernel_dtype(xc.scalar_type()), xc.numel(), out ? out->data_ptr() : nullptr,
+                     static_cast<unsigned char*>(mask.data_ptr())};
+  check_status(k.backend, k.relu(p, k.backend.stream(xc)), op);
+  return mask;
+}
+
+at::Tensor relu_mask_op(const Kernels& k, const at::Tensor& x) {
+  check_relu(x);
+  c10::DeviceGuard guard(x.device());
+  return run_relu(k, x.contiguous(), nullptr, "memsave_relu_mask");
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_op(const Kernels& k, const at::Tensor& x) {
+  check_relu(x);
+  c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor mask = run_relu(k, xc, &out, "memsave_relu");
+  return {out, mask};
+}
+
+at::Tensor relu_backward_op(const Kernels& k, const at::Tensor& grad, const at::Tensor& mask) {
+  check_relu_backward(grad, mask);
+  c10::DeviceGuard guard(grad.device());
+  const at::Tensor gc = grad.contiguous();
+  at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);
+  const ReluBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()), gc.numel(),
+                             static_cast<const unsigned char*>(mask.data_ptr()), out.data_ptr()};
+  check_status(k.backend, k.relu_backward(p, k.backend.stream(gc)), "memsave_relu_backward");
+  return out;
+}
+
+at::Tensor maxpool_compact_op(const Kernels& k, const at::Tensor& indices, at::IntArrayRef input_size,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  const PoolGeometry g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
+  c10::DeviceGuard guard(indices.device());
+  const at::Tensor idx = indices.contiguous();
+  at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
+  const MaxpoolCompactParams p{idx.const_data_ptr<int64_t>(), static_cast<signed char*>(offsets.data_ptr()), g};
+  check_status(k.backend, k.maxpool_compact(p, k.backend.stream(idx)), "memsave_maxpool_compact");
+  return offsets;
+}
+
+at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const at::Tensor& offsets,
+                               at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const PoolGeometry g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
+  c10::DeviceGuard guard(grad.device());
+  at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor oc = offsets.contiguous();
+  const MaxpoolBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()),
+                                static_cast<const signed char*>(oc.data_ptr()), buf.data_ptr(), g};
+  check_status(k.backend, k.maxpool_backward(p, k.backend.stream(gc)), "memsave_maxpool_backward");
+  return buf.to(grad.scalar_type());
+}
+
+// ---- registration ----
+
+// Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
+template <const Kernels& K>
+struct Bound {
+  static std::tuple<at::Tensor, at::Tensor> relu(const at::Tensor& x) { return relu_op(K, x); }
+  static at::Tensor relu_mask(const at::Tensor& x) { return relu_mask_op(K, x); }
+  static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& mask) {
+    return relu_backward_op(K, grad, mask);
+  }
+  static at::Tensor maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation) {
+    return maxpool_compact_op(K, indices, input_size, kernel_size, stride, padding, dilation);
+  }
+  static at::Tensor maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+    return maxpool_backward_op(K, grad, offsets, input_size, kernel_size, stride, padding, dilation);
+  }
+  static void register_all(torch::Library& m) {
+    m.impl("memsave_relu", &relu);
+    m.impl("memsave_relu_mask", &relu_mask);
+    m.impl("memsave_relu_backward", &relu_backward);
+    m.impl("memsave_maxpool_compact", &maxpool_compact);
+    m.impl("memsave_maxpool_backward", &maxpool_backward);
+  }
+};
+
+#ifndef SLIMTUNE_HOST_EMULATION
+const Kernels kCpuKernels{kCpuBackend, &relu_cpu, &relu_backward_cpu, &maxpool_compact_cpu, &maxpool_backward_cpu};
+#endif
+#ifdef SLIMTUNE_HAS_GPU
+const Kernels kGpuKernels{kGpuBackend, &relu_cuda, &relu_backward_cuda, &maxpool_compact_cuda,
+                          &maxpool_backward_cuda};
+#endif
+
+}  // namespace
+}  // namespace memsave
+
+void define_memsave_schemas(torch::Library& m) {
+  // Bit-packed ReLU mask (1 bit per element) and the backward that reads it.
+  m.def("memsave_relu(Tensor x) -> (Tensor out, Tensor mask)");
+  m.def("memsave_relu_mask(Tensor x) -> Tensor");
+  m.def("memsave_relu_backward(Tensor grad, Tensor mask) -> Tensor");
+  // Max-pool argmax as an int8 offset inside its window, and the backward from it.
+  m.def("memsave_maxpool_compact(Tensor indices, int[] input_size, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
+  m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
+}
+
+}  // namespace slimtune
+
+#ifndef SLIMTUNE_HOST_EMULATION
+TORCH_LIBRARY_FRAGMENT(slimtune, m) {
+  m.set_python_module("slimtune.ops");
+  slimtune::define_memsave_schemas(m);
+}
+
+TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m); }
+#endif
+
+#ifdef SLIMTUNE_HAS_GPU
+TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
+  slimtune::memsave::Bound<slimtune::memsave::kGpuKernels>::register_all(m);
+}
+#endif

@@ -1,0 +1,80 @@
+// Sparse-delta kernels: a sparse delta Δ over a (rows, cols) weight given by flat row-major
+// `indices` (int32/int64) and `values` (the weight's dtype or float32); the row kernels also
+// take per-row offsets `rowptr` (int64, rows + 1) into sorted indices. Inputs are contiguous
+// and validated by the glue (sparse_delta.cpp). Torch-free: nvcc and the host compiler both
+// read this header. Every entry takes its params and a stream (a cudaStream_t; ignored on CPU).
+#pragma once
+#include <cstdint>
+
+#include "common/types.h"
+
+namespace slimtune {
+namespace sparse_delta {
+
+// weight[indices[k]] += alpha * values[k] for k < n, summed in the accumulation type and
+// rounded once. Indices are in range and unique, so no two k write one element.
+struct MergeParams {
+  void* weight;
+  DType weight_dtype;
+  const void* indices;
+  IndexType index_type;
+  const void* values;
+  DType value_dtype;
+  int64_t n;
+  double alpha;
+};
+
+// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols, y: T×rows, one dtype).
+struct SpmmParams {
+  void* y;
+  const void* x;
+  DType dtype;
+  const void* indices;
+  IndexType index_type;
+  const int64_t* rowptr;
+  const void* values;
+  DType value_dtype;
+  int64_t T, rows, cols;
+};
+
+// dx[t, col_k] += Σ_{k with col_k} values[k] · g[t, row_k] (g: T×rows, dx: T×cols, one dtype).
+struct SpmmTParams {
+  void* dx;
+  const void* g;
+  DType dtype;
+  const void* indices;
+  IndexType index_type;
+  const int64_t* rowptr;
+  const void* values;
+  DType value_dtype;
+  int64_t T, rows, cols;
+};
+
+// out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the
+// accumulation type (the dtype of `out`). Deterministic: partial sums are added in a fixed order.
+// CUDA splits the tokens into `chunks` slices whose partial sums go to `workspace` (chunks × K
+// accumulators); the CPU kernel needs no workspace (chunks 0).
+struct SddmmParams {
+  const void* a;
+  const void* b;
+  DType dtype;
+  const void* indices;
+  IndexType index_type;
+  const int64_t* rowptr;
+  int64_t K, T, rows, cols;
+  void* workspace;
+  int64_t chunks;
+  void* out;
+};
+
+Status merge_cpu(const MergeParams& p, void* stream);
+Status spmm_cpu(const SpmmParams& p, void* stream);
+Status spmm_t_cpu(const SpmmTParams& p, void* stream);
+Status sddmm_cpu(const SddmmParams& p, void* stream);
+
+Status merge_cuda(const MergeParams& p, void* stream);
+Status spmm_cuda(const SpmmParams& p, void* stream);
+Status sddmm_cuda(const SddmmParams& p, void* stream);
+
+}  // namespace sparse_delta
+}  // namespace slimtune
