@@ -107,3 +107,51 @@ def test_noncontiguous_inputs(emu, schedule):
     cpu = grads(torch.ops.slimtune, x, w, None, idx, rp, val, g)
     for o, c in zip(ours[:3], cpu[:3]):
         torch.testing.assert_close(o, c, **tol(torch.float32))
+
+
+def bad_layouts():
+    """(argument, phrase, indices, rowptr) over a 6 x 8 weight: each would make a row kernel read or
+    write out of bounds if it were not caught."""
+    idx, rp, _ = delta(6, 8, 12, torch.int32, torch.float32)
+    big = idx.clone()
+    big[-1] = 6 * 8 + 3
+    yield "indices", "out of range", big, rp
+    neg = idx.clone()
+    neg[0] = -1
+    yield "indices", "out of range", neg, rp
+    dup = idx.clone()
+    dup[1] = dup[0]
+    yield "indices", "sorted and unique", dup, rowptr_for(dup, (6, 8))
+    yield "indices", "sorted and unique", idx.flip(0), rp
+    stale = rp.clone()
+    stale[1:-1] = 0
+    yield "rowptr", "stale", idx, stale
+    short = rp.clone()
+    short[-1] -= 1
+    yield "rowptr", "end at", idx, short
+    shifted = rp.clone() + 1
+    yield "rowptr", "start at 0", idx, shifted
+
+
+@pytest.mark.parametrize("arg,phrase,idx,rp", list(bad_layouts()))
+def test_bad_layout_is_caught_on_the_device(emu, schedule, arg, phrase, idx, rp):
+    x, w, g = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6)
+    val = torch.randn(idx.numel())
+    calls = [lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # SpMM path
+             lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # merge path
+             lambda: emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, False]),
+             lambda: emu.sparse_delta_sddmm(g, x, idx, rp)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=f"'{arg}'") as info:
+            call()
+        assert phrase in str(info.value), str(info.value)
+
+
+def test_layout_is_validated_by_a_kernel(emu):
+    """The CUDA driver checks indices and rowptr with a kernel (emulated tensors are CPU tensors, so
+    a host-side `is_cpu()` scan would hide a device path that skips the check)."""
+    x, w = torch.randn(1, 8), torch.randn(6, 8)
+    idx, rp, val = delta(6, 8, 5, torch.int64, torch.float32)
+    before = emu._launch_count()
+    emu.sparse_delta_linear(x, w, None, idx, rp, val)  # SpMM path: one compute kernel
+    assert emu._launch_count() - before == 2
