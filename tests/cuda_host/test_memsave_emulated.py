@@ -82,7 +82,6 @@ def test_maxpool(emu, schedule, dtype, case):
     torch.testing.assert_close(ours, CPU.memsave_maxpool_backward(g, offsets, *args), atol=tol, rtol=tol)
 
 
-@pytest.mark.xfail(strict=True, reason="max-pool backward accumulates overlapping windows with atomics")
 @pytest.mark.parametrize("case", [POOLS[0], POOLS[4], POOLS[5]])
 def test_maxpool_backward_is_deterministic(emu, case):
     """Every schedule (thread and block order) gives bitwise the same gradient, also under
