@@ -481,8 +481,16 @@ const Kernels kCpuKernels{kCpuBackend, &dropout_scale_cpu, &masked_add_cpu, &bac
                           int64_t{1} << 18};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
+// Large tiles on a GPU: scratch is cheap there and every tile costs launches. The host emulator
+// takes tiles of a few rows instead, so that its small test shapes cross tile boundaries, which
+// split Philox blocks of 8 elements.
+#ifdef SLIMTUNE_HOST_EMULATION
+constexpr int64_t kGpuTileElems = 64;
+#else
+constexpr int64_t kGpuTileElems = int64_t{1} << 24;
+#endif
 const Kernels kGpuKernels{kGpuBackend,       &dropout_scale_cuda, &masked_add_cuda, &backward_tile_cuda,
-                          &dropout_mask_cuda, int64_t{1} << 24};
+                          &dropout_mask_cuda, kGpuTileElems};
 #endif
 
 }  // namespace

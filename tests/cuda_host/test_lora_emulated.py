@@ -56,6 +56,8 @@ def assert_near(ours, cpu, ref, name):
     assert err <= 2 * base + 1e-12, f"{name}: {err:.3e} vs CPU op {base:.3e}"
 
 
+# Under emulation the CUDA driver works in tiles of 64 elements: 13 and 21 features make tile
+# boundaries (at elements 52 and 63) that split Philox blocks of 8.
 CASES = [((6, 13), 7, 3, 0.3, 0), ((2, 3, 21), 5, 4, 0.5, 5), ((1, 1), 1, 1, 0.25, 1), ((0, 9), 4, 2, 0.3, 0),
          ((4, 17), 6, 2, 0.0, 0)]
 

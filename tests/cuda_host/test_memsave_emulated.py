@@ -99,6 +99,7 @@ def test_maxpool_backward_is_deterministic(emu, case):
     emu._set_schedule("inorder")
     for s, r in zip(SCHEDULES, results):
         assert torch.equal(r, results[0]), f"schedule {s} changed the gradient"
+    assert torch.equal(results[0], CPU.memsave_maxpool_backward(g, offsets, *args))  # the CPU kernel's order
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
