@@ -35,6 +35,11 @@ const Backend kGpuBackend{"emulated CUDA", &no_stream, &is_cpu, &error_string};
 const Backend kGpuBackend{"CUDA", &cuda_stream, &is_cuda, &error_string};
 #endif
 
+void check_backend(const Backend& backend, const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(backend.holds(t), "slimtune.", op, ": argument '", name, "' is on ", t.device(),
+              ", which the ", backend.name, " kernels cannot read");
+}
+
 void check_status(const Backend& backend, Status status, const char* op) {
   TORCH_CHECK(status == kSuccess, "slimtune.", op, ": ", backend.name, " kernel failed: ", backend.error_string(status));
 }

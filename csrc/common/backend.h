@@ -48,6 +48,10 @@ extern const Backend kCpuBackend;
 extern const Backend kGpuBackend;
 #endif
 
+// Throws naming the argument unless `t` lives where this backend's kernels run (a CUDA tensor
+// for the CUDA backend, a CPU tensor for the CPU and emulated backends).
+void check_backend(const Backend& backend, const char* op, const at::Tensor& t, const char* name);
+
 // Throws naming the op when a kernel entry point reports an error.
 void check_status(const Backend& backend, Status status, const char* op);
 

@@ -227,6 +227,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
                                               int64_t offset) {
   constexpr const char* op = "lora_linear";
   check_lora(op, x, weight, bias, lora_A, lora_B, scale, p);
+  check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
@@ -261,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const int64_t T = x2.size(0);
   const auto cdt = compute_dtype(x, lora_A);
   check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
+  check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
   // B^T (r x d_out) contiguous: see forward_op.
@@ -330,6 +332,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   for (size_t i = 0; i < n; ++i) {
     check_lora(kMultiOp, x, weights[i], bias_at(biases, i), lora_As[i], lora_Bs[i], scales[i], p);
   }
+  check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
@@ -363,6 +366,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   for (size_t i = 0; i < n; ++i) {
     check_lora(kMultiOp, x, weights[i], std::nullopt, lora_As[i], lora_Bs[i], scales[i], p);
   }
+  check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
@@ -424,6 +428,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, int64_t seed, int64_t offset) {
   constexpr const char* op = "lora_dropout_mask";
   check_dropout_p(op, p);
+  check_backend(k.backend, op, like, "like");
   c10::DeviceGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kBool));
   const DropoutMaskParams params{out.data_ptr<bool>(), out.numel(), p > 0.0 ? philox::threshold(p) : 0u,

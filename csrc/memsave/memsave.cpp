@@ -120,12 +120,14 @@ at::Tensor run_relu(const Kernels& k, const at::Tensor& xc, at::Tensor* out, con
 
 at::Tensor relu_mask_op(const Kernels& k, const at::Tensor& x) {
   check_relu(x);
+  check_backend(k.backend, "memsave_relu_mask", x, "x");
   c10::DeviceGuard guard(x.device());
   return run_relu(k, x.contiguous(), nullptr, "memsave_relu_mask");
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_op(const Kernels& k, const at::Tensor& x) {
   check_relu(x);
+  check_backend(k.backend, "memsave_relu", x, "x");
   c10::DeviceGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
@@ -135,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> relu_op(const Kernels& k, const at::Tensor& x
 
 at::Tensor relu_backward_op(const Kernels& k, const at::Tensor& grad, const at::Tensor& mask) {
   check_relu_backward(grad, mask);
+  check_backend(k.backend, "memsave_relu_backward", grad, "grad");
   c10::DeviceGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous();
   at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);
@@ -148,6 +151,7 @@ at::Tensor maxpool_compact_op(const Kernels& k, const at::Tensor& indices, at::I
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation) {
   const PoolGeometry g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
+  check_backend(k.backend, "memsave_maxpool_compact", indices, "indices");
   c10::DeviceGuard guard(indices.device());
   const at::Tensor idx = indices.contiguous();
   at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
@@ -160,6 +164,7 @@ at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const a
                                at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   const PoolGeometry g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
+  check_backend(k.backend, "memsave_maxpool_backward", grad, "grad");
   c10::DeviceGuard guard(grad.device());
   at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
   const at::Tensor gc = grad.contiguous();

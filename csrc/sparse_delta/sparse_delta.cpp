@@ -225,6 +225,7 @@ at::Tensor sddmm_impl(const Kernels& k, const at::Tensor& a2, const at::Tensor& 
 
 void merge_op(const Kernels& k, at::Tensor weight, const at::Tensor& indices, const at::Tensor& values, double alpha) {
   check_merge(weight, indices, values, alpha);
+  check_backend(k.backend, "sparse_delta_merge_", weight, "weight");
   c10::DeviceGuard guard(weight.device());
   run_merge(k, weight, indices.contiguous(), values.contiguous(), alpha, "sparse_delta_merge_");
 }
@@ -234,6 +235,7 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
                      const at::Tensor& values) {
   constexpr const char* op = "sparse_delta_linear";
   check_linear(op, x, weight, bias, indices, rowptr, values);
+  check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const at::Tensor x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
@@ -261,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
                                                                   const at::Tensor& values, std::array<bool, 3> mask) {
   constexpr const char* op = "sparse_delta_linear_backward";
   check_backward(op, grad, x, weight, indices, rowptr, values);
+  check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const at::Tensor g2 = as_tokens(grad), x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
@@ -290,6 +293,7 @@ at::Tensor sddmm_op(const Kernels& k, const at::Tensor& a, const at::Tensor& b, 
                     const at::Tensor& rowptr) {
   constexpr const char* op = "sparse_delta_sddmm";
   check_sddmm(op, a, b, indices, rowptr);
+  check_backend(k.backend, op, a, "a");
   c10::DeviceGuard guard(a.device());
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous();
   validate_layout(k, op, a.size(-1), b.size(-1), idx, rp);
