@@ -30,3 +30,9 @@ def schedule(request, emu):
     emu._set_schedule(request.param)
     yield request.param
     emu._set_schedule("inorder")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if build.LAST:
+        terminalreporter.write_line(f"cuda_host: emulated extension ({build.LAST['sources']} translation units) "
+                                    f"built or checked in {build.LAST['seconds']:.1f} s")
