@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def generate_sources(gen: Path) -> list[Path]:
 
 
 def _ninja_file(sources: list[Path], objdir: Path, lib: Path, cflags: list[str], ldflags: list[str]) -> str:
-    q = lambda p: str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")  # noqa: E731
+    q = lambda p: str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
     lines = [
         f"cxx = {os.environ.get('CXX', 'g++')}",
         f"cflags = {' '.join(cflags)}",
@@ -85,6 +86,21 @@ def _ninja_file(sources: list[Path], objdir: Path, lib: Path, cflags: list[str],
     return "\n".join(lines) + "\n"
 
 
+def _ninja() -> str:
+    """ninja from PATH, from the running Python's environment (pip's `ninja`) or its module."""
+    found = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
+    if found is None:
+        try:
+            import ninja as ninja_module
+
+            found = str(Path(ninja_module.BIN_DIR) / "ninja")
+        except ImportError:
+            pass
+    if found is None:
+        raise RuntimeError("building the emulated CUDA extension needs ninja (pip install ninja)")
+    return found
+
+
 def build(verbose: bool = False) -> dict:
     """Compiles what changed (ninja, one object per translation unit, header dependencies tracked)
     and loads the library into torch.ops; returns build facts."""
@@ -93,8 +109,7 @@ def build(verbose: bool = False) -> dict:
     import torch
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:
-        raise RuntimeError("building the emulated extension needs ninja on PATH")
+    ninja = _ninja()
     sources = generate_sources(BUILD / "generated")
     inc = toolkit_include()
     includes = [HERE / "include", CSRC, *map(Path, cpp_extension.include_paths())]
@@ -110,8 +125,8 @@ def build(verbose: bool = False) -> dict:
     (BUILD / "obj").mkdir(exist_ok=True)
     jobs = os.environ.get("MAX_JOBS", str(min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    res = subprocess.run(["ninja", "-C", str(BUILD), "-j", jobs] + (["-v"] if verbose else []), capture_output=True,
-                         text=True)
+    cmd = [ninja, "-C", str(BUILD), "-j", jobs] + (["-v"] if verbose else [])
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"building the emulated CUDA extension failed:\n{res.stdout[-20000:]}{res.stderr[-5000:]}")
     seconds = time.perf_counter() - t0

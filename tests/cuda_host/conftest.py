@@ -3,9 +3,8 @@
 import os
 
 import pytest
-import torch
-
 import slimtune  # noqa: F401  (loads slimtune._C: the schemas and the CPU kernels compared against)
+import torch
 
 from . import build
 

@@ -1,9 +1,14 @@
 """The host SIMT emulator itself: reductions that need their barriers and warp exchanges pass under
 every schedule, a reduction missing a barrier fails under the adversarial ones, bad launches fail."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from . import build
 from .conftest import SCHEDULES
 
 pytestmark = pytest.mark.cuda_host
@@ -124,3 +129,14 @@ def test_launch_count(emu):
     run(emu, "noop", torch.zeros(1), 1)
     run(emu, "noop", torch.zeros(1), 1, block=(2048, 1, 1))  # rejected: never launched
     assert emu._launch_count() == before + 1
+
+
+@pytest.mark.parametrize("spec,poisoned", [("inorder", True), ("reversed", False)])
+def test_schedule_from_environment(emu, spec, poisoned):
+    code = ("import sys, torch, slimtune; torch.ops.load_library(sys.argv[1]); "
+            "out, _ = torch.ops.slimtune_emu._selftest('tree_missing_barrier', torch.arange(1000.0), 4, [4, 1, 1], "
+            "[256, 1, 1], 1024, -1); print(bool(out.isnan().any()))")
+    env = dict(os.environ, SLIMTUNE_EMU_SCHEDULE=spec)
+    res = subprocess.run([sys.executable, "-c", code, build.LAST["library"]], env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == str(poisoned)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from slimtune import reference
 
 pytestmark = pytest.mark.cuda_host

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from slimtune import reference
 from slimtune.sparse import rowptr_for
 
@@ -18,8 +17,8 @@ def value_dtypes(dtype):
 
 
 def tol(dtype):
-    return {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=2e-5, rtol=2e-5),
-            torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+    return {torch.float64: {"atol": 1e-12, "rtol": 1e-12}, torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+            torch.float16: {"atol": 2e-3, "rtol": 2e-3}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}[dtype]
 
 
 def delta(rows, cols, k, index_dtype, value_dtype):
@@ -93,7 +92,7 @@ def test_sddmm(emu, schedule, dtype, index_dtype, T):
     ref = reference.sparse_delta_sddmm(a, bb, idx)
     assert ours.dtype == ref.dtype and ours.shape == (17,)
     # Float32 sums of up to 517 products of rounded inputs, against a float32 GEMM.
-    close = tol(torch.float64) if ref.dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    close = tol(torch.float64) if ref.dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
     torch.testing.assert_close(ours, ref, **close)
     torch.testing.assert_close(ours, cpu, **close)
 

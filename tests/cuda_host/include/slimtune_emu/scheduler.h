@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -59,7 +60,10 @@ inline Config& config() {
   static Config c = [] {
     Config from_env;
     const char* env = std::getenv("SLIMTUNE_EMU_SCHEDULE");
-    if (env != nullptr && !parse_schedule(env, &from_env)) std::abort();
+    if (env != nullptr && !parse_schedule(env, &from_env)) {
+      std::fprintf(stderr, "SLIMTUNE_EMU_SCHEDULE=%s: expected inorder, reversed, shuffled:SEED or barrier\n", env);
+      std::abort();
+    }
     return from_env;
   }();
   return c;
