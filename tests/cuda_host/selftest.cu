@@ -176,7 +176,7 @@ int run(const std::string& name, const float* in, int64_t n, float* out, const u
     e = slimtune_emu::launch(k, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), smem, nullptr,
                              in, n, out);
   }
-  cudaGetLastError();  // consumed here, as the glue does after each launch
+  cudaGetLastError();  // a failed cudaFuncSetAttribute leaves its error pending, as in the CUDA runtime
   return e;
 }
 

@@ -140,3 +140,11 @@ def test_schedule_from_environment(emu, spec, poisoned):
     res = subprocess.run([sys.executable, "-c", code, build.LAST["library"]], env=env, capture_output=True, text=True,
                          check=True)
     assert res.stdout.strip() == str(poisoned)
+
+
+def test_failed_launch_does_not_leak_into_the_next_op(emu):
+    _, err = run(emu, "noop", torch.zeros(1), 1, block=(2048, 1, 1))
+    assert "exceeds" in err
+    w = torch.zeros(4, 4)
+    emu.sparse_delta_merge_(w, torch.tensor([1, 5]), torch.ones(2), 1.0)
+    assert w.view(-1)[[1, 5]].tolist() == [1.0, 1.0]

@@ -63,6 +63,11 @@ inline cudaError_t check_config(const void* kernel, dim3 grid, dim3 block, size_
   return cudaSuccess;
 }
 
+inline cudaError_t consumed(cudaError_t e) {
+  error_state.code = cudaSuccess;
+  return e;
+}
+
 // Block visiting order for the schedule (blocks of a grid are independent, so any order is legal).
 inline std::vector<uint64_t> block_order(uint64_t count, const Config& c, std::mt19937_64& rng) {
   std::vector<uint64_t> order(count);
@@ -74,14 +79,16 @@ inline std::vector<uint64_t> block_order(uint64_t count, const Config& c, std::m
 
 }  // namespace detail
 
+// Returns the launch's error without leaving it pending for cudaGetLastError, as slimtune::launch
+// does on the GPU (it reads and clears it); cudaGetErrorString(error) still explains it.
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
                    Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "kernel launched with the wrong number of arguments");
   using namespace detail;
   const cudaError_t bad = check_config(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, stream);
-  if (bad != cudaSuccess) return bad;
-  if (active != nullptr) return fail(cudaErrorLaunchFailure, "kernel launched from inside a kernel");
+  if (bad != cudaSuccess) return consumed(bad);
+  if (active != nullptr) return consumed(fail(cudaErrorLaunchFailure, "kernel launched from inside a kernel"));
   std::lock_guard<std::mutex> lock(launch_mutex());
   // Converted once, as the launch does; each thread's call copies them into its own parameters.
   std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
@@ -104,8 +111,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
   }
   active = nullptr;
   ++launches();
-  if (!error.empty()) return fail(cudaErrorLaunchFailure, error);
-  return cudaSuccess;
+  return error.empty() ? cudaSuccess : consumed(fail(cudaErrorLaunchFailure, error));
 }
 
 }  // namespace slimtune_emu
