@@ -529,6 +529,11 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
 }
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::lora::Bound<slimtune::lora::kCpuKernels>::register_all(m); }
+
+TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
+  slimtune::register_one_device_check(m, {"lora_linear", "lora_linear_backward", "lora_linear_multi",
+                                          "lora_linear_multi_backward", "lora_dropout_mask"});
+}
 #endif
 
 #ifdef SLIMTUNE_HAS_GPU

@@ -35,8 +35,12 @@ void scan_cpu(const char* op, const I* idx, const int64_t* rp, int64_t K, int64_
   }
   SLIMTUNE_CHECK_ARG(rp[0] == 0 && rp[rows] == K, op, "rowptr", "must start at 0 and end at ", K,
                      " (the number of indices); got ", rp[0], " and ", rp[rows]);
+  // The whole of rowptr before any row is walked: then every entry lies in [0, K].
   for (int64_t r = 0; r < rows; ++r) {
-    SLIMTUNE_CHECK_ARG(rp[r] <= rp[r + 1], op, "rowptr", "must be non-decreasing; it drops at row ", r);
+    SLIMTUNE_CHECK_ARG(rp[r] <= rp[r + 1], op, "rowptr", "must be non-decreasing; it drops at row ", r, " (",
+                       rp[r], " then ", rp[r + 1], ")");
+  }
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
       const int64_t v = static_cast<int64_t>(idx[k]);
       SLIMTUNE_CHECK_ARG(v >= r * cols && v < (r + 1) * cols, op, "rowptr", "assigns entry ", k, " (index ", v,
@@ -365,6 +369,11 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
   slimtune::sparse_delta::Bound<slimtune::sparse_delta::kCpuKernels>::register_all(m);
+}
+
+TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
+  slimtune::register_one_device_check(m, {"sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_linear_backward",
+                                          "sparse_delta_sddmm"});
 }
 #endif
 
