@@ -287,3 +287,20 @@ def test_cuda_mask_equals_cpu_mask_and_device_mismatch():
     x, w, b, A, B = make(4, 6, 5, 2, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="'lora_A'"):
         op(x, w, b, A.cpu(), B, 1.0, 0.0, 0, 0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_float64_x_with_float32_adapters_accumulates_in_float64(p):
+    """dx, the output and xa are formed in float64 when x is float64, even over float32 adapters:
+    rounding x or g B A to float32 would lose half the digits of a float64 input gradient."""
+    x, w, b, A, B = make(9, 13, 11, 3, torch.float64, "cpu", adapter_dtype=torch.float32)
+    mask = lora_dropout_mask(x, p, 4) if p > 0 else None
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = lora_linear(xo, w, b, A, B, 0.9, p, seed=4)
+    yr = reference.lora_linear(xr, w, b, A.double(), B.double(), 0.9, mask, p)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(xo.grad, xr.grad, atol=1e-12, rtol=1e-12)
+    assert op(x, w, b, A, B, 0.9, p, 4, 0)[1].dtype == torch.float64

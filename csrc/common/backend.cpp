@@ -41,7 +41,8 @@ void check_backend(const Backend& backend, const char* op, const at::Tensor& t, 
 }
 
 void check_status(const Backend& backend, Status status, const char* op) {
-  TORCH_CHECK(status == kSuccess, "slimtune.", op, ": ", backend.name, " kernel failed: ", backend.error_string(status));
+  TORCH_CHECK(status == kSuccess, "slimtune.", op, ": ", backend.name, " kernel failed: ",
+              backend.error_string(status));
 }
 
 }  // namespace slimtune

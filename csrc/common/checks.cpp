@@ -2,6 +2,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
@@ -44,7 +46,61 @@ void check_cpu(const char* op, const at::Tensor& indices, const char* name, int6
   }
 }
 
+// The first tensor argument (`ref`) and the first on another device than it (`bad`), by value:
+// list elements do not outlive the scan.
+struct Mismatch {
+  at::Tensor ref, bad;
+  const char* ref_name = nullptr;
+  const char* bad_name = nullptr;
+};
+
+void visit(const at::Tensor& t, const char* name, Mismatch* m) {
+  if (!t.defined() || m->bad.defined()) return;
+  if (!m->ref.defined()) {
+    m->ref = t;
+    m->ref_name = name;
+  } else if (t.device() != m->ref.device()) {
+    m->bad = t;
+    m->bad_name = name;
+  }
+}
+
+void one_device_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& args = schema.arguments();
+  const c10::IValue* first = &*(stack->end() - static_cast<std::ptrdiff_t>(args.size()));
+  Mismatch m;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = first[i];
+    const char* name = args[i].name().c_str();
+    if (v.isTensor()) {
+      visit(v.toTensor(), name, &m);
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) visit(t, name, &m);
+    }
+  }
+  if (m.bad.defined()) {
+    std::string op_name = schema.name();
+    op_name = op_name.substr(op_name.find("::") + 2);
+    // Name the meta tensor when meta is mixed with a real device: it is the one that would
+    // silently take the call to the meta kernel.
+    if (m.ref.is_meta() && !m.bad.is_meta()) {
+      std::swap(m.ref, m.bad);
+      std::swap(m.ref_name, m.bad_name);
+    }
+    SLIMTUNE_CHECK_ARG(false, op_name, m.bad_name, "is on ", m.bad.device(), " but '", m.ref_name, "' is on ",
+                       m.ref.device(), "; every tensor argument must be on one device (meta tensors only with "
+                       "meta tensors)");
+  }
+  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect),
+                     stack);
+}
+
 }  // namespace
+
+void register_one_device_check(torch::Library& m, std::initializer_list<const char*> ops) {
+  for (const char* name : ops) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&one_device_boxed>());
+}
 
 DType to_kernel_dtype(at::ScalarType t) {
   switch (t) {

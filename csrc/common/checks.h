@@ -4,6 +4,10 @@
 
 #include "common/types.h"
 
+namespace torch {
+class Library;
+}
+
 namespace slimtune {
 
 // Error messages always name the argument, so a user can tell which input is wrong.
@@ -20,6 +24,12 @@ IndexType to_kernel_index(at::ScalarType t);
 
 // The accumulation dtype (common/acc.h) of a float storage dtype.
 at::ScalarType acc_scalar_type(at::ScalarType storage);
+
+// Registers, for the ops named, a check that runs before any backend (the BackendSelect key)
+// and throws naming the argument unless every tensor argument (lists and optionals included) is
+// on one device. Without it a meta tensor among CPU arguments would send the whole call to the
+// meta (fake) kernel, which returns uninitialized memory or silently does nothing.
+void register_one_device_check(torch::Library& m, std::initializer_list<const char*> ops);
 
 void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                        const char* name);

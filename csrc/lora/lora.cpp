@@ -143,13 +143,19 @@ void backward_tile(const Kernels& k, const at::Tensor& x, const at::Tensor& tmp,
 
 // ---- the drivers (one per op, every backend) ----
 
+// The accumulation dtype: float64 when x or the adapters are float64 (float32 adapters over a
+// float64 x must not round x, g B A or dx to float32), float32 otherwise.
+at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : acc_scalar_type(lora_A.scalar_type());
+}
+
 int64_t tile_rows(const Kernels& k, int64_t cols) {
   return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1));
 }
 
 // The dropout-free path may hand x straight to a GEMM when no dtype conversion is needed.
 bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
-  const auto cdt = acc_scalar_type(lora_A.scalar_type());
+  const auto cdt = compute_dtype(x, lora_A);
   return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
 }
 
@@ -157,7 +163,7 @@ bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
 at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
                      int64_t seed, int64_t offset, const char* op) {
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
-  const auto cdt = acc_scalar_type(lora_A.scalar_type());
+  const auto cdt = compute_dtype(x2, lora_A);
   // A dropped tile lives only in `scratch`.
   if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
   at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
@@ -181,7 +187,7 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
                         double scale, double p, int64_t seed, int64_t offset, at::Tensor* dx, at::Tensor* dA,
                         const char* op) {
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
-  const auto cdt = acc_scalar_type(lora_A.scalar_type());
+  const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt);
   const bool use_direct = direct(x2, lora_A, p);
   if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
@@ -254,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
-  const auto cdt = acc_scalar_type(lora_A.scalar_type());
+  const auto cdt = compute_dtype(x, lora_A);
   check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
@@ -295,8 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 // dropout mask serves them all; the base GEMMs and up-projections stay per projection.
 
 // [s_i A_i] stacked (sum r_i x d_in) in the accumulation dtype, and each adapter's row offset.
-at::Tensor stacked_A(at::TensorList As, at::ArrayRef<double> scales, std::vector<int64_t>* offsets) {
-  const auto cdt = acc_scalar_type(As[0].scalar_type());
+at::Tensor stacked_A(const at::Tensor& x, at::TensorList As, at::ArrayRef<double> scales,
+                     std::vector<int64_t>* offsets) {
+  const auto cdt = compute_dtype(x, As[0]);
   std::vector<at::Tensor> parts;
   int64_t off = 0;
   for (size_t i = 0; i < As.size(); ++i) {
@@ -330,7 +337,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   std::vector<int64_t> offs;
-  const at::Tensor A = stacked_A(lora_As, scales, &offs);
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
   const at::Tensor xa = lora_down(k, x2, A, 1.0, p, seed, offset, kMultiOp);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
@@ -364,9 +371,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
-  const auto cdt = acc_scalar_type(lora_As[0].scalar_type());
+  const auto cdt = compute_dtype(x, lora_As[0]);
   std::vector<int64_t> offs;
-  const at::Tensor A = stacked_A(lora_As, scales, &offs);
+  const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
   SLIMTUNE_CHECK_ARG(xa.dim() == 2 && xa.size(0) == T && xa.size(1) == A.size(0) && xa.scalar_type() == cdt,
                      kMultiOp, "xa", "must be the (", T, ", ", A.size(0), ") intermediate saved by forward, got ",
                      xa.sizes());
@@ -479,8 +486,16 @@ const Kernels kCpuKernels{kCpuBackend, &dropout_scale_cpu, &masked_add_cpu, &bac
                           int64_t{1} << 18};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
+// Large tiles on a GPU: scratch is cheap there and every tile costs launches. The host emulator
+// takes tiles of a few rows instead, so that its small test shapes cross tile boundaries, which
+// split Philox blocks of 8 elements.
+#ifdef SLIMTUNE_HOST_EMULATION
+constexpr int64_t kGpuTileElems = 64;
+#else
+constexpr int64_t kGpuTileElems = int64_t{1} << 24;
+#endif
 const Kernels kGpuKernels{kGpuBackend,       &dropout_scale_cuda, &masked_add_cuda, &backward_tile_cuda,
-                          &dropout_mask_cuda, int64_t{1} << 24};
+                          &dropout_mask_cuda, kGpuTileElems};
 #endif
 
 }  // namespace
@@ -514,6 +529,11 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
 }
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::lora::Bound<slimtune::lora::kCpuKernels>::register_all(m); }
+
+TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
+  slimtune::register_one_device_check(m, {"lora_linear", "lora_linear_backward", "lora_linear_multi",
+                                          "lora_linear_multi_backward", "lora_dropout_mask"});
+}
 #endif
 
 #ifdef SLIMTUNE_HAS_GPU

@@ -40,7 +40,9 @@ SLIMTUNE_CLONES void keep_bytes(uint64_t seed, uint64_t offset, uint64_t b0, int
       k1 += philox::kW1;
     }
     uint8_t bits[kLanes];
-    for (int l = 0; l < kLanes; ++l) bits[l] = static_cast<uint8_t>(philox::keep_bits(c0[l], c1[l], c2[l], c3[l], thresh));
+    for (int l = 0; l < kLanes; ++l) {
+      bits[l] = static_cast<uint8_t>(philox::keep_bits(c0[l], c1[l], c2[l], c3[l], thresh));
+    }
     const int n = static_cast<int>(std::min<int64_t>(kLanes, nblk - base));
     for (int l = 0; l < n; ++l) keep[base + l] = bits[l];
   }
@@ -56,7 +58,9 @@ class Multipliers {
     if (thresh_ == 0) return;
     lut_.resize(256 * philox::kElemsPerBlock);
     for (int v = 0; v < 256; ++v) {
-      for (int i = 0; i < philox::kElemsPerBlock; ++i) lut_[v * philox::kElemsPerBlock + i] = ((v >> i) & 1) ? mult : A(0);
+      for (int i = 0; i < philox::kElemsPerBlock; ++i) {
+        lut_[v * philox::kElemsPerBlock + i] = ((v >> i) & 1) ? mult : A(0);
+      }
     }
   }
 

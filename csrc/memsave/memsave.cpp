@@ -51,6 +51,15 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& pooled, const char*
   SLIMTUNE_CHECK_ARG(dims > nd, op, "input_size", "must have more than ", nd, " dims, got ", input_size);
   SLIMTUNE_CHECK_ARG(pooled.dim() == dims, op, pooled_name, "must have ", dims, " dims like the input, got shape ",
                      pooled.sizes());
+  for (int64_t i = 0; i < dims; ++i) {
+    SLIMTUNE_CHECK_ARG(input_size[i] >= 0 && (i < dims - nd || input_size[i] >= 1), op, "input_size",
+                       "must be non-negative with positive spatial sizes, got ", input_size);
+  }
+  int64_t numel = 1;
+  for (int64_t i = 0; i < dims; ++i) {
+    SLIMTUNE_CHECK_ARG(!__builtin_mul_overflow(numel, input_size[i], &numel), op, "input_size",
+                       "has more elements than int64 can count: ", input_size);
+  }
   PoolGeometry g{};
   g.planes = 1;
   for (int64_t i = 0; i < dims - nd; ++i) {
@@ -70,11 +79,86 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& pooled, const char*
     g.dilation[d] = used ? dilation[j] : 1;
     SLIMTUNE_CHECK_ARG(g.kernel[d] >= 1 && g.stride[d] >= 1 && g.dilation[d] >= 1 && g.padding[d] >= 0, op,
                        "kernel_size", "stride/dilation must be positive and padding non-negative");
+    SLIMTUNE_CHECK_ARG(g.kernel[d] <= 127 && window * g.kernel[d] <= 127, op, "kernel_size", "window of ",
+                       kernel_size, " does not fit int8 offsets (at most 127 elements)");
     window *= g.kernel[d];
+    // The window (dilation included) must fit the padded input, padding at most half of it (as
+    // torch's max_pool requires); then every window start lies in [-padding, in + padding).
+    int64_t span = 0, padded = 0;
+    SLIMTUNE_CHECK_ARG(!__builtin_mul_overflow(g.dilation[d], g.kernel[d] - 1, &span), op, "dilation",
+                       "times kernel_size overflows int64: ", dilation, " and ", kernel_size);
+    SLIMTUNE_CHECK_ARG(g.padding[d] <= (span >> 1) + (span & 1), op, "padding",
+                       "must be at most half the window (kernel_size ", kernel_size, ", dilation ", dilation,
+                       "), got ", padding);
+    SLIMTUNE_CHECK_ARG(!__builtin_add_overflow(g.in[d], 2 * g.padding[d], &padded) && span < padded, op,
+                       "kernel_size", kernel_size, " with dilation ", dilation, " spans more than the padded input ",
+                       input_size);
+    // The largest pooled size (ceil mode; the last window must start inside the input or its left padding).
+    const int64_t room = padded - span - 1;
+    int64_t most = room / g.stride[d] + 1 + (room % g.stride[d] != 0 ? 1 : 0), last_start = 0;
+    if (__builtin_mul_overflow(most - 1, g.stride[d], &last_start) || last_start >= g.in[d] + g.padding[d]) --most;
+    SLIMTUNE_CHECK_ARG(g.out[d] <= most, op, pooled_name, "has shape ", pooled.sizes(), " but a pool over input_size ",
+                       input_size, " has at most ", most, " positions along spatial dim ", j);
   }
-  SLIMTUNE_CHECK_ARG(window <= 127, op, "kernel_size", "window of ", window,
-                     " elements does not fit int8 offsets (at most 127)");
   return g;
+}
+
+// Calls f(i, o) for every pooled position i (flat over planes) with its window start `o` (per dim).
+template <typename F>
+void for_each_window(const PoolGeometry& g, F&& f) {
+  const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
+  for (int64_t pl = 0; pl < g.planes; ++pl) {
+    int64_t i = pl * per_plane;
+    for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
+      for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+        for (int64_t o2 = 0; o2 < g.out[2]; ++o2, ++i) {
+          const int64_t start[3] = {o0 * g.stride[0] - g.padding[0], o1 * g.stride[1] - g.padding[1],
+                                    o2 * g.stride[2] - g.padding[2]};
+          if (!f(i, start)) return;
+        }
+      }
+    }
+  }
+}
+
+// CPU only (cheap, no host sync): each argmax index lies inside its own window.
+void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  int64_t bad = -1;
+  for_each_window(g, [&](int64_t i, const int64_t* start) {
+    int64_t v = p[i];
+    bool ok = v >= 0 && v < in_plane;
+    for (int d = 2; ok && d >= 0; --d) {
+      const int64_t delta = v % g.in[d] - start[d];
+      v /= g.in[d];
+      ok = delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
+    }
+    if (!ok) bad = i;
+    return ok;
+  });
+  SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[bad], " at position ", bad,
+                     ", outside the pooling window of that output");
+}
+
+// CPU only: each offset lies in its window and points at an input element, not at padding.
+void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeometry& g) {
+  const int8_t* p = offsets.const_data_ptr<int8_t>();
+  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  int64_t bad = -1;
+  for_each_window(g, [&](int64_t i, const int64_t* start) {
+    int64_t w = p[i];
+    bool ok = w >= 0 && w < window;
+    for (int d = 2; ok && d >= 0; --d) {
+      const int64_t c = start[d] + (w % g.kernel[d]) * g.dilation[d];
+      w /= g.kernel[d];
+      ok = c >= 0 && c < g.in[d];
+    }
+    if (!ok) bad = i;
+    return ok;
+  });
+  SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[bad]), " at position ", bad,
+                     ", outside its window or in the padding");
 }
 
 PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
@@ -154,6 +238,7 @@ at::Tensor maxpool_compact_op(const Kernels& k, const at::Tensor& indices, at::I
   check_backend(k.backend, "memsave_maxpool_compact", indices, "indices");
   c10::DeviceGuard guard(indices.device());
   const at::Tensor idx = indices.contiguous();
+  if (idx.is_cpu()) scan_compact_cpu("memsave_maxpool_compact", idx, g);
   at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
   const MaxpoolCompactParams p{idx.const_data_ptr<int64_t>(), static_cast<signed char*>(offsets.data_ptr()), g};
   check_status(k.backend, k.maxpool_compact(p, k.backend.stream(idx)), "memsave_maxpool_compact");
@@ -166,9 +251,10 @@ at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const a
   const PoolGeometry g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
   check_backend(k.backend, "memsave_maxpool_backward", grad, "grad");
   c10::DeviceGuard guard(grad.device());
+  const at::Tensor oc = offsets.contiguous();
+  if (oc.is_cpu()) scan_backward_cpu("memsave_maxpool_backward", oc, g);
   at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
   const at::Tensor gc = grad.contiguous();
-  const at::Tensor oc = offsets.contiguous();
   const MaxpoolBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()),
                                 static_cast<const signed char*>(oc.data_ptr()), buf.data_ptr(), g};
   check_status(k.backend, k.maxpool_backward(p, k.backend.stream(gc)), "memsave_maxpool_backward");
@@ -236,6 +322,11 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
 }
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m); }
+
+TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
+  slimtune::register_one_device_check(m, {"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
+                                          "memsave_maxpool_compact", "memsave_maxpool_backward"});
+}
 #endif
 
 #ifdef SLIMTUNE_HAS_GPU

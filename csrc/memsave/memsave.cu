@@ -81,27 +81,48 @@ __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char*
   }
 }
 
+// The window along one dim whose tap k covers input coordinate c, if there is one.
+__device__ __forceinline__ bool window_at(const PoolGeometry& g, int d, int64_t c, int64_t k, int64_t* o) {
+  const int64_t start = c + g.padding[d] - k * g.dilation[d];
+  if (start < 0 || start % g.stride[d] != 0) return false;
+  *o = start / g.stride[d];
+  return *o < g.out[d];
+}
+
+// A gather, one thread per input element: it sums the gradients of the windows whose argmax it
+// is, in ascending window order (the CPU kernel's order). Overlapping windows need no atomics,
+// and the result is the same whatever order threads run in: deterministic, bitwise equal to CPU.
 template <typename T>
 __global__ void pool_backward_kernel(const T* __restrict__ grad, const signed char* __restrict__ offsets,
-                                     acc_t<T>* __restrict__ grad_in, PoolGeometry g, int64_t total) {
+                                     acc_t<T>* __restrict__ grad_in, PoolGeometry g, int64_t total_in) {
   const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t plane = i / per_plane;
-    int64_t oc[3];
-    split_out(g, i % per_plane, oc);
-    int64_t off = offsets[i];
-    int64_t step[3];
-    step[2] = off % g.kernel[2];
-    off /= g.kernel[2];
-    step[1] = off % g.kernel[1];
-    step[0] = off / g.kernel[1];
-    int64_t flat = 0;
-    for (int d = 0; d < 3; ++d) {
-      flat = flat * g.in[d] + oc[d] * g.stride[d] - g.padding[d] + step[d] * g.dilation[d];
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total_in;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t plane = e / in_plane;
+    int64_t rest = e - plane * in_plane;
+    const int64_t c2 = rest % g.in[2];
+    rest /= g.in[2];
+    const int64_t c1 = rest % g.in[1], c0 = rest / g.in[1];
+    const T* gr = grad + plane * per_plane;
+    const signed char* off = offsets + plane * per_plane;
+    acc_t<T> sum = 0;
+    // Descending taps give ascending windows.
+    for (int64_t k0 = g.kernel[0] - 1; k0 >= 0; --k0) {
+      int64_t o0;
+      if (!window_at(g, 0, c0, k0, &o0)) continue;
+      for (int64_t k1 = g.kernel[1] - 1; k1 >= 0; --k1) {
+        int64_t o1;
+        if (!window_at(g, 1, c1, k1, &o1)) continue;
+        for (int64_t k2 = g.kernel[2] - 1; k2 >= 0; --k2) {
+          int64_t o2;
+          if (!window_at(g, 2, c2, k2, &o2)) continue;
+          const int64_t o = (o0 * g.out[1] + o1) * g.out[2] + o2;
+          if (off[o] == (k0 * g.kernel[1] + k1) * g.kernel[2] + k2) sum += to_acc(gr[o]);
+        }
+      }
     }
-    atomicAdd(grad_in + plane * in_plane + flat, to_acc(grad[i]));
+    grad_in[e] += sum;
   }
 }
 
@@ -141,14 +162,14 @@ Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
 }
 
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream) {
-  const int64_t total = p.g.planes * p.g.out[0] * p.g.out[1] * p.g.out[2];
-  if (total == 0) return kSuccess;
-  const dim3 grid(blocks_for(total, kThreads));
+  const int64_t total_in = p.g.planes * p.g.in[0] * p.g.in[1] * p.g.in[2];
+  if (total_in == 0) return kSuccess;
+  const dim3 grid(blocks_for(total_in, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch(pool_backward_kernel<T>, grid, dim3(kThreads), 0, s, static_cast<const T*>(p.grad), p.offsets,
-                  static_cast<acc_t<T>*>(p.grad_in), p.g, total);
+                  static_cast<acc_t<T>*>(p.grad_in), p.g, total_in);
   });
 }
 

@@ -51,7 +51,8 @@ struct MaxpoolCompactParams {
 };
 
 // grad_in (accumulation buffer, zero-filled, planes * prod(in) elements of the accumulation
-// type of `dtype`) += grad at each window's argmax. `dtype` is grad's.
+// type of `dtype`) += grad at each window's argmax, summed in ascending window order on every
+// backend (deterministic, no atomics). `dtype` is grad's.
 struct MaxpoolBackwardParams {
   const void* grad;
   DType dtype;
@@ -67,7 +68,6 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void* stream);
 
 Status relu_cuda(const ReluParams& p, void* stream);
 Status relu_backward_cuda(const ReluBackwardParams& p, void* stream);
-// Overlapping windows accumulate with atomics.
 Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream);
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream);
 

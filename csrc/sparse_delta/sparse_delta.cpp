@@ -35,8 +35,12 @@ void scan_cpu(const char* op, const I* idx, const int64_t* rp, int64_t K, int64_
   }
   SLIMTUNE_CHECK_ARG(rp[0] == 0 && rp[rows] == K, op, "rowptr", "must start at 0 and end at ", K,
                      " (the number of indices); got ", rp[0], " and ", rp[rows]);
+  // The whole of rowptr before any row is walked: then every entry lies in [0, K].
   for (int64_t r = 0; r < rows; ++r) {
-    SLIMTUNE_CHECK_ARG(rp[r] <= rp[r + 1], op, "rowptr", "must be non-decreasing; it drops at row ", r);
+    SLIMTUNE_CHECK_ARG(rp[r] <= rp[r + 1], op, "rowptr", "must be non-decreasing; it drops at row ", r, " (",
+                       rp[r], " then ", rp[r + 1], ")");
+  }
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
       const int64_t v = static_cast<int64_t>(idx[k]);
       SLIMTUNE_CHECK_ARG(v >= r * cols && v < (r + 1) * cols, op, "rowptr", "assigns entry ", k, " (index ", v,
@@ -45,9 +49,7 @@ void scan_cpu(const char* op, const I* idx, const int64_t* rp, int64_t K, int64_
   }
 }
 
-// Metadata (dtypes, shapes, devices) is always checked; the O(K) index scan (sorted, unique,
-// in range, consistent with rowptr) runs only for CPU tensors, where it is cheap and needs no
-// host sync.
+// Metadata (dtypes, shapes, devices); the O(K) scan of the values is validate_layout's.
 void check_layout(const char* op, int64_t rows, int64_t cols, const at::Tensor& ref, const at::Tensor& indices,
                   const at::Tensor& rowptr) {
   SLIMTUNE_CHECK_ARG(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op, "indices",
@@ -60,9 +62,9 @@ void check_layout(const char* op, int64_t rows, int64_t cols, const at::Tensor& 
                      ",) for ", rows, " output rows, got ", rowptr.sizes());
   check_same_device(op, ref, "x", indices, "indices");
   check_same_device(op, ref, "x", rowptr, "rowptr");
-  if (!indices.is_cpu()) return;
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor rp = rowptr.contiguous();
+}
+
+void scan_host(const char* op, const at::Tensor& idx, const at::Tensor& rp, int64_t rows, int64_t cols) {
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "sparse_delta_scan", [&] {
     scan_cpu<index_t>(op, idx.data_ptr<index_t>(), rp.data_ptr<int64_t>(), idx.numel(), rows, cols);
   });
@@ -154,7 +156,26 @@ struct Kernels {
   Status (*sddmm)(const SddmmParams&, void*);
   // Token slices of the SDDMM (each a chunks × K workspace row); 0: no workspace.
   int64_t (*sddmm_chunks)(int64_t T, int64_t K);
+  // Device-side layout check; null where the indices are scanned on the host.
+  Status (*validate)(const ValidateParams&, void*);
 };
+
+// Sorted, unique, in-range indices and a rowptr consistent with them, before any kernel reads
+// them: wrong ones would make the row kernels read and write out of bounds. The CPU scans on the
+// host; a device backend runs validate_cuda and reads back one flag (the only host sync of these
+// ops), and on failure scans a host copy so the error names the fault like the CPU does.
+void validate_layout(const Kernels& k, const char* op, int64_t rows, int64_t cols, const at::Tensor& idx,
+                     const at::Tensor& rp) {
+  if (k.validate == nullptr) return scan_host(op, idx, rp, rows, cols);
+  const int64_t ok = idx.numel() + rows + 1;
+  at::Tensor first_bad = at::full({1}, ok, rp.options());
+  const ValidateParams p{idx.data_ptr(), to_kernel_index(idx.scalar_type()), rp.data_ptr<int64_t>(), idx.numel(),
+                         rows, cols, first_bad.data_ptr<int64_t>()};
+  check_status(k.backend, k.validate(p, k.backend.stream(rp)), op);
+  if (first_bad.item<int64_t>() == ok) return;
+  scan_host(op, idx.cpu(), rp.cpu(), rows, cols);
+  TORCH_CHECK(false, "slimtune.", op, ": argument 'indices' or 'rowptr' is inconsistent");
+}
 
 int64_t no_chunks(int64_t, int64_t) { return 0; }
 
@@ -223,6 +244,7 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
   const at::Tensor x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
   const int64_t rows = weight.size(0), cols = weight.size(1);
+  validate_layout(k, op, rows, cols, idx, rp);
   at::Tensor y;
   if (use_merge(x2.size(0), idx.numel(), weight.numel())) {
     const at::Tensor w = merged(k, weight, idx, val, op);
@@ -249,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
   c10::DeviceGuard guard(x.device());
   const at::Tensor g2 = as_tokens(grad), x2 = as_tokens(x);
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
+  validate_layout(k, op, weight.size(0), weight.size(1), idx, rp);
   at::Tensor dx, dv, db;
   if (mask[0]) {
     if (k.spmm_t == nullptr || use_merge(g2.size(0), idx.numel(), weight.numel())) {
@@ -276,7 +299,9 @@ at::Tensor sddmm_op(const Kernels& k, const at::Tensor& a, const at::Tensor& b, 
   check_sddmm(op, a, b, indices, rowptr);
   check_backend(k.backend, op, a, "a");
   c10::DeviceGuard guard(a.device());
-  return sddmm_impl(k, as_tokens(a), as_tokens(b), indices.contiguous(), rowptr.contiguous(), op);
+  const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous();
+  validate_layout(k, op, a.size(-1), b.size(-1), idx, rp);
+  return sddmm_impl(k, as_tokens(a), as_tokens(b), idx, rp, op);
 }
 
 // ---- registration ----
@@ -312,10 +337,10 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &merge_cpu, &spmm_cpu, &spmm_t_cpu, &sddmm_cpu, &no_chunks};
+const Kernels kCpuKernels{kCpuBackend, &merge_cpu, &spmm_cpu, &spmm_t_cpu, &sddmm_cpu, &no_chunks, nullptr};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-const Kernels kGpuKernels{kGpuBackend, &merge_cuda, &spmm_cuda, nullptr, &sddmm_cuda, &gpu_chunks};
+const Kernels kGpuKernels{kGpuBackend, &merge_cuda, &spmm_cuda, nullptr, &sddmm_cuda, &gpu_chunks, &validate_cuda};
 #endif
 
 }  // namespace
@@ -344,6 +369,11 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
   slimtune::sparse_delta::Bound<slimtune::sparse_delta::kCpuKernels>::register_all(m);
+}
+
+TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
+  slimtune::register_one_device_check(m, {"sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_linear_backward",
+                                          "sparse_delta_sddmm"});
 }
 #endif
 

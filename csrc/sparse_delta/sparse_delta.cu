@@ -82,7 +82,43 @@ Status dispatch_values(DType value_dtype, DType dtype, F&& f) {
   return kInvalidValue;
 }
 
+// Thread per index k (positions [0, K)) and per rowptr entry r (positions K + r). The row of a
+// valid index names the rowptr span it must lie in; with sorted indices and a non-decreasing
+// rowptr from 0 to K, that makes rowptr exactly the row offsets.
+template <typename I>
+__global__ void validate_kernel(const I* __restrict__ indices, const int64_t* __restrict__ rowptr, int64_t K,
+                                int64_t rows, int64_t cols, int64_t* __restrict__ first_bad) {
+  const int64_t n = K + rows + 1;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    bool bad;
+    if (i < K) {
+      const int64_t v = static_cast<int64_t>(indices[i]);
+      bad = v < 0 || v >= rows * cols || (i > 0 && static_cast<int64_t>(indices[i - 1]) >= v);
+      if (!bad) {
+        const int64_t r = v / cols;
+        bad = !(rowptr[r] <= i && i < rowptr[r + 1]);
+      }
+    } else {
+      const int64_t r = i - K;
+      bad = (r == 0 && rowptr[0] != 0) || (r == rows && rowptr[rows] != K) || (r > 0 && rowptr[r - 1] > rowptr[r]);
+    }
+    // The minimum, whatever order threads run in.
+    if (bad) atomicMin(reinterpret_cast<unsigned long long*>(first_bad), static_cast<unsigned long long>(i));
+  }
+}
+
 }  // namespace
+
+Status validate_cuda(const ValidateParams& p, void* stream) {
+  const dim3 grid(blocks_for(p.K + p.rows + 1, kThreads));
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_index(p.index_type, [&](auto i_tag) {
+    using I = decltype(i_tag);
+    return launch(validate_kernel<I>, grid, dim3(kThreads), 0, s, static_cast<const I*>(p.indices), p.rowptr, p.K,
+                  p.rows, p.cols, p.first_bad);
+  });
+}
 
 Status merge_cuda(const MergeParams& p, void* stream) {
   if (p.n == 0) return kSuccess;

@@ -67,11 +67,24 @@ struct SddmmParams {
   void* out;
 };
 
+// Layout check on the device: *first_bad (set to K + rows + 1 by the caller) becomes the smallest
+// position that breaks the layout, k < K for an index (out of range, not above its predecessor,
+// outside its row's rowptr span) and K + r for rowptr[r] (rowptr[0] != 0, rowptr[rows] != K, or a
+// drop). Reads nothing out of bounds whatever the inputs hold.
+struct ValidateParams {
+  const void* indices;
+  IndexType index_type;
+  const int64_t* rowptr;
+  int64_t K, rows, cols;
+  int64_t* first_bad;
+};
+
 Status merge_cpu(const MergeParams& p, void* stream);
 Status spmm_cpu(const SpmmParams& p, void* stream);
 Status spmm_t_cpu(const SpmmTParams& p, void* stream);
 Status sddmm_cpu(const SddmmParams& p, void* stream);
 
+Status validate_cuda(const ValidateParams& p, void* stream);
 Status merge_cuda(const MergeParams& p, void* stream);
 Status spmm_cuda(const SpmmParams& p, void* stream);
 Status sddmm_cuda(const SddmmParams& p, void* stream);

@@ -13,8 +13,9 @@ from .._autograd import refuse_double_backward
 _lib = "slimtune"
 
 
-def _compute_dtype(lora_A):
-    return torch.float64 if lora_A.dtype == torch.float64 else torch.float32
+def _compute_dtype(x, lora_A):
+    """float64 when x or the adapters are float64 (as csrc/lora/lora.cpp), float32 otherwise."""
+    return torch.float64 if torch.float64 in (x.dtype, lora_A.dtype) else torch.float32
 
 
 def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset):
@@ -23,7 +24,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout, seed, off
     torch._check(lora_B.shape[1] == lora_A.shape[0], lambda: "slimtune.lora_linear: argument 'lora_B' rank mismatch")
     tokens = math.prod(x.shape[:-1])
     out = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
-    xa = x.new_empty((tokens, lora_A.shape[0]), dtype=_compute_dtype(lora_A))
+    xa = x.new_empty((tokens, lora_A.shape[0]), dtype=_compute_dtype(x, lora_A))
     return out, xa
 
 
@@ -47,7 +48,7 @@ def _lora_linear_multi_fake(x, weights, biases, lora_As, lora_Bs, scales, dropou
                  lambda: "slimtune.lora_linear_multi: the argument lists must have one equal, non-zero length")
     tokens = math.prod(x.shape[:-1])
     outs = [x.new_empty((*x.shape[:-1], B.shape[0])) for B in lora_Bs]
-    xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(lora_As[0]))
+    xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(x, lora_As[0]))
     return outs, xa
 
 

@@ -1,0 +1,107 @@
+"""memsave CUDA kernels (ReLU bit mask, max-pool offsets and backward) and glue, emulated on the host."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from slimtune import reference
+
+from .conftest import SCHEDULES
+
+pytestmark = pytest.mark.cuda_host
+
+CPU = torch.ops.slimtune
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(3, 5, 7), (2049,), (8,), (0, 4), (1,)]  # odd sizes: a last partial mask byte; 2049: nine blocks
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu(emu, schedule, dtype, shape):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if x.numel() > 2:
+        x.view(-1)[1] = 0.0
+        x.view(-1)[2] = float("nan")
+    out, mask = emu.memsave_relu(x)
+    assert torch.equal(mask, reference.memsave_relu_mask(x))
+    assert torch.equal(emu.memsave_relu_mask(x), mask)
+    assert torch.equal(out.nan_to_num(7.0), torch.where(x <= 0, torch.zeros_like(x), x).nan_to_num(7.0))
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    assert torch.equal(emu.memsave_relu_backward(g, mask), CPU.memsave_relu_backward(g, mask))
+    assert torch.equal(emu.memsave_relu_backward(g, mask), torch.where(x <= 0, torch.zeros_like(g), g))
+
+
+def test_relu_noncontiguous(emu, schedule):
+    x = torch.randn(9, 14)[:, ::2]
+    out, mask = emu.memsave_relu(x)
+    assert torch.equal(mask, reference.memsave_relu_mask(x)) and torch.equal(out, x.clamp_min(0))
+    g = torch.randn(7, 9).t()
+    assert torch.equal(emu.memsave_relu_backward(g, mask), CPU.memsave_relu_backward(g, mask))
+
+
+# (spatial dims, input shape, kernel, stride, padding, dilation, ceil_mode): overlapping windows
+# (stride < kernel) make one input element the argmax of several windows.
+POOLS = [
+    (1, (2, 3, 17), [3], [1], [1], [1], False),
+    (1, (2, 3, 19), [4], [2], [2], [2], True),
+    (2, (2, 3, 9, 7), [3, 3], [2, 2], [1, 1], [1, 1], False),
+    (2, (1, 2, 9, 10), [2, 3], [1, 2], [0, 0], [2, 1], True),
+    (2, (1, 2, 12, 11), [3, 3], [1, 1], [1, 1], [1, 1], False),
+    (3, (1, 2, 4, 5, 3), [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], False),
+    (2, (0, 2, 6, 6), [2, 2], [2, 2], [0, 0], [1, 1], False),
+]
+
+
+def pool(x, nd, kernel, stride, padding, dilation, ceil):
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    return fn(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+
+
+def coarse(shape, dtype):
+    # Few distinct values, so many windows share an argmax; small integers keep low precision exact.
+    return torch.randint(-3, 4, shape).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", POOLS)
+def test_maxpool(emu, schedule, dtype, case):
+    nd, shape, kernel, stride, padding, dilation, ceil = case
+    x = (coarse(shape, torch.float64) + torch.rand(shape, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    out, idx = pool(x, nd, kernel, stride, padding, dilation, ceil)
+    args = (list(shape), kernel, stride, padding, dilation)
+    offsets = emu.memsave_maxpool_compact(idx, *args)
+    assert torch.equal(offsets.long(), reference.memsave_maxpool_offsets(idx, *args))
+    assert torch.equal(offsets, CPU.memsave_maxpool_compact(idx, *args))
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    ours = emu.memsave_maxpool_backward(g, offsets, *args)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(pool(x64, nd, kernel, stride, padding, dilation, ceil)[0], x64, g.double())
+    assert ours.dtype == dtype and ours.shape == x.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(ours, expected.to(dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(ours, CPU.memsave_maxpool_backward(g, offsets, *args), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("case", [POOLS[0], POOLS[4], POOLS[5]])
+def test_maxpool_backward_is_deterministic(emu, case):
+    """Every schedule (thread and block order) gives bitwise the same gradient, also under
+    torch.use_deterministic_algorithms(True)."""
+    nd, shape, kernel, stride, padding, dilation, ceil = case
+    x = coarse(shape, torch.float32)  # ties: an element is the argmax of many overlapping windows
+    _, idx = pool(x, nd, kernel, stride, padding, dilation, ceil)
+    args = (list(shape), kernel, stride, padding, dilation)
+    offsets = CPU.memsave_maxpool_compact(idx, *args)
+    g = torch.randn(idx.shape) * torch.logspace(-6, 6, idx.numel()).view(idx.shape)  # rounding depends on order
+    results = []
+    for s in SCHEDULES:
+        emu._set_schedule(s)
+        results.append(emu.memsave_maxpool_backward(g, offsets, *args))
+    emu._set_schedule("inorder")
+    for s, r in zip(SCHEDULES, results):
+        assert torch.equal(r, results[0]), f"schedule {s} changed the gradient"
+    assert torch.equal(results[0], CPU.memsave_maxpool_backward(g, offsets, *args))  # the CPU kernel's order
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(emu.memsave_maxpool_backward(g, offsets, *args), results[0])
+    finally:
+        torch.use_deterministic_algorithms(prev)

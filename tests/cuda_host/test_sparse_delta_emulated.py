@@ -1,0 +1,156 @@
+"""Sparse-delta CUDA kernels and glue, emulated on the host, against the reference and the CPU op."""
+
+import pytest
+import torch
+from slimtune import reference
+from slimtune.sparse import rowptr_for
+
+pytestmark = pytest.mark.cuda_host
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LOWP = (torch.float16, torch.bfloat16)
+INDEX = [torch.int32, torch.int64]
+
+
+def value_dtypes(dtype):
+    return [dtype, torch.float32] if dtype in LOWP else [dtype]
+
+
+def tol(dtype):
+    return {torch.float64: {"atol": 1e-12, "rtol": 1e-12}, torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+            torch.float16: {"atol": 2e-3, "rtol": 2e-3}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}[dtype]
+
+
+def delta(rows, cols, k, index_dtype, value_dtype):
+    idx = torch.randperm(rows * cols)[:k].sort().values.to(index_dtype)
+    return idx, rowptr_for(idx, (rows, cols)), (torch.randn(k, dtype=torch.float64) * 0.5).to(value_dtype)
+
+
+MERGE_CASES = [(37, 53, 300), (5, 7, 35), (16, 16, 0)]  # 300 entries: two blocks of 256; all entries; none
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merge(emu, schedule, dtype, index_dtype, case):
+    rows, cols, k = case
+    for vdtype in value_dtypes(dtype):
+        w = torch.randn(rows, cols, dtype=torch.float64).to(dtype)
+        idx, _, val = delta(rows, cols, k, index_dtype, vdtype)
+        ours, cpu = w.clone(), w.clone()
+        emu.sparse_delta_merge_(ours, idx.flip(0), val.flip(0), -0.75)  # any order
+        torch.ops.slimtune.sparse_delta_merge_(cpu, idx, val, -0.75)
+        assert torch.equal(ours, reference.sparse_delta_merge(w, idx, val, -0.75))
+        assert torch.equal(ours, cpu)
+
+
+# (x shape, rows, k): 4·T·K >= rows·cols takes the transient merge, below it the SpMM kernel.
+LINEAR_CASES = [((6, 11), 9, 40), ((2, 3, 13), 7, 30), ((1, 64), 65, 100), ((3, 45), 50, 40), ((0, 12), 5, 10)]
+
+
+def grads(op, x, w, b, idx, rp, val, g):
+    y = op.sparse_delta_linear(x, w, b, idx, rp, val)
+    dx, dv, db = op.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, True])
+    return y, dx, dv, db
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_linear_forward_backward(emu, schedule, dtype, index_dtype, case):
+    shape, rows, k = case
+    cols = shape[-1]
+    for vdtype in value_dtypes(dtype):
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        w = (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+        b = torch.randn(rows, dtype=torch.float64).to(dtype)
+        idx, rp, val = delta(rows, cols, k, index_dtype, vdtype)
+        g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)
+        ours = grads(emu, x, w, b, idx, rp, val, g)
+        cpu = grads(torch.ops.slimtune, x, w, b, idx, rp, val, g)
+        # The reference in float64: dx and dv only depend on the inputs, not on rounding of y.
+        acc = torch.float64
+        xr, vr, br = (t.to(acc).requires_grad_() for t in (x, val, b))
+        yr = reference.sparse_delta_linear(xr, w.to(acc), br, idx, vr)
+        yr.backward(g.to(acc))
+        for name, o, c, r in zip(["y", "dx", "dvalues", "dbias"], ours, cpu, [yr, xr.grad, vr.grad, br.grad]):
+            assert o.shape == c.shape and o.dtype == c.dtype, name
+            torch.testing.assert_close(o, c, **tol(o.dtype), msg=name)
+            torch.testing.assert_close(o.to(acc), r.to(acc), **tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("T", [0, 1, 300, 517])  # 300, 517: two and three token slices, reduced in order
+def test_sddmm(emu, schedule, dtype, index_dtype, T):
+    rows, cols = 6, 5
+    a = torch.randn(T, rows, dtype=torch.float64).to(dtype)
+    bb = torch.randn(T, cols, dtype=torch.float64).to(dtype)
+    idx, rp, _ = delta(rows, cols, 17, index_dtype, torch.float32)
+    ours = emu.sparse_delta_sddmm(a, bb, idx, rp)
+    cpu = torch.ops.slimtune.sparse_delta_sddmm(a, bb, idx, rp)
+    ref = reference.sparse_delta_sddmm(a, bb, idx)
+    assert ours.dtype == ref.dtype and ours.shape == (17,)
+    # Float32 sums of up to 517 products of rounded inputs, against a float32 GEMM.
+    close = tol(torch.float64) if ref.dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(ours, ref, **close)
+    torch.testing.assert_close(ours, cpu, **close)
+
+
+def test_noncontiguous_inputs(emu, schedule):
+    x = torch.randn(12, 5).t()  # (5, 12), column-major
+    w = torch.randn(7, 12)
+    idx, rp, val = delta(7, 12, 9, torch.int32, torch.float32)
+    g = torch.randn(12, 7)[:5]
+    ours = grads(emu, x, w, None, idx, rp, val, g)
+    cpu = grads(torch.ops.slimtune, x, w, None, idx, rp, val, g)
+    for o, c in zip(ours[:3], cpu[:3]):
+        torch.testing.assert_close(o, c, **tol(torch.float32))
+
+
+def bad_layouts():
+    """(argument, phrase, indices, rowptr) over a 6 x 8 weight: each would make a row kernel read or
+    write out of bounds if it were not caught."""
+    idx, rp, _ = delta(6, 8, 12, torch.int32, torch.float32)
+    big = idx.clone()
+    big[-1] = 6 * 8 + 3
+    yield "indices", "out of range", big, rp
+    neg = idx.clone()
+    neg[0] = -1
+    yield "indices", "out of range", neg, rp
+    dup = idx.clone()
+    dup[1] = dup[0]
+    yield "indices", "sorted and unique", dup, rowptr_for(dup, (6, 8))
+    yield "indices", "sorted and unique", idx.flip(0), rp
+    stale = rp.clone()
+    stale[1:-1] = 0
+    yield "rowptr", "stale", idx, stale
+    short = rp.clone()
+    short[-1] -= 1
+    yield "rowptr", "end at", idx, short
+    shifted = rp.clone() + 1
+    yield "rowptr", "start at 0", idx, shifted
+
+
+@pytest.mark.parametrize("arg,phrase,idx,rp", list(bad_layouts()))
+def test_bad_layout_is_caught_on_the_device(emu, schedule, arg, phrase, idx, rp):
+    x, w, g = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6)
+    val = torch.randn(idx.numel())
+    calls = [lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # SpMM path
+             lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # merge path
+             lambda: emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, False]),
+             lambda: emu.sparse_delta_sddmm(g, x, idx, rp)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=f"'{arg}'") as info:
+            call()
+        assert phrase in str(info.value), str(info.value)
+
+
+def test_layout_is_validated_by_a_kernel(emu):
+    """The CUDA driver checks indices and rowptr with a kernel (emulated tensors are CPU tensors, so
+    a host-side `is_cpu()` scan would hide a device path that skips the check)."""
+    x, w = torch.randn(1, 8), torch.randn(6, 8)
+    idx, rp, val = delta(6, 8, 5, torch.int64, torch.float32)
+    before = emu._launch_count()
+    emu.sparse_delta_linear(x, w, None, idx, rp, val)  # SpMM path: one compute kernel
+    assert emu._launch_count() - before == 2
