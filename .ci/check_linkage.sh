@@ -15,6 +15,7 @@ if echo "$dyn" | grep -E "NEEDED" | grep -q "libcudart"; then
 fi
 paths="$(echo "$dyn" | sed -n 's/.*R\(UN\)\{0,1\}PATH.*\[\(.*\)\]/\2/p' | tr ':' '\n')"
 while IFS= read -r p; do
+  # shellcheck disable=SC2016  # a literal $ORIGIN, as the loader reads it
   case "$p" in
     ""|'$ORIGIN'|'$ORIGIN/'*) ;;
     *) echo "check_linkage: FAIL: $so has a RUNPATH entry of the build machine: $p"; bad=1 ;;
