@@ -40,12 +40,33 @@ PY
 
 echo "--- wheel_check: install into a fresh venv and smoke-test it from $work"
 python3 -m venv "$work/venv"
-base_site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 new_site="$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$base_site" > "$new_site/_base_packages.pth"
-# With its dependencies: they must be satisfied by what the base venv provides.
-"$work/venv/bin/pip" install -q "$wheel" 2>&1 | { grep -v "^WARNING: Location" || true; }
-"$work/venv/bin/python" -c 'import importlib.metadata as m; print("installed slimtune", m.version("slimtune"))'
+# Every site-packages the base interpreter sees (its own .pth lines may add more).
+"$PY" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("site-packages")))' > "$new_site/_base_packages.pth"
+cat "$new_site/_base_packages.pth"
+# pip does not count packages reached through a .pth line as installed and would fetch a
+# second torch: install the wheel alone, then check its requirements against what is importable.
+"$work/venv/bin/pip" install -q --no-deps "$wheel" 2>&1 | { grep -v "^WARNING: Location" || true; }
+"$work/venv/bin/python" - <<'PY'
+import importlib.metadata as md
+from packaging.requirements import Requirement
+print("installed slimtune", md.version("slimtune"))
+unmet = []
+for line in md.requires("slimtune") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue  # an optional extra
+    try:
+        have = md.version(req.name)
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or not req.specifier.contains(have, prereleases=True):
+        unmet.append(f"{req} (have {have})")
+    else:
+        print(f"requirement {req}: {have}")
+if unmet:
+    raise SystemExit(f"wheel_check: FAIL: unmet requirements: {unmet}")
+PY
 cd "$work"
 "$work/venv/bin/slimtune" info
 "$work/venv/bin/python" "$src/.ci/wheel_smoke.py"
