@@ -13,7 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src="$PWD"
-TORCH_PIN=2.13.0
+# The torch release the README's quickstart pins, so the two cannot drift apart.
+TORCH_PIN="$(sed -n 's/.*torch==\([0-9][0-9.]*[0-9]\).*/\1/p' README.md | head -1)"
+[ -n "$TORCH_PIN" ] || { echo "cuda_build_check: README.md pins no torch==X.Y.Z"; exit 1; }
 cache="${SLIMTUNE_CI_CACHE:-$HOME/.cache/slimtune-ci}"
 venv="${SLIMTUNE_CUDA_VENV:-$cache/cuda-venv-torch$TORCH_PIN}"
 NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
@@ -35,6 +37,7 @@ step() {  # step NAME: closes the previous step with its time and opens the next
 venv_is_right() {  # the venv's torch is the pinned release and a CUDA build matching nvcc's major
   [ -x "$venv/bin/python" ] && "$venv/bin/python" - "$TORCH_PIN" "$nvcc_major" <<'PY' 2>/dev/null
 import sys, torch
+import cmake, ninja, numpy, safetensors, scikit_build_core, tqdm  # noqa: F401  -- a complete install
 pin, major = sys.argv[1], sys.argv[2]
 sys.exit(0 if torch.__version__.split("+")[0] == pin and (torch.version.cuda or "").split(".")[0] == major else 1)
 PY
