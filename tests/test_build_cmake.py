@@ -41,7 +41,7 @@ def run_script(tmp_path, body):
     """Runs `body` after including the module; returns {name: value} from `out(name value)` lines."""
     script = tmp_path / "case.cmake"
     script.write_text(f'include("{MODULE.as_posix()}")\n' + textwrap.dedent(body))
-    res = subprocess.run([cmake_exe(), "-P", str(script)], capture_output=True, text=True)
+    res = subprocess.run([cmake_exe(), "-P", str(script)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     out = {}
     for line in (res.stdout + res.stderr).splitlines():
@@ -132,9 +132,16 @@ def configure(tmp_path, torch_cuda, arch_flags):
     )
     env = dict(os.environ, PYTHONPATH=str(site), CUDACXX=nvcc_exe())
     env.pop("TORCH_CUDA_ARCH_LIST", None)
-    cmd = [cmake_exe(), "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DSLIMTUNE_CUDA=ON",
-           f"-DPython_EXECUTABLE={sys.executable}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [
+        cmake_exe(),
+        "-S",
+        str(ROOT),
+        "-B",
+        str(tmp_path / "build"),
+        "-DSLIMTUNE_CUDA=ON",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 def test_configure_refuses_other_cuda_major(tmp_path):
@@ -145,7 +152,7 @@ def test_configure_refuses_other_cuda_major(tmp_path):
 
 
 def test_configure_takes_archs_from_torch(tmp_path):
-    nvcc_version = subprocess.run([nvcc_exe(), "--version"], capture_output=True, text=True).stdout
+    nvcc_version = subprocess.run([nvcc_exe(), "--version"], capture_output=True, text=True, check=True).stdout
     major = nvcc_version.split("release ")[1].split(".")[0]
     res = configure(tmp_path, f"{major}.0", "sm_80 sm_90 sm_100 sm_120 compute_120")
     log = res.stdout + res.stderr
