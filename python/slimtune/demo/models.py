@@ -59,7 +59,7 @@ def llama_fallback(seq_len: int) -> LoadedModel:
     model = tf.LlamaForCausalLM(cfg)
     tok = ByteTokenizer()
     return LoadedModel(model, "causal", "llama-fallback (4 layers, hidden 256, byte vocabulary, random init)",
-                       tok, note="randomly initialized: install slimtune[demo] for the pretrained default")
+                       tok)
 
 
 def load_pretrained(path: Path, name: str) -> LoadedModel:
