@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -99,6 +100,7 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
     dt = DTYPES[dtype_name]
     t_start = time.perf_counter()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations inside PEFT
     tasks = []
     for name in models:
         torch.manual_seed(seed)
