@@ -34,8 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LIMITS = {"steps": (1, 5000), "batch_size": (1, 512), "vision_steps": (1, 5000), "vision_batch_size": (1, 512),
           "seq_len": (8, 4096), "image_size": (32, 512), "heldout_per_class": (1, 1000), "probe_steps": (0, 5000),
           "threads": (1, 1024), "seed": (0, 2 ** 31 - 1)}
-DEFAULTS = dict(steps=16, batch_size=8, seq_len=48, vision_steps=12, vision_batch_size=16, image_size=64,
-                heldout_per_class=12, probe_steps=150)
+DEFAULTS = dict(steps=12, batch_size=8, seq_len=40, vision_steps=10, vision_batch_size=16, image_size=64,
+                heldout_per_class=10, probe_steps=150)
 
 
 def default_out_dir() -> Path:
@@ -179,7 +179,9 @@ def _parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, dropout and adapter initialization")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) [1, 1024]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU) [1, 1024]; default: torch's, or 1 when the load average "
+                        "already fills every core")
     p.add_argument("--out", type=Path, default=None,
                    help=f"directory for demo.json and demo.png (default: {default_out_dir()})")
     p.add_argument("--json", type=Path, default=None, help="write the results to this file instead")
@@ -189,6 +191,18 @@ def _parser():
     return p
 
 
+def _default_threads(device: str) -> Optional[int]:
+    """One thread when other processes already keep every core busy: OpenMP threads then spin
+    against them and a step takes several times longer; otherwise torch's own default."""
+    if not device.startswith("cpu") or not hasattr(os, "getloadavg"):
+        return None
+    try:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        return None
+    return 1 if busy and torch.get_num_threads() > 1 else None
+
+
 def main(argv=None) -> int:
     from .report import format_table, plot, verdict, write_json
 
@@ -196,8 +210,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         check_settings(threads=args.threads)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        threads = args.threads or _default_threads(args.device)
+        if threads:
+            torch.set_num_threads(threads)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
         models = [m.strip() for m in args.model.split(",") if m.strip()]
         out = run_demo(models=models, methods=methods, steps=args.steps, batch_size=args.batch_size,
@@ -224,5 +239,6 @@ def main(argv=None) -> int:
             print(f"plot: {plot(out, args.plot or out_dir / 'demo.png')}")
         except ImportError:
             print("plot: skipped (pip install matplotlib)")
-    print(f"({out['seconds']:.0f} s)")
+    env = out["environment"]
+    print(f"({out['seconds']:.0f} s; torch {env['torch']}, {env['threads']} thread(s) on {env['device_name']})")
     return 1 if failed or not any(t["status"] == "ok" for t in out["tasks"]) else 0
