@@ -75,8 +75,12 @@ def task_verdict(task: dict) -> str:
     start = next(iter(ok.values()))["before"]
     best = max(ok.values(), key=lambda r: r["after"] if higher else -r["after"])
     improved = [m for m, r in ok.items() if _better(r["after"], r["before"], higher)]
-    parts.append(f"{task['name']}: fine-tuning moved {metric} from {q(start)} (start) to {q(best['after'])} at best "
-                 f"({best['method']}); {len(improved)} of {len(ok)} methods improved on the start.")
+    if improved:
+        parts.append(f"{task['name']}: fine-tuning moved {metric} from {q(start)} (start) to {q(best['after'])} at "
+                     f"best ({best['method']}); {len(improved)} of {len(ok)} methods improved on the start.")
+    else:
+        parts.append(f"{task['name']}: no method improved {metric} on the start ({q(start)}) in {task['steps']} "
+                     f"steps (best after: {q(best['after'])}, {best['method']}).")
     peft, lora = ok.get("peft-lora"), ok.get("lora")
     if peft and lora:
         s = (f"slimtune LoRA kept {_mib(lora['saved_bytes'])} for backward against PEFT's "
@@ -98,8 +102,15 @@ def task_verdict(task: dict) -> str:
         if gains:
             m, g = max(gains, key=lambda x: x[1])
             if g > 0:
+                mm = ok[m + "+memsave"]
+                peak = ""
+                if ok[m].get("peak_bytes") and mm.get("peak_bytes"):
+                    peak = f", peak {_mib(ok[m]['peak_bytes'])} -> {_mib(mm['peak_bytes'])}"
+                ratio = ""
+                if ok[m].get("time_ratio") and mm.get("time_ratio"):
+                    ratio = f", step {mm['time_ratio'] / ok[m]['time_ratio']:.2f}x the unconverted one's"
                 parts.append(f"memsave cut bytes kept for backward by up to {100 * g:.0f} % ({m}: "
-                             f"{_mib(ok[m]['saved_bytes'])} -> {_mib(ok[m + '+memsave']['saved_bytes'])}).")
+                             f"{_mib(ok[m]['saved_bytes'])} -> {_mib(mm['saved_bytes'])}{peak}{ratio}).")
             else:
                 parts.append("memsave did not reduce the bytes kept for backward here.")
     full = ok.get("full")
