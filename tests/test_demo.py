@@ -139,6 +139,10 @@ def test_verdict_is_computed_from_the_numbers():
     lose = report.task_verdict(_task(150 * 2 ** 20, 100 * 2 ** 20, 1.25, 0.55))
     assert "1.50x more" in lose and "(slower)" in lose and "No parameter-efficient method reached" in lose
     assert "to 80.0 % at best (full)" in lose
+    t = _task(50, 100, 0.9, 0.4, full_after=0.45)
+    for r in t["results"]:
+        r["after"] = min(r["after"], 0.45)
+    assert "no method improved accuracy on the start (50.0 %) in 5 steps" in report.task_verdict(t)
 
 
 def test_method_setup_goes_through_the_public_api(monkeypatch):

@@ -35,7 +35,7 @@ LIMITS = {"steps": (1, 5000), "batch_size": (1, 512), "vision_steps": (1, 5000),
           "seq_len": (8, 4096), "image_size": (32, 512), "heldout_per_class": (1, 1000), "probe_steps": (0, 5000),
           "threads": (1, 1024), "seed": (0, 2 ** 31 - 1)}
 DEFAULTS = dict(steps=12, batch_size=8, seq_len=40, vision_steps=10, vision_batch_size=16, image_size=64,
-                heldout_per_class=10, probe_steps=150)
+                heldout_per_class=10, probe_steps=30)
 
 
 def default_out_dir() -> Path:
@@ -129,7 +129,8 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
                       "higher_is_better": task.higher_is_better, "device": str(dev), "steps": n,
                       "time_reference": time_reference([r.method for r in results if r.status == "ok"]),
                       "data": task.data, "probe_final_loss": task.probe_losses[-1] if task.probe_losses else None,
-                      "learning_rates": {m: M.LEARNING_RATES[M.family(m)] for m in chosen}, "head_lr": M.HEAD_LR,
+                      "learning_rates": {m: M.learning_rate(m, task.kind == "vision") for m in chosen},
+                      "head_lr": M.HEAD_LR,
                       "seconds": round(time.perf_counter() - t0, 1),
                       "results": [r.to_json() for r in results]})
 

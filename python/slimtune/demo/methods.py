@@ -22,8 +22,14 @@ ROSA_DENSITY = 0.005
 HEAD_LR = 1e-3
 # AdamW learning rates per method family (no weight decay); adapters take larger steps than full
 # fine-tuning, as usual.
-LEARNING_RATES = {"full": 1e-4, "peft-lora": 1e-3, "lora": 1e-3, "sparse": 3e-3, "rosa": 1e-3, "bn+head": 1e-3,
-                  "dora": 1e-3}
+LEARNING_RATES = {"full": 1e-4, "peft-lora": 1e-3, "lora": 1e-3, "sparse": 3e-3, "rosa": 1e-3, "dora": 1e-3}
+# A pretrained CNN fine-tuned on a few hundred images drifts at the text model's full-model rate
+VISION_LEARNING_RATES = {"full": 2e-5, "bn+head": 1e-4}
+
+
+def learning_rate(method: str, vision: bool) -> float:
+    rates = VISION_LEARNING_RATES if vision else LEARNING_RATES
+    return rates.get(family(method), LEARNING_RATES.get(family(method), 1e-3))
 ADAPTER_METHODS = ["full", "full+memsave", "peft-lora", "lora", "lora+memsave", "sparse", "sparse+memsave", "rosa",
                    "rosa+memsave", "dora"]
 VISION_METHODS = ["full", "full+memsave", "bn+head", "bn+head+memsave", "lora", "sparse"]
@@ -122,11 +128,14 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     elif fam == "bn+head":
         for m in backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()  # running statistics stay the pretrained ones; the affine parameters train
-                for p in m.parameters():
+                for p in m.parameters():  # the affine parameters train; statistics stay (below)
                     p.requires_grad_(True)
     elif fam != "full":
         raise ValueError(f"slimtune demo: unknown method {method!r}")
+    if task.kind == "vision":
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()  # small batches: the pretrained running statistics stay (usual for fine-tuning CNNs)
     head = task.head(model)
     for p in head.parameters():
         p.requires_grad_(True)
@@ -137,7 +146,7 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     body = [p for p in uniq if p.requires_grad and id(p) not in head_ids]
     groups = [{"params": list(head.parameters()), "lr": HEAD_LR}]
     if body:
-        groups.append({"params": body, "lr": LEARNING_RATES[fam]})
+        groups.append({"params": body, "lr": learning_rate(method, task.kind == "vision")})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = None
     if fam in ("sparse", "rosa"):

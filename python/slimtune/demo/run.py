@@ -92,7 +92,7 @@ def time_reference(methods: List[str]) -> Optional[str]:
 def run_task(task, methods: List[str], steps: int, device: torch.device, seed: int = 0, measure_peak: bool = True,
              log: Callable[[str], None] = lambda s: None) -> List[MethodResult]:
     plan = M.plan(task, methods)
-    results = {m: MethodResult(m, "ok", lr=M.LEARNING_RATES[M.family(m)]) for m in methods}
+    results = {m: MethodResult(m, "ok", lr=M.learning_rate(m, task.kind == "vision")) for m in methods}
     for m, why in plan.items():
         if why:
             results[m].status, results[m].reason = "skipped", why

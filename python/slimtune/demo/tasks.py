@@ -1,7 +1,8 @@
 """The demo's tasks: a model with a shared starting point, batches, a loss and a quality metric.
 
 The starting point of every method is the pretrained backbone plus a head fitted on frozen
-features (a linear probe), so "before" is the probe's quality and fine-tuning has to beat it.
+features (a linear probe) of a small probe split of its own, so "before" is the probe's quality;
+the methods then train on fresh examples, and held-out examples are seen by neither.
 """
 
 from __future__ import annotations
@@ -57,9 +58,13 @@ def _batches(tensors: Tuple[torch.Tensor, ...], batch_size: int, device) -> List
     return [tuple(t[i:i + batch_size].to(device) for t in tensors) for i in range(0, n, batch_size)]
 
 
-def _fit_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 1e-2) -> List[float]:
+PROBE_PER_CLASS = 4
+PROBE_LR = 3e-3  # a few steps at a modest rate: a probe fitted to zero loss is too sure to learn from
+
+
+def _fit_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int) -> List[float]:
     """Full-batch AdamW on frozen features: the head every method starts from."""
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=PROBE_LR, weight_decay=1e-2)
     losses = []
     for _ in range(steps):
         loss = nn.functional.cross_entropy(head(feats), labels)
@@ -119,7 +124,7 @@ def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     n_cls = 10
     per_class = max(2, -(-steps * batch_size // n_cls))  # every training batch is fresh text
-    data = docstring_classes(per_class, heldout_per_class)
+    data = docstring_classes(per_class + PROBE_PER_CLASS, heldout_per_class)
     encoder = tf.AutoModel.from_pretrained(path, add_pooling_layer=False)  # model dropout stays on (0.1)
     tok = tf.AutoTokenizer.from_pretrained(path)
 
@@ -129,12 +134,14 @@ def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int,
 
     model = TextClassifier(encoder, len(data.classes)).to(device=device, dtype=dtype)
     ids, att = encode(data.train.texts)
-    train = _batches((ids, att, data.train.labels), batch_size, device)
+    n_probe = PROBE_PER_CLASS * len(data.classes)  # the training order is shuffled: the probe split is mixed
+    probe_set = _batches((ids[:n_probe], att[:n_probe], data.train.labels[:n_probe]), 32, device)
+    train = _batches((ids[n_probe:], att[n_probe:], data.train.labels[n_probe:]), batch_size, device)
     hid, hatt = encode(data.heldout.texts)
     heldout = _batches((hid, hatt, data.heldout.labels), 32, device)
     model.eval()
-    feats = _features(lambda b: model.pooled(b[0], b[1]), train)
-    probe = _fit_probe(model.head, feats, torch.cat([b[2] for b in train]), probe_steps)
+    feats = _features(lambda b: model.pooled(b[0], b[1]), probe_set)
+    probe = _fit_probe(model.head, feats, torch.cat([b[2] for b in probe_set]), probe_steps)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -146,11 +153,13 @@ def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int,
 
     return Task("text", "all-MiniLM-L6-v2 · which package is this docstring from?",
                 f"docstrings of the installed stdlib and torch labelled by package ({len(data.classes)} classes: "
-                f"{', '.join(data.classes)}); {len(data.train.texts)} training and {len(data.heldout.texts)} held-out "
+                f"{', '.join(data.classes)}); {n_probe} probe, {len(data.train.texts) - n_probe} training and "
+                f"{len(data.heldout.texts)} held-out "
                 f"docstrings, held-out files never seen in training; {seq_len} tokens",
                 "accuracy", True, model, train, heldout, loss, lambda m: m.encoder, lambda m: m.head, set_backbone,
                 lambda b: (b[0], b[1]),
-                data={"classes": data.classes, "train": len(data.train.texts), "heldout": len(data.heldout.texts),
+                data={"classes": data.classes, "probe": n_probe, "train": len(data.train.texts) - n_probe,
+                      "heldout": len(data.heldout.texts),
                       "files": {"train": data.files[0], "heldout": data.files[1]}, "seq_len": seq_len},
                 probe_losses=probe)
 
@@ -166,9 +175,11 @@ def vision_task(steps: int, batch_size: int, image_size: int, heldout_per_class:
     hx, hy = shape_dataset(heldout_per_class * n_cls, image_size, seed=2)  # a different seed: unseen images
     train = _batches((x.to(dtype), y), batch_size, device)
     heldout = _batches((hx.to(dtype), hy), 32, device)
+    px, py = shape_dataset(PROBE_PER_CLASS * n_cls, image_size, seed=3)
+    probe_set = _batches((px.to(dtype), py), 32, device)
     model.eval()
-    feats = _features(lambda b: model.pooled(b[0]), train)
-    probe = _fit_probe(model.classifier[1], feats, torch.cat([b[1] for b in train]), probe_steps)
+    feats = _features(lambda b: model.pooled(b[0]), probe_set)
+    probe = _fit_probe(model.classifier[1], feats, torch.cat([b[1] for b in probe_set]), probe_steps)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -180,10 +191,12 @@ def vision_task(steps: int, batch_size: int, image_size: int, heldout_per_class:
 
     return Task("vision", "MobileNetV2 (ImageNet) · which shape or texture is drawn?",
                 f"procedurally drawn images, {n_cls} classes ({', '.join(SHAPE_CLASSES)}), {image_size}x{image_size}; "
-                f"{x.shape[0]} training and {hx.shape[0]} held-out images from another seed",
+                f"{px.shape[0]} probe, {x.shape[0]} training and {hx.shape[0]} held-out images, each split from "
+                f"its own seed",
                 "accuracy", True, model, train, heldout, loss, lambda m: m.features, lambda m: m.classifier,
                 set_backbone, lambda b: (b[0],),
-                data={"classes": list(SHAPE_CLASSES), "train": int(x.shape[0]), "heldout": int(hx.shape[0]),
+                data={"classes": list(SHAPE_CLASSES), "probe": int(px.shape[0]), "train": int(x.shape[0]),
+                      "heldout": int(hx.shape[0]),
                       "image_size": image_size},
                 probe_losses=probe)
 
