@@ -36,8 +36,20 @@ def cpu_peak_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork") and _status_kib("VmHWM") is not None
 
 
+def _release_free_heap() -> None:
+    """Give the allocator's free pages back to the kernel (glibc), so the work's allocations raise
+    the resident set instead of silently reusing memory the parent freed before the fork."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then be an underestimate
+        pass
+
+
 def _child_measure(work: Callable[[], None]) -> int:
     torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; one thread is safe everywhere
+    _release_free_heap()
     _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current resident set size
     start = _status_kib("VmRSS")
     work()
