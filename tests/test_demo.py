@@ -78,6 +78,8 @@ def test_demo_llama_does_not_claim_missing_extra(tmp_path, capsys):
     (["--methods", "lora,nope"], "unknown method(s) ['nope']"),
     (["--device", "tpu"], "--device"),
     (["--dtype", "int8"], "invalid choice"),
+    (["--vision-steps", "5000", "--vision-batch-size", "512", "--image-size", "512"], "the demo's limit is 2 GiB"),
+    (["--model", "llama", "--steps", "5000", "--batch-size", "512", "--seq-len", "4096"], "the demo's limit"),
 ])
 def test_demo_rejects_bad_flags_at_once(flags, message, capsys):
     if "600" in flags and minilm_path() is None:

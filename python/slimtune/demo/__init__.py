@@ -55,6 +55,25 @@ def check_settings(**kw) -> None:
             raise ValueError(f"{flag} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
+DATA_LIMIT_BYTES = 2 * 1024 ** 3  # the demo's tensors of images or tokens, whatever the flags say
+
+
+def check_data_size(models: List[str], steps: int, batch_size: int, seq_len: int, vision_steps: int,
+                    vision_batch_size: int, image_size: int, heldout_per_class: int) -> None:
+    """Raise ValueError when the flags together ask for more data than the demo should hold."""
+    sizes = {}
+    if "mobilenet" in models:
+        images = vision_steps * vision_batch_size + 10 * heldout_per_class
+        sizes["--vision-steps x --vision-batch-size + held-out images of --image-size"] = \
+            images * 3 * image_size ** 2 * 4
+    if "llama" in models:
+        sizes["--steps x --batch-size sequences of --seq-len tokens"] = steps * batch_size * seq_len * 8
+    for what, nbytes in sizes.items():
+        if nbytes > DATA_LIMIT_BYTES:
+            raise ValueError(f"{what} would take {nbytes / 1024 ** 3:.1f} GiB; the demo's limit is "
+                             f"{DATA_LIMIT_BYTES / 1024 ** 3:.0f} GiB: lower them")
+
+
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -83,6 +102,8 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
     check_settings(steps=steps, batch_size=batch_size, seq_len=seq_len, vision_steps=vision_steps,
                    vision_batch_size=vision_batch_size, image_size=image_size, heldout_per_class=heldout_per_class,
                    probe_steps=probe_steps, seed=seed)
+    check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size,
+                    heldout_per_class)
     if "minilm" in models:
         from .tasks import check_seq_len
 
