@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     if command == "bench":
         from .bench.__main__ import main as bench_main
 
-        return bench_main(rest)
+        return bench_main(rest, prog="slimtune bench")
     if command == "info":
         import json
 

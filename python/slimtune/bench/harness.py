@@ -156,10 +156,9 @@ def discover() -> Dict[str, Callable[[Context], Iterable[Group]]]:
 
 
 def default_results_dir(ctx: Context) -> Path:
-    """benchmarks/results/<device-name>/ in the source checkout, else under the working directory."""
-    repo = Path(__file__).resolve().parents[3]
-    base = repo if (repo / "benchmarks").is_dir() and (repo / "pyproject.toml").is_file() else Path(os.getcwd())
-    return base / "benchmarks" / "results" / device_name(ctx.device)
+    """<user cache>/slimtune/bench-results/<device-name>/: never inside a source checkout unless asked."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimtune" / "bench-results" / device_name(ctx.device)
 
 
 def write_json(rows: List[Dict[str, Any]], path: Path) -> Path:

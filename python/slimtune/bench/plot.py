@@ -1,8 +1,17 @@
-"""PNG plots of benchmark rows: one panel per (op, mode, metric), ratio to baseline per provider."""
+"""PNG plots of benchmark rows: one panel per (op, mode, metric), ratio to baseline per provider.
 
+A panel whose baseline is zero (a frozen layer that saves no bytes, say) has no ratios: it shows
+the absolute values in the rows' unit instead.
+"""
+
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List
+
+
+def _wrap(label: str, width: int = 14) -> str:
+    return "\n".join(textwrap.wrap(label, width)) or label
 
 
 def plot_rows(rows: List[Dict[str, Any]], path: Path) -> Path:
@@ -18,26 +27,37 @@ def plot_rows(rows: List[Dict[str, Any]], path: Path) -> Path:
     for r in rows:
         panels.setdefault((r["op"], r["mode"], r["metric"]), []).append(r)
     n = len(panels)
-    fig, axes = plt.subplots(n, 1, figsize=(9, 3.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 3.6 * n), squeeze=False)
     for ax, ((op, mode, metric), prow) in zip(axes[:, 0], panels.items()):
         xs = list(OrderedDict.fromkeys(f"{r['x_name']}={r['x_value']}" for r in prow))
         providers = list(OrderedDict.fromkeys(r["provider"] for r in prow))
+        absolute = any(r["ratio"] is None for r in prow)
         width = 0.8 / max(len(providers), 1)
         for i, p in enumerate(providers):
             vals = []
             for x in xs:
                 match = [r for r in prow if r["provider"] == p and f"{r['x_name']}={r['x_value']}" == x]
-                vals.append(match[0]["ratio"] if match and match[0]["ratio"] is not None else 0.0)
+                if not match:
+                    vals.append(0.0)
+                elif absolute:
+                    vals.append(match[0]["p50"])
+                else:
+                    vals.append(match[0]["ratio"])
             ax.bar([j + i * width for j in range(len(xs))], vals, width=width, label=p)
-        ax.axhline(1.0, color="black", linewidth=0.8)
+        if absolute:
+            ax.set_ylabel(f"{metric} ({prow[0]['unit']})")
+        else:
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel(f"{metric} / {prow[0]['baseline']}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))])
-        ax.set_xticklabels(xs, fontsize=8)
-        ax.set_ylabel(f"{metric} / baseline")
-        ax.set_title(f"{op} ({mode}), {prow[0]['device_name']}, {prow[0]['dtype']}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_xticklabels([_wrap(x) for x in xs], fontsize=8)
+        ax.set_title(f"{op} ({mode}), {prow[0]['device_name']}, {prow[0]['dtype']}"
+                     + (" — absolute: the baseline is 0" if absolute else ""), fontsize=9)
+        # outside the axes, so the legend never covers a bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

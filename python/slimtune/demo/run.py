@@ -1,26 +1,25 @@
-"""Fine-tune one model with each method from the same starting point and measure what each costs."""
+"""Run every method of one task from the same start on the same batches and measure each.
+
+Step times are taken in paired rounds: round ``i`` runs training step ``i`` of every method, one
+after another, the starting method rotating from round to round. A burst of load from other
+processes then slows every method of that round alike, so per-round ratios stay meaningful on a
+busy machine where back-to-back runs of whole methods do not.
+"""
 
 from __future__ import annotations
 
-import copy
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import nn
 
 import slimtune
 
-from .data import Batch
-
-METHODS = ["full", "full+memsave", "lora", "lora+memsave", "sparse", "sparse+memsave", "peft-lora"]
-# Learning rates per method family (AdamW, no weight decay). Adapters take larger steps than
-# full fine-tuning, as usual; all runs share data, masks, seed and starting weights.
-LEARNING_RATES = {"full": 1e-4, "lora": 5e-4, "sparse": 3e-3, "peft-lora": 5e-4}
-LORA = dict(r=8, alpha=16, dropout=0.0)
-SPARSE_DENSITY = 0.01
+from . import methods as M
+from .peak import peak_bytes
 
 
 @dataclass
@@ -31,196 +30,109 @@ class MethodResult:
     lr: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
-    saved_bytes: int = 0  # tensors saved for backward by one training step (activations, not weights)
-    peak_cuda_bytes: Optional[int] = None
+    saved_bytes: int = 0  # slimtune.saved_bytes of one training forward
+    peak_bytes: Optional[int] = None  # rise of the process peak (CPU: RSS in a fresh child; CUDA: allocator)
+    step_times_s: List[float] = field(default_factory=list)
     median_step_s: float = 0.0
-    heldout_before: float = float("nan")
-    heldout_after: float = float("nan")
+    time_ratio: Optional[float] = None  # median of per-round ratios to the reference's step (PEFT LoRA, else full)
+    before: float = float("nan")
+    after: float = float("nan")
     train_losses: List[float] = field(default_factory=list)
-    heldout_curve: List[Tuple[int, float]] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def _pillar_missing(method: str) -> Optional[str]:
-    """Why a method cannot run in this installation (None when it can)."""
-    import slimtune.nn as snn
-
-    base, _, extra = method.partition("+")
-    if base == "lora" and not hasattr(snn, "LoRALinear"):
-        return "slimtune.nn.LoRALinear is not in this build of slimtune"
-    if base == "sparse" and not hasattr(snn, "SparseDeltaLinear"):
-        return "slimtune.nn.SparseDeltaLinear is not in this build of slimtune"
-    if extra == "memsave" and not callable(getattr(slimtune, "memsave", None)):
-        return "slimtune.memsave is not in this build of slimtune"
-    if base == "peft-lora":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            return "peft is not installed (pip install peft)"
-    return None
-
-
-def prepare(method: str, model: nn.Module) -> nn.Module:
-    """Convert ``model`` for ``method``; returns the model to train (PEFT wraps it)."""
-    base, _, extra = method.partition("+")
-    if base == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif base == "lora":
-        slimtune.apply_lora(model, "all-linear", **LORA)
-    elif base == "sparse":
-        slimtune.apply_sparse_delta(model, "all-linear", density=SPARSE_DENSITY)
-    elif base == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                                 lora_dropout=LORA["dropout"], target_modules="all-linear"))
-    else:
-        raise ValueError(f"unknown demo method {method!r}; known: {METHODS}")
-    if extra == "memsave":
-        slimtune.memsave(model)
-    elif extra:
-        raise ValueError(f"unknown demo method {method!r}; known: {METHODS}")
-    return model
-
-
-class LossFn:
-    """The task's loss. Masked LM computes vocabulary logits only at the predicted positions
-    (a pre-hook on the output layer selects them), as every efficient MLM trainer does."""
-
-    def __init__(self, model: nn.Module, task: str, device):
-        self.model, self.task, self.device = model, task, device
-        self.sel = None
-        if task == "mlm":
-            head = model.get_output_embeddings()
-            if head is None:
-                raise ValueError("slimtune demo: the masked-LM model has no output layer (get_output_embeddings)")
-            self._hook = head.register_forward_pre_hook(self._select)
-
-    def _select(self, module, args):
-        if self.sel is None:
-            return None
-        return (args[0][self.sel],) + tuple(args[1:])
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        ids = batch.input_ids.to(self.device)
-        att = batch.attention_mask.to(self.device)
-        labels = batch.labels.to(self.device)
-        if self.task == "mlm":
-            self.sel = labels != -100
-            try:
-                logits = self.model(input_ids=ids, attention_mask=att).logits
-            finally:
-                self.sel = None
-            return nn.functional.cross_entropy(logits.float(), labels[labels != -100])
-        logits = self.model(input_ids=ids, attention_mask=att).logits
-        return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                           labels[:, 1:].reshape(-1))
-
-
-def saved_for_backward(fn: Callable[[], torch.Tensor], model: nn.Module) -> Tuple[torch.Tensor, int]:
-    """Run ``fn`` (a forward pass); its output and the bytes ``slimtune.saved_bytes`` counts for it,
-    leaving out the model's own parameters and buffers (they are alive anyway)."""
-    return slimtune.saved_bytes(fn, exclude=list(model.parameters()) + list(model.buffers()), with_output=True)
-
-
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def evaluate(loss_fn: LossFn, batches: List[Batch]) -> float:
-    was = loss_fn.model.training
-    loss_fn.model.eval()
-    try:
-        return float(sum(loss_fn(b).item() for b in batches) / len(batches))
-    finally:
-        loss_fn.model.train(was)
+def round_order(methods: List[str], i: int) -> List[str]:
+    """Round ``i``'s order: the method list rotated by ``i`` so no method always goes first."""
+    k = i % len(methods) if methods else 0
+    return methods[k:] + methods[:k]
 
 
-def warm_up_new_params(model: nn.Module, names: List[str], task: str, batches: List[Batch], steps: int,
-                       device, lr: float = 1e-3) -> List[float]:
-    """Fit parameters the checkpoint did not hold (a new MLM head) with everything else frozen,
-    so that every method starts from the same sensible model."""
-    wanted = set(names)
-    params = []
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in wanted)
-        if n in wanted:
-            params.append(p)
-    loss_fn = LossFn(model, task, device)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    model.train()
-    for step in range(steps):
-        loss = loss_fn(batches[step % len(batches)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    if task == "mlm":
-        loss_fn._hook.remove()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return losses
+def interleaved(trainees: Dict[str, M.Trainee], loss_fn, batches, steps: int, device: torch.device, seed: int = 0,
+                clock: Callable[[], float] = time.perf_counter, progress=None) -> Dict[str, List[float]]:
+    """Runs ``steps`` paired rounds; returns per-method step times (training losses are appended
+    to ``trainee.losses``)."""
+    names = list(trainees)
+    times: Dict[str, List[float]] = {m: [] for m in names}
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        for m in round_order(names, i):
+            torch.manual_seed(seed + 7919 * i)  # the same dropout draws for every method, whatever its turn
+            _sync(device)
+            t0 = clock()
+            loss = trainees[m].step(loss_fn, batch)
+            _sync(device)
+            times[m].append(clock() - t0)
+            trainees[m].losses.append(loss)
+        if progress is not None:
+            progress(i + 1, steps)
+    return times
 
 
-def run_method(method: str, pristine: nn.Module, task: str, train: List[Batch], heldout: List[Batch], steps: int,
-               device, seed: int, eval_points: int = 4, progress: bool = True,
-               lr: Optional[float] = None) -> MethodResult:
-    family = method.partition("+")[0]
-    res = MethodResult(method, "ok", lr=lr if lr is not None else LEARNING_RATES[family])
-    missing = _pillar_missing(method)
-    if missing:
-        res.status, res.reason = "skipped", missing
-        return res
-    torch.manual_seed(seed)
-    model = prepare(method, copy.deepcopy(pristine))
-    model.train()
-    uniq = {id(p): p for p in model.parameters()}.values()
-    params = [p for p in uniq if p.requires_grad]
-    res.trainable_params = sum(p.numel() for p in params)
-    res.total_params = sum(p.numel() for p in uniq)
-    loss_fn = LossFn(model, task, device)
-    opt = torch.optim.AdamW(params, lr=res.lr, weight_decay=0.0)
-    res.heldout_before = evaluate(loss_fn, heldout)
-    res.heldout_curve.append((0, res.heldout_before))
-    every = max(1, steps // eval_points)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+def paired_ratio(times: List[float], ref: List[float], skip: int = 1) -> Optional[float]:
+    """Median over rounds of ``times[i] / ref[i]`` (the first ``skip`` rounds warm up)."""
+    pairs = [(a / b) for a, b in list(zip(times, ref))[skip:] if b > 0]
+    if not pairs:
+        pairs = [(a / b) for a, b in zip(times, ref) if b > 0]
+    return statistics.median(pairs) if pairs else None
 
-        bar = tqdm(total=steps, desc=f"{method:>15}", leave=True, dynamic_ncols=True)
-    for step in range(steps):
-        batch = train[step % len(train)]
-        _sync(device)
-        t0 = time.perf_counter()
-        if step == 0:
-            loss, res.saved_bytes = saved_for_backward(lambda: loss_fn(batch), model)
-        else:
-            loss = loss_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        res.train_losses.append(loss.item())
-        if (step + 1) % every == 0 or step + 1 == steps:
-            res.heldout_curve.append((step + 1, evaluate(loss_fn, heldout)))
-        if bar is not None:
-            bar.set_postfix(loss=f"{res.train_losses[-1]:.3f}", heldout=f"{res.heldout_curve[-1][1]:.3f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    res.heldout_after = res.heldout_curve[-1][1]
-    res.median_step_s = statistics.median(times[1:] if len(times) > 1 else times)  # step 0 also counts bytes
-    if device.type == "cuda":
-        res.peak_cuda_bytes = int(torch.cuda.max_memory_allocated(device))
-    del model, opt, loss_fn
-    return res
+
+def time_reference(methods: List[str]) -> Optional[str]:
+    """Step times are reported relative to PEFT LoRA, or to stock full fine-tuning without PEFT."""
+    return next((m for m in ("peft-lora", "full") if m in methods), None)
+
+
+def run_task(task, methods: List[str], steps: int, device: torch.device, seed: int = 0, measure_peak: bool = True,
+             log: Callable[[str], None] = lambda s: None) -> List[MethodResult]:
+    plan = M.plan(task, methods)
+    results = {m: MethodResult(m, "ok", lr=M.learning_rate(m, task.kind == "vision")) for m in methods}
+    for m, why in plan.items():
+        if why:
+            results[m].status, results[m].reason = "skipped", why
+    runnable = [m for m in methods if results[m].status == "ok"]
+
+    first = task.train[0]
+    for m in runnable:  # memory first, each method on its own, before anything else is alive
+        try:
+            if measure_peak:
+                def work(m=m):
+                    t = M.build(m, task, steps, seed)
+                    for b in task.train[:1]:  # the first step also allocates the optimizer state
+                        t.step(task.loss, b)
+                results[m].peak_bytes = peak_bytes(work, device)
+        except Exception as e:  # reported in the table and the exit code, never dropped
+            results[m].status, results[m].reason = "failed", f"{type(e).__name__}: {e}"
+    runnable = [m for m in runnable if results[m].status == "ok"]
+
+    trainees: Dict[str, M.Trainee] = {}
+    before = task.evaluate(task.pristine)
+    for m in runnable:
+        try:
+            t = M.build(m, task, steps, seed)
+            results[m].saved_bytes = slimtune.saved_bytes(t.model, *task.forward_inputs(first))
+            results[m].trainable_params, results[m].total_params = t.trainable, t.total
+            trainees[m] = t
+        except Exception as e:
+            results[m].status, results[m].reason = "failed", f"{type(e).__name__}: {e}"
+    log(f"  {len(trainees)} methods x {steps} interleaved steps ...")
+    every = max(1, steps // 4)
+    times = interleaved(trainees, task.loss, task.train, steps, device, seed,
+                        progress=lambda i, n: log(f"  round {i}/{n}") if i % every == 0 and i < n else None)
+    ref = times.get(time_reference(list(trainees)) or "")
+    for m, t in trainees.items():
+        r = results[m]
+        r.step_times_s = times[m]
+        r.median_step_s = statistics.median(times[m][1:] if len(times[m]) > 1 else times[m])
+        r.time_ratio = paired_ratio(times[m], ref) if ref else None
+        r.train_losses = t.losses
+        r.before = before
+        r.after = task.evaluate(t.model)
+    trainees.clear()
+    return [results[m] for m in methods]
