@@ -277,46 +277,7 @@ def test_read_delta_rejects_bad_metadata_with_value_error(tmp_path, edit, match)
     assert_same(before, snapshot(model))
 
 
-# -- slimtune demo bounds its inputs -----------------------------------------------------------------
-
-@pytest.mark.parametrize("argv,match", [
-    (["--seq-len", "100000000"], "--seq-len"),
-    (["--steps", "0"], "--steps"),
-    (["--batch-size", "-3"], "--batch-size"),
-    (["--batch-size", "4096", "--seq-len", "4096"], "tokens per step"),
-    (["--steps", "100000", "--batch-size", "64", "--seq-len", "512"], "tokens exceeds"),
-    (["--heldout-batches", "0"], "--heldout-batches"),
-    (["--head-steps", "-1"], "--head-steps"),
-    (["--seed", "-5"], "--seed"),
-    (["--device", "meta"], "--device"),
-    (["--device", "nonsense"], "--device"),
-    (["--threads", "0"], "--threads"),
-])
-def test_demo_rejects_out_of_range_flags_before_loading(argv, match, capsys, monkeypatch):
-    from slimtune import demo
-    from slimtune.demo import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    with pytest.raises(SystemExit) as e:
-        demo.main(["--model", "llama", "--methods", "full", *argv])
-    assert e.value.code == 2
-    assert match in capsys.readouterr().err
-
-
-def test_demo_seq_len_bounded_by_model_positions(monkeypatch):
-    from slimtune.demo import run_demo
-
-    cfg = pytest.importorskip("transformers").BertConfig(max_position_embeddings=32, vocab_size=64, hidden_size=16,
-                                                         num_hidden_layers=1, num_attention_heads=2,
-                                                         intermediate_size=32)
-
-    class Loaded:
-        model = pytest.importorskip("transformers").BertForMaskedLM(cfg)
-        name, task, note = "tiny", "mlm", ""
-
-    monkeypatch.setattr("slimtune.demo.models.load_model", lambda spec, seq_len: Loaded())
-    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
-        run_demo(model="x", methods=["full"], steps=1, batch_size=1, seq_len=64)
+# The demo's flag bounds are tested in test_demo.py (test_demo_rejects_bad_flags_at_once).
 
 
 def test_save_delta_failure_keeps_the_previous_file(tmp_path, monkeypatch):

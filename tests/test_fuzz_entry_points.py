@@ -15,18 +15,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _fuzz_cases import CASES  # noqa: E402
 
-# Crashes inside C++ kernels (the C++ layer owns the fix); strict: they must start passing.
-KNOWN_CRASHES = {
-    "memsave_maxpool_backward-input-size-small":
-        "memsave_maxpool_backward does not check input_size against the windows: writes past the gradient "
-        "buffer (heap corruption)",
-    "memsave_maxpool_backward-offset-out-of-window":
-        "memsave_maxpool_backward does not check that each int8 offset lies inside its window: writes outside "
-        "the gradient (segmentation fault)",
-    "memsave_maxpool_compact-indices-outside-windows":
-        "memsave_maxpool_compact does not check that each index lies inside its window: it returns offsets "
-        "outside the window, which memsave_maxpool_backward then writes through",
-}
+# Crashes inside C++ kernels that are not fixed yet (strict: they must start passing). None today.
+KNOWN_CRASHES = {}
 
 _results = {}
 _seconds = {}

@@ -8,6 +8,7 @@ temporary directory and leaves the target as it was.
 
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,7 +26,11 @@ def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "t
     """``write(tmp)`` fills a temporary directory; it then replaces ``target`` as a whole.
     ``what`` names the argument in errors."""
     target = Path(target)
-    if target.exists() and not target.is_dir():
+    try:  # one stat: a concurrent writer may be swapping a directory in between two checks
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode):
         raise ValueError(f"{what}: {str(target)!r} exists and is not a directory")
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -35,13 +40,16 @@ def write_dir_atomic(target: Path, write: Callable[[Path], None], what: str = "t
         write(tmp)
         for _ in range(100):  # another writer may swap the same target in between: try again
             if target.is_dir():
-                for entry in target.iterdir():
-                    if not (tmp / entry.name).exists() and not entry.name.startswith(f".{target.name}."):
-                        dest = tmp / entry.name
-                        if entry.is_dir() and not entry.is_symlink():
-                            shutil.copytree(entry, dest, symlinks=True)
-                        else:
-                            shutil.copy2(entry, dest, follow_symlinks=False)
+                try:
+                    for entry in target.iterdir():
+                        if not (tmp / entry.name).exists() and not entry.name.startswith(f".{target.name}."):
+                            dest = tmp / entry.name
+                            if entry.is_dir() and not entry.is_symlink():
+                                shutil.copytree(entry, dest, symlinks=True)
+                            else:
+                                shutil.copy2(entry, dest, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # another writer moved the target away meanwhile: look again
                 old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
                 try:
                     os.rename(target, old)
