@@ -86,21 +86,51 @@ def tiny_hf(kind: str):
 
     torch.manual_seed(0)
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = tf.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         return tf.LlamaForCausalLM(cfg)
     if kind == "bert":
-        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
+        cfg = tf.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         return tf.BertForMaskedLM(cfg)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = tf.GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return tf.GPT2LMHeadModel(cfg)
     if kind == "vit":
-        cfg = tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+        cfg = tf.ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_labels=3,
+        )
         return tf.ViTForImageClassification(cfg)
     raise ValueError(kind)
 

@@ -39,9 +39,11 @@ TMP = Path(tempfile.mkdtemp(prefix="slimtune-fuzz-"))
 def case(batch, name, match, errors=ERRORS, accept=None):
     """``accept(result)``: where torch itself defines a result (a meta input gives a meta output,
     as stock layers do), returning that result is correct too."""
+
     def register(build):
         CASES[name] = (batch, build, match, errors, accept)
         return build
+
     return register
 
 
@@ -110,12 +112,22 @@ def _model():
 
 
 for dtype in (torch.float32, torch.bfloat16):
-    for defect in ("index", "values-nan", "alpha-nan", "values-len", "index-dtype", "meta", "weight-int",
-                   "noncontig"):
-        @case(0, f"sparse_delta_merge_-{defect}-{str(dtype)[6:]}",
-              {"index": "indices", "values-nan": "values", "alpha-nan": "alpha", "values-len": "values",
-               "index-dtype": "indices", "meta": "weight|device|meta", "weight-int": "weight",
-               "noncontig": "weight"}[defect])
+    for defect in ("index", "values-nan", "alpha-nan", "values-len", "index-dtype", "meta", "weight-int", "noncontig"):
+
+        @case(
+            0,
+            f"sparse_delta_merge_-{defect}-{str(dtype)[6:]}",
+            {
+                "index": "indices",
+                "values-nan": "values",
+                "alpha-nan": "alpha",
+                "values-len": "values",
+                "index-dtype": "indices",
+                "meta": "weight|device|meta",
+                "weight-int": "weight",
+                "noncontig": "weight",
+            }[defect],
+        )
         def _merge(defect=defect, dtype=dtype):
             w = torch.randn(6, 7, dtype=dtype)
             idx = torch.tensor(sorted(RNG.sample(range(42), 5)), dtype=torch.int32)
@@ -140,10 +152,21 @@ for dtype in (torch.float32, torch.bfloat16):
 
 
 for defect in ("x-features", "x-dtype", "rowptr-len", "values-len", "index", "x-meta", "weight-1d"):
-    @case(0, f"sparse_delta_linear-{defect}", accept=_meta_result if defect == "x-meta" else None,
-          match={"x-features": "x|in_features|shape", "x-dtype": "x|dtype", "rowptr-len": "rowptr",
-                 "values-len": "values", "index": "indices|rowptr", "x-meta": "x|device|meta",
-                 "weight-1d": "weight"}[defect])
+
+    @case(
+        0,
+        f"sparse_delta_linear-{defect}",
+        accept=_meta_result if defect == "x-meta" else None,
+        match={
+            "x-features": "x|in_features|shape",
+            "x-dtype": "x|dtype",
+            "rowptr-len": "rowptr",
+            "values-len": "values",
+            "index": "indices|rowptr",
+            "x-meta": "x|device|meta",
+            "weight-1d": "weight",
+        }[defect],
+    )
     def _sdl(defect=defect):
         w = torch.randn(6, 8)
         idx = torch.tensor(sorted(RNG.sample(range(48), 7)), dtype=torch.int32)
@@ -167,6 +190,7 @@ for defect in ("x-features", "x-dtype", "rowptr-len", "values-len", "index", "x-
 
 
 for defect in ("rowptr-end", "rowptr-stale"):
+
     @case(0, f"sparse_delta_linear_backward-{defect}", "rowptr")
     def _sdl_bw(defect=defect):
         w, x, g = torch.randn(6, 8), torch.randn(3, 8), torch.randn(3, 6)
@@ -178,18 +202,21 @@ for defect in ("rowptr-end", "rowptr-stale"):
             rowptr[1:-1] = rowptr[1:-1].flip(0)
             if torch.equal(rowptr, rowptr_for(idx, w.shape)):
                 rowptr[1] = 7
-        return (lambda: torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rowptr, vals,
-                                                                        [True, True, True])), _tensor_state(w, vals)
+        return (
+            lambda: torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rowptr, vals, [True, True, True])
+        ), _tensor_state(w, vals)
 
 
 @case(0, "memsave_maxpool_compact-indices-outside-windows", "indices|window|range")
 def _pool_compact():
     ind = torch.full((1, 1, 3, 3), RNG.choice([36, 10**6, -1]), dtype=torch.int64)
-    return (lambda: torch.ops.slimtune.memsave_maxpool_compact(ind, [1, 1, 6, 6], [2, 2], [2, 2], [0, 0],
-                                                                [1, 1])), _tensor_state(ind)
+    return (
+        lambda: torch.ops.slimtune.memsave_maxpool_compact(ind, [1, 1, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1])
+    ), _tensor_state(ind)
 
 
 for defect in ("a-shape", "index-len", "rowptr-short", "b-dtype"):
+
     @case(0, f"sparse_delta_sddmm-{defect}", "a|b|indices|rowptr|shape")
     def _sddmm(defect=defect):
         a, b = torch.randn(5, 6), torch.randn(5, 8)
@@ -207,10 +234,21 @@ for defect in ("a-shape", "index-len", "rowptr-short", "b-dtype"):
 
 
 for defect in ("x-features", "A-rank", "dropout-high", "dropout-negative", "x-meta", "B-dtype", "scale-nan"):
-    @case(0, f"lora_linear-{defect}", accept=_meta_result if defect == "x-meta" else None,
-          match={"x-features": "x|lora_A|features", "A-rank": "lora_B|rank|lora_A", "dropout-high": "dropout",
-                 "dropout-negative": "dropout", "x-meta": "x|device|meta", "B-dtype": "lora_B|dtype",
-                 "scale-nan": "scale"}[defect])
+
+    @case(
+        0,
+        f"lora_linear-{defect}",
+        accept=_meta_result if defect == "x-meta" else None,
+        match={
+            "x-features": "x|lora_A|features",
+            "A-rank": "lora_B|rank|lora_A",
+            "dropout-high": "dropout",
+            "dropout-negative": "dropout",
+            "x-meta": "x|device|meta",
+            "B-dtype": "lora_B|dtype",
+            "scale-nan": "scale",
+        }[defect],
+    )
     def _lora(defect=defect):
         x, w = torch.randn(3, 8), torch.randn(6, 8)
         A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
@@ -233,6 +271,7 @@ for defect in ("x-features", "A-rank", "dropout-high", "dropout-negative", "x-me
 
 
 for defect in ("mask-dtype", "mask-len"):
+
     @case(0, f"memsave_relu_backward-{defect}", "mask")
     def _relu_bw(defect=defect):
         g = torch.randn(4, 9)
@@ -245,6 +284,7 @@ for defect in ("mask-dtype", "mask-len"):
 
 
 for defect in ("offsets-dtype", "offsets-shape", "offset-out-of-window", "input-size-small"):
+
     @case(0, f"memsave_maxpool_backward-{defect}", "offsets|input_size|grad|window|shape")
     def _pool_bw(defect=defect):
         g = torch.randn(1, 2, 3, 3)
@@ -258,8 +298,9 @@ for defect in ("offsets-dtype", "offsets-shape", "offset-out-of-window", "input-
             off[0, 0, RNG.randrange(3), RNG.randrange(3)] = RNG.choice([4, 100, -3])
         else:
             size = [1, 2, 2, 2]
-        return (lambda: torch.ops.slimtune.memsave_maxpool_backward(g, off, size, [2, 2], [2, 2], [0, 0], [1, 1])), \
-            _tensor_state(g)
+        return (
+            lambda: torch.ops.slimtune.memsave_maxpool_backward(g, off, size, [2, 2], [2, 2], [0, 0], [1, 1])
+        ), _tensor_state(g)
 
 
 # ------------------------------------------------------------------ batch 1: nn modules, memsave
@@ -268,20 +309,30 @@ for defect in ("offsets-dtype", "offsets-shape", "offset-out-of-window", "input-
 for name, make, match in [
     ("LoRALinear-r0", lambda b: slimtune.nn.LoRALinear(b, r=0), "r"),
     ("LoRALinear-r-float", lambda b: slimtune.nn.LoRALinear(b, r=2.5), "r"),
-    ("LoRALinear-dropout", lambda b: slimtune.nn.LoRALinear(b, dropout=RNG.choice([1.0, -0.1, float("nan")])),
-     "dropout"),
+    (
+        "LoRALinear-dropout",
+        lambda b: slimtune.nn.LoRALinear(b, dropout=RNG.choice([1.0, -0.1, float("nan")])),
+        "dropout",
+    ),
     ("LoRALinear-alpha-inf", lambda b: slimtune.nn.LoRALinear(b, alpha=float("inf")), "alpha"),
     ("LoRALinear-base", lambda b: slimtune.nn.LoRALinear(nn.Conv1d(2, 2, 1)), "base"),
-    ("SparseDeltaLinear-density", lambda b: slimtune.nn.SparseDeltaLinear(b, density=RNG.choice([-0.5, 1.5, 0.0])),
-     "density"),
+    (
+        "SparseDeltaLinear-density",
+        lambda b: slimtune.nn.SparseDeltaLinear(b, density=RNG.choice([-0.5, 1.5, 0.0])),
+        "density",
+    ),
     ("SparseDeltaLinear-k-huge", lambda b: slimtune.nn.SparseDeltaLinear(b, k=10**6), "k"),
     ("SparseDeltaLinear-k-negative", lambda b: slimtune.nn.SparseDeltaLinear(b, k=-3), "k"),
     ("SparseDeltaLinear-both", lambda b: slimtune.nn.SparseDeltaLinear(b, k=3, density=0.1), "k|density"),
     ("SparseDeltaLinear-structure", lambda b: slimtune.nn.SparseDeltaLinear(b, k=3, structure="diag"), "structure"),
-    ("SparseDeltaLinear-scores-shape", lambda b: slimtune.nn.SparseDeltaLinear(b, k=3, init=torch.randn(3, 3)),
-     "scores|shape|init"),
+    (
+        "SparseDeltaLinear-scores-shape",
+        lambda b: slimtune.nn.SparseDeltaLinear(b, k=3, init=torch.randn(3, 3)),
+        "scores|shape|init",
+    ),
     ("LoRASparseLinear-r", lambda b: slimtune.nn.LoRASparseLinear(b, r=-1, k=3), "r"),
 ]:
+
     @case(1, f"construct-{name}", match)
     def _construct(make=make):
         base = _lin()
@@ -290,21 +341,41 @@ for name, make, match in [
 
 for defect in ("x-features", "x-meta", "x-int"):
     for cls in ("lora", "sparse", "rosa"):
-        @case(1, f"forward-{cls}-{defect}", "x|in_features|shape|size|dtype|device|meta|mat1|float|Long",
-              accept=_meta_result if defect == "x-meta" else None)
+
+        @case(
+            1,
+            f"forward-{cls}-{defect}",
+            "x|in_features|shape|size|dtype|device|meta|mat1|float|Long",
+            accept=_meta_result if defect == "x-meta" else None,
+        )
         def _forward(defect=defect, cls=cls):
             base = _lin()
-            layer = {"lora": lambda: slimtune.nn.LoRALinear(base, r=2),
-                     "sparse": lambda: slimtune.nn.SparseDeltaLinear(base, k=5),
-                     "rosa": lambda: slimtune.nn.LoRASparseLinear(base, r=2, k=5)}[cls]()
-            x = {"x-features": torch.randn(2, 7), "x-meta": torch.randn(2, 8, device="meta"),
-                 "x-int": torch.randint(0, 3, (2, 8))}[defect]
+            layer = {
+                "lora": lambda: slimtune.nn.LoRALinear(base, r=2),
+                "sparse": lambda: slimtune.nn.SparseDeltaLinear(base, k=5),
+                "rosa": lambda: slimtune.nn.LoRASparseLinear(base, r=2, k=5),
+            }[cls]()
+            x = {
+                "x-features": torch.randn(2, 7),
+                "x-meta": torch.randn(2, 8, device="meta"),
+                "x-int": torch.randint(0, 3, (2, 8)),
+            }[defect]
             return (lambda: layer(x)), _module_state(layer)
 
 
 for defect in ("index", "values-nan", "values-len", "values-int", "merged"):
-    @case(1, f"set_delta-{defect}", {"index": "indices", "values-nan": "values", "values-len": "values",
-                                     "values-int": "values", "merged": "merged"}[defect])
+
+    @case(
+        1,
+        f"set_delta-{defect}",
+        {
+            "index": "indices",
+            "values-nan": "values",
+            "values-len": "values",
+            "values-int": "values",
+            "merged": "merged",
+        }[defect],
+    )
     def _set_delta(defect=defect):
         layer = slimtune.nn.SparseDeltaLinear(_lin(), k=6)
         with torch.no_grad():
@@ -325,6 +396,7 @@ for defect in ("index", "values-nan", "values-len", "values-int", "merged"):
 
 
 for defect in ("not-module", "layers-type"):
+
     @case(1, f"memsave-{defect}", "model|layers")
     def _memsave(defect=defect):
         model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU())
@@ -333,14 +405,21 @@ for defect in ("not-module", "layers-type"):
         return (lambda: slimtune.memsave(model, layers=42)), _module_state(model)
 
 
-for cls, shape, match in [(nn.Conv2d, (2, 5, 5), "channels|input|weight|shape|size"),
-                          (nn.MaxPool2d, (5,), "input|size|dim|shape"),
-                          (nn.BatchNorm2d, (2, 3, 4), "input|dim|expected|shape"),
-                          (nn.LayerNorm, (2, 3), "normalized_shape|input|shape")]:
+for cls, shape, match in [
+    (nn.Conv2d, (2, 5, 5), "channels|input|weight|shape|size"),
+    (nn.MaxPool2d, (5,), "input|size|dim|shape"),
+    (nn.BatchNorm2d, (2, 3, 4), "input|dim|expected|shape"),
+    (nn.LayerNorm, (2, 3), "normalized_shape|input|shape"),
+]:
+
     @case(1, f"memsave-forward-{cls.__name__}", match)
     def _memsave_forward(cls=cls, shape=shape):
-        layer = {nn.Conv2d: lambda: nn.Conv2d(3, 2, 3), nn.MaxPool2d: lambda: nn.MaxPool2d(2),
-                 nn.BatchNorm2d: lambda: nn.BatchNorm2d(3).eval(), nn.LayerNorm: lambda: nn.LayerNorm(5)}[cls]()
+        layer = {
+            nn.Conv2d: lambda: nn.Conv2d(3, 2, 3),
+            nn.MaxPool2d: lambda: nn.MaxPool2d(2),
+            nn.BatchNorm2d: lambda: nn.BatchNorm2d(3).eval(),
+            nn.LayerNorm: lambda: nn.LayerNorm(5),
+        }[cls]()
         slimtune.memsave(layer)
         x = torch.randn(*shape, requires_grad=True)
         return (lambda: layer(x)), _module_state(layer)
@@ -360,6 +439,7 @@ for name, call, match in [
     ("merge-unconverted", lambda m: slimtune.merge(m), "converted"),
     ("save-unconverted", lambda m: slimtune.save(m, TMP / "never"), "converted"),
 ]:
+
     @case(2, f"model-{name}", match)
     def _model_call(call=call):
         model = _model()
@@ -381,7 +461,7 @@ def _corrupt(path):
     data = path.read_bytes()
     how = RNG.choice(["truncate", "garbage", "flip"])
     if how == "truncate":
-        path.write_bytes(data[:RNG.randrange(1, len(data))])
+        path.write_bytes(data[: RNG.randrange(1, len(data))])
     elif how == "garbage":
         path.write_bytes(bytes(RNG.randrange(256) for _ in range(RNG.randrange(1, 200))))
     else:
@@ -392,6 +472,7 @@ def _corrupt(path):
 
 for what in ("weights", "config"):
     for method in ("lora", "sparse_delta"):
+
         @case(2, f"load-corrupt-{what}-{method}", "slimtune.load|JSON|read|config|format")
         def _load_corrupt(what=what, method=method):
             d = _saved(method)
@@ -447,8 +528,17 @@ def _load_delta_dict():
 
 
 for defect in ("weights-len", "weights-nan", "corrupt", "not-a-list"):
-    @case(2, f"compose-{defect}", {"weights-len": "weights", "weights-nan": "weights",
-                                    "corrupt": "safetensors|corrupt|format", "not-a-list": "deltas"}[defect])
+
+    @case(
+        2,
+        f"compose-{defect}",
+        {
+            "weights-len": "weights",
+            "weights-nan": "weights",
+            "corrupt": "safetensors|corrupt|format",
+            "not-a-list": "deltas",
+        }[defect],
+    )
     def _compose(defect=defect):
         _, path = _delta_file()
         target = nn.Sequential(_lin(8, 8))
@@ -473,9 +563,19 @@ def _peft_dir():
 
 
 for defect in ("weights-corrupt", "config-garbage", "r-mismatch", "nan", "dropout", "pattern-regex"):
-    @case(2, f"load_peft_adapter-{defect}", {"weights-corrupt": "safetensors", "config-garbage": "JSON|object",
-                                             "r-mismatch": "rank", "nan": "NaN", "dropout": "lora_dropout",
-                                             "pattern-regex": "regular expression"}[defect])
+
+    @case(
+        2,
+        f"load_peft_adapter-{defect}",
+        {
+            "weights-corrupt": "safetensors",
+            "config-garbage": "JSON|object",
+            "r-mismatch": "rank",
+            "nan": "NaN",
+            "dropout": "lora_dropout",
+            "pattern-regex": "regular expression",
+        }[defect],
+    )
     def _peft(defect=defect):
         d = _peft_dir()
         cfg_path = d / "adapter_config.json"

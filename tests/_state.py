@@ -13,8 +13,10 @@ def snapshot(model):
         "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
         "flags": {n: p.requires_grad for n, p in model.named_parameters()},
         "ids": {n: id(p) for n, p in model.named_parameters()},
-        "merged": {n: repr(getattr(m, "merged", None)) + repr(getattr(m, "merged_adapters", None))
-                   for n, m in model.named_modules()},
+        "merged": {
+            n: repr(getattr(m, "merged", None)) + repr(getattr(m, "merged_adapters", None))
+            for n, m in model.named_modules()
+        },
     }
 
 
@@ -33,5 +35,8 @@ def files(directory):
     directory = Path(directory)
     if not directory.exists():
         return None
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }

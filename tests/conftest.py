@@ -46,5 +46,7 @@ def _seed():
 
 def pytest_report_header(config):
     info = slimtune.build_info()
-    return [f"slimtune {info['slimtune_version']} cuda={info['cuda']} archs={info['cuda_archs'] or '-'} "
-            f"torch={info['torch_version_runtime']} threads={info['num_threads']}"]
+    return [
+        f"slimtune {info['slimtune_version']} cuda={info['cuda']} archs={info['cuda_archs'] or '-'} "
+        f"torch={info['torch_version_runtime']} threads={info['num_threads']}"
+    ]

@@ -18,12 +18,12 @@ def main(rank: int, world: int, port: str, out_dir: str) -> None:
     from slimtune.nn import SparseDeltaLinear
 
     torch.manual_seed(0)  # same model on every rank
-    model = nn.Sequential(SparseDeltaLinear(nn.Linear(32, 40), density=0.05), nn.ReLU(),
-                          SparseDeltaLinear(nn.Linear(40, 8), density=0.1))
+    model = nn.Sequential(
+        SparseDeltaLinear(nn.Linear(32, 40), density=0.05), nn.ReLU(), SparseDeltaLinear(nn.Linear(40, 8), density=0.1)
+    )
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = slimtune.SparseDeltaScheduler(model, opt, every=4, accumulate_steps=2, drop_fraction=0.5,
-                                          total_steps=100)
+    sched = slimtune.SparseDeltaScheduler(model, opt, every=4, accumulate_steps=2, drop_fraction=0.5, total_steps=100)
     before = [m.indices.clone() for m in model.modules() if isinstance(m, SparseDeltaLinear)]
     gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
     for _ in range(4):
@@ -35,8 +35,10 @@ def main(rank: int, world: int, port: str, out_dir: str) -> None:
         sched.step()
     assert sched.updates == 1
     layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
-    torch.save({"indices": [m.indices for m in layers], "before": before, "values": [m.values.detach() for m in layers]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"indices": [m.indices for m in layers], "before": before, "values": [m.values.detach() for m in layers]},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.barrier()  # both ranks done before either tears gloo down (an early exit aborts the peer)
     dist.destroy_process_group()
 

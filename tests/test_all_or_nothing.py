@@ -37,6 +37,7 @@ def _lora_model():
 
 # -- compose / load_delta -------------------------------------------------------------------------
 
+
 def test_compose_with_a_nan_weight_changes_nothing(tmp_path):
     src = _sparse_model()
     slimtune.save_delta(src, tmp_path / "a.safetensors")
@@ -86,17 +87,30 @@ def test_load_delta_with_a_bad_values_length_changes_nothing():
 
 # -- constructors ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda lin: slimtune.nn.LoRALinear(lin, r=0),
-    lambda lin: slimtune.nn.LoRALinear(lin, dropout=1.5),
-    lambda lin: slimtune.nn.LoRALinear(lin, alpha=float("nan")),
-    lambda lin: slimtune.nn.LoRALinear(lin, init="nope"),
-    lambda lin: slimtune.nn.SparseDeltaLinear(lin, density=0.1, init="nope"),
-    lambda lin: slimtune.nn.SparseDeltaLinear(lin, density=0.1, value_dtype=torch.float16),
-    lambda lin: slimtune.nn.LoRASparseLinear(lin, r=0, density=0.1),
-    lambda lin: slimtune.nn.LoRASparseLinear(lin, r=2, dropout=2.0, density=0.1),
-], ids=["lora-r0", "lora-dropout", "lora-alpha-nan", "lora-init", "sparse-init", "sparse-dtype", "rosa-r0",
-        "rosa-dropout"])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lin: slimtune.nn.LoRALinear(lin, r=0),
+        lambda lin: slimtune.nn.LoRALinear(lin, dropout=1.5),
+        lambda lin: slimtune.nn.LoRALinear(lin, alpha=float("nan")),
+        lambda lin: slimtune.nn.LoRALinear(lin, init="nope"),
+        lambda lin: slimtune.nn.SparseDeltaLinear(lin, density=0.1, init="nope"),
+        lambda lin: slimtune.nn.SparseDeltaLinear(lin, density=0.1, value_dtype=torch.float16),
+        lambda lin: slimtune.nn.LoRASparseLinear(lin, r=0, density=0.1),
+        lambda lin: slimtune.nn.LoRASparseLinear(lin, r=2, dropout=2.0, density=0.1),
+    ],
+    ids=[
+        "lora-r0",
+        "lora-dropout",
+        "lora-alpha-nan",
+        "lora-init",
+        "sparse-init",
+        "sparse-dtype",
+        "rosa-r0",
+        "rosa-dropout",
+    ],
+)
 def test_failed_constructor_leaves_the_linear_trainable(make):
     lin = nn.Linear(8, 6)
     before = snapshot(lin)
@@ -121,6 +135,7 @@ def test_failed_load_peft_adapter_leaves_the_model_trainable(tmp_path):
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
+
 
 def _fail_config_write(monkeypatch):
     real = type(__import__("pathlib").Path()).write_text
@@ -184,6 +199,7 @@ def test_mismatched_pair_is_detected(tmp_path):
 
 # -- slimtune.load and read_delta validate everything ----------------------------------------------
 
+
 def _tamper(tmp_path, edit):
     src = _sparse_model()
     d = slimtune.save(src, tmp_path / "s")
@@ -216,8 +232,16 @@ def _inf(t):
     t["2.values"][0] = float("inf")
 
 
-@pytest.mark.parametrize("edit,match", [(_flip, "sorted"), (_out_of_range, "out of range"),
-                                        (_stale_rowptr, "rowptr"), (_nan, "NaN"), (_inf, "NaN or infinite")])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (_flip, "sorted"),
+        (_out_of_range, "out of range"),
+        (_stale_rowptr, "rowptr"),
+        (_nan, "NaN"),
+        (_inf, "NaN or infinite"),
+    ],
+)
 @pytest.mark.parametrize("target", ["fresh", "converted"])
 def test_load_rejects_bad_sparse_state(tmp_path, edit, match, target):
     d = _tamper(tmp_path, edit)
@@ -254,16 +278,19 @@ def _rewrite_meta(path, edit):
     save_file(tensors, str(path), metadata=meta)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda m: m.update(version="999"), "version"),
-    (lambda m: m.pop("version"), "version"),
-    (lambda m: m.update(layers=json.dumps({"0": {"structure": "unstructured"}})), "shape"),
-    (lambda m: m.update(layers=json.dumps({"0": {"shape": [8]}})), "shape"),
-    (lambda m: m.update(layers=json.dumps({"0": {"shape": ["8", 8]}})), "shape"),
-    (lambda m: m.update(layers=json.dumps(["0"])), "metadata"),
-    (lambda m: m.update(layers=json.dumps({"0": None})), "metadata"),
-    (lambda m: m.update(layers="{"), "metadata"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(version="999"), "version"),
+        (lambda m: m.pop("version"), "version"),
+        (lambda m: m.update(layers=json.dumps({"0": {"structure": "unstructured"}})), "shape"),
+        (lambda m: m.update(layers=json.dumps({"0": {"shape": [8]}})), "shape"),
+        (lambda m: m.update(layers=json.dumps({"0": {"shape": ["8", 8]}})), "shape"),
+        (lambda m: m.update(layers=json.dumps(["0"])), "metadata"),
+        (lambda m: m.update(layers=json.dumps({"0": None})), "metadata"),
+        (lambda m: m.update(layers="{"), "metadata"),
+    ],
+)
 def test_read_delta_rejects_bad_metadata_with_value_error(tmp_path, edit, match):
     path = tmp_path / "d.safetensors"
     slimtune.save_delta(_sparse_model(), path)

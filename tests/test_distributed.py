@@ -133,13 +133,13 @@ def _fsdp_worker(rank, port, method, out_dir):
         fully_shard(model)
         ids = _data(rank)
         losses = _train(model, [p for p in model.parameters() if p.requires_grad], ids)
-        losses = [l.item() for l in losses]
+        losses = [loss.item() for loss in losses]
         assert losses[-1] < losses[0], losses
         # FSDP averages gradients over ranks: the same as one process on both ranks' batches
         all_ids = torch.cat(_gather(ids))
         opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
         for _ in range(STEPS):
-            per_rank = torch.stack([reference.loss(all_ids[r * 4:(r + 1) * 4]) for r in range(WORLD)]).mean()
+            per_rank = torch.stack([reference.loss(all_ids[r * 4 : (r + 1) * 4]) for r in range(WORLD)]).mean()
             opt.zero_grad()
             per_rank.backward()
             opt.step()
@@ -147,8 +147,9 @@ def _fsdp_worker(rank, port, method, out_dir):
             ref = reference.get_submodule(name)
             for k, t in convert.adapter_state(m).items():
                 full = t.full_tensor() if hasattr(t, "full_tensor") else t
-                torch.testing.assert_close(full.detach(), convert.adapter_state(ref)[k].detach(),
-                                           atol=1e-5, rtol=1e-4, msg=f"{name}.{k}")
+                torch.testing.assert_close(
+                    full.detach(), convert.adapter_state(ref)[k].detach(), atol=1e-5, rtol=1e-4, msg=f"{name}.{k}"
+                )
         slimtune.save(model, out_dir)  # gathers the shards; rank 0 writes
         dist.barrier()
         fresh = _fresh_base()

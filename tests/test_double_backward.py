@@ -89,8 +89,7 @@ def test_first_order_with_create_graph_still_trains():
     """create_graph=True alone (no second differentiation) must not raise."""
     layer = slimtune.nn.LoRALinear(nn.Linear(5, 3).double(), r=2)
     x = torch.randn(4, 5, **D)
-    grads = torch.autograd.grad(layer(x).sum(), [layer.lora_A["default"], layer.lora_B["default"]],
-                                create_graph=True)
+    grads = torch.autograd.grad(layer(x).sum(), [layer.lora_A["default"], layer.lora_B["default"]], create_graph=True)
     ref = torch.autograd.grad(layer(x).sum(), [layer.lora_A["default"], layer.lora_B["default"]])
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g.detach(), r)
@@ -120,8 +119,7 @@ def test_memsave_rmsnorm_hvp_exact():
         m.weight.uniform_(0.5, 1.5)
         stock.weight.copy_(m.weight)
     x = torch.randn(3, 5, **D, requires_grad=True)
-    _gradgrad(lambda x, w: RMSNormFunction.apply(x, [5], w, 1e-6),
-              x, m.weight.detach().clone().requires_grad_())
+    _gradgrad(lambda x, w: RMSNormFunction.apply(x, [5], w, 1e-6), x, m.weight.detach().clone().requires_grad_())
     v = torch.randn(3, 5, **D)
     hvps = []
     for mod in (m, stock):
@@ -153,12 +151,16 @@ def test_memsave_dropout_double_backward_exact():
     _gradgrad(lambda x: DropoutFunction.apply(x, 0.3, 1234), x)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: slimtune.nn.MemSaveConv2d(2, 3, 3, padding=1, padding_mode="reflect"),
-    lambda: slimtune.nn.MemSaveConvTranspose2d(2, 3, 3, stride=2),
-    lambda: slimtune.nn.MemSaveLayerNorm(5),
-    lambda: slimtune.nn.MemSaveBatchNorm2d(2).eval(),
-], ids=["conv-reflect", "conv-transpose", "layernorm", "batchnorm-eval"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: slimtune.nn.MemSaveConv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: slimtune.nn.MemSaveConvTranspose2d(2, 3, 3, stride=2),
+        lambda: slimtune.nn.MemSaveLayerNorm(5),
+        lambda: slimtune.nn.MemSaveBatchNorm2d(2).eval(),
+    ],
+    ids=["conv-reflect", "conv-transpose", "layernorm", "batchnorm-eval"],
+)
 def test_memsave_other_layers_double_backward_exact(make):
     torch.manual_seed(0)
     m = make().to(**D)
@@ -175,11 +177,15 @@ def test_memsave_other_layers_double_backward_exact(make):
     assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(),) + params)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: slimtune.nn.MemSaveConv2d(2, 3, 3, padding=1),
-    lambda: slimtune.nn.MemSaveConv1d(2, 3, 4, padding="same", padding_mode="replicate"),
-    lambda: slimtune.nn.MemSaveBatchNorm2d(2).eval(),
-], ids=["conv", "conv1d-same-replicate", "batchnorm-eval"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: slimtune.nn.MemSaveConv2d(2, 3, 3, padding=1),
+        lambda: slimtune.nn.MemSaveConv1d(2, 3, 4, padding="same", padding_mode="replicate"),
+        lambda: slimtune.nn.MemSaveBatchNorm2d(2).eval(),
+    ],
+    ids=["conv", "conv1d-same-replicate", "batchnorm-eval"],
+)
 def test_memsave_frozen_layers_double_backward_exact(make):
     """Frozen weights: the layer keeps shape placeholders instead of tensors; the second derivative
     with respect to the input must not be affected."""

@@ -80,7 +80,7 @@ def _run_memsave_dropout(g):
     return SF.memsave_dropout(torch.randn(5, 16, generator=g, requires_grad=True), 0.25, seed=3)
 
 
-RUNS = {name[len("_run_"):]: fn for name, fn in globals().items() if name.startswith("_run_")}
+RUNS = {name[len("_run_") :]: fn for name, fn in globals().items() if name.startswith("_run_")}
 
 
 def test_every_op_has_a_functional_form():

@@ -30,8 +30,13 @@ def _run_batch(batch: int) -> dict:
     out, skip = {}, set(KNOWN_CRASHES)
     expected = {n for n, c in CASES.items() if c[0] == batch}
     for _ in range(len(expected) + 1):
-        proc = subprocess.run([sys.executable, str(HERE / "_fuzz_cases.py"), str(batch), *sorted(skip)],
-                              capture_output=True, text=True, timeout=300, cwd=HERE)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "_fuzz_cases.py"), str(batch), *sorted(skip)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=HERE,
+        )
         started = None
         for line in proc.stdout.splitlines():
             if line.startswith("START "):
@@ -56,8 +61,13 @@ def _run_batch(batch: int) -> dict:
 
 def _run_one_isolated(batch: int, name: str):
     others = [n for n, c in CASES.items() if c[0] == batch and n != name]
-    proc = subprocess.run([sys.executable, str(HERE / "_fuzz_cases.py"), str(batch), *others],
-                          capture_output=True, text=True, timeout=120, cwd=HERE)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "_fuzz_cases.py"), str(batch), *others],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=HERE,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             r = json.loads(line)
@@ -82,7 +92,22 @@ def test_fuzz_is_bounded_and_covers_every_entry_point():
         _run_batch(batch)
     assert sum(_seconds.values()) < 30, _seconds  # the subprocesses, known crashes included
     prefixes = {n.split("-")[0] for n in CASES}
-    for entry in ("sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "lora_linear",
-                  "memsave_relu_backward", "memsave_maxpool_backward", "construct", "forward", "set_delta",
-                  "memsave", "model", "load", "save", "load_delta", "compose", "load_peft_adapter"):
+    for entry in (
+        "sparse_delta_merge_",
+        "sparse_delta_linear",
+        "sparse_delta_sddmm",
+        "lora_linear",
+        "memsave_relu_backward",
+        "memsave_maxpool_backward",
+        "construct",
+        "forward",
+        "set_delta",
+        "memsave",
+        "model",
+        "load",
+        "save",
+        "load_delta",
+        "compose",
+        "load_peft_adapter",
+    ):
         assert entry in prefixes, entry

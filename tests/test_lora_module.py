@@ -52,6 +52,7 @@ def test_forward_backward_match_reference(p):
     y = m(x)
     torch.manual_seed(5)  # the module draws its seed from torch's RNG: redraw the same one
     from slimtune.lora.functional import draw_seed
+
     seed = draw_seed()
     mask = lora_dropout_mask(x, p, seed) if p > 0 else None
     A = m.lora_A["default"].detach().clone().requires_grad_(True)
@@ -71,8 +72,12 @@ def test_forward_backward_match_reference(p):
 def test_eval_disables_dropout():
     m = make_module(dropout=0.5).eval()
     x = torch.randn(6, 24)
-    torch.testing.assert_close(m(x), reference.lora_linear(x, m.base.weight, m.base.bias, m.lora_A["default"],
-                                                            m.lora_B["default"], m.scaling("default")))
+    torch.testing.assert_close(
+        m(x),
+        reference.lora_linear(
+            x, m.base.weight, m.base.bias, m.lora_A["default"], m.lora_B["default"], m.scaling("default")
+        ),
+    )
 
 
 def test_trainable_bias():
@@ -96,8 +101,9 @@ def test_merge_unmerge_round_trip(dtype):
     assert m.merged_adapters == ["default", "other"]
     merged = m(x)
     # Merged equals unmerged within the precision of the base weight.
-    ref32 = reference.lora_linear(x.float(), w0.float(), m.base.bias.float(), m.lora_A["default"],
-                                  m.lora_B["default"], m.scaling("default"))
+    ref32 = reference.lora_linear(
+        x.float(), w0.float(), m.base.bias.float(), m.lora_A["default"], m.lora_B["default"], m.scaling("default")
+    )
     ref32 = ref32 + m.scaling("other") * (x.float() @ m.lora_A["other"].t()) @ m.lora_B["other"].t()
     if dtype == torch.float32:
         torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-5)

@@ -13,12 +13,16 @@ def make(device, dtype=torch.float64, adapter_dtype=None, shape=(3, 5, 24), outs
     adapter_dtype = adapter_dtype or dtype
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
     d_in = shape[-1]
-    ws = [(torch.randn(o, d_in, generator=g, dtype=torch.float64) * d_in ** -0.5).to(device, dtype) for o in outs]
-    bs = [torch.randn(o, generator=g, dtype=torch.float64).to(device, dtype) if i != 1 else None
-          for i, o in enumerate(outs)]
+    ws = [(torch.randn(o, d_in, generator=g, dtype=torch.float64) * d_in**-0.5).to(device, dtype) for o in outs]
+    bs = [
+        torch.randn(o, generator=g, dtype=torch.float64).to(device, dtype) if i != 1 else None
+        for i, o in enumerate(outs)
+    ]
     As = [(torch.randn(r, d_in, generator=g, dtype=torch.float64) * 0.3).to(device, adapter_dtype) for r in ranks]
-    Bs = [(torch.randn(o, r, generator=g, dtype=torch.float64) * 0.3).to(device, adapter_dtype)
-          for o, r in zip(outs, ranks)]
+    Bs = [
+        (torch.randn(o, r, generator=g, dtype=torch.float64) * 0.3).to(device, adapter_dtype)
+        for o, r in zip(outs, ranks)
+    ]
     return x, ws, bs, As, Bs
 
 
@@ -31,8 +35,13 @@ def grads(fn, x, bs, As, Bs):
     g = torch.Generator().manual_seed(9)
     loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs)
     loss.backward()
-    return [o.detach() for o in outs] + [leaves[0].grad] + [b.grad for b in b2 if b is not None] + \
-        [A.grad for A in A2] + [B.grad for B in B2]
+    return (
+        [o.detach() for o in outs]
+        + [leaves[0].grad]
+        + [b.grad for b in b2 if b is not None]
+        + [A.grad for A in A2]
+        + [B.grad for B in B2]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -42,8 +51,15 @@ def test_matches_per_projection_reference_with_a_shared_mask(device, p):
     scales = [0.5, 2.0, 1.5]
     mask = lora_dropout_mask(x, p, 13) if p > 0 else None
     ours = grads(lambda x, b, A, B: lora_linear_multi(x, ws, b, A, B, scales, p, seed=13), x, bs, As, Bs)
-    ref = grads(lambda x, b, A, B: [reference.lora_linear(x, w, bi, Ai, Bi, s, mask, p)
-                                    for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)], x, bs, As, Bs)
+    ref = grads(
+        lambda x, b, A, B: [
+            reference.lora_linear(x, w, bi, Ai, Bi, s, mask, p) for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)
+        ],
+        x,
+        bs,
+        As,
+        Bs,
+    )
     assert len(ours) == len(ref)
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r)
@@ -55,12 +71,25 @@ def test_float32_adapters_over_low_precision_base(dtype):
     scales = [1.0, 1.0, 2.0]
     mask = lora_dropout_mask(x, 0.1, 2)
     ours = grads(lambda x, b, A, B: lora_linear_multi(x, ws, b, A, B, scales, 0.1, seed=2), x, bs, As, Bs)
-    lowp = grads(lambda x, b, A, B: [reference.lora_linear(x, w, bi, Ai, Bi, s, mask, 0.1)
-                                     for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)], x, bs, As, Bs)
+    lowp = grads(
+        lambda x, b, A, B: [
+            reference.lora_linear(x, w, bi, Ai, Bi, s, mask, 0.1) for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)
+        ],
+        x,
+        bs,
+        As,
+        Bs,
+    )
     up = lambda t: t.float() if t is not None else None  # noqa: E731
-    ref = grads(lambda x, b, A, B: [reference.lora_linear(x, up(w), bi, Ai, Bi, s, mask, 0.1)
-                                    for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)],
-                x.float(), [up(b) for b in bs], As, Bs)
+    ref = grads(
+        lambda x, b, A, B: [
+            reference.lora_linear(x, up(w), bi, Ai, Bi, s, mask, 0.1) for w, bi, Ai, Bi, s in zip(ws, b, A, B, scales)
+        ],
+        x.float(),
+        [up(b) for b in bs],
+        As,
+        Bs,
+    )
     for o, lo, r in zip(ours, lowp, ref):
         assert_lowp_error_bounded(o, r, lo, floor=1e-5)
 

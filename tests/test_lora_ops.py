@@ -14,13 +14,13 @@ def make(T, d_in, d_out, r, dtype, device, adapter_dtype=None, bias=True, x_shap
     g = torch.Generator().manual_seed(1234)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
     x = rnd(*(x_shape or (T, d_in))).to(device, dtype)
-    w = rnd(d_out, d_in, scale=d_in ** -0.5).to(device, dtype)
+    w = rnd(d_out, d_in, scale=d_in**-0.5).to(device, dtype)
     b = rnd(d_out).to(device, dtype) if bias else None
-    A = rnd(r, d_in, scale=d_in ** -0.5).to(device, adapter_dtype)
-    B = rnd(d_out, r, scale=r ** -0.5).to(device, adapter_dtype)
+    A = rnd(r, d_in, scale=d_in**-0.5).to(device, adapter_dtype)
+    B = rnd(d_out, r, scale=r**-0.5).to(device, adapter_dtype)
     return x, w, b, A, B
 
 
@@ -50,9 +50,17 @@ NAMES = ["out", "dx", "dA", "dB", "dbias"]
 def check_against_reference(x, w, b, A, B, scale, p, seed, grad_x=True):
     ours, ref_lowp = run_both(x, w, b, A, B, scale, p, seed, grad_x=grad_x)
     up = torch.float64 if x.dtype == torch.float64 else torch.float32
-    _, ref32 = run_both(x.to(up), w.to(up), b.to(up) if b is not None else None, A.to(torch.float64 if up ==
-                        torch.float64 else torch.float32), B.to(A.dtype if A.dtype == torch.float64 else torch.float32),
-                        scale, p, seed, grad_x=grad_x)
+    _, ref32 = run_both(
+        x.to(up),
+        w.to(up),
+        b.to(up) if b is not None else None,
+        A.to(torch.float64 if up == torch.float64 else torch.float32),
+        B.to(A.dtype if A.dtype == torch.float64 else torch.float32),
+        scale,
+        p,
+        seed,
+        grad_x=grad_x,
+    )
     for name, o, lo, r32 in zip(NAMES, ours, ref_lowp, ref32):
         if r32 is None:
             assert o is None, name
@@ -146,13 +154,18 @@ def test_philox_known_answer():
     Element e of the mask takes 16 bits of block e // 8: with key=(seed lo, seed hi)=0, the block
     counter is (offset + e // 8, 0, "LoRA", 0), so the vector is checked through the whole-word
     thresholds: p = 0 keeps all, and keep bits at p = 0.5 are the top bits of each 16-bit half."""
+
     def philox(c, k):
         M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
         c, k = list(c), list(k)
         for _ in range(10):
             p0, p1 = M0 * c[0], M1 * c[2]
-            c = [((p1 >> 32) ^ c[1] ^ k[0]) & 0xFFFFFFFF, p1 & 0xFFFFFFFF, ((p0 >> 32) ^ c[3] ^ k[1]) & 0xFFFFFFFF,
-                 p0 & 0xFFFFFFFF]
+            c = [
+                ((p1 >> 32) ^ c[1] ^ k[0]) & 0xFFFFFFFF,
+                p1 & 0xFFFFFFFF,
+                ((p0 >> 32) ^ c[3] ^ k[1]) & 0xFFFFFFFF,
+                p0 & 0xFFFFFFFF,
+            ]
             k = [(k[0] + W0) & 0xFFFFFFFF, (k[1] + W1) & 0xFFFFFFFF]
         return c
 
@@ -208,11 +221,14 @@ def test_saves_only_x_and_the_rank_r_intermediate(p, adapter_dtype):
     activations = [t for t in saved if id(t) not in params]
     assert any(t is x for t in activations), "x itself (not a copy) must be saved"
     others = [t for t in activations if t is not x]
-    assert len(others) == 1 and others[0].shape == (T, r) and others[0].dtype == torch.float32, \
-        [(t.shape, t.dtype) for t in others]
+    assert len(others) == 1 and others[0].shape == (T, r) and others[0].dtype == torch.float32, [
+        (t.shape, t.dtype) for t in others
+    ]
     assert all(t.dtype != torch.bool for t in saved), "a mask was saved"
-    assert slimtune.saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, p, seed=1), exclude=(w, A, B)) \
+    assert (
+        slimtune.saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, p, seed=1), exclude=(w, A, B))
         <= x.numel() * x.element_size() + T * r * 4
+    )
     out.sum().backward()
     assert A.grad is not None and x.grad is not None
 
@@ -228,8 +244,11 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for grad in (False, True):
-        for p, adapter_dtype, dtype in [(0.0, None, torch.float32), (0.2, None, torch.float32),
-                                        (0.2, torch.float32, torch.bfloat16)]:
+        for p, adapter_dtype, dtype in [
+            (0.0, None, torch.float32),
+            (0.2, None, torch.float32),
+            (0.2, torch.float32, torch.bfloat16),
+        ]:
             x, w, b, A, B = make(10, 12, 9, 3, dtype, device, adapter_dtype=adapter_dtype)
             for t in (x, A, B):
                 t.requires_grad_(grad)
@@ -238,8 +257,9 @@ def test_opcheck(device):
     x, w, b, A, B = make(10, 12, 9, 3, torch.float32, device)
     y, xa = op(x, w, b, A, B, 0.5, 0.2, 5, 0)
     g = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.slimtune.lora_linear_backward,
-                          (g, x, w, A, B, xa, 0.5, 0.2, 5, 0, True, True, True, True))
+    torch.library.opcheck(
+        torch.ops.slimtune.lora_linear_backward, (g, x, w, A, B, xa, 0.5, 0.2, 5, 0, True, True, True, True)
+    )
     torch.library.opcheck(torch.ops.slimtune.lora_dropout_mask, (x, 0.3, 1, 2))
 
 

@@ -13,8 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -29,8 +36,15 @@ def peft_checkpoint(tmp_path, model, **cfg):
 
 def test_load_peft_adapter_matches_peft_outputs(tmp_path):
     model = tiny_llama()
-    pm = peft_checkpoint(tmp_path, model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                         lora_dropout=0.1, use_rslora=True)
+    pm = peft_checkpoint(
+        tmp_path,
+        model,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        lora_dropout=0.1,
+        use_rslora=True,
+    )
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         expected = pm(ids).logits

@@ -23,8 +23,7 @@ def make(din=40, dout=24, dtype=torch.float32, device="cpu", bias=True, **kw):
 
 def reference_forward(m, x, mask=None, p=0.0):
     sparse = reference.sparse_delta_linear(x, m.base.weight, m.base.bias, m.indices, m.values)
-    lora = reference.lora_linear(x, None, None, m.lora_A["default"], m.lora_B["default"], m.scaling("default"), mask,
-                                p)
+    lora = reference.lora_linear(x, None, None, m.lora_A["default"], m.lora_B["default"], m.scaling("default"), mask, p)
     return sparse + lora.to(sparse.dtype)
 
 
@@ -140,8 +139,9 @@ def test_lora_and_rosa_share_the_lora_part():
     with torch.no_grad():
         m.lora_B["second"].normal_(0, 0.3)
     x = torch.randn(8, 40)
-    want = reference_forward(m, x) + reference.lora_linear(x, None, None, m.lora_A["second"], m.lora_B["second"],
-                                                           m.scaling("second"))
+    want = reference_forward(m, x) + reference.lora_linear(
+        x, None, None, m.lora_A["second"], m.lora_B["second"], m.scaling("second")
+    )
     torch.testing.assert_close(m(x), want)
 
 
@@ -178,8 +178,9 @@ def test_whole_model_method_save_load_merge(tmp_path, unload):
     out = model(ids)
     slimtune.save(model, tmp_path)
     keys = set(load_file(str(tmp_path / slimtune.model_io.WEIGHTS_NAME)))
-    assert keys == {f"{n}.{t}" for n in conv
-                    for t in ("values", "indices", "rowptr", "lora_A.default", "lora_B.default")}
+    assert keys == {
+        f"{n}.{t}" for n in conv for t in ("values", "indices", "rowptr", "lora_A.default", "lora_B.default")
+    }
 
     torch.manual_seed(0)
     fresh = TinyLM()

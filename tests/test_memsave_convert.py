@@ -32,9 +32,17 @@ class BasicBlock(nn.Module):
 
 def small_resnet(num_classes=10):
     return nn.Sequential(
-        nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
-        BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, num_classes),
+        nn.Conv2d(3, 16, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        BasicBlock(16, 16, 1),
+        BasicBlock(16, 32, 2),
+        BasicBlock(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(64, num_classes),
     )
 
 
@@ -90,8 +98,14 @@ def test_conversion_options_and_skips():
     class MyConv(nn.Conv2d):
         pass
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), MyConv(4, 4, 3), nn.MaxPool2d(2, return_indices=False),
-                          nn.MaxPool2d(2, return_indices=True), nn.ReLU(), nn.Dropout(0.1, inplace=True))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        MyConv(4, 4, 3),
+        nn.MaxPool2d(2, return_indices=False),
+        nn.MaxPool2d(2, return_indices=True),
+        nn.ReLU(),
+        nn.Dropout(0.1, inplace=True),
+    )
     copy_model, report = slimtune.memsave.convert(model, inplace=False)
     assert copy_model is not model and type(model[0]) is nn.Conv2d
     assert type(copy_model[0]) is slimtune.nn.MemSaveConv2d
@@ -149,17 +163,32 @@ def _compare_hf(stock, batch, patterns, expect_types, bytes_dtype=None):
 
 
 def test_bert_conversion():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, max_position_embeddings=32, hidden_dropout_prob=0.1,
-                                  attention_probs_dropout_prob=0.0, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(cfg)
     batch = dict(input_ids=torch.randint(0, 100, (2, 9)), attention_mask=torch.ones(2, 9, dtype=torch.long))
     _compare_hf(model, batch, ["classifier"], {"MemSaveLayerNorm", "MemSaveDropout"})
 
 
 def test_llama_conversion():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     batch = dict(input_ids=torch.randint(0, 100, (2, 7)))
     # In float32 the stock RMSNorm graph keeps about what this keeps; in bfloat16 it also
@@ -168,9 +197,17 @@ def test_llama_conversion():
 
 
 def test_vit_conversion():
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=37, num_labels=5, hidden_dropout_prob=0.1)
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=5,
+        hidden_dropout_prob=0.1,
+    )
     model = transformers.ViTForImageClassification(cfg)
     batch = dict(pixel_values=torch.randn(2, 3, 16, 16))
-    _compare_hf(model, batch, ["classifier"],
-                {"MemSaveConv2d", "MemSaveLayerNorm"})
+    _compare_hf(model, batch, ["classifier"], {"MemSaveConv2d", "MemSaveLayerNorm"})

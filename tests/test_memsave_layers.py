@@ -61,10 +61,17 @@ CONV_CASES = [
     (nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=(2, 3), padding="same"), (2, 3, 6, 7)),
     (nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect"), (2, 3, 6, 7)),
     (nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=1, bias=False), (1, 3, 5, 5)),
-    (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=2, padding=1, padding_mode="circular"), (1, 2, 4, 5, 3)),
+    (
+        nn.Conv3d,
+        dict(in_channels=2, out_channels=3, kernel_size=2, padding=1, padding_mode="circular"),
+        (1, 2, 4, 5, 3),
+    ),
     (nn.ConvTranspose1d, dict(in_channels=4, out_channels=3, kernel_size=3, stride=2), (2, 4, 5)),
-    (nn.ConvTranspose2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1,
-                              groups=2), (2, 4, 5, 6)),
+    (
+        nn.ConvTranspose2d,
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2),
+        (2, 4, 5, 6),
+    ),
     (nn.ConvTranspose3d, dict(in_channels=2, out_channels=3, kernel_size=2, dilation=2), (1, 2, 3, 4, 3)),
 ]
 
@@ -116,8 +123,15 @@ def test_conv_noncontiguous_channels_last():
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("x_grad,w_grad,b_grad", GRAD_CASES)
-@pytest.mark.parametrize("cls,shape", [(nn.BatchNorm1d, (6, 5)), (nn.BatchNorm1d, (3, 5, 7)),
-                                       (nn.BatchNorm2d, (2, 5, 6, 7)), (nn.BatchNorm3d, (2, 5, 3, 4, 3))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (nn.BatchNorm1d, (6, 5)),
+        (nn.BatchNorm1d, (3, 5, 7)),
+        (nn.BatchNorm2d, (2, 5, 6, 7)),
+        (nn.BatchNorm3d, (2, 5, 3, 4, 3)),
+    ],
+)
 def test_batchnorm_eval(device, dtype, x_grad, w_grad, b_grad, cls, shape):
     stock = cls(shape[1]).to(device)
     with torch.no_grad():
@@ -283,7 +297,7 @@ def test_maxpool(device, dtype, case):
     out = stock(x)
     k = kwargs["kernel_size"]
     nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[cls]
-    window = k ** nd if isinstance(k, int) else math.prod(k)
+    window = k**nd if isinstance(k, int) else math.prod(k)
     per = 1 if window <= 127 else 2  # int8 offsets, int16 past 127 window elements
     assert bytes_o == out.numel() * per
     assert bytes_o * 4 <= bytes_s
@@ -335,8 +349,16 @@ def test_gradcheck_float64():
 
 def test_autocast_cpu_bf16():
     torch.manual_seed(0)
-    stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(8, 4, 3), nn.Flatten(), nn.LayerNorm(16), nn.RMSNorm(16))
+    stock = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 4, 3),
+        nn.Flatten(),
+        nn.LayerNorm(16),
+        nn.RMSNorm(16),
+    )
     stock[1].eval()
     stock[0].requires_grad_(False)
     ours = copy.deepcopy(stock)
@@ -361,8 +383,16 @@ def test_autocast_cpu_bf16():
 
 def test_torch_compile_aot_eager():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Flatten(1), nn.LayerNorm(256), nn.RMSNorm(256))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.ConvTranspose2d(8, 4, 2, stride=2),
+        nn.Flatten(1),
+        nn.LayerNorm(256),
+        nn.RMSNorm(256),
+    )
     model[1].eval()
     model[0].weight.requires_grad_(False)
     ref = copy.deepcopy(model)

@@ -21,9 +21,11 @@ def _converted(seed=0, **kw):
 
 
 def _snapshot(model):
-    return ({n: type(m).__name__ for n, m in model.named_modules()},
-            {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+    return (
+        {n: type(m).__name__ for n, m in model.named_modules()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
 
 
 def _same(a, b):
@@ -48,7 +50,8 @@ def test_roundtrip_into_a_fresh_model(tmp_path):
     assert layer["method"] == "test_scale" and layer["kwargs"] == {"mask_every": 2}
     assert layer["base"] == {"type": "Linear", "in_features": 16, "out_features": 32, "bias": True}
     assert set(load_file(str(path / model_io.WEIGHTS_NAME))) == {
-        f"blocks.{i}.{l}.{t}" for i in range(2) for l in ("up", "down") for t in ("scale", "mask")}
+        f"blocks.{i}.{layer}.{t}" for i in range(2) for layer in ("up", "down") for t in ("scale", "mask")
+    }
 
     torch.manual_seed(0)
     fresh = TinyLM()  # same base weights (same seed), not converted
@@ -57,7 +60,8 @@ def test_roundtrip_into_a_fresh_model(tmp_path):
     assert fresh.blocks[0]["up"].mask.tolist()[:2] == [1.0, 0.0]
     torch.testing.assert_close(fresh(IDS), out)
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if p.requires_grad}
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def test_load_into_an_already_converted_model(tmp_path):
@@ -119,22 +123,35 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
         return d
 
     _expect_untouched(TinyLM(), tampered("v2", lambda c: c.update(format_version=2)), "newer than this slimtune reads")
-    _expect_untouched(TinyLM(), tampered("method", lambda c: c["layers"]["blocks.1.down"].update(method="nope")),
-                      "method 'nope', which is not registered")
-    _expect_untouched(TinyLM(), tampered("drop", edit_tensors=lambda t: t.pop("blocks.1.down.mask")),
-                      "'blocks.1.down.mask' is missing")
-    _expect_untouched(TinyLM(), tampered("extra", edit_tensors=lambda t: t.update(junk=torch.zeros(1))),
-                      "tensors no layer expects")
-    _expect_untouched(TinyLM(), tampered("shape", edit_tensors=lambda t: t.update(
-        {"blocks.1.down.scale": torch.zeros(3)})), r"shape \(3,\) in the file but \(16,\)")
+    _expect_untouched(
+        TinyLM(),
+        tampered("method", lambda c: c["layers"]["blocks.1.down"].update(method="nope")),
+        "method 'nope', which is not registered",
+    )
+    _expect_untouched(
+        TinyLM(),
+        tampered("drop", edit_tensors=lambda t: t.pop("blocks.1.down.mask")),
+        "'blocks.1.down.mask' is missing",
+    )
+    _expect_untouched(
+        TinyLM(), tampered("extra", edit_tensors=lambda t: t.update(junk=torch.zeros(1))), "tensors no layer expects"
+    )
+    _expect_untouched(
+        TinyLM(),
+        tampered("shape", edit_tensors=lambda t: t.update({"blocks.1.down.scale": torch.zeros(3)})),
+        r"shape \(3,\) in the file but \(16,\)",
+    )
     bad_json = tmp_path / "badjson"
     bad_json.mkdir()
     (bad_json / model_io.CONFIG_NAME).write_text("{nope")
     save_file({}, str(bad_json / model_io.WEIGHTS_NAME))
     _expect_untouched(TinyLM(), bad_json, "not valid JSON")
     # the layer-level failure happens after earlier layers were built: still untouched
-    _expect_untouched(TinyLM(), tampered("late", lambda c: c["layers"]["blocks.1.down"]["base"].update(in_features=7)),
-                      "but 7->16 in the file")
+    _expect_untouched(
+        TinyLM(),
+        tampered("late", lambda c: c["layers"]["blocks.1.down"]["base"].update(in_features=7)),
+        "but 7->16 in the file",
+    )
 
 
 def test_save_errors(tmp_path):
@@ -218,7 +235,7 @@ def test_readme_whole_model_example_runs(tmp_path, monkeypatch):
 
     pytest.importorskip("transformers")
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Whole models"):]
+    section = text[text.index("## Whole models") :]
     code = re.search(r"```python\n(.+?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope = {}

@@ -24,6 +24,7 @@ def _sparse_layer(seed=0, k=20, cls=slimtune.nn.SparseDeltaLinear, **kw):
 
 # -- version counter: backward after an in-place merge -------------------------------------------
 
+
 def test_sparse_delta_merge_op_bumps_version_only_when_it_writes():
     w = torch.randn(4, 5)
     v0 = w._version
@@ -31,8 +32,9 @@ def test_sparse_delta_merge_op_bumps_version_only_when_it_writes():
     assert w._version > v0
     v1 = w._version
     with pytest.raises(RuntimeError, match="values"):
-        torch.ops.slimtune.sparse_delta_merge_(w, torch.tensor([1, 7], dtype=torch.int32),
-                                               torch.tensor([1.0, float("nan")]), 1.0)
+        torch.ops.slimtune.sparse_delta_merge_(
+            w, torch.tensor([1, 7], dtype=torch.int32), torch.tensor([1.0, float("nan")]), 1.0
+        )
     assert w._version == v1
 
 
@@ -65,6 +67,7 @@ def test_module_forward_merge_backward_raises(kind):
 
 # -- merge with NaN values: all or nothing ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("cls", [slimtune.nn.SparseDeltaLinear, slimtune.nn.LoRASparseLinear])
 def test_merge_with_nan_values_changes_nothing(cls):
     layer = _sparse_layer(cls=cls)
@@ -83,6 +86,7 @@ def test_merge_with_nan_values_changes_nothing(cls):
 
 
 # -- merged layers: load / scheduler refuse instead of corrupting unmerge() --------------------------
+
 
 def _tiny(method):
     torch.manual_seed(0)
@@ -130,6 +134,7 @@ def test_scheduler_step_on_merged_layer_refused():
 
 
 # -- memsave ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
@@ -187,6 +192,7 @@ def test_memsave_relu_keeps_negative_zero():
 
 # -- set_delta / load_delta keep the values Parameter ------------------------------------------------
 
+
 def test_load_delta_with_another_count_keeps_training(tmp_path):
     src = nn.Sequential(slimtune.nn.SparseDeltaLinear(nn.Linear(8, 8), k=30))
     with torch.no_grad():
@@ -205,6 +211,7 @@ def test_load_delta_with_another_count_keeps_training(tmp_path):
 
 
 # -- PEFT files ---------------------------------------------------------------------------------------
+
 
 class _Nest(nn.Module):
     def __init__(self):
@@ -250,10 +257,18 @@ def test_export_pattern_keys_are_anchored(tmp_path):
             torch.testing.assert_close(again(x), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("init_lora_weights", "pissa"), ("init_lora_weights", "pissa_niter_4"),
-                                         ("init_lora_weights", "olora"), ("init_lora_weights", "corda"),
-                                         ("init_lora_weights", "loftq"), ("init_lora_weights", "lora_ga"),
-                                         ("alora_invocation_tokens", [5, 6])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "pissa_niter_4"),
+        ("init_lora_weights", "olora"),
+        ("init_lora_weights", "corda"),
+        ("init_lora_weights", "loftq"),
+        ("init_lora_weights", "lora_ga"),
+        ("alora_invocation_tokens", [5, 6]),
+    ],
+)
 def test_peft_adapters_that_change_base_weights_are_refused(tmp_path, field, value):
     from slimtune.lora.peft import PeftAdapterError, export_peft_adapter, load_peft_adapter
 
@@ -269,6 +284,7 @@ def test_peft_adapters_that_change_base_weights_are_refused(tmp_path, field, val
 
 
 # -- slimtune.merge(safe_merge=True) ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["lora", "sparse_delta"])
 @pytest.mark.parametrize("unload", [True, False])
@@ -314,6 +330,7 @@ def test_merge_rolls_back_when_a_layer_method_fails():
 
 
 # -- compose -----------------------------------------------------------------------------------------
+
 
 def test_compose_refuses_a_delta_the_model_still_holds(tmp_path):
     model = _tiny("sparse_delta")

@@ -8,8 +8,9 @@ from slimtune.nn import SparseDeltaLinear
 
 def model(seed=0, dout=12):
     torch.manual_seed(seed)
-    m = nn.Sequential(SparseDeltaLinear(nn.Linear(10, dout), density=0.2), nn.ReLU(),
-                      SparseDeltaLinear(nn.Linear(dout, 4), k=7))
+    m = nn.Sequential(
+        SparseDeltaLinear(nn.Linear(10, dout), density=0.2), nn.ReLU(), SparseDeltaLinear(nn.Linear(dout, 4), k=7)
+    )
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -72,8 +73,15 @@ def _short_values(t):
     t["0.values"] = t["0.values"][:-1].contiguous()
 
 
-@pytest.mark.parametrize("tamper,phrase", [(_unsorted, "sorted"), (_duplicate, "sorted and unique"),
-                                           (_out_of_range, "out of range"), (_short_values, "values")])
+@pytest.mark.parametrize(
+    "tamper,phrase",
+    [
+        (_unsorted, "sorted"),
+        (_duplicate, "sorted and unique"),
+        (_out_of_range, "out of range"),
+        (_short_values, "values"),
+    ],
+)
 def test_invalid_files_raise_and_leave_the_model_untouched(tmp_path, tamper, phrase):
     bad = write_tampered(tmp_path, "bad.safetensors", tamper)
     dst = model(1)
@@ -124,8 +132,13 @@ def test_compose_adds_weighted_deltas(tmp_path):
     target = model(3)
     before = snapshot(target)
     with pytest.raises(ValueError):
-        slimtune.compose(target, [pa, {"0": {"indices": torch.tensor([5, 3], dtype=torch.int32),
-                                              "values": torch.ones(2), "shape": [12, 10]}}])
+        slimtune.compose(
+            target,
+            [
+                pa,
+                {"0": {"indices": torch.tensor([5, 3], dtype=torch.int32), "values": torch.ones(2), "shape": [12, 10]}},
+            ],
+        )
     assert same(before, snapshot(target))
     slimtune.compose(target, [pa])
     assert not torch.equal(target[0].base.weight, before["0.base.weight"])

@@ -44,10 +44,16 @@ def test_float32_values_over_low_precision_weight(device, dtype):
     # 0.5 eps + a little: rounded to the weight dtype first it becomes exactly 0.5 eps and the
     # sum ties back to 1; formed in float32 it rounds up to 1 + eps.
     tiny = torch.full((2,), (0.5 + 2.0**-13) * torch.finfo(dtype).eps, device=device)
-    assert torch.equal(torch.ones(2, dtype=dtype, device=device) + tiny.to(dtype), torch.ones(2, dtype=dtype, device=device))
+    assert torch.equal(
+        torch.ones(2, dtype=dtype, device=device) + tiny.to(dtype), torch.ones(2, dtype=dtype, device=device)
+    )
     op(w, torch.tensor([0, 1], device=device), tiny, 1.0)
-    assert torch.equal(w, reference.sparse_delta_merge(torch.ones(4, dtype=dtype, device=device),
-                                                       torch.tensor([0, 1], device=device), tiny))
+    assert torch.equal(
+        w,
+        reference.sparse_delta_merge(
+            torch.ones(4, dtype=dtype, device=device), torch.tensor([0, 1], device=device), tiny
+        ),
+    )
     assert (w[:2] > 1).all(), "the value was rounded to the weight dtype before the add"
 
 
@@ -72,8 +78,9 @@ def test_empty_delta_is_a_no_op(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_merge_then_unmerge_round_trips(device):
-    weight, idx, values = make((128, 96), 0.05, torch.float64, "cpu") if device == "cpu" else \
-        make((128, 96), 0.05, torch.float32, device)
+    weight, idx, values = (
+        make((128, 96), 0.05, torch.float64, "cpu") if device == "cpu" else make((128, 96), 0.05, torch.float32, device)
+    )
     before = weight.clone()
     op(weight, idx, values, 1.0)
     op(weight, idx, values, -1.0)

@@ -44,8 +44,9 @@ def test_module_matches_reference(device, dtype, structure, bias):
 def test_structures_select_whole_rows_cols_blocks():
     w = torch.randn(12, 10)
     rows = SparseDeltaLinear(nn.Linear(10, 12), k=30, structure="rows").indices.long()
-    assert rows.numel() == 30 and torch.equal((rows // 10).unique().numel() * torch.ones(1, dtype=torch.long),
-                                              torch.tensor([3]))
+    assert rows.numel() == 30 and torch.equal(
+        (rows // 10).unique().numel() * torch.ones(1, dtype=torch.long), torch.tensor([3])
+    )
     cols = SparseDeltaLinear(nn.Linear(10, 12), k=24, structure="cols").indices.long()
     assert cols.numel() == 24 and (cols % 10).unique().numel() == 2
     blocks = slimtune.select_indices(w, k=8, method="magnitude", structure="blocks", block_size=2).long()

@@ -31,11 +31,11 @@ def make(x_shape, dout, density, dtype, device, bias=True, index_dtype=torch.int
 
 # (x shape, out_features, density): T·K ≥ numel takes the transient-merge path, below it the SpMM path.
 CASES = [
-    ((16, 32), 24, 0.1),       # merge
-    ((5, 7, 123), 37, 0.05),   # merge, 3-D, odd sizes
-    ((1, 64), 65, 0.05),       # one token: SpMM
-    ((3, 45), 50, 0.02),       # SpMM
-    ((0, 32), 16, 0.1),        # empty batch
+    ((16, 32), 24, 0.1),  # merge
+    ((5, 7, 123), 37, 0.05),  # merge, 3-D, odd sizes
+    ((1, 64), 65, 0.05),  # one token: SpMM
+    ((3, 45), 50, 0.02),  # SpMM
+    ((0, 32), 16, 0.1),  # empty batch
 ]
 
 
@@ -172,11 +172,13 @@ def test_only_x_saved_for_backward():
     owned = {t.data_ptr() for t in (w, idx, rp, vals)}
     extra = [t for t in saved if t.data_ptr() not in owned]
     assert len(extra) == 1 and extra[0].data_ptr() == x.data_ptr(), [tuple(t.shape) for t in extra]
-    assert not any(t.numel() == w.numel() and t.data_ptr() != w.data_ptr() for t in saved), \
+    assert not any(t.numel() == w.numel() and t.data_ptr() != w.data_ptr() for t in saved), (
         "a weight-sized tensor other than W0 itself was saved"
+    )
     # The naive way keeps the merged weight alive too.
-    naive_extra = slimtune.saved_bytes(lambda: F.linear(x, w.view(-1).index_add(0, idx.long(), vals).view_as(w), b),
-                                       exclude=(w, idx, rp, vals))
+    naive_extra = slimtune.saved_bytes(
+        lambda: F.linear(x, w.view(-1).index_add(0, idx.long(), vals).view_as(w), b), exclude=(w, idx, rp, vals)
+    )
     assert naive_extra >= x.numel() * 4 + w.numel() * 4
 
 

@@ -55,8 +55,11 @@ def test_kept_entries_keep_their_optimizer_state(name):
     def before():
         if sched.step_count == 3:  # the next scheduler step is the update
             snap["idx"] = m.indices.long().clone()
-            snap["state"] = {k: v.clone() for k, v in opt.state[m.values].items()
-                             if isinstance(v, torch.Tensor) and v.shape == m.values.shape}
+            snap["state"] = {
+                k: v.clone()
+                for k, v in opt.state[m.values].items()
+                if isinstance(v, torch.Tensor) and v.shape == m.values.shape
+            }
 
     run(m, opt, sched, xs, before_sched=before)
     assert sched.updates == 1 and snap["state"]
@@ -75,18 +78,24 @@ def test_kept_entries_keep_their_optimizer_state(name):
             assert bool((after[~kept] == 0).all()), f"{name}: regrown entries' {key!r} is not the initial state"
 
 
-@pytest.mark.parametrize("opt_cls,regrow,score", [(torch.optim.Adam, "accumulated_grad", "gradient"),
-                                                  (torch.optim.AdamW, "accumulated_grad", "gradient"),
-                                                  (torch.optim.Adam, "accumulated_grad", "fisher"),
-                                                  (torch.optim.Adam, "momentum_approx", "gradient")])
+@pytest.mark.parametrize(
+    "opt_cls,regrow,score",
+    [
+        (torch.optim.Adam, "accumulated_grad", "gradient"),
+        (torch.optim.AdamW, "accumulated_grad", "gradient"),
+        (torch.optim.Adam, "accumulated_grad", "fisher"),
+        (torch.optim.Adam, "momentum_approx", "gradient"),
+    ],
+)
 def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls, regrow, score):
     lr = 1e-5
     torch.manual_seed(0)
     m = SparseDeltaLinear(nn.Linear(24, 20), k=80)  # values start at 0: drops barely change the function,
     # so the next gradient at a regrown entry is ≈ its accumulated mean ḡ, the case the seeding is exact for
     opt = opt_cls([m.values], lr=lr, betas=(0.5, 0.999))
-    sched = slimtune.SparseDeltaScheduler(m, opt, every=20, accumulate_steps=5, drop_fraction=0.25, total_steps=1000,
-                                          regrow=regrow, score=score)
+    sched = slimtune.SparseDeltaScheduler(
+        m, opt, every=20, accumulate_steps=5, drop_fraction=0.25, total_steps=1000, regrow=regrow, score=score
+    )
     x = torch.randn(16, 24)
     run(m, opt, sched, [x] * 20)
     assert sched.updates == 1
@@ -101,12 +110,19 @@ def test_regrown_entries_first_adam_step_is_at_most_lr(opt_cls, regrow, score):
         assert float(first.min()) >= 0.9 * lr
 
 
-@pytest.mark.parametrize("structure,shape,block", [("rows", (20, 24), 16), ("cols", (20, 24), 16),
-                                                   ("blocks", (20, 24), 4), ("blocks", (22, 26), 4)])
+@pytest.mark.parametrize(
+    "structure,shape,block",
+    [("rows", (20, 24), 16), ("cols", (20, 24), 16), ("blocks", (20, 24), 4), ("blocks", (22, 26), 4)],
+)
 def test_structured_updates_keep_whole_units(structure, shape, block):
     dout, din = shape
-    m = layer(din, dout, k=5 * din if structure == "rows" else 5 * dout if structure == "cols" else 5 * block * block,
-              structure=structure, block_size=block)
+    m = layer(
+        din,
+        dout,
+        k=5 * din if structure == "rows" else 5 * dout if structure == "cols" else 5 * block * block,
+        structure=structure,
+        block_size=block,
+    )
     units = Units(structure, shape, block)
     size = units.sizes()
     opt = torch.optim.AdamW([m.values], lr=1e-2)
@@ -136,8 +152,12 @@ def test_structured_updates_keep_whole_units(structure, shape, block):
     mean_mag = mag[active] / size[active].double()
     assert set(u_old.tolist()) - set(u_new.tolist()) == set(active[mean_mag.argsort()[:n]].tolist())
     gsum = (captured[2] + captured[3]).abs()
-    mean_g = torch.zeros(units.count, dtype=torch.float64).index_add_(
-        0, units.of(torch.arange(dout * din)), gsum.reshape(-1)) / size.double()
+    mean_g = (
+        torch.zeros(units.count, dtype=torch.float64).index_add_(
+            0, units.of(torch.arange(dout * din)), gsum.reshape(-1)
+        )
+        / size.double()
+    )
     mean_g[active] = -1
     assert set(u_new.tolist()) - set(u_old.tolist()) == set(mean_g.topk(n).indices.tolist())
 
@@ -215,15 +235,21 @@ def test_small_task_held_out_loss_matches_the_dense_masked_spiel_reference():
         (xt, yt), (xv, yv) = _task(seed)
         torch.manual_seed(seed)
         student = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
-        ours = nn.Sequential(SparseDeltaLinear(copy_linear(student[0]), density=0.1), nn.Tanh(),
-                             SparseDeltaLinear(copy_linear(student[2]), density=0.2))
-        refs = [reference.SpielMaskedLinear(student[0], ours[0].indices),
-                reference.SpielMaskedLinear(student[2], ours[2].indices)]
+        ours = nn.Sequential(
+            SparseDeltaLinear(copy_linear(student[0]), density=0.1),
+            nn.Tanh(),
+            SparseDeltaLinear(copy_linear(student[2]), density=0.2),
+        )
+        refs = [
+            reference.SpielMaskedLinear(student[0], ours[0].indices),
+            reference.SpielMaskedLinear(student[2], ours[2].indices),
+        ]
         ref = nn.Sequential(refs[0], nn.Tanh(), refs[1])
         opt = torch.optim.AdamW([ours[0].values, ours[2].values], lr=2e-2)
         ropt = torch.optim.AdamW([r.delta for r in refs], lr=2e-2)
-        sched = slimtune.SparseDeltaScheduler(ours, opt, every=every, accumulate_steps=acc, drop_fraction=0.3,
-                                              total_steps=total)
+        sched = slimtune.SparseDeltaScheduler(
+            ours, opt, every=every, accumulate_steps=acc, drop_fraction=0.3, total_steps=total
+        )
         for step in range(1, total + 1):
             batch = slice((step * 32) % 384, (step * 32) % 384 + 32)
             if step % every == every - acc + 1 and step < total:
@@ -257,8 +283,9 @@ def copy_linear(lin):
 def test_momentum_approximation_keeps_sm3_row_and_column_statistics():
     m = layer(32, 24, k=70)
     opt = torch.optim.AdamW([m.values], lr=1e-2)
-    sched = slimtune.SparseDeltaScheduler(m, opt, every=4, accumulate_steps=3, drop_fraction=0.3, total_steps=100,
-                                          regrow="momentum_approx")
+    sched = slimtune.SparseDeltaScheduler(
+        m, opt, every=4, accumulate_steps=3, drop_fraction=0.3, total_steps=100, regrow="momentum_approx"
+    )
     grads = []
     m.register_grad_observer(lambda mod, g, x: grads.append(dense_grad(g, x)))
     gen = torch.Generator().manual_seed(0)
@@ -309,8 +336,11 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor)}
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 if t.numel() * t.element_size() > self.largest:

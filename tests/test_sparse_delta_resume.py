@@ -13,15 +13,21 @@ from slimtune.nn import SparseDeltaLinear
 
 def build(seed, regrow="accumulated_grad"):
     torch.manual_seed(seed)
-    model = nn.Sequential(SparseDeltaLinear(nn.Linear(16, 24), density=0.1), nn.Tanh(),
-                          SparseDeltaLinear(nn.Linear(24, 24), k=96, structure="rows"), nn.Tanh(), nn.Linear(24, 4))
+    model = nn.Sequential(
+        SparseDeltaLinear(nn.Linear(16, 24), density=0.1),
+        nn.Tanh(),
+        SparseDeltaLinear(nn.Linear(24, 24), k=96, structure="rows"),
+        nn.Tanh(),
+        nn.Linear(24, 4),
+    )
     torch.manual_seed(0)  # the frozen base weights must agree between runs
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.reset_parameters()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = slimtune.SparseDeltaScheduler(model, opt, every=5, accumulate_steps=3, drop_fraction=0.3, total_steps=40,
-                                          regrow=regrow)
+    sched = slimtune.SparseDeltaScheduler(
+        model, opt, every=5, accumulate_steps=3, drop_fraction=0.3, total_steps=40, regrow=regrow
+    )
     return model, opt, sched
 
 
@@ -34,8 +40,10 @@ def train(model, opt, sched, batches):
         sched.step()
 
 
-@pytest.mark.parametrize("stop,regrow", [(4, "accumulated_grad"), (5, "accumulated_grad"), (8, "accumulated_grad"),
-                                         (4, "momentum_approx"), (4, "random")])  # in a window, at an update, before
+@pytest.mark.parametrize(
+    "stop,regrow",
+    [(4, "accumulated_grad"), (5, "accumulated_grad"), (8, "accumulated_grad"), (4, "momentum_approx"), (4, "random")],
+)  # in a window, at an update, before
 def test_resume_is_identical_to_an_uninterrupted_run(stop, regrow):
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(12, 16, generator=gen), torch.randn(12, 4, generator=gen)) for _ in range(17)]
@@ -89,9 +97,20 @@ def _sparse_llama():
 
 def _trainer(model, tmp_path, steps, save_steps=None):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, gradient_accumulation_steps=2)
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        gradient_accumulation_steps=2,
+    )
     cb = slimtune.SparseDeltaCallback(every=3, accumulate_steps=2, drop_fraction=0.3)
     return transformers.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb]), cb
 

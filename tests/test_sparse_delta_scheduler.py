@@ -26,7 +26,7 @@ def train_steps(m, opt, sched, n, xs, capture=None):
         y = m(x)
         if capture is not None:
             y.register_hook(lambda g, x=x: capture.append((g.detach().clone(), x)))
-        loss = (y ** 2).mean()
+        loss = (y**2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -48,7 +48,7 @@ def test_update_drops_smallest_and_regrows_the_best_of_all_inactive_entries():
     assert sched.accumulators is not None and sched.step_count == 3
     old_idx = m.indices.long().clone()
     y = m(xs[3])
-    loss = (y ** 2).mean()
+    loss = (y**2).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -108,8 +108,15 @@ def test_ddp_two_ranks_end_with_identical_indices(tmp_path):
         port = str(s.getsockname()[1])
     worker = Path(__file__).with_name("sparse_delta_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", port, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), "2", port, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

@@ -66,8 +66,11 @@ def test_smt_blocks_share_one_budget_across_layers():
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(SparseDeltaLinear(nn.Linear(12, 20), density=0.1), nn.Tanh(),
-                         SparseDeltaLinear(nn.Linear(20, 6), k=24, structure="rows"))
+    return nn.Sequential(
+        SparseDeltaLinear(nn.Linear(12, 20), density=0.1),
+        nn.Tanh(),
+        SparseDeltaLinear(nn.Linear(20, 6), k=24, structure="rows"),
+    )
 
 
 @pytest.mark.parametrize("method", ["gradient", "fisher", "gps"])
@@ -99,8 +102,9 @@ def test_reselect_from_gradients_matches_dense_gradients(method, budget):
         layer = model[i]
         s = sum(g.square() for g in grads[i]) if method == "fisher" else sum(grads[i])
         how = "gradient" if method == "gps" and layer.structure == "rows" else method
-        expected = slimtune.select_indices(layer.base.weight, k=layer.indices.numel(), method=how, scores=s,
-                                           structure=layer.structure)
+        expected = slimtune.select_indices(
+            layer.base.weight, k=layer.indices.numel(), method=how, scores=s, structure=layer.structure
+        )
         assert torch.equal(layer.indices, expected), i
         assert bool((layer.values == 0).all()) and layer.values.grad is None
 
@@ -108,9 +112,12 @@ def test_reselect_from_gradients_matches_dense_gradients(method, budget):
 def test_s2ft_couples_heads_across_projections():
     torch.manual_seed(0)
     heads, hd, hidden = 4, 3, 10
-    scores = {"q": torch.randn(heads * hd, hidden), "v": torch.randn(heads * hd, hidden),
-              "o": torch.randn(hidden, heads * hd)}
-    scores["o"][:, 2 * hd:3 * hd] *= 100  # head 2 matters most
+    scores = {
+        "q": torch.randn(heads * hd, hidden),
+        "v": torch.randn(heads * hd, hidden),
+        "o": torch.randn(hidden, heads * hd),
+    }
+    scores["o"][:, 2 * hd : 3 * hd] *= 100  # head 2 matters most
     scores["q"][0:hd] *= 30  # then head 0
     out = slimtune.sparse.select_coupled_channels(scores, ["q", "v"], ["o"], n_groups=2, group_size=hd)
     chan = torch.tensor([0, 1, 2, 6, 7, 8])

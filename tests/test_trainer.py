@@ -26,8 +26,16 @@ class _Data(torch.utils.data.Dataset):
 def _train(model, tmp_path, steps=4):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
         dataloader_num_workers=0,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data())

@@ -14,14 +14,36 @@ from .model_io import load, merge, save, unmerge
 from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices
 
 __all__ = [
-    "__version__", "build_info", "has_cuda", "functional", "reference", "nn", "lora", "sparse", "memsave",
+    "__version__",
+    "build_info",
+    "has_cuda",
+    "functional",
+    "reference",
+    "nn",
+    "lora",
+    "sparse",
+    "memsave",
     # sparse-delta fine-tuning
-    "SparseDeltaScheduler", "SparseDeltaCallback", "compose", "load_delta", "read_delta", "save_delta",
+    "SparseDeltaScheduler",
+    "SparseDeltaCallback",
+    "compose",
+    "load_delta",
+    "read_delta",
+    "save_delta",
     "select_indices",
     # selective-gradient memory savings
-    "saved_bytes", "MemSaveReport",
+    "saved_bytes",
+    "MemSaveReport",
     # whole models
-    "apply_lora", "apply_sparse_delta", "apply_rosa", "register_method", "summary", "save", "load", "merge", "unmerge",
+    "apply_lora",
+    "apply_sparse_delta",
+    "apply_rosa",
+    "register_method",
+    "summary",
+    "save",
+    "load",
+    "merge",
+    "unmerge",
 ]
 
 

@@ -38,8 +38,10 @@ def refuse_double_backward(name: str, outputs, inputs: Iterable[Optional[torch.T
     idx = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()]
     if not idx:
         return outputs
-    message = (f"{name}: double backward (differentiating a gradient, e.g. create_graph=True with a gradient "
-               f"penalty or a Hessian-vector product) is not supported")
+    message = (
+        f"{name}: double backward (differentiating a gradient, e.g. create_graph=True with a gradient "
+        f"penalty or a Hessian-vector product) is not supported"
+    )
     wrapped = _Refuse.apply(message, len(idx), *[outs[i] for i in idx], *linked)
     res = list(outs)
     for i, w in zip(idx, wrapped):

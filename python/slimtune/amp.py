@@ -49,8 +49,7 @@ _RULES: Dict[str, Sequence] = {
     # x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset
     "lora_linear": (_to_compute, _to_compute, _to_compute, _to_adapter, _to_adapter),
     # x, weights[], biases[], lora_As[], lora_Bs[], scales, dropout, seed, offset
-    "lora_linear_multi": (_to_compute, _each(_to_compute), _each(_to_compute), _each(_to_adapter),
-                          _each(_to_adapter)),
+    "lora_linear_multi": (_to_compute, _each(_to_compute), _each(_to_compute), _each(_to_adapter), _each(_to_adapter)),
     # x, weight, bias, indices, rowptr, values
     "sparse_delta_linear": (_to_compute, _to_compute, _to_compute, None, None, _to_adapter),
 }

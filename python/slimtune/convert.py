@@ -71,8 +71,7 @@ def _pillar_class(class_name: str, method: str):
     cls = getattr(slim_nn, class_name, None)
     if cls is None:
         raise ImportError(
-            f"slimtune method {method!r} needs slimtune.nn.{class_name}, which this build of slimtune "
-            f"does not provide"
+            f"slimtune method {method!r} needs slimtune.nn.{class_name}, which this build of slimtune does not provide"
         )
     return cls
 
@@ -161,8 +160,9 @@ def _matches_name(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear",
-                 exclude_modules: Optional[TargetSpec] = None) -> List[str]:
+def find_targets(
+    model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: Optional[TargetSpec] = None
+) -> List[str]:
     """Qualified names of the Linear (and GPT-2 Conv1D) layers ``target_modules`` selects.
 
     - ``"all-linear"``: every Linear/Conv1D except the output head (``get_output_embeddings()``).
@@ -217,7 +217,9 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear",
                     )
                 hits.extend(found)
             return hits
-        raise TypeError(f"{what}: expected 'all-linear', a regular expression or a list of names, got {type(spec).__name__}")
+        raise TypeError(
+            f"{what}: expected 'all-linear', a regular expression or a list of names, got {type(spec).__name__}"
+        )
 
     chosen = select(target_modules, "target_modules", True)
     if exclude_modules is not None:
@@ -282,8 +284,10 @@ def _build(method: str, name: str, module: nn.Module, kwargs: dict) -> nn.Module
     base, base_type = _as_linear(module)
     new = factory(base, **kwargs)
     if not isinstance(new, nn.Module) or getattr(new, "base", None) is not base:
-        raise TypeError(f"method {method!r}: its factory must return an nn.Module keeping the layer as '.base' "
-                        f"(converting {name!r})")
+        raise TypeError(
+            f"method {method!r}: its factory must return an nn.Module keeping the layer as '.base' "
+            f"(converting {name!r})"
+        )
     setattr(new, _METHOD_ATTR, method)
     setattr(new, _KWARGS_ATTR, dict(kwargs))
     setattr(new, _BASE_TYPE_ATTR, base_type)
@@ -291,14 +295,23 @@ def _build(method: str, name: str, module: nn.Module, kwargs: dict) -> nn.Module
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
-    adapters = {id(p) for m in converted_modules(model).values() for p in adapter_state(m).values()
-                if isinstance(p, nn.Parameter)}
+    adapters = {
+        id(p)
+        for m in converted_modules(model).values()
+        for p in adapter_state(m).values()
+        if isinstance(p, nn.Parameter)
+    }
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
 
 
-def apply(model: nn.Module, method: str, target_modules: TargetSpec = "all-linear",
-          exclude_modules: Optional[TargetSpec] = None, **kwargs) -> nn.Module:
+def apply(
+    model: nn.Module,
+    method: str,
+    target_modules: TargetSpec = "all-linear",
+    exclude_modules: Optional[TargetSpec] = None,
+    **kwargs,
+) -> nn.Module:
     """Convert the selected Linear layers of ``model`` in place with a registered method.
 
     Afterwards only adapter parameters are trainable (every other parameter is frozen).
@@ -331,21 +344,36 @@ def apply(model: nn.Module, method: str, target_modules: TargetSpec = "all-linea
     return given
 
 
-def apply_lora(model: nn.Module, target_modules: TargetSpec = "all-linear", *, r: int = 8, alpha: float = 16,
-               dropout: float = 0.0, rslora: bool = False, init: str = "kaiming",
-               exclude_modules: Optional[TargetSpec] = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    init: str = "kaiming",
+    exclude_modules: Optional[TargetSpec] = None,
+) -> nn.Module:
     """Add LoRA adapters (``slimtune.nn.LoRALinear``) to the selected layers, in place.
 
     ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when
     ``rslora``). Only the adapter parameters stay trainable. Returns ``model``.
     """
-    return apply(model, "lora", target_modules, exclude_modules,
-                 r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
+    return apply(
+        model, "lora", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init
+    )
 
 
-def apply_sparse_delta(model: nn.Module, target_modules: TargetSpec = "all-linear", *,
-                       density: Optional[float] = None, k: Optional[int] = None, structure: str = "unstructured",
-                       exclude_modules: Optional[TargetSpec] = None) -> nn.Module:
+def apply_sparse_delta(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    density: Optional[float] = None,
+    k: Optional[int] = None,
+    structure: str = "unstructured",
+    exclude_modules: Optional[TargetSpec] = None,
+) -> nn.Module:
     """Add a trainable sparse delta (``slimtune.nn.SparseDeltaLinear``) to the selected layers.
 
     Give ``density`` (fraction of each weight's entries) or ``k`` (entries per layer); with
@@ -353,13 +381,22 @@ def apply_sparse_delta(model: nn.Module, target_modules: TargetSpec = "all-linea
     """
     if density is None and k is None:
         density = 0.01
-    return apply(model, "sparse_delta", target_modules, exclude_modules,
-                 density=density, k=k, structure=structure)
+    return apply(model, "sparse_delta", target_modules, exclude_modules, density=density, k=k, structure=structure)
 
 
-def apply_rosa(model: nn.Module, target_modules: TargetSpec = "all-linear", *, r: int = 8, alpha: float = 16,
-               dropout: float = 0.0, rslora: bool = False, density: Optional[float] = None, k: Optional[int] = None,
-               structure: str = "unstructured", exclude_modules: Optional[TargetSpec] = None) -> nn.Module:
+def apply_rosa(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    density: Optional[float] = None,
+    k: Optional[int] = None,
+    structure: str = "unstructured",
+    exclude_modules: Optional[TargetSpec] = None,
+) -> nn.Module:
     """Add RoSA (``slimtune.nn.LoRASparseLinear``: a sparse delta plus a LoRA adapter) to the selected
     layers, in place. LoRA arguments as in :func:`apply_lora`, delta arguments as in
     :func:`apply_sparse_delta` (with neither ``density`` nor ``k``, ``density=0.01``). Only the
@@ -367,8 +404,19 @@ def apply_rosa(model: nn.Module, target_modules: TargetSpec = "all-linear", *, r
     """
     if density is None and k is None:
         density = 0.01
-    return apply(model, "rosa", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                 density=density, k=k, structure=structure)
+    return apply(
+        model,
+        "rosa",
+        target_modules,
+        exclude_modules,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        density=density,
+        k=k,
+        structure=structure,
+    )
 
 
 def summary(model: nn.Module, print_fn: Optional[Callable[[str], None]] = print) -> dict:
@@ -393,8 +441,9 @@ def summary(model: nn.Module, print_fn: Optional[Callable[[str], None]] = print)
         "modules": {n: getattr(m, _METHOD_ATTR) for n, m in conv.items()},
     }
     if print_fn is not None:
-        lines = [f"{type(inner).__name__}: trainable {trainable:,} / {total:,} parameters "
-                 f"({100 * info['fraction']:.3f} %)"]
+        lines = [
+            f"{type(inner).__name__}: trainable {trainable:,} / {total:,} parameters ({100 * info['fraction']:.3f} %)"
+        ]
         for method, count in sorted(methods.items()):
             kw = next(getattr(m, _KWARGS_ATTR) for m in conv.values() if getattr(m, _METHOD_ATTR) == method)
             lines.append(f"  {method}: {count} layer(s) {kw}")

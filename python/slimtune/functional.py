@@ -13,5 +13,14 @@ from .lora.functional import lora_dropout_mask, lora_linear, lora_linear_multi
 from .memsave.functional import memsave_dropout, memsave_max_pool, memsave_relu
 from .sparse.functional import sparse_delta_linear, sparse_delta_merge_, sparse_delta_sddmm
 
-__all__ = ["sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_sddmm", "lora_linear", "lora_linear_multi",
-           "lora_dropout_mask", "memsave_relu", "memsave_max_pool", "memsave_dropout"]
+__all__ = [
+    "sparse_delta_merge_",
+    "sparse_delta_linear",
+    "sparse_delta_sddmm",
+    "lora_linear",
+    "lora_linear_multi",
+    "lora_dropout_mask",
+    "memsave_relu",
+    "memsave_max_pool",
+    "memsave_dropout",
+]

@@ -29,9 +29,14 @@ def _storage_key(t: torch.Tensor):
     return (str(t.device), ptr), nbytes
 
 
-def saved_bytes(fn: Union[nn.Module, Callable], *inputs, exclude: Iterable[torch.Tensor] = (),
-                include_parameters: bool = False, with_output: bool = False,
-                **kwargs) -> Union[int, Tuple[object, int]]:
+def saved_bytes(
+    fn: Union[nn.Module, Callable],
+    *inputs,
+    exclude: Iterable[torch.Tensor] = (),
+    include_parameters: bool = False,
+    with_output: bool = False,
+    **kwargs,
+) -> Union[int, Tuple[object, int]]:
     """Bytes that one call ``fn(*inputs, **kwargs)`` keeps for backward (see the module docstring).
 
     ``fn``: a module (its parameters and buffers are not counted unless ``include_parameters``)

@@ -83,17 +83,33 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         layers[name] = {
             "method": getattr(module, _cv._METHOD_ATTR),
             "kwargs": _json_safe(getattr(module, _cv._KWARGS_ATTR), name),
-            "base": {"type": getattr(module, _cv._BASE_TYPE_ATTR, "Linear"), "in_features": base.in_features,
-                     "out_features": base.out_features, "bias": base.bias is not None},
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                            "parameter": isinstance(v, nn.Parameter)} for k, v in state.items()},
+            "base": {
+                "type": getattr(module, _cv._BASE_TYPE_ATTR, "Linear"),
+                "in_features": base.in_features,
+                "out_features": base.out_features,
+                "bias": base.bias is not None,
+            },
+            "tensors": {
+                k: {
+                    "shape": list(v.shape),
+                    "dtype": str(v.dtype).replace("torch.", ""),
+                    "parameter": isinstance(v, nn.Parameter),
+                }
+                for k, v in state.items()
+            },
         }
         for k, v in state.items():
             tensors[f"{name}.{k}"] = _full(v)
     # The pair is tagged with one id: a reader that meets a config and weights of two saves says so.
     pair_id = uuid.uuid4().hex
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
-              "model_class": type(inner).__name__, "layers": layers, "weights_id": pair_id}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "model_class": type(inner).__name__,
+        "layers": layers,
+        "weights_id": pair_id,
+    }
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -122,8 +138,10 @@ def _read(path: Path):
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not a slimtune adapter config")
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"slimtune.load: adapter format version {version!r} is newer than this slimtune reads "
-                         f"({FORMAT_VERSION}); upgrade slimtune (written by {config.get('versions')})")
+        raise ValueError(
+            f"slimtune.load: adapter format version {version!r} is newer than this slimtune reads "
+            f"({FORMAT_VERSION}); upgrade slimtune (written by {config.get('versions')})"
+        )
     if not isinstance(config.get("layers"), dict) or not config["layers"]:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} lists no layers")
     try:
@@ -138,10 +156,18 @@ def _read(path: Path):
             raise FileNotFoundError(f"slimtune.load: {str(weights_file)!r} is missing") from None
         raise ValueError(f"slimtune.load: cannot read {str(weights_file)!r} ({e})") from None
     if "weights_id" in config and "weights_id" in meta and meta["weights_id"] != config["weights_id"]:
-        raise ValueError(f"slimtune.load: {str(weights_file)!r} and {str(cfg_file)!r} come from different saves "
-                         f"(the directory changed while it was read?)")
-    bad = [n for n, e in config["layers"].items() if not isinstance(n, str) or not isinstance(e, dict)
-           or not isinstance(e.get("kwargs", {}), dict) or not isinstance(e.get("base", {}), dict)]
+        raise ValueError(
+            f"slimtune.load: {str(weights_file)!r} and {str(cfg_file)!r} come from different saves "
+            f"(the directory changed while it was read?)"
+        )
+    bad = [
+        n
+        for n, e in config["layers"].items()
+        if not isinstance(n, str)
+        or not isinstance(e, dict)
+        or not isinstance(e.get("kwargs", {}), dict)
+        or not isinstance(e.get("base", {}), dict)
+    ]
     if bad:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r}: malformed entry for layer {bad[0]!r}")
     return config, tensors
@@ -186,24 +212,34 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
         for name, entry in layers.items():
             method, kwargs = entry.get("method"), entry.get("kwargs", {})
             if method not in _cv._METHODS:
-                raise ValueError(f"slimtune.load: layer {name!r} uses method {method!r}, which is not registered "
-                                 f"(registered: {_cv.registered_methods()})")
+                raise ValueError(
+                    f"slimtune.load: layer {name!r} uses method {method!r}, which is not registered "
+                    f"(registered: {_cv.registered_methods()})"
+                )
             try:
                 current = inner.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"slimtune.load: the model has no layer {name!r} "
-                                 f"(was the file saved from a different architecture?)") from None
+                raise ValueError(
+                    f"slimtune.load: the model has no layer {name!r} "
+                    f"(was the file saved from a different architecture?)"
+                ) from None
             if _cv.is_converted(current):
                 if _is_merged(current):
-                    raise ValueError(f"slimtune.load: layer {name!r} is merged (slimtune.merge(..., unload=False)); "
-                                     f"unmerge it first, or unmerge() would restore the wrong weights")
+                    raise ValueError(
+                        f"slimtune.load: layer {name!r} is merged (slimtune.merge(..., unload=False)); "
+                        f"unmerge it first, or unmerge() would restore the wrong weights"
+                    )
                 have = getattr(current, _cv._METHOD_ATTR)
                 if have != method:
-                    raise ValueError(f"slimtune.load: layer {name!r} is converted with {have!r}, the file has {method!r}")
+                    raise ValueError(
+                        f"slimtune.load: layer {name!r} is converted with {have!r}, the file has {method!r}"
+                    )
                 have_kw = json.loads(json.dumps(getattr(current, _cv._KWARGS_ATTR)))  # as the file holds them
                 if strict_kwargs and have_kw != kwargs:
-                    raise ValueError(f"slimtune.load: layer {name!r} was converted with {have_kw}, the file has "
-                                     f"{kwargs} (pass strict_kwargs=False to load anyway)")
+                    raise ValueError(
+                        f"slimtune.load: layer {name!r} was converted with {have_kw}, the file has "
+                        f"{kwargs} (pass strict_kwargs=False to load anyway)"
+                    )
                 holder, new = current, None
             elif _cv._is_linear_like(current):
                 new = _cv._build(method, name, current, kwargs)
@@ -214,8 +250,10 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
             want = entry.get("base", {})
             shape = (want.get("in_features"), want.get("out_features"))
             if shape != (base.in_features, base.out_features):
-                raise ValueError(f"slimtune.load: layer {name!r} is {base.in_features}->{base.out_features} in the "
-                                 f"model but {shape[0]}->{shape[1]} in the file")
+                raise ValueError(
+                    f"slimtune.load: layer {name!r} is {base.in_features}->{base.out_features} in the "
+                    f"model but {shape[0]}->{shape[1]} in the file"
+                )
             state = _cv.adapter_state(holder)
             for k, dest in state.items():
                 key = f"{name}.{k}"
@@ -224,11 +262,14 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                     raise ValueError(f"slimtune.load: tensor {key!r} is missing from the file")
                 src = tensors[key]
                 if tuple(src.shape) != tuple(dest.shape):
-                    raise ValueError(f"slimtune.load: tensor {key!r} has shape {tuple(src.shape)} in the file but "
-                                     f"{tuple(dest.shape)} in the model")
+                    raise ValueError(
+                        f"slimtune.load: tensor {key!r} has shape {tuple(src.shape)} in the file but "
+                        f"{tuple(dest.shape)} in the model"
+                    )
                 if src.dtype.is_floating_point != dest.dtype.is_floating_point:
-                    raise ValueError(f"slimtune.load: tensor {key!r} is {src.dtype} in the file but {dest.dtype} "
-                                     f"in the model")
+                    raise ValueError(
+                        f"slimtune.load: tensor {key!r} is {src.dtype} in the file but {dest.dtype} in the model"
+                    )
                 if type(dest).__name__ == "DTensor":
                     raise ValueError("slimtune.load: load adapters before sharding the model with FSDP")
             _check_values(name, holder, tensors)

@@ -19,9 +19,10 @@ _lib = "slimtune"
 def _sparse_delta_merge_fake(weight, indices, values, alpha):
     # Reached for real tensors too when any argument is on 'meta': the write would silently not happen.
     for name, t in (("indices", indices), ("values", values)):
-        torch._check(t.device == weight.device,
-                     lambda: f"slimtune.sparse_delta_merge_: argument '{name}' is on {t.device}, the weight on "
-                             f"{weight.device}")
+        torch._check(
+            t.device == weight.device,
+            lambda: f"slimtune.sparse_delta_merge_: argument '{name}' is on {t.device}, the weight on {weight.device}",
+        )
     torch._check(indices.dim() == 1, lambda: "slimtune.sparse_delta_merge_: argument 'indices' must be 1-D")
     torch._check(
         values.numel() == indices.numel(),

@@ -47,8 +47,9 @@ def sparse_delta_sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) 
     return (a2.t() @ b2).reshape(-1)[indices.long()]
 
 
-def sparse_delta_linear_naive(x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor,
-                              values: torch.Tensor) -> torch.Tensor:
+def sparse_delta_linear_naive(
+    x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
     """The naive sparse-delta Linear in the storage dtype: a merged copy of W0 (``index_add``),
     then ``F.linear``; autograd keeps that weight-sized copy for backward."""
     w = weight.reshape(-1).index_add(0, indices.long(), values.to(weight.dtype)).view_as(weight)
@@ -61,8 +62,9 @@ def sparse_delta_sddmm_naive(a: torch.Tensor, b: torch.Tensor, indices: torch.Te
     return (a.t() @ b).reshape(-1)[indices.long()]
 
 
-def spiel_regrow(indices: torch.Tensor, values: torch.Tensor, grad_sum: torch.Tensor, n: int,
-                 score: str = "gradient") -> torch.Tensor:
+def spiel_regrow(
+    indices: torch.Tensor, values: torch.Tensor, grad_sum: torch.Tensor, n: int, score: str = "gradient"
+) -> torch.Tensor:
     """SpIEL's drop-and-regrow on dense tensors: drop the ``n`` active entries with the smallest
     |value| (ties by position), regrow the ``n`` entries, inactive before the update, with the largest
     ``|grad_sum|`` (``grad_sum`` itself for ``score="fisher"``, a sum of squares). ``grad_sum`` is the
@@ -155,6 +157,8 @@ def lora_linear_naive(x, weight, bias, lora_A, lora_B, scale, p=0.0):
     the dropped copy of ``x`` for backward) and two matmuls for the adapter."""
     xd = torch.nn.functional.dropout(x.to(lora_A.dtype), p, training=True)
     return torch.nn.functional.linear(x, weight, bias) + (scale * ((xd @ lora_A.t()) @ lora_B.t())).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- memsave
 
 

@@ -39,7 +39,10 @@ def missing_prerequisite() -> str | None:
         return "no C++ compiler (g++) on PATH"
     if toolkit_include() is None:
         return "CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h) not found under $CUDA_HOME or /usr/local/cuda"
-    if not (toolkit_include() / "cccl" / "nv" / "target").is_file() and not (toolkit_include() / "nv" / "target").is_file():
+    if (
+        not (toolkit_include() / "cccl" / "nv" / "target").is_file()
+        and not (toolkit_include() / "nv" / "target").is_file()
+    ):
         return "CUDA toolkit headers lack nv/target (CCCL)"
     return None
 
@@ -50,8 +53,11 @@ def generate_sources(gen: Path) -> list[Path]:
     refers to them, and they are the slowest to compile."""
     gen.mkdir(parents=True, exist_ok=True)
     sources: list[Path] = []
-    units = [p for p in sorted(CSRC.rglob("*.cu")) + sorted(CSRC.rglob("*.cpp"))
-             if p.name != "module.cpp" and not p.name.endswith("_cpu.cpp")]
+    units = [
+        p
+        for p in sorted(CSRC.rglob("*.cu")) + sorted(CSRC.rglob("*.cpp"))
+        if p.name != "module.cpp" and not p.name.endswith("_cpu.cpp")
+    ]
     units += [HERE / "registration.cpp", HERE / "selftest.cu"]
     for unit in units:
         p = gen / f"{unit.parent.name}__{unit.name.replace('.', '_')}.cpp"
@@ -63,7 +69,9 @@ def generate_sources(gen: Path) -> list[Path]:
 
 
 def _ninja_file(sources: list[Path], objdir: Path, lib: Path, cflags: list[str], ldflags: list[str]) -> str:
-    q = lambda p: str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+    def q(p):
+        return str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
     lines = [
         f"cxx = {os.environ.get('CXX', 'g++')}",
         f"cflags = {' '.join(cflags)}",
@@ -115,7 +123,12 @@ def build(verbose: bool = False) -> dict:
     includes = [HERE / "include", CSRC, *map(Path, cpp_extension.include_paths())]
     cflags = FLAGS + ["-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cflags += [f"-I{p}" for p in includes] + [f"-idirafter{inc}", f"-idirafter{inc / 'cccl'}"]
-    ldflags = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu", "-Wl,--no-undefined"]
+    ldflags = [f"-L{p}" for p in cpp_extension.library_paths()] + [
+        "-lc10",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-Wl,--no-undefined",
+    ]
     ldflags += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
     lib = BUILD / "libslimtune_emu.so"
     text = _ninja_file(sources, BUILD / "obj", lib, cflags, ldflags)

@@ -33,5 +33,7 @@ def schedule(request, emu):
 
 def pytest_terminal_summary(terminalreporter):
     if build.LAST:
-        terminalreporter.write_line(f"cuda_host: emulated extension ({build.LAST['sources']} translation units) "
-                                    f"built or checked in {build.LAST['seconds']:.1f} s")
+        terminalreporter.write_line(
+            f"cuda_host: emulated extension ({build.LAST['sources']} translation units) "
+            f"built or checked in {build.LAST['seconds']:.1f} s"
+        )

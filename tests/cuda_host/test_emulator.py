@@ -79,41 +79,50 @@ def test_atomics(emu, schedule):
     assert bits[0] == x.max().int() and bits[1] == -x.min().int()
 
 
-@pytest.mark.parametrize("kernel,needle", [
-    ("divergent_barrier", "deadlock"),
-    ("barrier_after_exit", "1 exited"),
-    ("divergent_warp", "divergent warp operation"),
-])
+@pytest.mark.parametrize(
+    "kernel,needle",
+    [
+        ("divergent_barrier", "deadlock"),
+        ("barrier_after_exit", "1 exited"),
+        ("divergent_warp", "divergent warp operation"),
+    ],
+)
 def test_divergence_is_reported(emu, schedule, kernel, needle):
     _, err = run(emu, kernel, torch.zeros(64), 64, block=(64, 1, 1))
     assert "unspecified launch failure" in err and needle in err, err
 
 
-@pytest.mark.parametrize("grid,block,smem,opt_in,needle", [
-    ((1, 1, 1), (1025, 1, 1), 0, -1, "exceeds (1024, 1024, 64)"),
-    ((1, 1, 1), (32, 32, 2), 0, -1, "more than 1024 threads"),
-    ((1, 1, 1), (1, 1, 65), 0, -1, "exceeds (1024, 1024, 64)"),
-    ((1, 1, 1), (2048, 1, 1), 0, -1, "exceeds (1024, 1024, 64)"),
-    ((1, 65536, 1), (32, 1, 1), 0, -1, "exceeds (2^31 - 1, 65535, 65535)"),
-    ((1, 1, 65536), (32, 1, 1), 0, -1, "exceeds (2^31 - 1, 65535, 65535)"),
-    ((0, 1, 1), (32, 1, 1), 0, -1, "empty grid"),
-    ((1, 1, 1), (0, 1, 1), 0, -1, "empty block"),
-    ((1, 1, 1), (32, 1, 1), 48 * 1024 + 1, -1, "exceed the kernel's 49152"),
-    ((1, 1, 1), (32, 1, 1), 100 * 1024, 64 * 1024, "exceed the kernel's 65536"),
-    ((1, 1, 1), (32, 1, 1), 0, 227 * 1024 + 1, "exceed 227 KiB"),
-])
+@pytest.mark.parametrize(
+    "grid,block,smem,opt_in,needle",
+    [
+        ((1, 1, 1), (1025, 1, 1), 0, -1, "exceeds (1024, 1024, 64)"),
+        ((1, 1, 1), (32, 32, 2), 0, -1, "more than 1024 threads"),
+        ((1, 1, 1), (1, 1, 65), 0, -1, "exceeds (1024, 1024, 64)"),
+        ((1, 1, 1), (2048, 1, 1), 0, -1, "exceeds (1024, 1024, 64)"),
+        ((1, 65536, 1), (32, 1, 1), 0, -1, "exceeds (2^31 - 1, 65535, 65535)"),
+        ((1, 1, 65536), (32, 1, 1), 0, -1, "exceeds (2^31 - 1, 65535, 65535)"),
+        ((0, 1, 1), (32, 1, 1), 0, -1, "empty grid"),
+        ((1, 1, 1), (0, 1, 1), 0, -1, "empty block"),
+        ((1, 1, 1), (32, 1, 1), 48 * 1024 + 1, -1, "exceed the kernel's 49152"),
+        ((1, 1, 1), (32, 1, 1), 100 * 1024, 64 * 1024, "exceed the kernel's 65536"),
+        ((1, 1, 1), (32, 1, 1), 0, 227 * 1024 + 1, "exceed 227 KiB"),
+    ],
+)
 def test_launch_limits(emu, grid, block, smem, opt_in, needle):
     _, err = run(emu, "noop", torch.zeros(1), 1, grid=grid, block=block, smem=smem, opt_in=opt_in)
     assert needle in err, err
 
 
-@pytest.mark.parametrize("grid,block,smem,opt_in", [
-    ((1, 65535, 1), (1, 1, 1), 0, -1),
-    ((1, 1, 1), (1024, 1, 1), 0, -1),
-    ((1, 1, 1), (4, 4, 64), 0, -1),
-    ((1, 1, 1), (32, 1, 1), 48 * 1024, -1),
-    ((1, 1, 1), (32, 1, 1), 227 * 1024, 227 * 1024),
-])
+@pytest.mark.parametrize(
+    "grid,block,smem,opt_in",
+    [
+        ((1, 65535, 1), (1, 1, 1), 0, -1),
+        ((1, 1, 1), (1024, 1, 1), 0, -1),
+        ((1, 1, 1), (4, 4, 64), 0, -1),
+        ((1, 1, 1), (32, 1, 1), 48 * 1024, -1),
+        ((1, 1, 1), (32, 1, 1), 227 * 1024, 227 * 1024),
+    ],
+)
 def test_launch_limits_admit_the_largest_legal_launch(emu, grid, block, smem, opt_in):
     _, err = run(emu, "noop", torch.zeros(1), 1, grid=grid, block=block, smem=smem, opt_in=opt_in)
     assert err == ""
@@ -133,12 +142,15 @@ def test_launch_count(emu):
 
 @pytest.mark.parametrize("spec,poisoned", [("inorder", True), ("reversed", False)])
 def test_schedule_from_environment(emu, spec, poisoned):
-    code = ("import sys, torch, slimtune; torch.ops.load_library(sys.argv[1]); "
-            "out, _ = torch.ops.slimtune_emu._selftest('tree_missing_barrier', torch.arange(1000.0), 4, [4, 1, 1], "
-            "[256, 1, 1], 1024, -1); print(bool(out.isnan().any()))")
+    code = (
+        "import sys, torch, slimtune; torch.ops.load_library(sys.argv[1]); "
+        "out, _ = torch.ops.slimtune_emu._selftest('tree_missing_barrier', torch.arange(1000.0), 4, [4, 1, 1], "
+        "[256, 1, 1], 1024, -1); print(bool(out.isnan().any()))"
+    )
     env = dict(os.environ, SLIMTUNE_EMU_SCHEDULE=spec)
-    res = subprocess.run([sys.executable, "-c", code, build.LAST["library"]], env=env, capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code, build.LAST["library"]], env=env, capture_output=True, text=True, check=True
+    )
     assert res.stdout.strip() == str(poisoned)
 
 

@@ -9,9 +9,15 @@ pytestmark = pytest.mark.cuda_host
 CPU = torch.ops.slimtune
 
 # (x dtype, adapter dtype): every pair the ops accept.
-PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float16),
-         (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-         (torch.float64, torch.float32)]
+PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32),
+]
 
 
 def make(x_shape, d_out, r, dtype, adapter_dtype, bias=True):
@@ -57,8 +63,13 @@ def assert_near(ours, cpu, ref, name):
 
 # Under emulation the CUDA driver works in tiles of 64 elements: 13 and 21 features make tile
 # boundaries (at elements 52 and 63) that split Philox blocks of 8.
-CASES = [((6, 13), 7, 3, 0.3, 0), ((2, 3, 21), 5, 4, 0.5, 5), ((1, 1), 1, 1, 0.25, 1), ((0, 9), 4, 2, 0.3, 0),
-         ((4, 17), 6, 2, 0.0, 0)]
+CASES = [
+    ((6, 13), 7, 3, 0.3, 0),
+    ((2, 3, 21), 5, 4, 0.5, 5),
+    ((1, 1), 1, 1, 0.25, 1),
+    ((0, 9), 4, 2, 0.3, 0),
+    ((4, 17), 6, 2, 0.0, 0),
+]
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", PAIRS)
@@ -90,8 +101,9 @@ def test_noncontiguous_x(emu, schedule):
             torch.testing.assert_close(o, c, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape,p,offset", [((5, 13), 0.3, 0), ((3, 7), 0.5, 3), ((1, 1), 0.9, 0), ((0, 4), 0.3, 0),
-                                            ((37, 45), 0.25, 12)])
+@pytest.mark.parametrize(
+    "shape,p,offset", [((5, 13), 0.3, 0), ((3, 7), 0.5, 3), ((1, 1), 0.9, 0), ((0, 4), 0.3, 0), ((37, 45), 0.25, 12)]
+)
 def test_dropout_mask_equals_cpu(emu, schedule, shape, p, offset):
     like = torch.empty(shape)
     assert torch.equal(emu.lora_dropout_mask(like, p, 99, offset), CPU.lora_dropout_mask(like, p, 99, offset))

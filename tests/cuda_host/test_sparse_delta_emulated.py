@@ -17,8 +17,12 @@ def value_dtypes(dtype):
 
 
 def tol(dtype):
-    return {torch.float64: {"atol": 1e-12, "rtol": 1e-12}, torch.float32: {"atol": 2e-5, "rtol": 2e-5},
-            torch.float16: {"atol": 2e-3, "rtol": 2e-3}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}[dtype]
+    return {
+        torch.float64: {"atol": 1e-12, "rtol": 1e-12},
+        torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+        torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+        torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+    }[dtype]
 
 
 def delta(rows, cols, k, index_dtype, value_dtype):
@@ -136,10 +140,12 @@ def bad_layouts():
 def test_bad_layout_is_caught_on_the_device(emu, schedule, arg, phrase, idx, rp):
     x, w, g = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6)
     val = torch.randn(idx.numel())
-    calls = [lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # SpMM path
-             lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # merge path
-             lambda: emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, False]),
-             lambda: emu.sparse_delta_sddmm(g, x, idx, rp)]
+    calls = [
+        lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # SpMM path
+        lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # merge path
+        lambda: emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, False]),
+        lambda: emu.sparse_delta_sddmm(g, x, idx, rp),
+    ]
     for call in calls:
         with pytest.raises(RuntimeError, match=f"'{arg}'") as info:
             call()

@@ -17,14 +17,23 @@ def main(argv=None, prog: str = "python -m slimtune.bench") -> int:
     p.add_argument("ops", nargs="*", metavar="OP", help=f"benchmarks to run (default: all): {', '.join(available)}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results directory, a <device> folder is added (default: ~/.cache/slimtune/bench-results; "
-                        "benchmarks/results updates the checked-in figures)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory, a <device> folder is added (default: ~/.cache/slimtune/bench-results; "
+        "benchmarks/results updates the checked-in figures)",
+    )
     p.add_argument("--json", type=Path, default=None, help="results file (default: <out>/<ops>-<dtype>.json)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the ratios to this PNG")
     p.add_argument("--quick", action="store_true", help="smallest shapes and short runs (smoke test)")
-    p.add_argument("--min-run-time", type=float, default=None, metavar="SECONDS",
-                   help="seconds of timing per provider (default 0.5; 0.05 with --quick)")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds of timing per provider (default 0.5; 0.05 with --quick)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU), 1 to 1024")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = p.parse_args(argv)
@@ -44,8 +53,12 @@ def main(argv=None, prog: str = "python -m slimtune.bench") -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
-    ctx = Context(device=torch.device(args.device), dtype=dtype, quick=args.quick,
-                  min_run_time=args.min_run_time or (0.05 if args.quick else 0.5))
+    ctx = Context(
+        device=torch.device(args.device),
+        dtype=dtype,
+        quick=args.quick,
+        min_run_time=args.min_run_time or (0.05 if args.quick else 0.5),
+    )
     ops = args.ops or list(available)
     groups = [g for name in ops for g in available[name](ctx)]
     rows = run_groups(groups, ctx, progress=sys.stderr.isatty() or not args.quick)

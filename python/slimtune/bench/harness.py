@@ -64,8 +64,9 @@ def time_callable(fn: Callable[[], Any], ctx: Context) -> Dict[str, float]:
 def _git_commit() -> Optional[str]:
     try:
         root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -114,8 +115,9 @@ def run_groups(groups: List[Group], ctx: Context, progress: bool = True) -> List
         import sys
 
         # Redrawn in place on a terminal; in a log, a line every few seconds is enough.
-        bar = tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        bar = tqdm(
+            total=total, desc="bench", unit="case", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0
+        )
     rows = []
     for g in groups:
         results = {}
@@ -131,12 +133,22 @@ def run_groups(groups: List[Group], ctx: Context, progress: bool = True) -> List
                 bar.update(1)
         base = results[g.baseline]["p50"]
         for name, r in results.items():
-            rows.append({
-                "op": g.op, "provider": name, "mode": g.mode, "metric": g.metric, "unit": g.unit,
-                "x_name": g.x_name, "x_value": g.x_value, **r,
-                "baseline": g.baseline, "ratio": (r["p50"] / base) if base else None,
-                "config": g.config, **env,
-            })
+            rows.append(
+                {
+                    "op": g.op,
+                    "provider": name,
+                    "mode": g.mode,
+                    "metric": g.metric,
+                    "unit": g.unit,
+                    "x_name": g.x_name,
+                    "x_value": g.x_value,
+                    **r,
+                    "baseline": g.baseline,
+                    "ratio": (r["p50"] / base) if base else None,
+                    "config": g.config,
+                    **env,
+                }
+            )
     if bar is not None:
         bar.close()
     return rows
@@ -173,11 +185,20 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     header = ["op", "mode", "x", "provider", "metric", "p50", "p20", "p80", "unit", "ratio"]
     lines = [header]
     for r in rows:
-        lines.append([
-            r["op"], r["mode"], f"{r['x_name']}={r['x_value']}", r["provider"] + (" *" if r["provider"] == r["baseline"] else ""),
-            r["metric"], f"{r['p50']:.4g}", f"{r['p20']:.4g}", f"{r['p80']:.4g}", r["unit"],
-            "" if r["ratio"] is None else f"{r['ratio']:.3f}x",
-        ])
+        lines.append(
+            [
+                r["op"],
+                r["mode"],
+                f"{r['x_name']}={r['x_value']}",
+                r["provider"] + (" *" if r["provider"] == r["baseline"] else ""),
+                r["metric"],
+                f"{r['p50']:.4g}",
+                f"{r['p20']:.4g}",
+                f"{r['p80']:.4g}",
+                r["unit"],
+                "" if r["ratio"] is None else f"{r['ratio']:.3f}x",
+            ]
+        )
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))

@@ -49,7 +49,7 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
         pass
 
     adt = _adapter_dtype(dt)
-    A = nn.Parameter(torch.randn(r, d_in, generator=g).to(dev, adt) * d_in ** -0.5)
+    A = nn.Parameter(torch.randn(r, d_in, generator=g).to(dev, adt) * d_in**-0.5)
     B = nn.Parameter(torch.randn(d_out, r, generator=g).to(dev, adt) * 0.01)
     scale = alpha / r
 
@@ -79,19 +79,38 @@ def _groups(ctx: Context):
             for p in (0.0, 0.1):
                 mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
                 label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
-                config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p,
-                          "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", "")}
+                config = {
+                    "T": T,
+                    "d_in": d_in,
+                    "d_out": d_out,
+                    "r": r,
+                    "dropout": p,
+                    "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", ""),
+                }
 
                 def step(m, x=x, grad=grad):
                     m(x).backward(grad)
 
-                yield Group(op="lora_linear", mode="fwd+bwd", x_name="shape,r,p", x_value=label,
-                            providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
-                            baseline="frozen Linear", config=config)
-                yield Group(op="lora_linear", mode="saved", x_name="shape,r,p", x_value=label,
-                            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                            baseline="frozen Linear", metric="saved_bytes", unit="MiB",
-                            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20})
+                yield Group(
+                    op="lora_linear",
+                    mode="fwd+bwd",
+                    x_name="shape,r,p",
+                    x_value=label,
+                    providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
+                    baseline="frozen Linear",
+                    config=config,
+                )
+                yield Group(
+                    op="lora_linear",
+                    mode="saved",
+                    x_name="shape,r,p",
+                    x_value=label,
+                    providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
+                    baseline="frozen Linear",
+                    metric="saved_bytes",
+                    unit="MiB",
+                    config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+                )
 
 
 BENCHMARKS = {"lora": _groups}

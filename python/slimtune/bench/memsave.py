@@ -51,18 +51,40 @@ def _layer_groups(ctx: Context):
         grad = torch.randn_like(stock(x))
         cfg = {"shape": list(shape), "input_MiB": x.numel() * x.element_size() / MiB}
         x_label = "x".join(map(str, shape))
-        yield Group(op=f"memsave {name}", mode="saved", x_name="shape", x_value=x_label,
-                    providers={"stock": _bytes(stock, x), "slimtune": _bytes(ours, x)}, baseline="stock",
-                    metric="saved_bytes", unit="MiB", config=cfg)
-        yield Group(op=f"memsave {name}", mode="fwd+bwd", x_name="shape", x_value=x_label,
-                    providers={"stock": _fwd_bwd(stock, x, grad), "slimtune": _fwd_bwd(ours, x, grad)},
-                    baseline="stock", config=cfg)
+        yield Group(
+            op=f"memsave {name}",
+            mode="saved",
+            x_name="shape",
+            x_value=x_label,
+            providers={"stock": _bytes(stock, x), "slimtune": _bytes(ours, x)},
+            baseline="stock",
+            metric="saved_bytes",
+            unit="MiB",
+            config=cfg,
+        )
+        yield Group(
+            op=f"memsave {name}",
+            mode="fwd+bwd",
+            x_name="shape",
+            x_value=x_label,
+            providers={"stock": _fwd_bwd(stock, x, grad), "slimtune": _fwd_bwd(ours, x, grad)},
+            baseline="stock",
+            config=cfg,
+        )
     # The ReLU target is stated against a bfloat16 input: bytes only.
     stock, ours = _pair(nn.ReLU())
     xb = torch.randn(act, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    yield Group(op="memsave relu (bf16 input)", mode="saved", x_name="shape", x_value="x".join(map(str, act)),
-                providers={"stock": _bytes(stock, xb), "slimtune": _bytes(ours, xb)}, baseline="stock",
-                metric="saved_bytes", unit="MiB", config={"dtype": "bfloat16"})
+    yield Group(
+        op="memsave relu (bf16 input)",
+        mode="saved",
+        x_name="shape",
+        x_value="x".join(map(str, act)),
+        providers={"stock": _bytes(stock, xb), "slimtune": _bytes(ours, xb)},
+        baseline="stock",
+        metric="saved_bytes",
+        unit="MiB",
+        config={"dtype": "bfloat16"},
+    )
 
 
 class _Block(nn.Module):
@@ -86,9 +108,17 @@ def small_resnet(width=32, num_classes=10):
     """A ResNet-18-style stem and three basic blocks."""
     w = width
     return nn.Sequential(
-        nn.Conv2d(3, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
-        _Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w, num_classes),
+        nn.Conv2d(3, w, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        _Block(w, w, 1),
+        _Block(w, 2 * w, 2),
+        _Block(2 * w, 4 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(4 * w, num_classes),
     )
 
 
@@ -127,10 +157,26 @@ def _model_groups(ctx: Context):
             compiled = torch.compile(copy.deepcopy(stock))
             saved["torch.compile(stock)"] = _bytes(compiled, x)
             timed["torch.compile(stock)"] = step(compiled)
-        yield Group(op=f"memsave resnet {setting}", mode="saved", x_name="input", x_value="x".join(map(str, shape)),
-                    providers=saved, baseline="stock", metric="saved_bytes", unit="MiB", config=cfg)
-        yield Group(op=f"memsave resnet {setting}", mode="fwd+bwd", x_name="input", x_value="x".join(map(str, shape)),
-                    providers=timed, baseline="stock", config=cfg)
+        yield Group(
+            op=f"memsave resnet {setting}",
+            mode="saved",
+            x_name="input",
+            x_value="x".join(map(str, shape)),
+            providers=saved,
+            baseline="stock",
+            metric="saved_bytes",
+            unit="MiB",
+            config=cfg,
+        )
+        yield Group(
+            op=f"memsave resnet {setting}",
+            mode="fwd+bwd",
+            x_name="input",
+            x_value="x".join(map(str, shape)),
+            providers=timed,
+            baseline="stock",
+            config=cfg,
+        )
 
 
 def _groups(ctx: Context):

@@ -51,8 +51,11 @@ def plot_rows(rows: List[Dict[str, Any]], path: Path) -> Path:
             ax.set_ylabel(f"{metric} / {prow[0]['baseline']}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))])
         ax.set_xticklabels([_wrap(x) for x in xs], fontsize=8)
-        ax.set_title(f"{op} ({mode}), {prow[0]['device_name']}, {prow[0]['dtype']}"
-                     + (" — absolute: the baseline is 0" if absolute else ""), fontsize=9)
+        ax.set_title(
+            f"{op} ({mode}), {prow[0]['device_name']}, {prow[0]['dtype']}"
+            + (" — absolute: the baseline is 0" if absolute else ""),
+            fontsize=9,
+        )
         # outside the axes, so the legend never covers a bar
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()

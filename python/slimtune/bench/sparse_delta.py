@@ -51,30 +51,60 @@ def _groups(ctx: Context):
 
             cfg = {"T": T, "d_in": din, "d_out": dout, "density": density, "k": k, "bias": False}
             xv = f"{T}x{din}x{dout},{density:g}"
-            yield Group(op="sparse_delta_linear", mode="fwd+bwd", x_name="T,din,dout,density", x_value=xv,
-                        providers={"frozen_linear": frozen, "slimtune": slimtune_, "naive_index_add": naive,
-                                   "full_finetune": full_ft},
-                        baseline="frozen_linear", config=cfg)
+            yield Group(
+                op="sparse_delta_linear",
+                mode="fwd+bwd",
+                x_name="T,din,dout,density",
+                x_value=xv,
+                providers={
+                    "frozen_linear": frozen,
+                    "slimtune": slimtune_,
+                    "naive_index_add": naive,
+                    "full_finetune": full_ft,
+                },
+                baseline="frozen_linear",
+                config=cfg,
+            )
 
             fwd = {
                 "slimtune": lambda x=x, w=w, idx=idx, rp=rp, v=v: sparse_delta_linear(x, w, None, idx, rp, v),
                 "naive_index_add": lambda x=x, w=w, idx64=idx64, v=v: reference.sparse_delta_linear_naive(
-                    x, w, None, idx64, v),
+                    x, w, None, idx64, v
+                ),
                 "full_finetune": lambda x=x, w_ft=w_ft: F.linear(x, w_ft),
                 "frozen_linear": lambda x=x, w=w: F.linear(x, w),
             }
             providers = {"input_x": lambda x=x: x.numel() * x.element_size() / 2**20}
-            providers.update({n: (lambda f=f, owned=owned: saved_bytes(f, exclude=owned) / 2**20)
-                              for n, f in fwd.items()})
-            yield Group(op="sparse_delta_linear", mode="saved_for_backward", x_name="T,din,dout,density", x_value=xv,
-                        providers=providers, baseline="input_x", metric="saved_bytes", unit="MiB", config=cfg)
+            providers.update(
+                {n: (lambda f=f, owned=owned: saved_bytes(f, exclude=owned) / 2**20) for n, f in fwd.items()}
+            )
+            yield Group(
+                op="sparse_delta_linear",
+                mode="saved_for_backward",
+                x_name="T,din,dout,density",
+                x_value=xv,
+                providers=providers,
+                baseline="input_x",
+                metric="saved_bytes",
+                unit="MiB",
+                config=cfg,
+            )
 
             xd = x.detach()
-            yield Group(op="sparse_delta_sddmm", mode="bwd", x_name="T,din,dout,density", x_value=xv,
-                        providers={"dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64:
-                                   reference.sparse_delta_sddmm_naive(g, xd, idx64),
-                                   "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp)},
-                        baseline="dense_gTx_gather", config=cfg)
+            yield Group(
+                op="sparse_delta_sddmm",
+                mode="bwd",
+                x_name="T,din,dout,density",
+                x_value=xv,
+                providers={
+                    "dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64: reference.sparse_delta_sddmm_naive(
+                        g, xd, idx64
+                    ),
+                    "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp),
+                },
+                baseline="dense_gTx_gather",
+                config=cfg,
+            )
 
 
 BENCHMARKS = {"sparse_delta": _groups}

@@ -2,7 +2,6 @@
 
 import torch
 
-import slimtune
 
 from .harness import Context, Group
 
@@ -29,8 +28,12 @@ def _groups(ctx: Context):
                 torch.ops.slimtune.sparse_delta_merge_(weight, indices, values, 0.5)
 
             yield Group(
-                op="sparse_delta_merge", mode="fwd", x_name="shape,density", x_value=f"{rows}x{cols},{density:g}",
-                providers={"index_add_": stock, "slimtune": ours}, baseline="index_add_",
+                op="sparse_delta_merge",
+                mode="fwd",
+                x_name="shape,density",
+                x_value=f"{rows}x{cols},{density:g}",
+                providers={"index_add_": stock, "slimtune": ours},
+                baseline="index_add_",
                 config={"rows": rows, "cols": cols, "density": density, "k": k, "index_dtype": "int32"},
             )
 

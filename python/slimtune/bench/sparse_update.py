@@ -60,8 +60,17 @@ def _setup(T, din, dout, dev, dt, score_dtype=None, candidate_memory=32 << 20, r
     torch.manual_seed(0)
     m = SparseDeltaLinear(nn.Linear(din, dout).to(dev, dt), density=DENSITY, value_dtype=torch.float32)
     opt = torch.optim.AdamW([m.values], lr=1e-3)
-    sched = SparseDeltaScheduler(m, opt, every=5, accumulate_steps=5, drop_fraction=0.2, total_steps=1000,
-                                 score_dtype=score_dtype, candidate_memory=candidate_memory, regrow=regrow)
+    sched = SparseDeltaScheduler(
+        m,
+        opt,
+        every=5,
+        accumulate_steps=5,
+        drop_fraction=0.2,
+        total_steps=1000,
+        score_dtype=score_dtype,
+        candidate_memory=candidate_memory,
+        regrow=regrow,
+    )
     xs = [torch.randn(T, din, device=dev, dtype=dt) for _ in range(5)]
     return m, opt, sched, xs
 
@@ -103,9 +112,12 @@ def _overlap(T, din, dout, ctx):
     """Fraction of the regrown entries that the exact rule (float64 dense Σ gᵀx) also picks."""
     dev, dt = ctx.device, ctx.dtype
     res = {}
-    for name, sd, regrow in (("float32_sums", torch.float32, "accumulated_grad"),
-                             ("bfloat16_sums", torch.bfloat16, "accumulated_grad"),
-                             ("momentum_approx", None, "momentum_approx"), ("random", None, "random")):
+    for name, sd, regrow in (
+        ("float32_sums", torch.float32, "accumulated_grad"),
+        ("bfloat16_sums", torch.bfloat16, "accumulated_grad"),
+        ("momentum_approx", None, "momentum_approx"),
+        ("random", None, "random"),
+    ):
         m, opt, sched, xs = _setup(T, din, dout, dev, dt, score_dtype=sd, regrow=regrow)
         dense = torch.zeros(dout, din, dtype=torch.float64, device=dev)
         m.register_grad_observer(lambda mod, g, x: dense.add_(g.double().t() @ x.double()))
@@ -136,12 +148,29 @@ def _groups(ctx: Context):
         weight_mib, mem = _memory(T, din, dout, ctx)
         providers = {"weight": lambda w=weight_mib: w}
         providers.update({k: (lambda v=v: v) for k, v in mem.items()})
-        yield Group(op="sparse_delta_update", mode="peak_memory", x_name="T,din,dout", x_value=xv, providers=providers,
-                    baseline="weight", metric="peak_bytes", unit="MiB", config=cfg)
+        yield Group(
+            op="sparse_delta_update",
+            mode="peak_memory",
+            x_name="T,din,dout",
+            x_value=xv,
+            providers=providers,
+            baseline="weight",
+            metric="peak_bytes",
+            unit="MiB",
+            config=cfg,
+        )
         ov = _overlap(T, din, dout, ctx)
-        yield Group(op="sparse_delta_update", mode="regrowth_overlap_with_exact", x_name="T,din,dout", x_value=xv,
-                    providers={k: (lambda v=v: v) for k, v in ov.items()}, baseline="float32_sums",
-                    metric="overlap", unit="fraction", config=cfg)
+        yield Group(
+            op="sparse_delta_update",
+            mode="regrowth_overlap_with_exact",
+            x_name="T,din,dout",
+            x_value=xv,
+            providers={k: (lambda v=v: v) for k, v in ov.items()},
+            baseline="float32_sums",
+            metric="overlap",
+            unit="fraction",
+            config=cfg,
+        )
         m, opt, sched, xs = _setup(T, din, dout, ctx.device, ctx.dtype)
         _train(m, opt, sched, xs[:1])
         acc = sched.accumulators[0]
@@ -154,14 +183,29 @@ def _groups(ctx: Context):
             y.backward(g)
 
         def scan(acc=acc, m=m):
-            top_inactive(acc.score, m.base.weight.shape, m.indices, m.rowptr, int(0.2 * m.indices.numel()),
-                         sched.candidate_memory)
+            top_inactive(
+                acc.score,
+                m.base.weight.shape,
+                m.indices,
+                m.rowptr,
+                int(0.2 * m.indices.numel()),
+                sched.candidate_memory,
+            )
 
         acc.close()  # time the layer's own fwd+bwd without the observer, then the observer alone
-        yield Group(op="sparse_delta_update", mode="time", x_name="T,din,dout", x_value=xv,
-                    providers={"layer_fwd+bwd": fwd_bwd, "observe_one_backward": lambda: acc.observe(m, g, xs[0]),
-                               "regrowth_scan": scan},
-                    baseline="layer_fwd+bwd", config=cfg)
+        yield Group(
+            op="sparse_delta_update",
+            mode="time",
+            x_name="T,din,dout",
+            x_value=xv,
+            providers={
+                "layer_fwd+bwd": fwd_bwd,
+                "observe_one_backward": lambda: acc.observe(m, g, xs[0]),
+                "regrowth_scan": scan,
+            },
+            baseline="layer_fwd+bwd",
+            config=cfg,
+        )
 
 
 BENCHMARKS = {"sparse_delta_update": _groups}

@@ -31,11 +31,28 @@ MODELS = ["minilm", "mobilenet", "llama"]
 DEFAULT_MODELS = ["minilm", "mobilenet"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Sane bounds for every numeric flag: (low, high). Sequence length is further bounded by the model.
-LIMITS = {"steps": (1, 5000), "batch_size": (1, 512), "vision_steps": (1, 5000), "vision_batch_size": (1, 512),
-          "seq_len": (8, 4096), "image_size": (32, 512), "heldout_per_class": (1, 1000), "probe_steps": (0, 5000),
-          "threads": (1, 1024), "seed": (0, 2 ** 31 - 1)}
-DEFAULTS = dict(steps=12, batch_size=8, seq_len=40, vision_steps=10, vision_batch_size=16, image_size=64,
-                heldout_per_class=10, probe_steps=30)
+LIMITS = {
+    "steps": (1, 5000),
+    "batch_size": (1, 512),
+    "vision_steps": (1, 5000),
+    "vision_batch_size": (1, 512),
+    "seq_len": (8, 4096),
+    "image_size": (32, 512),
+    "heldout_per_class": (1, 1000),
+    "probe_steps": (0, 5000),
+    "threads": (1, 1024),
+    "seed": (0, 2**31 - 1),
+}
+DEFAULTS = dict(
+    steps=12,
+    batch_size=8,
+    seq_len=40,
+    vision_steps=10,
+    vision_batch_size=16,
+    image_size=64,
+    heldout_per_class=10,
+    probe_steps=30,
+)
 
 
 def default_out_dir() -> Path:
@@ -55,23 +72,32 @@ def check_settings(**kw) -> None:
             raise ValueError(f"{flag} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
-DATA_LIMIT_BYTES = 2 * 1024 ** 3  # the demo's tensors of images or tokens, whatever the flags say
+DATA_LIMIT_BYTES = 2 * 1024**3  # the demo's tensors of images or tokens, whatever the flags say
 
 
-def check_data_size(models: List[str], steps: int, batch_size: int, seq_len: int, vision_steps: int,
-                    vision_batch_size: int, image_size: int, heldout_per_class: int) -> None:
+def check_data_size(
+    models: List[str],
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    vision_steps: int,
+    vision_batch_size: int,
+    image_size: int,
+    heldout_per_class: int,
+) -> None:
     """Raise ValueError when the flags together ask for more data than the demo should hold."""
     sizes = {}
     if "mobilenet" in models:
         images = vision_steps * vision_batch_size + 10 * heldout_per_class
-        sizes["--vision-steps x --vision-batch-size + held-out images of --image-size"] = \
-            images * 3 * image_size ** 2 * 4
+        sizes["--vision-steps x --vision-batch-size + held-out images of --image-size"] = images * 3 * image_size**2 * 4
     if "llama" in models:
         sizes["--steps x --batch-size sequences of --seq-len tokens"] = steps * batch_size * seq_len * 8
     for what, nbytes in sizes.items():
         if nbytes > DATA_LIMIT_BYTES:
-            raise ValueError(f"{what} would take {nbytes / 1024 ** 3:.1f} GiB; the demo's limit is "
-                             f"{DATA_LIMIT_BYTES / 1024 ** 3:.0f} GiB: lower them")
+            raise ValueError(
+                f"{what} would take {nbytes / 1024**3:.1f} GiB; the demo's limit is "
+                f"{DATA_LIMIT_BYTES / 1024**3:.0f} GiB: lower them"
+            )
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -79,12 +105,23 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: int = DEFAULTS["steps"],
-             batch_size: int = DEFAULTS["batch_size"], seq_len: int = DEFAULTS["seq_len"],
-             vision_steps: int = DEFAULTS["vision_steps"], vision_batch_size: int = DEFAULTS["vision_batch_size"],
-             image_size: int = DEFAULTS["image_size"], heldout_per_class: int = DEFAULTS["heldout_per_class"],
-             probe_steps: int = DEFAULTS["probe_steps"], device: str = "cpu", dtype: Optional[str] = None,
-             seed: int = 0, measure_peak: bool = True, quiet: bool = False) -> dict:
+def run_demo(
+    models: Optional[List[str]] = None,
+    methods: Optional[List[str]] = None,
+    steps: int = DEFAULTS["steps"],
+    batch_size: int = DEFAULTS["batch_size"],
+    seq_len: int = DEFAULTS["seq_len"],
+    vision_steps: int = DEFAULTS["vision_steps"],
+    vision_batch_size: int = DEFAULTS["vision_batch_size"],
+    image_size: int = DEFAULTS["image_size"],
+    heldout_per_class: int = DEFAULTS["heldout_per_class"],
+    probe_steps: int = DEFAULTS["probe_steps"],
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    seed: int = 0,
+    measure_peak: bool = True,
+    quiet: bool = False,
+) -> dict:
     """Run the comparison and return a JSON-ready dict (settings, one entry per task, environment)."""
     from . import methods as M
     from .run import run_task, time_reference
@@ -99,11 +136,18 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
         bad = [m for m in methods if m not in known]
         if bad or not methods:
             raise ValueError(f"--methods: unknown method(s) {bad}; known: {known}")
-    check_settings(steps=steps, batch_size=batch_size, seq_len=seq_len, vision_steps=vision_steps,
-                   vision_batch_size=vision_batch_size, image_size=image_size, heldout_per_class=heldout_per_class,
-                   probe_steps=probe_steps, seed=seed)
-    check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size,
-                    heldout_per_class)
+    check_settings(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        vision_steps=vision_steps,
+        vision_batch_size=vision_batch_size,
+        image_size=image_size,
+        heldout_per_class=heldout_per_class,
+        probe_steps=probe_steps,
+        seed=seed,
+    )
+    check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size, heldout_per_class)
     if "minilm" in models:
         from .tasks import check_seq_len
 
@@ -131,8 +175,7 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
                 task = text_task(steps, batch_size, seq_len, heldout_per_class, probe_steps, dev, dt)
                 n, default = steps, ADAPTER_METHODS
             elif name == "mobilenet":
-                task = vision_task(vision_steps, vision_batch_size, image_size, heldout_per_class, probe_steps, dev,
-                                   dt)
+                task = vision_task(vision_steps, vision_batch_size, image_size, heldout_per_class, probe_steps, dev, dt)
                 n, default = vision_steps, VISION_METHODS
             else:
                 task = llama_task(steps, batch_size, seq_len, max(1, heldout_per_class // 4), dev, dt)
@@ -143,32 +186,58 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
             continue
         chosen = [m for m in (methods or default) if m in default]
         _log(f"{task.title}\n  {task.description}", quiet)
-        results = run_task(task, chosen, n, dev, seed=seed, measure_peak=measure_peak,
-                           log=lambda s: _log(s, quiet))
-        tasks.append({"model": name, "name": task.title, "status": "ok", "kind": task.kind,
-                      "description": task.description, "metric": task.metric,
-                      "higher_is_better": task.higher_is_better, "device": str(dev), "steps": n,
-                      "time_reference": time_reference([r.method for r in results if r.status == "ok"]),
-                      "data": task.data, "probe_final_loss": task.probe_losses[-1] if task.probe_losses else None,
-                      "learning_rates": {m: M.learning_rate(m, task.kind == "vision") for m in chosen},
-                      "head_lr": M.HEAD_LR,
-                      "seconds": round(time.perf_counter() - t0, 1),
-                      "results": [r.to_json() for r in results]})
+        results = run_task(task, chosen, n, dev, seed=seed, measure_peak=measure_peak, log=lambda s: _log(s, quiet))
+        tasks.append(
+            {
+                "model": name,
+                "name": task.title,
+                "status": "ok",
+                "kind": task.kind,
+                "description": task.description,
+                "metric": task.metric,
+                "higher_is_better": task.higher_is_better,
+                "device": str(dev),
+                "steps": n,
+                "time_reference": time_reference([r.method for r in results if r.status == "ok"]),
+                "data": task.data,
+                "probe_final_loss": task.probe_losses[-1] if task.probe_losses else None,
+                "learning_rates": {m: M.learning_rate(m, task.kind == "vision") for m in chosen},
+                "head_lr": M.HEAD_LR,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "results": [r.to_json() for r in results],
+            }
+        )
 
     import slimtune
 
     return {
         "title": f"slimtune demo · {dtype_name} on {dev} · LoRA r={LORA['r']} alpha={LORA['alpha']} "
-                 f"dropout={LORA['dropout']} (PEFT quicktour), model dropout on",
-        "settings": {"models": models, "steps": steps, "batch_size": batch_size, "seq_len": seq_len,
-                     "vision_steps": vision_steps, "vision_batch_size": vision_batch_size, "image_size": image_size,
-                     "heldout_per_class": heldout_per_class, "probe_steps": probe_steps, "device": str(dev),
-                     "dtype": dtype_name, "seed": seed, "lora": LORA, "sparse_density": M.SPARSE_DENSITY,
-                     "rosa_density": M.ROSA_DENSITY},
+        f"dropout={LORA['dropout']} (PEFT quicktour), model dropout on",
+        "settings": {
+            "models": models,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "vision_steps": vision_steps,
+            "vision_batch_size": vision_batch_size,
+            "image_size": image_size,
+            "heldout_per_class": heldout_per_class,
+            "probe_steps": probe_steps,
+            "device": str(dev),
+            "dtype": dtype_name,
+            "seed": seed,
+            "lora": LORA,
+            "sparse_density": M.SPARSE_DENSITY,
+            "rosa_density": M.ROSA_DENSITY,
+        },
         "tasks": tasks,
-        "environment": {"slimtune": slimtune.__version__, "torch": torch.__version__,
-                        "python": platform.python_version(), "threads": torch.get_num_threads(),
-                        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()},
+        "environment": {
+            "slimtune": slimtune.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
+        },
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
@@ -176,14 +245,23 @@ def run_demo(models: Optional[List[str]] = None, methods: Optional[List[str]] = 
 def _parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="slimtune demo", description=__doc__.split("\n\n")[1].replace("\n", " "),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated models: {', '.join(MODELS)} (llama: a small randomly initialized Llama "
-                        f"learning docstrings byte by byte, quality = held-out loss)")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated subset (default: all that apply to each model); text/llama: "
-                        f"{', '.join(ADAPTER_METHODS)}; vision: {', '.join(VISION_METHODS)}")
+    p = argparse.ArgumentParser(
+        prog="slimtune demo",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated models: {', '.join(MODELS)} (llama: a small randomly initialized Llama "
+        f"learning docstrings byte by byte, quality = held-out loss)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset (default: all that apply to each model); text/llama: "
+        f"{', '.join(ADAPTER_METHODS)}; vision: {', '.join(VISION_METHODS)}",
+    )
 
     def add_int(flag, help_text):
         key = flag[2:].replace("-", "_")
@@ -201,11 +279,16 @@ def _parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, dropout and adapter initialization")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (CPU) [1, 1024]; default: torch's, or 1 when the load average "
-                        "already fills every core")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"directory for demo.json and demo.png (default: {default_out_dir()})")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (CPU) [1, 1024]; default: torch's, or 1 when the load average "
+        "already fills every core",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"directory for demo.json and demo.png (default: {default_out_dir()})"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results to this file instead")
     p.add_argument("--plot", type=Path, default=None, help="draw the figure to this PNG instead")
     p.add_argument("--no-peak", action="store_true", help="skip the per-method peak-memory measurement")
@@ -237,11 +320,23 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
         models = [m.strip() for m in args.model.split(",") if m.strip()]
-        out = run_demo(models=models, methods=methods, steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size,
-                       image_size=args.image_size, heldout_per_class=args.heldout_per_class,
-                       probe_steps=args.probe_steps, device=args.device, dtype=args.dtype, seed=args.seed,
-                       measure_peak=not args.no_peak, quiet=args.quiet)
+        out = run_demo(
+            models=models,
+            methods=methods,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            vision_steps=args.vision_steps,
+            vision_batch_size=args.vision_batch_size,
+            image_size=args.image_size,
+            heldout_per_class=args.heldout_per_class,
+            probe_steps=args.probe_steps,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            measure_peak=not args.no_peak,
+            quiet=args.quiet,
+        )
     except ValueError as e:
         p.error(str(e))
     failed = False

@@ -94,8 +94,9 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
-def token_blocks(docs: List[str], encode: Callable[[str], List[int]], block: int, n_blocks: int,
-                 sep: Optional[int]) -> torch.Tensor:
+def token_blocks(
+    docs: List[str], encode: Callable[[str], List[int]], block: int, n_blocks: int, sep: Optional[int]
+) -> torch.Tensor:
     """Concatenate the documents' tokens (``sep`` between them) into ``n_blocks`` rows of ``block``.
 
     Cycles over the documents when they hold fewer tokens than asked for.

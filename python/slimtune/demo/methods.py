@@ -30,12 +30,25 @@ VISION_LEARNING_RATES = {"full": 2e-5, "bn+head": 1e-4}
 def learning_rate(method: str, vision: bool) -> float:
     rates = VISION_LEARNING_RATES if vision else LEARNING_RATES
     return rates.get(family(method), LEARNING_RATES.get(family(method), 1e-3))
-ADAPTER_METHODS = ["full", "full+memsave", "peft-lora", "lora", "lora+memsave", "sparse", "sparse+memsave", "rosa",
-                   "rosa+memsave", "dora"]
+
+
+ADAPTER_METHODS = [
+    "full",
+    "full+memsave",
+    "peft-lora",
+    "lora",
+    "lora+memsave",
+    "sparse",
+    "sparse+memsave",
+    "rosa",
+    "rosa+memsave",
+    "dora",
+]
 VISION_METHODS = ["full", "full+memsave", "bn+head", "bn+head+memsave", "lora", "sparse"]
 _NO_DORA = "slimtune has no DoRA yet"
-_CONV_ONLY = ("slimtune's adapters wrap nn.Linear; MobileNetV2 is convolutions plus the new head, "
-              "which every method trains")
+_CONV_ONLY = (
+    "slimtune's adapters wrap nn.Linear; MobileNetV2 is convolutions plus the new head, which every method trains"
+)
 
 
 def memsave_convert(model: nn.Module) -> None:
@@ -45,7 +58,7 @@ def memsave_convert(model: nn.Module) -> None:
 
 
 def family(method: str) -> str:
-    return method[:-len("+memsave")] if method.endswith("+memsave") else method
+    return method[: -len("+memsave")] if method.endswith("+memsave") else method
 
 
 def unavailable(method: str, vision: bool) -> Optional[str]:
@@ -122,8 +135,9 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     elif fam == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                         target_modules="all-linear")
+        cfg = LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear"
+        )
         task.set_backbone(model, get_peft_model(backbone, cfg))
     elif fam == "bn+head":
         for m in backbone.modules():
@@ -151,10 +165,12 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     sched = None
     if fam in ("sparse", "rosa"):
         every = max(2, total_steps // 4)
-        sched = slimtune.SparseDeltaScheduler(model, opt, every=every, accumulate_steps=min(5, every - 1),
-                                              total_steps=total_steps, seed=seed)
-    return Trainee(method, model, opt, sched, sum(p.numel() for p in uniq if p.requires_grad),
-                   sum(p.numel() for p in uniq))
+        sched = slimtune.SparseDeltaScheduler(
+            model, opt, every=every, accumulate_steps=min(5, every - 1), total_steps=total_steps, seed=seed
+        )
+    return Trainee(
+        method, model, opt, sched, sum(p.numel() for p in uniq if p.requires_grad), sum(p.numel() for p in uniq)
+    )
 
 
 def plan(task, methods: List[str]) -> Dict[str, Optional[str]]:

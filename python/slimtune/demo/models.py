@@ -49,10 +49,16 @@ def llama_fallback(seq_len: int) -> LoadedModel:
     tf = _quiet_transformers()
     from .data import ByteTokenizer
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 64),
-                         tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(seq_len, 64),
+        tie_word_embeddings=False,
+    )
     model = tf.LlamaForCausalLM(cfg)
     tok = ByteTokenizer()
-    return LoadedModel(model, "causal", "llama-fallback (4 layers, hidden 256, byte vocabulary, random init)",
-                       tok)
+    return LoadedModel(model, "causal", "llama-fallback (4 layers, hidden 256, byte vocabulary, random init)", tok)

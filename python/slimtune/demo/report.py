@@ -29,18 +29,32 @@ def _mib(b: Optional[int]) -> str:
 
 def format_table(task: dict) -> str:
     metric, cuda = task["metric"], task["device"].startswith("cuda")
-    head = ["method", "trainable", "saved for bwd", "peak CUDA" if cuda else "peak RSS rise", "step (median)",
-            "x " + (task.get("time_reference") or "ref"), f"{metric} before -> after"]
+    head = [
+        "method",
+        "trainable",
+        "saved for bwd",
+        "peak CUDA" if cuda else "peak RSS rise",
+        "step (median)",
+        "x " + (task.get("time_reference") or "ref"),
+        f"{metric} before -> after",
+    ]
     rows = []
     for r in task["results"]:
         if r["status"] != "ok":
             rows.append([r["method"], f"{r['status']}: {r['reason']}"])
             continue
         frac = 100 * r["trainable_params"] / r["total_params"] if r["total_params"] else 0
-        rows.append([r["method"], f"{_params(r['trainable_params'])} ({frac:.2f} %)", _mib(r["saved_bytes"]),
-                     _mib(r["peak_bytes"]), f"{1e3 * r['median_step_s']:.0f} ms",
-                     "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}",
-                     f"{_quality(r['before'], metric)} -> {_quality(r['after'], metric)}"])
+        rows.append(
+            [
+                r["method"],
+                f"{_params(r['trainable_params'])} ({frac:.2f} %)",
+                _mib(r["saved_bytes"]),
+                _mib(r["peak_bytes"]),
+                f"{1e3 * r['median_step_s']:.0f} ms",
+                "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}",
+                f"{_quality(r['before'], metric)} -> {_quality(r['after'], metric)}",
+            ]
+        )
     full = [r for r in rows if len(r) == len(head)]
     widths = [max([len(head[i])] + [len(r[i]) for r in full]) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -76,15 +90,21 @@ def task_verdict(task: dict) -> str:
     best = max(ok.values(), key=lambda r: r["after"] if higher else -r["after"])
     improved = [m for m, r in ok.items() if _better(r["after"], r["before"], higher)]
     if improved:
-        parts.append(f"{task['name']}: fine-tuning moved {metric} from {q(start)} (start) to {q(best['after'])} at "
-                     f"best ({best['method']}); {len(improved)} of {len(ok)} methods improved on the start.")
+        parts.append(
+            f"{task['name']}: fine-tuning moved {metric} from {q(start)} (start) to {q(best['after'])} at "
+            f"best ({best['method']}); {len(improved)} of {len(ok)} methods improved on the start."
+        )
     else:
-        parts.append(f"{task['name']}: no method improved {metric} on the start ({q(start)}) in {task['steps']} "
-                     f"steps (best after: {q(best['after'])}, {best['method']}).")
+        parts.append(
+            f"{task['name']}: no method improved {metric} on the start ({q(start)}) in {task['steps']} "
+            f"steps (best after: {q(best['after'])}, {best['method']})."
+        )
     peft, lora = ok.get("peft-lora"), ok.get("lora")
     if peft and lora:
-        s = (f"slimtune LoRA kept {_mib(lora['saved_bytes'])} for backward against PEFT's "
-             f"{_mib(peft['saved_bytes'])} ({_times(lora['saved_bytes'], peft['saved_bytes'])})")
+        s = (
+            f"slimtune LoRA kept {_mib(lora['saved_bytes'])} for backward against PEFT's "
+            f"{_mib(peft['saved_bytes'])} ({_times(lora['saved_bytes'], peft['saved_bytes'])})"
+        )
         lm = ok.get("lora+memsave")
         if lm:
             s += f", {_mib(lm['saved_bytes'])} with memsave"
@@ -97,8 +117,11 @@ def task_verdict(task: dict) -> str:
         parts.append(s)
     pairs = [(m, ok[m + "+memsave"]) for m in ok if m + "+memsave" in ok]
     if pairs:
-        gains = [(m, (ok[m]["saved_bytes"] - r["saved_bytes"]) / ok[m]["saved_bytes"])
-                 for m, r in pairs if ok[m]["saved_bytes"]]
+        gains = [
+            (m, (ok[m]["saved_bytes"] - r["saved_bytes"]) / ok[m]["saved_bytes"])
+            for m, r in pairs
+            if ok[m]["saved_bytes"]
+        ]
         if gains:
             m, g = max(gains, key=lambda x: x[1])
             if g > 0:
@@ -109,22 +132,29 @@ def task_verdict(task: dict) -> str:
                 ratio = ""
                 if ok[m].get("time_ratio") and mm.get("time_ratio"):
                     ratio = f", step {mm['time_ratio'] / ok[m]['time_ratio']:.2f}x the unconverted one's"
-                parts.append(f"memsave cut bytes kept for backward by up to {100 * g:.0f} % ({m}: "
-                             f"{_mib(ok[m]['saved_bytes'])} -> {_mib(mm['saved_bytes'])}{peak}{ratio}).")
+                parts.append(
+                    f"memsave cut bytes kept for backward by up to {100 * g:.0f} % ({m}: "
+                    f"{_mib(ok[m]['saved_bytes'])} -> {_mib(mm['saved_bytes'])}{peak}{ratio})."
+                )
             else:
                 parts.append("memsave did not reduce the bytes kept for backward here.")
     full = ok.get("full")
     if full:
-        cheap = [r for m, r in ok.items() if not m.startswith("full") and
-                 not _better(full["after"], r["after"], higher)]
+        cheap = [
+            r for m, r in ok.items() if not m.startswith("full") and not _better(full["after"], r["after"], higher)
+        ]
         if cheap:
             r = min(cheap, key=lambda r: r["trainable_params"])
-            parts.append(f"{r['method']} matched or beat full fine-tuning's {q(full['after'])} with "
-                         f"{_params(r['trainable_params'])} trainable parameters instead of "
-                         f"{_params(full['trainable_params'])}.")
+            parts.append(
+                f"{r['method']} matched or beat full fine-tuning's {q(full['after'])} with "
+                f"{_params(r['trainable_params'])} trainable parameters instead of "
+                f"{_params(full['trainable_params'])}."
+            )
         else:
-            parts.append(f"No parameter-efficient method reached full fine-tuning's {q(full['after'])} "
-                         f"({_params(full['trainable_params'])} trainable parameters) in {task['steps']} steps.")
+            parts.append(
+                f"No parameter-efficient method reached full fine-tuning's {q(full['after'])} "
+                f"({_params(full['trainable_params'])} trainable parameters) in {task['steps']} steps."
+            )
     return " ".join(parts)
 
 
@@ -150,8 +180,13 @@ def plot(payload: dict, path) -> Path:
         raise RuntimeError("slimtune demo: nothing ran, nothing to plot")
     nrows = len(tasks)
     height = sum(1.3 + 0.32 * len(_ok(t)) for t in tasks)
-    fig, axes = plt.subplots(nrows, 4, figsize=(17, max(3.5, height)), squeeze=False,
-                             gridspec_kw={"height_ratios": [len(_ok(t)) + 3 for t in tasks]})
+    fig, axes = plt.subplots(
+        nrows,
+        4,
+        figsize=(17, max(3.5, height)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(_ok(t)) + 3 for t in tasks]},
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, task in zip(axes, tasks):
         ok = list(_ok(task).values())
@@ -160,11 +195,17 @@ def plot(payload: dict, path) -> Path:
         acc = task["metric"] == "accuracy"
         scale = 100 if acc else 1
         panels = [
-            ([scale * r["after"] for r in ok], f"{task['metric']} after" + (" (%)" if acc else ""),
-             "{:.1f}" if acc else "{:.3f}"),
+            (
+                [scale * r["after"] for r in ok],
+                f"{task['metric']} after" + (" (%)" if acc else ""),
+                "{:.1f}" if acc else "{:.3f}",
+            ),
             ([r["saved_bytes"] / MiB for r in ok], "kept for backward (MiB)", "{:.1f}"),
-            ([(r["peak_bytes"] or 0) / MiB for r in ok],
-             "peak CUDA memory (MiB)" if task["device"].startswith("cuda") else "peak RSS rise (MiB)", "{:.0f}"),
+            (
+                [(r["peak_bytes"] or 0) / MiB for r in ok],
+                "peak CUDA memory (MiB)" if task["device"].startswith("cuda") else "peak RSS rise (MiB)",
+                "{:.0f}",
+            ),
             ([1e3 * r["median_step_s"] for r in ok], "median step (ms), paired rounds", "{:.0f}"),
         ]
         for j, (ax, (vals, label, fmt)) in enumerate(zip(row, panels)):

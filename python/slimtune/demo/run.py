@@ -55,8 +55,16 @@ def round_order(methods: List[str], i: int) -> List[str]:
     return methods[k:] + methods[:k]
 
 
-def interleaved(trainees: Dict[str, M.Trainee], loss_fn, batches, steps: int, device: torch.device, seed: int = 0,
-                clock: Callable[[], float] = time.perf_counter, progress=None) -> Dict[str, List[float]]:
+def interleaved(
+    trainees: Dict[str, M.Trainee],
+    loss_fn,
+    batches,
+    steps: int,
+    device: torch.device,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    progress=None,
+) -> Dict[str, List[float]]:
     """Runs ``steps`` paired rounds; returns per-method step times (training losses are appended
     to ``trainee.losses``)."""
     names = list(trainees)
@@ -89,8 +97,15 @@ def time_reference(methods: List[str]) -> Optional[str]:
     return next((m for m in ("peft-lora", "full") if m in methods), None)
 
 
-def run_task(task, methods: List[str], steps: int, device: torch.device, seed: int = 0, measure_peak: bool = True,
-             log: Callable[[str], None] = lambda s: None) -> List[MethodResult]:
+def run_task(
+    task,
+    methods: List[str],
+    steps: int,
+    device: torch.device,
+    seed: int = 0,
+    measure_peak: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> List[MethodResult]:
     plan = M.plan(task, methods)
     results = {m: MethodResult(m, "ok", lr=M.learning_rate(m, task.kind == "vision")) for m in methods}
     for m, why in plan.items():
@@ -102,10 +117,12 @@ def run_task(task, methods: List[str], steps: int, device: torch.device, seed: i
     for m in runnable:  # memory first, each method on its own, before anything else is alive
         try:
             if measure_peak:
+
                 def work(m=m):
                     t = M.build(m, task, steps, seed)
                     for b in task.train[:1]:  # the first step also allocates the optimizer state
                         t.step(task.loss, b)
+
                 results[m].peak_bytes = peak_bytes(work, device)
         except Exception as e:  # reported in the table and the exit code, never dropped
             results[m].status, results[m].reason = "failed", f"{type(e).__name__}: {e}"
@@ -123,8 +140,15 @@ def run_task(task, methods: List[str], steps: int, device: torch.device, seed: i
             results[m].status, results[m].reason = "failed", f"{type(e).__name__}: {e}"
     log(f"  {len(trainees)} methods x {steps} interleaved steps ...")
     every = max(1, steps // 4)
-    times = interleaved(trainees, task.loss, task.train, steps, device, seed,
-                        progress=lambda i, n: log(f"  round {i}/{n}") if i % every == 0 and i < n else None)
+    times = interleaved(
+        trainees,
+        task.loss,
+        task.train,
+        steps,
+        device,
+        seed,
+        progress=lambda i, n: log(f"  round {i}/{n}") if i % every == 0 and i < n else None,
+    )
     ref = times.get(time_reference(list(trainees)) or "")
     for m, t in trainees.items():
         r = results[m]

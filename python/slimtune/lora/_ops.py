@@ -28,8 +28,9 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout, seed, off
     return out, xa
 
 
-def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, xa, scale, dropout, seed, offset, need_x,
-                               need_A, need_B, need_bias):
+def _lora_linear_backward_fake(
+    grad_out, x, weight, lora_A, lora_B, xa, scale, dropout, seed, offset, need_x, need_A, need_B, need_bias
+):
     none = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if need_x else none,
@@ -44,16 +45,19 @@ def _lora_dropout_mask_fake(like, p, seed, offset):
 
 
 def _lora_linear_multi_fake(x, weights, biases, lora_As, lora_Bs, scales, dropout, seed, offset):
-    torch._check(len(weights) == len(lora_As) == len(lora_Bs) == len(scales) == len(biases) and len(weights) > 0,
-                 lambda: "slimtune.lora_linear_multi: the argument lists must have one equal, non-zero length")
+    torch._check(
+        len(weights) == len(lora_As) == len(lora_Bs) == len(scales) == len(biases) and len(weights) > 0,
+        lambda: "slimtune.lora_linear_multi: the argument lists must have one equal, non-zero length",
+    )
     tokens = math.prod(x.shape[:-1])
     outs = [x.new_empty((*x.shape[:-1], B.shape[0])) for B in lora_Bs]
     xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(x, lora_As[0]))
     return outs, xa
 
 
-def _lora_linear_multi_backward_fake(grad_outs, x, weights, lora_As, lora_Bs, xa, scales, dropout, seed, offset,
-                                     need_x, need_A, need_B, need_bias):
+def _lora_linear_multi_backward_fake(
+    grad_outs, x, weights, lora_As, lora_Bs, xa, scales, dropout, seed, offset, need_x, need_A, need_B, need_bias
+):
     none = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if need_x else none,
@@ -88,15 +92,26 @@ def _backward(ctx, grad_out, _grad_xa):
     need_bias = bool(ctx.has_bias and need[2])
     with torch.no_grad():
         dx, dA, dB, dbias = torch.ops.slimtune.lora_linear_backward(
-            grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias)
+            grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias
+        )
         dweight = None
         if weight is not None and need[1]:
             # A trainable base weight (not the LoRA use case) still gets its exact gradient.
             dweight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     dx, dweight, dbias, dA, dB = refuse_double_backward(
-        "slimtune.lora_linear", (dx, dweight, dbias, dA, dB), (grad_out, x, weight, lora_A, lora_B))
-    return (dx if need[0] else None, dweight, dbias if need_bias else None, dA if need[3] else None,
-            dB if need[4] else None, None, None, None, None)
+        "slimtune.lora_linear", (dx, dweight, dbias, dA, dB), (grad_out, x, weight, lora_A, lora_B)
+    )
+    return (
+        dx if need[0] else None,
+        dweight,
+        dbias if need_bias else None,
+        dA if need[3] else None,
+        dB if need[4] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd(f"{_lib}::lora_linear", _backward, setup_context=_setup_context)
@@ -115,24 +130,36 @@ def _multi_setup_context(ctx, inputs, output):
 def _multi_backward(ctx, grad_outs, _grad_xa):
     x, xa, *rest = ctx.saved_tensors
     n = ctx.n
-    weights, lora_As, lora_Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    weights, lora_As, lora_Bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     # An output that did not reach the loss has no gradient: it contributes zero.
     grads = [g if g is not None else x.new_zeros((*x.shape[:-1], B.shape[0])) for g, B in zip(grad_outs, lora_Bs)]
     need_bias = [bool(h and nb) for h, nb in zip(ctx.has_bias, need_b)]
     with torch.no_grad():
         dx, dAs, dBs, dbs = torch.ops.slimtune.lora_linear_multi_backward(
-            grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias)
-        dws = [g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None
-               for g, nw in zip(grads, need_w)]
+            grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias
+        )
+        dws = [
+            g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None
+            for g, nw in zip(grads, need_w)
+        ]
     n_out = [1, len(dws), len(dbs), len(dAs), len(dBs)]
-    flat = refuse_double_backward("slimtune.lora_linear_multi", (dx, *dws, *dbs, *dAs, *dBs),
-                                  (x, *grads, *weights, *lora_As, *lora_Bs))
-    dx, dws, dbs, dAs, dBs = [list(flat[sum(n_out[:i]):sum(n_out[:i + 1])]) for i in range(5)]
+    flat = refuse_double_backward(
+        "slimtune.lora_linear_multi", (dx, *dws, *dbs, *dAs, *dBs), (x, *grads, *weights, *lora_As, *lora_Bs)
+    )
+    dx, dws, dbs, dAs, dBs = [list(flat[sum(n_out[:i]) : sum(n_out[: i + 1])]) for i in range(5)]
     dx = dx[0]
-    return (dx if need_x else None, dws, [b if nb else None for b, nb in zip(dbs, need_bias)],
-            [a if na else None for a, na in zip(dAs, need_A)], [b if nb else None for b, nb in zip(dBs, need_B)],
-            None, None, None, None)
+    return (
+        dx if need_x else None,
+        dws,
+        [b if nb else None for b, nb in zip(dbs, need_bias)],
+        [a if na else None for a, na in zip(dAs, need_A)],
+        [b if nb else None for b, nb in zip(dBs, need_B)],
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd(f"{_lib}::lora_linear_multi", _multi_backward, setup_context=_multi_setup_context)

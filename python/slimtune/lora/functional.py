@@ -10,9 +10,17 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def lora_linear(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scale: float, dropout: float = 0.0, seed: Optional[int] = None,
-                offset: int = 0) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """``x @ weight.T (+ bias) + scale * (dropout(x) @ lora_A.T) @ lora_B.T``.
 
     ``weight=None`` gives the adapter term (plus ``bias``) alone. The dropout keeps an element
@@ -23,23 +31,40 @@ def lora_linear(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     """
     if dropout > 0.0 and seed is None:
         seed = draw_seed()
-    out, _ = torch.ops.slimtune.lora_linear(x, weight, bias, lora_A, lora_B, float(scale), float(dropout),
-                                            int(seed or 0), int(offset))
+    out, _ = torch.ops.slimtune.lora_linear(
+        x, weight, bias, lora_A, lora_B, float(scale), float(dropout), int(seed or 0), int(offset)
+    )
     return out
 
 
-def lora_linear_multi(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                      lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor], scales: Sequence[float],
-                      dropout: float = 0.0, seed: Optional[int] = None, offset: int = 0) -> List[torch.Tensor]:
+def lora_linear_multi(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> List[torch.Tensor]:
     """``[lora_linear(x, W_i, b_i, A_i, B_i, s_i, dropout) for i]`` for projections sharing one
     ``x`` (Q/K/V, gate/up): the down-projections of all adapters read ``x`` once, and one dropout
     mask (the one :func:`lora_linear` would draw for ``(seed, offset)``) serves every adapter."""
     if dropout > 0.0 and seed is None:
         seed = draw_seed()
     biases = [b if b is not None else x.new_empty((0,)) for b in biases]  # empty: no bias
-    outs, _ = torch.ops.slimtune.lora_linear_multi(x, list(weights), biases, list(lora_As), list(lora_Bs),
-                                                   [float(s) for s in scales], float(dropout), int(seed or 0),
-                                                   int(offset))
+    outs, _ = torch.ops.slimtune.lora_linear_multi(
+        x,
+        list(weights),
+        biases,
+        list(lora_As),
+        list(lora_Bs),
+        [float(s) for s in scales],
+        float(dropout),
+        int(seed or 0),
+        int(offset),
+    )
     return list(outs)
 
 

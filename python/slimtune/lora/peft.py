@@ -43,11 +43,15 @@ def _read_config(directory: Path) -> dict:
     if not (isinstance(init, bool) or init == "gaussian"):
         # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...: the checkpoint's lora_A/lora_B belong to base weights
         # that loading first changes; applied to the original weights they give wrong outputs.
-        raise PeftAdapterError(f"load_peft_adapter: {path}: 'init_lora_weights' = {init!r} adapters change the "
-                               f"base weights when loaded; they are not supported (convert to a plain LoRA first)")
+        raise PeftAdapterError(
+            f"load_peft_adapter: {path}: 'init_lora_weights' = {init!r} adapters change the "
+            f"base weights when loaded; they are not supported (convert to a plain LoRA first)"
+        )
     if config.get("alora_invocation_tokens"):
-        raise PeftAdapterError(f"load_peft_adapter: {path}: 'alora_invocation_tokens' (activated LoRA applies only "
-                               f"from the invocation tokens on) is not supported")
+        raise PeftAdapterError(
+            f"load_peft_adapter: {path}: 'alora_invocation_tokens' (activated LoRA applies only "
+            f"from the invocation tokens on) is not supported"
+        )
     for field in ("layer_replication", "lora_bias", "use_qalora"):
         if config.get(field):
             raise PeftAdapterError(f"load_peft_adapter: {path}: '{field}' is not supported")
@@ -121,8 +125,10 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise PeftAdapterError(f"load_peft_adapter: unsupported tensor {key!r} in {WEIGHTS_NAME} "
-                                   "(only lora_A/lora_B weights of Linear layers are supported)")
+            raise PeftAdapterError(
+                f"load_peft_adapter: unsupported tensor {key!r} in {WEIGHTS_NAME} "
+                "(only lora_A/lora_B weights of Linear layers are supported)"
+            )
         pairs.setdefault(m.group("module"), {})[m.group("which")] = value
     if not pairs:
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
@@ -135,8 +141,10 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         if name not in modules:
             raise PeftAdapterError(f"load_peft_adapter: unknown target {name!r}: the model has no such module")
         if not _targeted(config.get("target_modules"), name):
-            raise PeftAdapterError(f"load_peft_adapter: module {name!r} has weights but is not in target_modules "
-                                   f"{config.get('target_modules')!r}")
+            raise PeftAdapterError(
+                f"load_peft_adapter: module {name!r} has weights but is not in target_modules "
+                f"{config.get('target_modules')!r}"
+            )
         module = modules[name]
         linear = module.base if isinstance(module, LoRALinear) else module
         if not isinstance(linear, nn.Linear):
@@ -152,11 +160,15 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         alpha = float(alpha)
         A, B = ab["A"], ab["B"]
         if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[1] != r:
-            raise PeftAdapterError(f"load_peft_adapter: rank mismatch at {name!r}: config r={r} but lora_A is "
-                                   f"{tuple(A.shape)} and lora_B is {tuple(B.shape)}")
+            raise PeftAdapterError(
+                f"load_peft_adapter: rank mismatch at {name!r}: config r={r} but lora_A is "
+                f"{tuple(A.shape)} and lora_B is {tuple(B.shape)}"
+            )
         if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features:
-            raise PeftAdapterError(f"load_peft_adapter: shape mismatch at {name!r}: lora_A {tuple(A.shape)} / lora_B "
-                                   f"{tuple(B.shape)} vs Linear({linear.in_features}, {linear.out_features})")
+            raise PeftAdapterError(
+                f"load_peft_adapter: shape mismatch at {name!r}: lora_A {tuple(A.shape)} / lora_B "
+                f"{tuple(B.shape)} vs Linear({linear.in_features}, {linear.out_features})"
+            )
         if not A.is_floating_point() or not B.is_floating_point():
             raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} must be floating point")
         if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(B).all()):
@@ -168,9 +180,13 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     # New wrappers are built (they freeze nothing until they succeed) before any module is touched.
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        built = {name: LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros",
-                                  adapter_name=adapter_name)
-                 for name, (module, r, alpha, A, B) in plan.items() if not isinstance(module, LoRALinear)}
+        built = {
+            name: LoRALinear(
+                module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros", adapter_name=adapter_name
+            )
+            for name, (module, r, alpha, A, B) in plan.items()
+            if not isinstance(module, LoRALinear)
+        }
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
@@ -214,11 +230,22 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous().cpu()
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r0, "lora_alpha": alpha0 if not float(alpha0).is_integer() else int(alpha0),
-        "lora_dropout": dropout, "use_rslora": rslora, "target_modules": sorted(n for n, _ in found),
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": alpha0 if not float(alpha0).is_integer() else int(alpha0),
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": sorted(n for n, _ in found),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
     }
     directory = Path(directory)
 
@@ -228,5 +255,3 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
 
     write_dir_atomic(directory, write, "export_peft_adapter: argument 'directory'")
     return directory
-
-

@@ -9,41 +9,29 @@ import warnings as _warnings
 from ..memory import saved_bytes
 from .conversion import CONVERSIONS, MemSaveReport, convert
 from .functional import memsave_dropout, memsave_max_pool, memsave_relu
-from .layers import (
-    MemSaveBatchNorm1d,
-    MemSaveBatchNorm2d,
-    MemSaveBatchNorm3d,
-    MemSaveConv1d,
-    MemSaveConv2d,
-    MemSaveConv3d,
-    MemSaveConvTranspose1d,
-    MemSaveConvTranspose2d,
-    MemSaveConvTranspose3d,
-    MemSaveDropout,
-    MemSaveLayerNorm,
-    MemSaveMaxPool1d,
-    MemSaveMaxPool2d,
-    MemSaveMaxPool3d,
-    MemSaveReLU,
-    MemSaveRMSNorm,
-)
+from .layers import *  # noqa: F403  -- the layer classes, listed in layers.__all__
+from .layers import __all__ as LAYERS
 
-LAYERS = [
-    "MemSaveBatchNorm1d", "MemSaveBatchNorm2d", "MemSaveBatchNorm3d", "MemSaveConv1d", "MemSaveConv2d",
-    "MemSaveConv3d", "MemSaveConvTranspose1d", "MemSaveConvTranspose2d", "MemSaveConvTranspose3d",
-    "MemSaveDropout", "MemSaveLayerNorm", "MemSaveMaxPool1d", "MemSaveMaxPool2d", "MemSaveMaxPool3d",
-    "MemSaveReLU", "MemSaveRMSNorm",
+__all__ = LAYERS + [
+    "CONVERSIONS",
+    "MemSaveReport",
+    "convert",
+    "saved_bytes",
+    "memsave_relu",
+    "memsave_max_pool",
+    "memsave_dropout",
 ]
-__all__ = LAYERS + ["CONVERSIONS", "MemSaveReport", "convert", "saved_bytes", "memsave_relu", "memsave_max_pool",
-                    "memsave_dropout"]
 
 
 class _CallablePackage(_types.ModuleType):
     """Keeps ``slimtune.memsave(model)`` (the former function) working while the name is the package."""
 
     def __call__(self, model, *args, **kwargs):
-        _warnings.warn("calling slimtune.memsave(model) is deprecated; use slimtune.memsave.convert(model)",
-                      DeprecationWarning, stacklevel=2)
+        _warnings.warn(
+            "calling slimtune.memsave(model) is deprecated; use slimtune.memsave.convert(model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return convert(model, *args, **kwargs)
 
 

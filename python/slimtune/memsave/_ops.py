@@ -31,18 +31,26 @@ def _relu_backward_fake(grad, mask):
 
 
 def _maxpool_compact_fake(indices, input_size, kernel_size, stride, padding, dilation):
-    torch._check(indices.dtype == torch.int64,
-                 lambda: f"slimtune.memsave_maxpool_compact: argument 'indices' must be int64, got {indices.dtype}")
-    torch._check(indices.dim() == len(input_size),
-                 lambda: "slimtune.memsave_maxpool_compact: argument 'indices' must have the input's number of dims")
+    torch._check(
+        indices.dtype == torch.int64,
+        lambda: f"slimtune.memsave_maxpool_compact: argument 'indices' must be int64, got {indices.dtype}",
+    )
+    torch._check(
+        indices.dim() == len(input_size),
+        lambda: "slimtune.memsave_maxpool_compact: argument 'indices' must have the input's number of dims",
+    )
     return indices.new_empty(indices.shape, dtype=torch.int8)
 
 
 def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, padding, dilation):
-    torch._check(offsets.dtype == torch.int8,
-                 lambda: f"slimtune.memsave_maxpool_backward: argument 'offsets' must be int8, got {offsets.dtype}")
-    torch._check(offsets.shape == grad.shape,
-                 lambda: "slimtune.memsave_maxpool_backward: argument 'offsets' must have grad's shape")
+    torch._check(
+        offsets.dtype == torch.int8,
+        lambda: f"slimtune.memsave_maxpool_backward: argument 'offsets' must be int8, got {offsets.dtype}",
+    )
+    torch._check(
+        offsets.shape == grad.shape,
+        lambda: "slimtune.memsave_maxpool_backward: argument 'offsets' must have grad's shape",
+    )
     return grad.new_empty(input_size)
 
 

@@ -41,9 +41,13 @@ def _target_class(module):
     target = CONVERSIONS.get(cls)
     if target is not None:
         return target
-    if cls.__name__ in HF_RMS_NORM_CLASSES and cls.__name__ == cls.__qualname__ and \
-            isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1 and \
-            hasattr(module, "variance_epsilon"):
+    if (
+        cls.__name__ in HF_RMS_NORM_CLASSES
+        and cls.__name__ == cls.__qualname__
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 1
+        and hasattr(module, "variance_epsilon")
+    ):
         return L.memsave_hf_rms_norm_class(cls)
     return None
 
@@ -52,8 +56,10 @@ def _unsupported_reason(module):
     """Why `module` (of a convertible type) cannot be converted, or None."""
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and module.return_indices:
         return "return_indices=True (the caller wants int64 indices)"
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
-            module.padding_mode != "zeros":
+    if (
+        isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+        and module.padding_mode != "zeros"
+    ):
         return f"padding_mode={module.padding_mode!r}"
     if isinstance(module, nn.Dropout) and module.inplace:
         return "inplace=True"
@@ -102,23 +108,29 @@ def convert(model: nn.Module, layers=None, inplace: bool = True):
         try:
             layers = list(layers)
         except TypeError:
-            raise TypeError(f"memsave: argument 'layers' must be None or a list of layer classes and module names, "
-                            f"got {type(layers).__name__}") from None
+            raise TypeError(
+                f"memsave: argument 'layers' must be None or a list of layer classes and module names, "
+                f"got {type(layers).__name__}"
+            ) from None
         if not all(isinstance(sel, (str, type)) for sel in layers):
             raise TypeError("memsave: argument 'layers' must hold layer classes and module names only")
     if not inplace:
         model = copy.deepcopy(model)
     report = MemSaveReport()
     for name, module in model.named_modules():
-        if isinstance(module, _MEMSAVE_TYPES) or type(module).__name__.startswith("MemSave") or \
-                not _wanted(module, name, layers):
+        if (
+            isinstance(module, _MEMSAVE_TYPES)
+            or type(module).__name__.startswith("MemSave")
+            or not _wanted(module, name, layers)
+        ):
             continue
         target = _target_class(module)
         if target is None:
             base = next((b for b in CONVERSIONS if isinstance(module, b)), None)
             if base is not None:
-                report.skipped.append((name, type(module).__name__,
-                                       f"subclass of {base.__name__} with its own behaviour"))
+                report.skipped.append(
+                    (name, type(module).__name__, f"subclass of {base.__name__} with its own behaviour")
+                )
             continue
         reason = _unsupported_reason(module)
         if reason is not None:

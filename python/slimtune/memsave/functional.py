@@ -38,9 +38,15 @@ def _tuple(v: Optional[_IntOrSeq], nd: int, name: str):
     return out
 
 
-def memsave_max_pool(x: torch.Tensor, kernel_size: _IntOrSeq, stride: Optional[_IntOrSeq] = None,
-                     padding: _IntOrSeq = 0, dilation: _IntOrSeq = 1, ceil_mode: bool = False,
-                     nd: Optional[int] = None) -> torch.Tensor:
+def memsave_max_pool(
+    x: torch.Tensor,
+    kernel_size: _IntOrSeq,
+    stride: Optional[_IntOrSeq] = None,
+    padding: _IntOrSeq = 0,
+    dilation: _IntOrSeq = 1,
+    ceil_mode: bool = False,
+    nd: Optional[int] = None,
+) -> torch.Tensor:
     """``F.max_pool{nd}d`` (bit-identical output) keeping, per output element, the argmax's offset
     inside its window (``torch.ops.slimtune.memsave_maxpool_compact`` / ``memsave_maxpool_backward``)
     instead of the input and int64 indices. ``nd``: spatial dims (1, 2 or 3); by default the
@@ -50,8 +56,9 @@ def memsave_max_pool(x: torch.Tensor, kernel_size: _IntOrSeq, stride: Optional[_
     if nd not in (1, 2, 3):
         raise ValueError(f"memsave_max_pool: argument 'nd' must be 1, 2 or 3, got {nd}")
     if x.dim() != nd + 2:
-        raise ValueError(f"memsave_max_pool: argument 'x' must be (batch, channels, {nd} spatial dims), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"memsave_max_pool: argument 'x' must be (batch, channels, {nd} spatial dims), got shape {tuple(x.shape)}"
+        )
     kernel = _tuple(kernel_size, nd, "kernel_size")
     stride = kernel if stride is None else _tuple(stride, nd, "stride")
     padding, dilation = _tuple(padding, nd, "padding"), _tuple(dilation, nd, "dilation")

@@ -199,7 +199,7 @@ class ReLUFunction(torch.autograd.Function):
 def _unpack_bits(mask, like):
     """The boolean mask ``memsave_relu_mask`` packed into bytes (bit i of byte k: element 8k + i)."""
     bits = torch.arange(8, device=mask.device, dtype=torch.uint8)
-    flat = ((mask.unsqueeze(-1) >> bits) & 1).reshape(-1)[:like.numel()]
+    flat = ((mask.unsqueeze(-1) >> bits) & 1).reshape(-1)[: like.numel()]
     return flat.view(like.shape).bool()
 
 
@@ -243,7 +243,8 @@ class MaxPoolFunction(torch.autograd.Function):
         nd = len(kernel_size)
         if nd == 1:
             out, idx = aten.max_pool2d_with_indices(
-                x.unsqueeze(-2), [1, kernel_size[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]], ceil_mode)
+                x.unsqueeze(-2), [1, kernel_size[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]], ceil_mode
+            )
             out, idx = out.squeeze(-2), idx.squeeze(-2)
         elif nd == 2:
             out, idx = aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
@@ -255,8 +256,9 @@ class MaxPoolFunction(torch.autograd.Function):
         ctx.pool = (list(x.shape), in_sizes, out_sizes, kernel_size, stride, padding, dilation, x.dtype)
         if window <= 127:
             # The common case: one kernel pass to int8 offsets.
-            ctx.save_for_backward(torch.ops.slimtune.memsave_maxpool_compact(
-                idx, list(x.shape), kernel_size, stride, padding, dilation))
+            ctx.save_for_backward(
+                torch.ops.slimtune.memsave_maxpool_compact(idx, list(x.shape), kernel_size, stride, padding, dilation)
+            )
             return out
         # Larger windows: int16/int32 offsets formed with tensor ops.
         # Flat index -> per-dimension coordinate -> step inside the window -> one offset.
@@ -268,7 +270,7 @@ class MaxPoolFunction(torch.autograd.Function):
             view = [1] * (idx.dim() - nd + d) + [out_sizes[d]] + [1] * (nd - 1 - d)
             start = _window_starts(out_sizes[d], stride[d], padding[d], idx.device).view(view)
             step = (coord - start) // dilation[d]
-            offset = offset + step * _prod(kernel_size[d + 1:])
+            offset = offset + step * _prod(kernel_size[d + 1 :])
         ctx.save_for_backward(offset.to(_index_dtype(window)))
         return out
 
@@ -278,14 +280,15 @@ class MaxPoolFunction(torch.autograd.Function):
         x_shape, in_sizes, out_sizes, kernel_size, stride, padding, dilation, x_dtype = ctx.pool
         # The int8 kernel has no derivative: under create_graph the differentiable scatter below serves.
         if compact.dtype == torch.int8 and not _recording(grad):
-            gx = torch.ops.slimtune.memsave_maxpool_backward(grad, compact, x_shape, kernel_size, stride, padding,
-                                                             dilation)
+            gx = torch.ops.slimtune.memsave_maxpool_backward(
+                grad, compact, x_shape, kernel_size, stride, padding, dilation
+            )
             return gx, None, None, None, None, None
         nd = len(kernel_size)
         offset = compact.to(torch.int64)
         flat = torch.zeros_like(offset)
         for d in range(nd):
-            inner = _prod(kernel_size[d + 1:])
+            inner = _prod(kernel_size[d + 1 :])
             step = (offset // inner) % kernel_size[d]
             view = [1] * (offset.dim() - nd + d) + [out_sizes[d]] + [1] * (nd - 1 - d)
             start = _window_starts(out_sizes[d], stride[d], padding[d], offset.device).view(view)

@@ -22,6 +22,25 @@ from .functions import (
     RMSNormFunction,
 )
 
+__all__ = [
+    "MemSaveBatchNorm1d",
+    "MemSaveBatchNorm2d",
+    "MemSaveBatchNorm3d",
+    "MemSaveConv1d",
+    "MemSaveConv2d",
+    "MemSaveConv3d",
+    "MemSaveConvTranspose1d",
+    "MemSaveConvTranspose2d",
+    "MemSaveConvTranspose3d",
+    "MemSaveDropout",
+    "MemSaveLayerNorm",
+    "MemSaveMaxPool1d",
+    "MemSaveMaxPool2d",
+    "MemSaveMaxPool3d",
+    "MemSaveRMSNorm",
+    "MemSaveReLU",
+]
+
 _LOWP = (torch.float16, torch.bfloat16)
 
 
@@ -36,12 +55,17 @@ def _autocast_dtype(t):
 def _fp32_under_autocast(op):
     """Device types whose autocast runs `op` in float32 (it has an autocast kernel there);
     elsewhere autocast leaves it in the input dtype."""
-    return frozenset(dev for dev, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"), ("xpu", "AutocastXPU"))
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+    return frozenset(
+        dev
+        for dev, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"), ("xpu", "AutocastXPU"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    )
 
 
-_FP32_AUTOCAST = {"layer_norm": _fp32_under_autocast("aten::layer_norm"),
-                  "rms_norm": _fp32_under_autocast("aten::rms_norm")}
+_FP32_AUTOCAST = {
+    "layer_norm": _fp32_under_autocast("aten::layer_norm"),
+    "rms_norm": _fp32_under_autocast("aten::rms_norm"),
+}
 
 
 def _autocast_fp32(op, *ts):
@@ -98,8 +122,15 @@ def _conv_forward(module, x, transposed=False, output_padding=None):
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     out = ConvFunction.apply(
-        x, weight, bias, list(module.stride), list(padding), list(module.dilation), transposed,
-        list(output_padding if output_padding is not None else (0,) * nd), module.groups,
+        x,
+        weight,
+        bias,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        transposed,
+        list(output_padding if output_padding is not None else (0,) * nd),
+        module.groups,
     )
     return out.squeeze(0) if unbatched else out
 
@@ -124,12 +155,15 @@ class MemSaveConv3d(_MemSaveConvMixin, nn.Conv3d):
 class _MemSaveConvTransposeMixin:
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
-            raise ValueError(f"{type(self).__name__}: only padding_mode='zeros' is supported, got "
-                             f"{self.padding_mode!r} (as in torch.nn)")
+            raise ValueError(
+                f"{type(self).__name__}: only padding_mode='zeros' is supported, got "
+                f"{self.padding_mode!r} (as in torch.nn)"
+            )
         nd = len(self.kernel_size)
         batched = input if input.dim() == nd + 2 else input.unsqueeze(0)
         output_padding = self._output_padding(
-            batched, output_size, self.stride, self.padding, self.kernel_size, nd, self.dilation)
+            batched, output_size, self.stride, self.padding, self.kernel_size, nd, self.dilation
+        )
         return _conv_forward(self, input, transposed=True, output_padding=output_padding)
 
 
@@ -200,11 +234,15 @@ _HF_RMS_CLASSES = {}
 def memsave_hf_rms_norm_class(cls):
     """A subclass of a Hugging Face Llama-style RMSNorm class whose forward saves less."""
     if cls not in _HF_RMS_CLASSES:
-        _HF_RMS_CLASSES[cls] = type("MemSave" + cls.__name__, (cls,), {
-            "forward": _hf_rms_norm_forward,
-            "__doc__": f"{cls.__name__} keeping only the input and the per-row rstd for backward.",
-            "__module__": __name__,
-        })
+        _HF_RMS_CLASSES[cls] = type(
+            "MemSave" + cls.__name__,
+            (cls,),
+            {
+                "forward": _hf_rms_norm_forward,
+                "__doc__": f"{cls.__name__} keeping only the input and the per-row rstd for backward.",
+                "__module__": __name__,
+            },
+        )
     return _HF_RMS_CLASSES[cls]
 
 
@@ -234,8 +272,10 @@ class MemSaveDropout(nn.Dropout):
             return F.dropout(input, self.p, self.training, self.inplace)
         if self.inplace:
             if torch.is_grad_enabled() and input.requires_grad:
-                raise ValueError("MemSaveDropout: inplace=True is not supported with a regenerated mask; "
-                                 "use inplace=False (it saves no mask either way)")
+                raise ValueError(
+                    "MemSaveDropout: inplace=True is not supported with a regenerated mask; "
+                    "use inplace=False (it saves no mask either way)"
+                )
             return F.dropout(input, self.p, self.training, self.inplace)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return DropoutFunction.apply(input, float(self.p), seed)
@@ -249,8 +289,10 @@ class _MemSaveMaxPoolMixin:
 
     def forward(self, input):
         if self.return_indices:
-            raise ValueError(f"{type(self).__name__}: return_indices=True needs int64 indices, which this layer "
-                             "exists to avoid; use torch.nn.{} instead".format(type(self).__name__[7:]))
+            raise ValueError(
+                f"{type(self).__name__}: return_indices=True needs int64 indices, which this layer "
+                "exists to avoid; use torch.nn.{} instead".format(type(self).__name__[7:])
+            )
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
         nd = self._nd
@@ -259,8 +301,9 @@ class _MemSaveMaxPoolMixin:
         stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
         unbatched = input.dim() == nd + 1
         x = input.unsqueeze(0) if unbatched else input
-        out = MaxPoolFunction.apply(x, kernel, stride, list(tup(self.padding)), list(tup(self.dilation)),
-                                    bool(self.ceil_mode))
+        out = MaxPoolFunction.apply(
+            x, kernel, stride, list(tup(self.padding)), list(tup(self.dilation)), bool(self.ceil_mode)
+        )
         return out.squeeze(0) if unbatched else out
 
 

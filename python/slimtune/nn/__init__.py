@@ -8,4 +8,5 @@ from .memsave import *  # noqa: F401,F403  -- the MemSave* layers
 from .sparse_delta import SparseDeltaLinear
 
 __all__ = ["AdapterLayer", "LoRALinear", "LoRASparseLinear", "SparseDeltaLinear"] + sorted(
-    n for n in vars(_memsave) if n.startswith("MemSave"))
+    n for n in vars(_memsave) if n.startswith("MemSave")
+)

@@ -21,8 +21,16 @@ class LoRAPart:
     Mixed into an ``AdapterLayer`` subclass, which calls ``_init_lora`` from its ``__init__``.
     """
 
-    def _init_lora(self, adapter_name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str,
-                   dtype: Optional[torch.dtype]) -> None:
+    def _init_lora(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool,
+        init: str,
+        dtype: Optional[torch.dtype],
+    ) -> None:
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.r: Dict[str, int] = {}
@@ -49,12 +57,21 @@ class LoRAPart:
 
     # -- adapters ---------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
-                    init: str = "kaiming", dtype: Optional[torch.dtype] = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         """Adds adapter ``name`` (not activated: see :meth:`set_adapter`)."""
         if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"{type(self).__name__}: adapter name must be a non-empty string without '.', "
-                             f"got {name!r}")
+            raise ValueError(
+                f"{type(self).__name__}: adapter name must be a non-empty string without '.', got {name!r}"
+            )
         if name in self.lora_A:
             raise ValueError(f"{type(self).__name__}: adapter {name!r} already exists")
         if not isinstance(r, int) or r < 1:
@@ -87,8 +104,9 @@ class LoRAPart:
         for n in names:
             self._check_name(n)
         if self.merged:
-            raise RuntimeError(f"{type(self).__name__}: unmerge() adapters {self.merged_adapters} before changing "
-                               f"the active set")
+            raise RuntimeError(
+                f"{type(self).__name__}: unmerge() adapters {self.merged_adapters} before changing the active set"
+            )
         self.active_adapters = names
 
     def delete_adapter(self, name: str) -> None:
@@ -134,15 +152,25 @@ class LoRAPart:
             if not live:
                 return self.base(x)
             first, live = live[0], live[1:]
-            out = lora_linear(x, self.base.weight, self.base.bias, self.lora_A[first], self.lora_B[first],
-                              self.scaling(first), self._p(first))
+            out = lora_linear(
+                x,
+                self.base.weight,
+                self.base.bias,
+                self.lora_A[first],
+                self.lora_B[first],
+                self.scaling(first),
+                self._p(first),
+            )
         for a in live:
             out = out + lora_linear(x, None, None, self.lora_A[a], self.lora_B[a], self.scaling(a), self._p(a))
         return out
 
     def _lora_repr(self) -> str:
-        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout[n]:g}"
-                 + (", rslora" if self.use_rslora[n] else "") for n in self.adapter_names]
+        parts = [
+            f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout[n]:g}"
+            + (", rslora" if self.use_rslora[n] else "")
+            for n in self.adapter_names
+        ]
         return f"adapters=[{'; '.join(parts)}], active={self.active_adapters}, merged={self.merged_adapters}"
 
 
@@ -157,8 +185,17 @@ class LoRALinear(LoRAPart, AdapterLayer):
 
     _merge_parts = (("_merge_lora", "_unmerge_lora"),)
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "kaiming", adapter_name: str = "default", dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+        adapter_name: str = "default",
+        dtype: Optional[torch.dtype] = None,
+    ):
         AdapterLayer.__init__(self, base)
         self._init_lora(adapter_name, r, alpha, dropout, rslora, init, dtype)
         self._freeze_base()
@@ -199,8 +236,15 @@ class LoRALinear(LoRAPart, AdapterLayer):
         out = self.base(x)
         for name in dict.fromkeys(i for i in ids if i is not None):
             rows = torch.tensor([k for k, i in enumerate(ids) if i == name], device=x.device)
-            term = lora_linear(x.index_select(0, rows), None, None, self.lora_A[name], self.lora_B[name],
-                               self.scaling(name), self._p(name))
+            term = lora_linear(
+                x.index_select(0, rows),
+                None,
+                None,
+                self.lora_A[name],
+                self.lora_B[name],
+                self.scaling(name),
+                self._p(name),
+            )
             out = out.index_add(0, rows, term.to(out.dtype))
         return out
 

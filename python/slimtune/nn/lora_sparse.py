@@ -32,11 +32,22 @@ class LoRASparseLinear(LoRAPart, SparseDeltaLinear):
     # delta leaves W0 untouched and a rejected LoRA half is undone exactly.
     _merge_parts = (("_merge_sparse_delta", "_unmerge_sparse_delta"), ("_merge_lora", "_unmerge_lora"))
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
-                 density: Optional[float] = None, k: Optional[int] = None, structure: str = "unstructured",
-                 init: Union[str, torch.Tensor] = "random", block_size: int = 16,
-                 value_dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        density: Optional[float] = None,
+        k: Optional[int] = None,
+        structure: str = "unstructured",
+        init: Union[str, torch.Tensor] = "random",
+        block_size: int = 16,
+        value_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
         AdapterLayer.__init__(self, base)
         self._init_sparse_delta(density, k, structure, init, block_size, value_dtype, generator)
         self._init_lora("default", r, alpha, dropout, rslora, "kaiming", adapter_dtype)

@@ -1,20 +1,4 @@
 """Memory-saving drop-in layers (implemented in slimtune.memsave.layers)."""
 
-from ..memsave.layers import (  # noqa: F401
-    MemSaveBatchNorm1d,
-    MemSaveBatchNorm2d,
-    MemSaveBatchNorm3d,
-    MemSaveConv1d,
-    MemSaveConv2d,
-    MemSaveConv3d,
-    MemSaveConvTranspose1d,
-    MemSaveConvTranspose2d,
-    MemSaveConvTranspose3d,
-    MemSaveDropout,
-    MemSaveLayerNorm,
-    MemSaveMaxPool1d,
-    MemSaveMaxPool2d,
-    MemSaveMaxPool3d,
-    MemSaveReLU,
-    MemSaveRMSNorm,
-)
+from ..memsave.layers import *  # noqa: F401,F403  -- the layer classes, listed in layers.__all__
+from ..memsave.layers import __all__  # noqa: F401

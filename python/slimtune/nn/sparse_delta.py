@@ -19,18 +19,27 @@ class SparseDeltaPart:
     of ``self.base.weight``. ``SparseDeltaLinear`` and ``LoRASparseLinear`` both use it; mixed into
     an ``AdapterLayer`` subclass, which calls ``_init_sparse_delta`` from its ``__init__``."""
 
-    def _init_sparse_delta(self, density: Optional[float], k: Optional[int], structure: str,
-                           init: Union[str, torch.Tensor], block_size: int, value_dtype: Optional[torch.dtype],
-                           generator: Optional[torch.Generator]) -> None:
+    def _init_sparse_delta(
+        self,
+        density: Optional[float],
+        k: Optional[int],
+        structure: str,
+        init: Union[str, torch.Tensor],
+        block_size: int,
+        value_dtype: Optional[torch.dtype],
+        generator: Optional[torch.Generator],
+    ) -> None:
         self.structure = structure
         self.block_size = block_size
         w = self.base.weight
         if isinstance(init, torch.Tensor):
-            idx = select_indices(w, k, density, method="gradient", scores=init, structure=structure,
-                                 block_size=block_size)
+            idx = select_indices(
+                w, k, density, method="gradient", scores=init, structure=structure, block_size=block_size
+            )
         elif init in ("random", "magnitude"):
-            idx = select_indices(w, k, density, method=init, structure=structure, block_size=block_size,
-                                 generator=generator)
+            idx = select_indices(
+                w, k, density, method=init, structure=structure, block_size=block_size, generator=generator
+            )
         else:
             raise ValueError(f"'init' must be 'random', 'magnitude' or a scores tensor, got {init!r}")
         vdtype = value_dtype or w.dtype
@@ -46,8 +55,9 @@ class SparseDeltaPart:
         # An index update while W0 holds the merged delta would make unmerge() restore the wrong
         # entries (e.g. a scheduler step on a merged layer): refused before anything changes.
         if name in ("indices", "rowptr") and self.__dict__.get("_merged_original") is not None:
-            raise RuntimeError(f"SparseDeltaLinear: cannot replace '{name}' while the layer is merged; "
-                               f"unmerge() it first")
+            raise RuntimeError(
+                f"SparseDeltaLinear: cannot replace '{name}' while the layer is merged; unmerge() it first"
+            )
         super().__setattr__(name, value)
 
     @property
@@ -72,8 +82,9 @@ class SparseDeltaPart:
             y.register_hook(observe)
         return y
 
-    def register_grad_observer(self, fn: Callable[["SparseDeltaLinear", torch.Tensor, torch.Tensor], None]
-                               ) -> RemovableHandle:
+    def register_grad_observer(
+        self, fn: Callable[["SparseDeltaLinear", torch.Tensor, torch.Tensor], None]
+    ) -> RemovableHandle:
         """Calls ``fn(module, grad_output, input)`` in every backward through this layer, with the
         gradient of the output and the forward's input (both detached, leading dims intact): enough
         to form any function of the dense weight gradient ``Σ_t g[t]ᵀ x[t]`` without materializing it
@@ -97,8 +108,10 @@ class SparseDeltaPart:
             if not isinstance(values, torch.Tensor) or not values.is_floating_point():
                 raise TypeError("SparseDeltaLinear.set_delta: argument 'values' must be a floating-point tensor")
             if values.shape != indices.shape:
-                raise ValueError(f"SparseDeltaLinear.set_delta: argument 'values' must have shape "
-                                 f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+                raise ValueError(
+                    f"SparseDeltaLinear.set_delta: argument 'values' must have shape "
+                    f"{tuple(indices.shape)}, got {tuple(values.shape)}"
+                )
             if not bool(torch.isfinite(values).all()):
                 raise ValueError("SparseDeltaLinear.set_delta: argument 'values' holds NaN or infinite entries")
         indices = indices.to(device=w.device)
@@ -127,9 +140,11 @@ class SparseDeltaPart:
 
     def _sparse_delta_repr(self) -> str:
         w = self.base.weight
-        return (f"in_features={w.shape[1]}, out_features={w.shape[0]}, k={self.indices.numel()}, "
-                f"density={self.indices.numel() / max(1, w.numel()):.4g}, structure={self.structure}, "
-                f"bias={self.base.bias is not None}, merged={self.merged}")
+        return (
+            f"in_features={w.shape[1]}, out_features={w.shape[0]}, k={self.indices.numel()}, "
+            f"density={self.indices.numel() / max(1, w.numel()):.4g}, structure={self.structure}, "
+            f"bias={self.base.bias is not None}, merged={self.merged}"
+        )
 
 
 class SparseDeltaLinear(SparseDeltaPart, AdapterLayer):
@@ -146,9 +161,17 @@ class SparseDeltaLinear(SparseDeltaPart, AdapterLayer):
 
     _merge_parts = (("_merge_sparse_delta", "_unmerge_sparse_delta"),)
 
-    def __init__(self, base: nn.Linear, density: Optional[float] = None, k: Optional[int] = None,
-                 structure: str = "unstructured", init: Union[str, torch.Tensor] = "random", block_size: int = 16,
-                 value_dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        density: Optional[float] = None,
+        k: Optional[int] = None,
+        structure: str = "unstructured",
+        init: Union[str, torch.Tensor] = "random",
+        block_size: int = 16,
+        value_dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
         AdapterLayer.__init__(self, base)
         self._init_sparse_delta(density, k, structure, init, block_size, value_dtype, generator)
         self._freeze_base()

@@ -13,9 +13,13 @@ _NS = "slimtune"
 
 
 def _linear_fake(x, weight, bias, indices, rowptr, values):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "slimtune.sparse_delta_linear: argument 'x' must end in in_features")
-    torch._check(values.numel() == indices.numel(),
-                 lambda: "slimtune.sparse_delta_linear: argument 'values' must have as many elements as 'indices'")
+    torch._check(
+        x.shape[-1] == weight.shape[1], lambda: "slimtune.sparse_delta_linear: argument 'x' must end in in_features"
+    )
+    torch._check(
+        values.numel() == indices.numel(),
+        lambda: "slimtune.sparse_delta_linear: argument 'values' must have as many elements as 'indices'",
+    )
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
@@ -50,12 +54,15 @@ def _backward(ctx, grad):
     x, weight, indices, rowptr, values = ctx.saved_tensors
     need_x, need_w, need_b, _, _, need_v = ctx.needs_input_grad
     if need_w:
-        raise RuntimeError("slimtune.sparse_delta_linear: argument 'weight' must be frozen (requires_grad=False); "
-                           "only the delta values are trained")
+        raise RuntimeError(
+            "slimtune.sparse_delta_linear: argument 'weight' must be frozen (requires_grad=False); "
+            "only the delta values are trained"
+        )
     mask = [bool(need_x), bool(need_v), bool(need_b and ctx.has_bias)]
     with torch.no_grad():
-        dx, dv, db = torch.ops.slimtune.sparse_delta_linear_backward(grad.contiguous(), x, weight, indices, rowptr,
-                                                                     values, mask)
+        dx, dv, db = torch.ops.slimtune.sparse_delta_linear_backward(
+            grad.contiguous(), x, weight, indices, rowptr, values, mask
+        )
     dx, dv, db = refuse_double_backward("slimtune.sparse_delta_linear", (dx, dv, db), (grad, x, values))
     return (dx if mask[0] else None, None, db if mask[2] else None, None, None, dv if mask[1] else None)
 

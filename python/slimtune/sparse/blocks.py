@@ -21,8 +21,15 @@ def block_rows(cols: int, block_bytes: int, multiple: int = 1, bytes_per_element
     return max(multiple, rows // multiple * multiple)
 
 
-def top_inactive(score: ScoreFn, shape, indices: torch.Tensor, rowptr: torch.Tensor, n: int, block_bytes: int,
-                 exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+def top_inactive(
+    score: ScoreFn,
+    shape,
+    indices: torch.Tensor,
+    rowptr: torch.Tensor,
+    n: int,
+    block_bytes: int,
+    exclude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Sorted flat positions of the ``n`` largest scores outside the sorted flat ``indices``.
 
     A streaming top-k: each block of rows contributes its own top-n, merged with the running best,
@@ -43,7 +50,7 @@ def top_inactive(score: ScoreFn, shape, indices: torch.Tensor, rowptr: torch.Ten
     for r0 in range(0, rows, br):
         r1 = min(rows, r0 + br)
         s = score(r0, r1).float().reshape(-1)
-        s[idx[rp[r0]:rp[r1]] - r0 * cols] = float("-inf")
+        s[idx[rp[r0] : rp[r1]] - r0 * cols] = float("-inf")
         if ex is not None:
             lo, hi = torch.searchsorted(ex, torch.tensor([r0 * cols, r1 * cols], device=ex.device)).tolist()
             s[ex[lo:hi] - r0 * cols] = float("-inf")
@@ -67,8 +74,7 @@ class Units:
         self.structure, self.rows, self.cols = structure, int(shape[0]), int(shape[1])
         self.b = int(block_size) if structure == "blocks" else 1
         self.bc = -(-self.cols // self.b)
-        self.count = {"rows": self.rows, "cols": self.cols,
-                      "blocks": (-(-self.rows // self.b)) * self.bc}[structure]
+        self.count = {"rows": self.rows, "cols": self.cols, "blocks": (-(-self.rows // self.b)) * self.bc}[structure]
 
     def of(self, flat: torch.Tensor) -> torch.Tensor:
         """The unit of each flat position."""
@@ -119,8 +125,8 @@ class Units:
             else:
                 h = r1 - r0
                 pad = torch.zeros(-(-h // self.b) * self.b, self.bc * self.b, device=s.device)
-                pad[:h, :self.cols] = s
+                pad[:h, : self.cols] = s
                 t = pad.view(-1, self.b, self.bc, self.b).sum((1, 3)).reshape(-1)
                 u0 = (r0 // self.b) * self.bc
-                out[u0:u0 + t.numel()] += t
+                out[u0 : u0 + t.numel()] += t
         return out

@@ -39,8 +39,10 @@ class SparseDeltaCallback(TrainerCallback):
         if state.global_step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"SparseDeltaCallback: resuming at step {state.global_step} but {path} is "
-                                        "missing; the index schedule cannot continue exactly")
+                raise FileNotFoundError(
+                    f"SparseDeltaCallback: resuming at step {state.global_step} but {path} is "
+                    "missing; the index schedule cannot continue exactly"
+                )
             self.scheduler.load_state_dict(torch.load(path, weights_only=False))
 
     def on_step_end(self, args, state, control, **kwargs):

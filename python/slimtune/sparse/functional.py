@@ -5,8 +5,14 @@ from typing import Optional
 import torch
 
 
-def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
-                        rowptr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    indices: torch.Tensor,
+    rowptr: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
     """``y = x·(W0 + Δ)ᵀ + bias`` with ``Δ.view(-1)[indices] = values``, differentiable in x, bias, values.
 
     ``indices``: sorted unique flat (row-major) positions, int32 (int64 from 2^31 elements);

@@ -4,7 +4,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,9 +29,13 @@ def delta_state(model: nn.Module) -> Delta:
     """The delta of every SparseDeltaLinear in ``model``, keyed by module name."""
     out = {}
     for name, m in _layers(model).items():
-        out[name] = {"indices": m.indices.detach().cpu(), "values": m.values.detach().cpu(),
-                     "shape": list(m.base.weight.shape), "structure": m.structure,
-                     "weight_dtype": str(m.base.weight.dtype).replace("torch.", "")}
+        out[name] = {
+            "indices": m.indices.detach().cpu(),
+            "values": m.values.detach().cpu(),
+            "shape": list(m.base.weight.shape),
+            "structure": m.structure,
+            "weight_dtype": str(m.base.weight.dtype).replace("torch.", ""),
+        }
     return out
 
 
@@ -46,9 +50,13 @@ def save_delta(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     for name, d in state.items():
         tensors[f"{name}.indices"] = d["indices"].contiguous()
         tensors[f"{name}.values"] = d["values"].contiguous()
-        meta[name] = {"shape": d["shape"], "structure": d["structure"], "weight_dtype": d["weight_dtype"],
-                      "index_dtype": str(d["indices"].dtype).replace("torch.", ""),
-                      "value_dtype": str(d["values"].dtype).replace("torch.", "")}
+        meta[name] = {
+            "shape": d["shape"],
+            "structure": d["structure"],
+            "weight_dtype": d["weight_dtype"],
+            "index_dtype": str(d["indices"].dtype).replace("torch.", ""),
+            "value_dtype": str(d["values"].dtype).replace("torch.", ""),
+        }
     # Written beside the target and renamed over it: a failure never leaves a truncated file.
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path) or ".")
@@ -77,8 +85,10 @@ def read_delta(path: Union[str, os.PathLike]) -> Delta:
         raise ValueError(f"{path}: not a slimtune sparse-delta file (format={meta.get('format')!r})")
     version = meta.get("version")
     if not (isinstance(version, str) and version.isdigit() and 1 <= int(version) <= VERSION):
-        raise ValueError(f"{path}: sparse-delta format version {version!r} is not one this slimtune reads "
-                         f"(1..{VERSION}); upgrade slimtune")
+        raise ValueError(
+            f"{path}: sparse-delta format version {version!r} is not one this slimtune reads "
+            f"(1..{VERSION}); upgrade slimtune"
+        )
     try:
         layers = json.loads(meta["layers"])
     except Exception as e:
@@ -91,10 +101,14 @@ def read_delta(path: Union[str, os.PathLike]) -> Delta:
         if idx is None or val is None:
             raise ValueError(f"{path}: layer {name!r} lacks its indices or values")
         shape = info.get("shape") if isinstance(info, dict) else None
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-            raise ValueError(f"{path}: layer {name!r} has corrupt metadata (shape {shape!r}, expected two positive "
-                             f"ints)")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        ):
+            raise ValueError(
+                f"{path}: layer {name!r} has corrupt metadata (shape {shape!r}, expected two positive ints)"
+            )
         structure = info.get("structure", "unstructured")
         if not isinstance(structure, str):
             raise ValueError(f"{path}: layer {name!r} has corrupt metadata (structure {structure!r})")
@@ -104,8 +118,13 @@ def read_delta(path: Union[str, os.PathLike]) -> Delta:
             raise ValueError(f"{path}: layer {name!r} has {val.numel()} values for {idx.numel()} indices")
         if not bool(torch.isfinite(val).all()):
             raise ValueError(f"{path}: layer {name!r} values hold NaN or infinite entries")
-        out[name] = {"indices": idx, "values": val, "shape": shape, "structure": structure,
-                     "weight_dtype": info.get("weight_dtype")}
+        out[name] = {
+            "indices": idx,
+            "values": val,
+            "shape": shape,
+            "structure": structure,
+            "weight_dtype": info.get("weight_dtype"),
+        }
     return out
 
 
@@ -124,15 +143,18 @@ def _check_against(model_layers: Dict[str, nn.Module], delta: Delta, what: str, 
             raise ValueError(f"{what}: layer {name!r} needs 'indices', 'values' and 'shape'")
         shape = list(m.weight.shape)
         if list(d["shape"]) != shape:
-            raise ValueError(f"{what}: layer {name!r} was saved for a weight of shape {list(d['shape'])}, "
-                             f"the model's is {shape}")
+            raise ValueError(
+                f"{what}: layer {name!r} was saved for a weight of shape {list(d['shape'])}, the model's is {shape}"
+            )
         idx, val = d["indices"], d["values"]
         if not isinstance(idx, torch.Tensor) or not isinstance(val, torch.Tensor):
             raise TypeError(f"{what}: layer {name!r} indices and values must be tensors")
         validate_indices(idx, shape[0] * shape[1], name=f"{what}: layer {name!r} indices")
         if not val.is_floating_point() or val.dim() != 1 or val.numel() != idx.numel():
-            raise ValueError(f"{what}: layer {name!r} has {val.numel()} values ({val.dtype}, {val.dim()}-D) for "
-                             f"{idx.numel()} indices; expected a 1-D float tensor of the same length")
+            raise ValueError(
+                f"{what}: layer {name!r} has {val.numel()} values ({val.dtype}, {val.dim()}-D) for "
+                f"{idx.numel()} indices; expected a 1-D float tensor of the same length"
+            )
         if not bool(torch.isfinite(val).all()):
             raise ValueError(f"{what}: layer {name!r} values hold NaN or infinite entries")
     if need_all:
@@ -146,8 +168,9 @@ def load_delta(model: nn.Module, path_or_delta) -> None:
     Everything is validated before the first layer changes: on error the model is untouched."""
     delta = _as_delta(path_or_delta)
     layers = _layers(model)
-    _check_against(layers, delta, str(path_or_delta) if isinstance(path_or_delta, (str, os.PathLike)) else "delta",
-                   need_all=True)
+    _check_against(
+        layers, delta, str(path_or_delta) if isinstance(path_or_delta, (str, os.PathLike)) else "delta", need_all=True
+    )
     merged = [name for name in delta if layers[name].merged]
     if merged:
         raise RuntimeError(f"load_delta: layer {merged[0]!r} is merged; unmerge() it first")
@@ -182,13 +205,19 @@ def compose(model: nn.Module, deltas: Sequence, weights: Optional[Sequence[float
     for i, d in enumerate(deltas):
         for name, entry in d.items():
             m = sparse_layers.get(name)
-            if (m is not None and m.indices.numel() == entry["indices"].numel() and m.values.numel() > 0
-                    and torch.equal(m.indices.long().cpu(), entry["indices"].long().cpu())
-                    and torch.equal(m.values.detach().cpu().to(entry["values"].dtype), entry["values"].cpu())
-                    and bool(m.values.detach().ne(0).any())):
-                raise RuntimeError(f"compose: layer {name!r} already holds delta {i} as its trainable values; "
-                                   f"adding it to W0 would apply it twice (compose into a model without it, e.g. "
-                                   f"a freshly loaded base, or set_delta() other values first)")
+            if (
+                m is not None
+                and m.indices.numel() == entry["indices"].numel()
+                and m.values.numel() > 0
+                and torch.equal(m.indices.long().cpu(), entry["indices"].long().cpu())
+                and torch.equal(m.values.detach().cpu().to(entry["values"].dtype), entry["values"].cpu())
+                and bool(m.values.detach().ne(0).any())
+            ):
+                raise RuntimeError(
+                    f"compose: layer {name!r} already holds delta {i} as its trainable values; "
+                    f"adding it to W0 would apply it twice (compose into a model without it, e.g. "
+                    f"a freshly loaded base, or set_delta() other values first)"
+                )
     with torch.no_grad():
         for d, w in zip(deltas, weights):
             for name, entry in d.items():

@@ -23,7 +23,9 @@ def rowptr_for(indices: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def validate_indices(indices: torch.Tensor, numel: int, name: str = "indices") -> None:
     """Raises ValueError unless ``indices`` is 1-D integer, strictly increasing and in [0, numel)."""
     if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
-        raise ValueError(f"{name}: must be a 1-D int32/int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+        raise ValueError(
+            f"{name}: must be a 1-D int32/int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
+        )
     if indices.numel() == 0:
         return
     lo, hi = int(indices.min()), int(indices.max())

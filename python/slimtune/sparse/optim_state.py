@@ -18,8 +18,15 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     return {}
 
 
-def _fresh(key: str, like: torch.Tensor, n: int, group: dict, step: float, gbar: Optional[torch.Tensor],
-           gsq: Optional[torch.Tensor]):
+def _fresh(
+    key: str,
+    like: torch.Tensor,
+    n: int,
+    group: dict,
+    step: float,
+    gbar: Optional[torch.Tensor],
+    gsq: Optional[torch.Tensor],
+):
     """The state a regrown entry starts with, for one per-entry state tensor."""
     betas = group.get("betas")
     if gsq is None and gbar is not None:
@@ -32,8 +39,9 @@ def _fresh(key: str, like: torch.Tensor, n: int, group: dict, step: float, gbar:
         if key == "exp_inf" and gsq is not None:  # Adamax: u = max(β2·u, |g|), the step is lr·m̂/u
             return gsq.to(device=like.device, dtype=like.dtype).sqrt()
     if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
-        return torch.full((n,), float(group.get("initial_accumulator_value", 0.0)), dtype=like.dtype,
-                          device=like.device)
+        return torch.full(
+            (n,), float(group.get("initial_accumulator_value", 0.0)), dtype=like.dtype, device=like.device
+        )
     return torch.zeros(n, dtype=like.dtype, device=like.device)
 
 
@@ -43,8 +51,14 @@ def _step_of(state: dict) -> float:
 
 
 @torch.no_grad()
-def remap_entry_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, old_numel: int, source: torch.Tensor,
-                      gbar: Optional[torch.Tensor] = None, gsq: Optional[torch.Tensor] = None) -> None:
+def remap_entry_state(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    old_numel: int,
+    source: torch.Tensor,
+    gbar: Optional[torch.Tensor] = None,
+    gsq: Optional[torch.Tensor] = None,
+) -> None:
     """Reorders every per-entry tensor of ``optimizer.state[param]`` (any tensor of shape
     ``(old_numel,)``) to the new index set.
 

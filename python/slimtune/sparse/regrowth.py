@@ -24,12 +24,21 @@ class GradientAccumulator:
     addition to 8 significant bits.
     """
 
-    def __init__(self, layer, kind: str = "gradient", dtype: Optional[torch.dtype] = None,
-                 block_bytes: int = 32 << 20, sum: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        layer,
+        kind: str = "gradient",
+        dtype: Optional[torch.dtype] = None,
+        block_bytes: int = 32 << 20,
+        sum: Optional[torch.Tensor] = None,
+    ):
         w = layer.base.weight
         self.kind, self.block_bytes = kind, int(block_bytes)
-        self.sum = torch.zeros(w.shape, dtype=dtype or default_score_dtype(w.dtype), device=w.device) \
-            if sum is None else sum.to(w.device)
+        self.sum = (
+            torch.zeros(w.shape, dtype=dtype or default_score_dtype(w.dtype), device=w.device)
+            if sum is None
+            else sum.to(w.device)
+        )
         self.handle = layer.register_grad_observer(self.observe)
 
     @torch.no_grad()
@@ -78,8 +87,13 @@ class MomentumApproximation:
 
     kind = "momentum_approx"
 
-    def __init__(self, layer, block_bytes: int = 32 << 20, rows: Optional[torch.Tensor] = None,
-                 cols: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        layer,
+        block_bytes: int = 32 << 20,
+        rows: Optional[torch.Tensor] = None,
+        cols: Optional[torch.Tensor] = None,
+    ):
         w = layer.base.weight
         self.block_bytes = int(block_bytes)
         self.rows = torch.zeros(w.shape[0], device=w.device) if rows is None else rows.to(w.device)

@@ -23,9 +23,14 @@ def _groups(layers, budget: Optional[int]) -> List[list]:
     return groups + ([cur] if cur else [])
 
 
-def reselect_from_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-                            method: str = "gradient", memory_budget: Optional[int] = None,
-                            block_bytes: int = 32 << 20) -> int:
+def reselect_from_gradients(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    method: str = "gradient",
+    memory_budget: Optional[int] = None,
+    block_bytes: int = 32 << 20,
+) -> int:
     """Chooses every SparseDeltaLinear's indices afresh from the gradients of ``batches``.
 
     For one group of layers at a time, each batch runs ``loss_fn(model, batch).backward(...)`` with
@@ -62,8 +67,15 @@ def reselect_from_gradients(model: nn.Module, batches: Iterable, loss_fn: Callab
                 a.close()
         for m, acc, g in zip(group, accs, grads):
             how = "gradient" if method == "gps" and m.structure != "unstructured" else method
-            idx = select_indices(m.base.weight, k=m.indices.numel(), method=how, scores=acc.sum,
-                                 structure=m.structure, block_size=m.block_size, block_bytes=block_bytes)
+            idx = select_indices(
+                m.base.weight,
+                k=m.indices.numel(),
+                method=how,
+                scores=acc.sum,
+                structure=m.structure,
+                block_size=m.block_size,
+                block_bytes=block_bytes,
+            )
             m.values.grad = g
             m.set_delta(idx, torch.zeros(idx.numel(), dtype=m.values.dtype, device=m.values.device))
             del acc

@@ -52,11 +52,21 @@ class SparseDeltaScheduler:
     ends with identical indices. ``state_dict()``/``load_state_dict()`` resume exactly, mid-window too.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: int = 20,
-                 drop_fraction: float = 0.2, decay: str = "linear", regrow: str = "accumulated_grad",
-                 accumulate_steps: int = 5, total_steps: Optional[int] = None, score: str = "gradient",
-                 seed: int = 0, candidate_memory: int = DEFAULT_BLOCK_BYTES,
-                 score_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        every: int = 20,
+        drop_fraction: float = 0.2,
+        decay: str = "linear",
+        regrow: str = "accumulated_grad",
+        accumulate_steps: int = 5,
+        total_steps: Optional[int] = None,
+        score: str = "gradient",
+        seed: int = 0,
+        candidate_memory: int = DEFAULT_BLOCK_BYTES,
+        score_dtype: Optional[torch.dtype] = None,
+    ):
         from ..nn.sparse_delta import SparseDeltaLinear
 
         if decay not in ("linear", "cosine"):
@@ -140,10 +150,19 @@ class SparseDeltaScheduler:
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         """Counters and, inside an accumulation window, the partial gradient sums (one per layer)."""
-        return {"step_count": self.step_count, "updates": self.updates, "window_steps": self.window_steps,
-                "sums": None if self.accumulators is None else [a.state() for a in self.accumulators],
-                "config": {"every": self.every, "accumulate_steps": self.accumulate_steps, "regrow": self.regrow,
-                           "score": self.score, "layers": len(self.layers)}}
+        return {
+            "step_count": self.step_count,
+            "updates": self.updates,
+            "window_steps": self.window_steps,
+            "sums": None if self.accumulators is None else [a.state() for a in self.accumulators],
+            "config": {
+                "every": self.every,
+                "accumulate_steps": self.accumulate_steps,
+                "regrow": self.regrow,
+                "score": self.score,
+                "layers": len(self.layers),
+            },
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Restores ``state_dict()`` into a scheduler built over the same model and optimizer."""
@@ -151,14 +170,17 @@ class SparseDeltaScheduler:
         mine = self.state_dict()["config"]
         for key in ("every", "accumulate_steps", "regrow", "score", "layers"):
             if key in cfg and cfg[key] != mine[key]:
-                raise ValueError(f"load_state_dict: 'state' was saved with {key}={cfg[key]!r}, this scheduler has "
-                                 f"{mine[key]!r}")
+                raise ValueError(
+                    f"load_state_dict: 'state' was saved with {key}={cfg[key]!r}, this scheduler has {mine[key]!r}"
+                )
         sums = state.get("sums")
         if sums is not None:
             shapes = [tuple(m.base.weight.shape) for m in self.layers]
             if len(sums) != len(shapes) or any(
-                    tuple(t.shape) not in (shape, shape[:1], shape[1:])
-                    for st, shape in zip(sums, shapes) for t in st.values()):
+                tuple(t.shape) not in (shape, shape[:1], shape[1:])
+                for st, shape in zip(sums, shapes)
+                for t in st.values()
+            ):
                 raise ValueError("load_state_dict: the saved gradient statistics do not match this model's layers")
         self._disarm()
         self.step_count, self.updates = int(state["step_count"]), int(state["updates"])
@@ -201,7 +223,7 @@ class SparseDeltaScheduler:
         # Drop the n smallest |value| entries; ties broken by position, so ranks agree.
         order = torch.argsort(layer.values.detach().abs().float(), stable=True)
         keep = torch.ones(K, dtype=torch.bool, device=layer.indices.device)
-        keep[order[:new.numel()]] = False
+        keep[order[: new.numel()]] = False
         self._replace(layer, keep, new, acc)
 
     def _update_units(self, layer, f: float, acc: Optional[GradientAccumulator], gen: torch.Generator) -> None:

@@ -29,8 +29,9 @@ def resolve_k(numel: int, k: Optional[int], density: Optional[float]) -> int:
     return k
 
 
-def random_positions(numel: int, n: int, generator: Optional[torch.Generator] = None,
-                     exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+def random_positions(
+    numel: int, n: int, generator: Optional[torch.Generator] = None, exclude: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``n`` distinct uniformly random positions in [0, numel) outside the sorted ``exclude``, sorted.
 
     Drawn by rejection in rounds: O(n) memory while the free set is at least half of ``numel``;
@@ -63,9 +64,11 @@ def _score_fn(weight, method, scores):
     if method == "magnitude":
         return lambda r0, r1: weight[r0:r1].detach().abs().float()
     if scores is None:
-        raise ValueError(f"method={method!r} needs 'scores': the accumulated gradient Σg for 'gradient' and "
-                         "'gps' (absolute values are taken), the accumulated squared gradient (diagonal Fisher) "
-                         "for 'fisher'")
+        raise ValueError(
+            f"method={method!r} needs 'scores': the accumulated gradient Σg for 'gradient' and "
+            "'gps' (absolute values are taken), the accumulated squared gradient (diagonal Fisher) "
+            "for 'fisher'"
+        )
     if tuple(scores.shape) != tuple(weight.shape):
         raise ValueError(f"'scores' must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
     return lambda r0, r1: scores[r0:r1].detach().float().abs()
@@ -92,10 +95,17 @@ def _per_row_topk(score, rows: int, cols: int, k: int, block_bytes: int, device)
     return torch.cat(out).to(device)
 
 
-def select_indices(weight: torch.Tensor, k: Optional[int] = None, density: Optional[float] = None,
-                   method: str = "magnitude", scores: Optional[torch.Tensor] = None, structure: str = "unstructured",
-                   block_size: int = 16, generator: Optional[torch.Generator] = None,
-                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+def select_indices(
+    weight: torch.Tensor,
+    k: Optional[int] = None,
+    density: Optional[float] = None,
+    method: str = "magnitude",
+    scores: Optional[torch.Tensor] = None,
+    structure: str = "unstructured",
+    block_size: int = 16,
+    generator: Optional[torch.Generator] = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> torch.Tensor:
     """Sorted unique flat indices of the entries of a 2-D ``weight`` a delta should train.
 
     method: ``"magnitude"`` (largest |W|), ``"gradient"`` (largest |Σg|, SpIEL's accumulated
@@ -143,8 +153,9 @@ def select_indices(weight: torch.Tensor, k: Optional[int] = None, density: Optio
     return idx.sort().values.to(dev, index_dtype_for(numel))
 
 
-def select_blocks_across_layers(scores: Mapping[str, torch.Tensor], k: Optional[int] = None,
-                                density: Optional[float] = None, block_size: int = 256) -> Dict[str, torch.Tensor]:
+def select_blocks_across_layers(
+    scores: Mapping[str, torch.Tensor], k: Optional[int] = None, density: Optional[float] = None, block_size: int = 256
+) -> Dict[str, torch.Tensor]:
     """SMT: one budget for all layers. Every layer's weight is cut into ``block_size``² tiles, each tile
     scored by its mean |gradient| (``scores``: layer name -> accumulated gradient, the weight's shape);
     the best tiles over all layers are taken until ≈k entries in total (``density`` of all entries),
@@ -169,7 +180,7 @@ def select_blocks_across_layers(scores: Mapping[str, torch.Tensor], k: Optional[
     sizes = torch.cat([u.sizes() for u in unit_sets])
     order = torch.argsort(flat, descending=True, stable=True)
     n = max(1, int(torch.searchsorted(torch.cumsum(sizes[order], 0), float(k))) + 1)
-    chosen = order[:min(n, order.numel())]
+    chosen = order[: min(n, order.numel())]
     out = {}
     for i, name in enumerate(names):
         mine = local[chosen[owner[chosen] == i]]
@@ -179,8 +190,9 @@ def select_blocks_across_layers(scores: Mapping[str, torch.Tensor], k: Optional[
     return out
 
 
-def select_coupled_channels(scores: Mapping[str, torch.Tensor], producers, consumers, n_groups: int,
-                            group_size: int = 1) -> Dict[str, torch.Tensor]:
+def select_coupled_channels(
+    scores: Mapping[str, torch.Tensor], producers, consumers, n_groups: int, group_size: int = 1
+) -> Dict[str, torch.Tensor]:
     """S²FT: choose whole channels (``group_size=1``: FFN channels) or heads (``group_size=head_dim``)
     shared by coupled layers, and train exactly those slices.
 
