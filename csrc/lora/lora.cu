@@ -105,68 +105,59 @@ inline BlockSpan block_span(int64_t e_base, int64_t n) {
   return {b0, (e_base + n + philox::kElemsPerBlock - 1) / philox::kElemsPerBlock - b0};
 }
 
-// Calls f(T{}) for the accumulation-typed tiles (Float32 or Float64).
+// Launches an elementwise masked pass over an n-element tile: f(X{}, T{}, grid, stream, span) with
+// X the storage type of x_dtype and T the accumulation type of acc_dtype.
 template <typename F>
-Status dispatch_acc(DType dtype, F&& f) {
-  if (dtype == DType::Float32) return f(float{});
-  if (dtype == DType::Float64) return f(double{});
-  return kInvalidValue;
+Status launch_masked_tile(int64_t n, const MaskParams& mp, DType x_dtype, DType acc_dtype, void* stream, F&& f) {
+  if (n == 0) return kSuccess;
+  const BlockSpan span = block_span(mp.e_base, n);
+  const dim3 grid(blocks_for(span.count, kThreads));
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(x_dtype, [&](auto x_tag) {
+    return dispatch_acc(acc_dtype, [&](auto t_tag) { return f(x_tag, t_tag, grid, s, span); });
+  });
 }
 
 }  // namespace
 
 Status dropout_scale_cuda(const DropoutScaleParams& p, void* stream) {
   const int64_t n = p.rows * p.cols;
-  if (n == 0) return kSuccess;
   const MaskParams& mp = p.mask;
-  const BlockSpan span = block_span(mp.e_base, n);
-  const dim3 grid(blocks_for(span.count, kThreads));
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(p.x_dtype, [&](auto x_tag) {
-    using X = decltype(x_tag);
-    return dispatch_acc(p.out_dtype, [&](auto o_tag) {
-      using O = decltype(o_tag);
-      return launch(dropout_scale_kernel<X, O>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
-                    p.x_cs, p.cols, mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset,
-                    static_cast<O*>(p.out));
-    });
-  });
+  return launch_masked_tile(n, mp, p.x_dtype, p.out_dtype, stream,
+                            [&](auto x_tag, auto o_tag, dim3 grid, cudaStream_t s, BlockSpan span) {
+                              using X = decltype(x_tag);
+                              using O = decltype(o_tag);
+                              return launch(dropout_scale_kernel<X, O>, grid, dim3(kThreads), 0, s,
+                                            static_cast<const X*>(p.x), p.x_rs, p.x_cs, p.cols, mp.e_base, n, span.b0,
+                                            span.count, mp.mult, mp.thresh, mp.seed, mp.offset, static_cast<O*>(p.out));
+                            });
 }
 
 Status masked_add_cuda(const MaskedAddParams& p, void* stream) {
   const int64_t n = p.rows * p.cols;
-  if (n == 0) return kSuccess;
   const MaskParams& mp = p.mask;
-  const BlockSpan span = block_span(mp.e_base, n);
-  const dim3 grid(blocks_for(span.count, kThreads));
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(p.dx_dtype, [&](auto d_tag) {
-    using D = decltype(d_tag);
-    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
-      using T = decltype(t_tag);
-      return launch(masked_add_kernel<D, T>, grid, dim3(kThreads), 0, s, static_cast<D*>(p.dx),
-                    static_cast<const T*>(p.tmp), mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed,
-                    mp.offset);
-    });
-  });
+  return launch_masked_tile(n, mp, p.dx_dtype, p.tmp_dtype, stream,
+                            [&](auto d_tag, auto t_tag, dim3 grid, cudaStream_t s, BlockSpan span) {
+                              using D = decltype(d_tag);
+                              using T = decltype(t_tag);
+                              return launch(masked_add_kernel<D, T>, grid, dim3(kThreads), 0, s, static_cast<D*>(p.dx),
+                                            static_cast<const T*>(p.tmp), mp.e_base, n, span.b0, span.count, mp.mult,
+                                            mp.thresh, mp.seed, mp.offset);
+                            });
 }
 
 Status backward_tile_cuda(const BackwardTileParams& p, void* stream) {
   const int64_t n = p.rows * p.cols;
-  if (n == 0) return kSuccess;
   const MaskParams& mp = p.mask;
-  const BlockSpan span = block_span(mp.e_base, n);
-  const dim3 grid(blocks_for(span.count, kThreads));
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(p.x_dtype, [&](auto x_tag) {
-    using X = decltype(x_tag);
-    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
-      using T = decltype(t_tag);
-      return launch(backward_tile_kernel<X, T>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.x), p.x_rs,
-                    p.x_cs, p.cols, static_cast<const T*>(p.tmp), static_cast<X*>(p.dx), static_cast<T*>(p.xd),
-                    mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset);
-    });
-  });
+  return launch_masked_tile(n, mp, p.x_dtype, p.tmp_dtype, stream,
+                            [&](auto x_tag, auto t_tag, dim3 grid, cudaStream_t s, BlockSpan span) {
+                              using X = decltype(x_tag);
+                              using T = decltype(t_tag);
+                              return launch(backward_tile_kernel<X, T>, grid, dim3(kThreads), 0, s,
+                                            static_cast<const X*>(p.x), p.x_rs, p.x_cs, p.cols,
+                                            static_cast<const T*>(p.tmp), static_cast<X*>(p.dx), static_cast<T*>(p.xd),
+                                            mp.e_base, n, span.b0, span.count, mp.mult, mp.thresh, mp.seed, mp.offset);
+                            });
 }
 
 Status dropout_mask_cuda(const DropoutMaskParams& p, void* stream) {

@@ -66,6 +66,14 @@ struct DropoutMaskParams {
   uint64_t offset;
 };
 
+// Calls f(T{}) for the accumulation-typed tiles (Float32 or Float64).
+template <typename F>
+Status dispatch_acc(DType dtype, F&& f) {
+  if (dtype == DType::Float32) return f(float{});
+  if (dtype == DType::Float64) return f(double{});
+  return kInvalidValue;
+}
+
 Status dropout_scale_cpu(const DropoutScaleParams& p, void* stream);
 Status masked_add_cpu(const MaskedAddParams& p, void* stream);
 Status backward_tile_cpu(const BackwardTileParams& p, void* stream);

@@ -99,101 +99,90 @@ class Multipliers {
 
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-// Calls f(T{}) for the accumulation-typed tiles (Float32 or Float64).
+// Runs body(i, m) for every row i < rows, m holding row i's multipliers: each chunk of rows draws
+// its Philox rows in order into one buffer.
+template <typename A, typename Body>
+void for_each_masked_row(int64_t rows, int64_t cols, const MaskParams& mp, Body&& body) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    std::vector<A> m(static_cast<size_t>(cols));
+    Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
+    for (int64_t i = begin; i < end; ++i) {
+      mk.row(mp.e_base + i * cols, cols, m.data());
+      body(i, m.data());
+    }
+  });
+}
+
+// Calls f(X{}, T{}) with the storage type of x_dtype and the accumulation type of acc_dtype;
+// empty tiles do nothing.
 template <typename F>
-Status dispatch_acc(DType dtype, F&& f) {
-  if (dtype == DType::Float32) return f(float{});
-  if (dtype == DType::Float64) return f(double{});
-  return kInvalidValue;
+Status dispatch_tile(int64_t rows, int64_t cols, DType x_dtype, DType acc_dtype, F&& f) {
+  if (rows == 0 || cols == 0) return kSuccess;
+  return dispatch_cpu_float(x_dtype, [&](auto x_tag) {
+    return dispatch_acc(acc_dtype, [&](auto t_tag) {
+      f(x_tag, t_tag);
+      return kSuccess;
+    });
+  });
 }
 
 }  // namespace
 
 Status dropout_scale_cpu(const DropoutScaleParams& p, void*) {
   const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  if (rows == 0 || cols == 0) return kSuccess;
-  const MaskParams& mp = p.mask;
-  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+  return dispatch_tile(rows, cols, p.x_dtype, p.out_dtype, [&](auto x_tag, auto o_tag) {
     using X = decltype(x_tag);
+    using O = decltype(o_tag);
+    using A = acc_t<O>;
     const X* xp = static_cast<const X*>(p.x);
-    return dispatch_acc(p.out_dtype, [&](auto o_tag) {
-      using O = decltype(o_tag);
-      using A = acc_t<O>;
-      O* op = static_cast<O*>(p.out);
-      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-        std::vector<A> m(static_cast<size_t>(cols));
-        Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
-        for (int64_t i = begin; i < end; ++i) {
-          mk.row(mp.e_base + i * cols, cols, m.data());
-          const X* xr = xp + i * rs;
-          O* orow = op + i * cols;
-          if (cs == 1) {
-            for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j]) * m[j]);
-          } else {
-            for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j * cs]) * m[j]);
-          }
-        }
-      });
-      return kSuccess;
+    O* op = static_cast<O*>(p.out);
+    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
+      const X* xr = xp + i * rs;
+      O* orow = op + i * cols;
+      if (cs == 1) {
+        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j]) * m[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j * cs]) * m[j]);
+      }
     });
   });
 }
 
 Status masked_add_cpu(const MaskedAddParams& p, void*) {
   const int64_t rows = p.rows, cols = p.cols;
-  if (rows == 0 || cols == 0) return kSuccess;
-  const MaskParams& mp = p.mask;
-  return dispatch_cpu_float(p.dx_dtype, [&](auto d_tag) {
+  return dispatch_tile(rows, cols, p.dx_dtype, p.tmp_dtype, [&](auto d_tag, auto t_tag) {
     using D = decltype(d_tag);
+    using T = decltype(t_tag);
+    using A = acc_t<T>;
     D* dp = static_cast<D*>(p.dx);
-    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
-      using T = decltype(t_tag);
-      using A = acc_t<T>;
-      const T* tp = static_cast<const T*>(p.tmp);
-      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-        std::vector<A> m(static_cast<size_t>(cols));
-        Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
-        for (int64_t i = begin; i < end; ++i) {
-          mk.row(mp.e_base + i * cols, cols, m.data());
-          D* drow = dp + i * cols;
-          const T* trow = tp + i * cols;
-          for (int64_t j = 0; j < cols; ++j) drow[j] = static_cast<D>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-        }
-      });
-      return kSuccess;
+    const T* tp = static_cast<const T*>(p.tmp);
+    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
+      D* drow = dp + i * cols;
+      const T* trow = tp + i * cols;
+      for (int64_t j = 0; j < cols; ++j) drow[j] = static_cast<D>(static_cast<A>(drow[j]) + trow[j] * m[j]);
     });
   });
 }
 
 Status backward_tile_cpu(const BackwardTileParams& p, void*) {
   const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  if (rows == 0 || cols == 0) return kSuccess;
-  const MaskParams& mp = p.mask;
-  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+  return dispatch_tile(rows, cols, p.x_dtype, p.tmp_dtype, [&](auto x_tag, auto t_tag) {
     using X = decltype(x_tag);
+    using T = decltype(t_tag);
+    using A = acc_t<T>;
     const X* xp = static_cast<const X*>(p.x);
     X* dp = static_cast<X*>(p.dx);
-    return dispatch_acc(p.tmp_dtype, [&](auto t_tag) {
-      using T = decltype(t_tag);
-      using A = acc_t<T>;
-      const T* tp = static_cast<const T*>(p.tmp);
-      T* xdp = static_cast<T*>(p.xd);
-      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-        std::vector<A> m(static_cast<size_t>(cols));
-        Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
-        for (int64_t i = begin; i < end; ++i) {
-          mk.row(mp.e_base + i * cols, cols, m.data());
-          const X* xr = xp + i * rs;
-          X* drow = dp + i * cols;
-          const T* trow = tp + i * cols;
-          T* xdrow = xdp + i * cols;
-          for (int64_t j = 0; j < cols; ++j) {
-            drow[j] = static_cast<X>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-            xdrow[j] = static_cast<T>(static_cast<A>(xr[j * cs]) * m[j]);
-          }
-        }
-      });
-      return kSuccess;
+    const T* tp = static_cast<const T*>(p.tmp);
+    T* xdp = static_cast<T*>(p.xd);
+    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
+      const X* xr = xp + i * rs;
+      X* drow = dp + i * cols;
+      const T* trow = tp + i * cols;
+      T* xdrow = xdp + i * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        drow[j] = static_cast<X>(static_cast<A>(drow[j]) + trow[j] * m[j]);
+        xdrow[j] = static_cast<T>(static_cast<A>(xr[j * cs]) * m[j]);
+      }
     });
   });
 }

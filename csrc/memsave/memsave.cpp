@@ -121,12 +121,23 @@ void for_each_window(const PoolGeometry& g, F&& f) {
   }
 }
 
+// The first output position whose window fails ok(i, start), or -1 when every window passes.
+template <typename F>
+int64_t first_bad_window(const PoolGeometry& g, F&& ok) {
+  int64_t bad = -1;
+  for_each_window(g, [&](int64_t i, const int64_t* start) {
+    if (ok(i, start)) return true;
+    bad = i;
+    return false;
+  });
+  return bad;
+}
+
 // CPU only (cheap, no host sync): each argmax index lies inside its own window.
 void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
   const int64_t* p = idx.const_data_ptr<int64_t>();
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
-  int64_t bad = -1;
-  for_each_window(g, [&](int64_t i, const int64_t* start) {
+  const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
     int64_t v = p[i];
     bool ok = v >= 0 && v < in_plane;
     for (int d = 2; ok && d >= 0; --d) {
@@ -134,7 +145,6 @@ void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry&
       v /= g.in[d];
       ok = delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
     }
-    if (!ok) bad = i;
     return ok;
   });
   SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[bad], " at position ", bad,
@@ -145,8 +155,7 @@ void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry&
 void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeometry& g) {
   const int8_t* p = offsets.const_data_ptr<int8_t>();
   const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
-  int64_t bad = -1;
-  for_each_window(g, [&](int64_t i, const int64_t* start) {
+  const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
     int64_t w = p[i];
     bool ok = w >= 0 && w < window;
     for (int d = 2; ok && d >= 0; --d) {
@@ -154,7 +163,6 @@ void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeom
       w /= g.kernel[d];
       ok = c >= 0 && c < g.in[d];
     }
-    if (!ok) bad = i;
     return ok;
   });
   SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[bad]), " at position ", bad,

@@ -194,6 +194,13 @@ bool use_merge(int64_t tokens, int64_t nnz, int64_t numel) { return 4 * tokens *
 // 2-D views: x as (T, d_in) contiguous, grad as (T, d_out) contiguous.
 at::Tensor as_tokens(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
 
+// The CSR delta (idx, rp, val) of a rows×cols weight times the tokens of `tokens` (T×d).
+SpmmOperands spmm_operands(const at::Tensor& tokens, const at::Tensor& idx, const at::Tensor& rp, const at::Tensor& val,
+                           int64_t rows, int64_t cols) {
+  return {to_kernel_dtype(tokens.scalar_type()), idx.data_ptr(), to_kernel_index(idx.scalar_type()),
+          rp.data_ptr<int64_t>(), val.data_ptr(), to_kernel_dtype(val.scalar_type()), tokens.size(0), rows, cols};
+}
+
 void run_merge(const Kernels& k, at::Tensor& weight, const at::Tensor& idx, const at::Tensor& val, double alpha,
                const char* op) {
   const MergeParams p{weight.data_ptr(), to_kernel_dtype(weight.scalar_type()), idx.data_ptr(),
@@ -251,9 +258,7 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
     y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   } else {
     y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    const SpmmParams p{y.data_ptr(), x2.data_ptr(), to_kernel_dtype(x2.scalar_type()), idx.data_ptr(),
-                       to_kernel_index(idx.scalar_type()), rp.data_ptr<int64_t>(), val.data_ptr(),
-                       to_kernel_dtype(val.scalar_type()), x2.size(0), rows, cols};
+    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr()};
     check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -278,9 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
       dx = at::mm(g2, merged(k, weight, idx, val, op));
     } else {
       dx = at::mm(g2, weight);
-      const SpmmTParams p{dx.data_ptr(), g2.data_ptr(), to_kernel_dtype(g2.scalar_type()), idx.data_ptr(),
-                          to_kernel_index(idx.scalar_type()), rp.data_ptr<int64_t>(), val.data_ptr(),
-                          to_kernel_dtype(val.scalar_type()), g2.size(0), weight.size(0), weight.size(1)};
+      const SpmmTParams p{{spmm_operands(g2, idx, rp, val, weight.size(0), weight.size(1))}, dx.data_ptr(),
+                          g2.data_ptr()};
       check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
     }
     dx = dx.view(x.sizes());

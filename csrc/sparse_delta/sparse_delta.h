@@ -24,10 +24,9 @@ struct MergeParams {
   double alpha;
 };
 
-// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols, y: T×rows, one dtype).
-struct SpmmParams {
-  void* y;
-  const void* x;
+// The CSR delta of a rows×cols weight and the T tokens that both SpMM directions multiply it with
+// (dtype: the dense operands' dtype).
+struct SpmmOperands {
   DType dtype;
   const void* indices;
   IndexType index_type;
@@ -37,17 +36,16 @@ struct SpmmParams {
   int64_t T, rows, cols;
 };
 
+// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols, y: T×rows, one dtype).
+struct SpmmParams : SpmmOperands {
+  void* y;
+  const void* x;
+};
+
 // dx[t, col_k] += Σ_{k with col_k} values[k] · g[t, row_k] (g: T×rows, dx: T×cols, one dtype).
-struct SpmmTParams {
+struct SpmmTParams : SpmmOperands {
   void* dx;
   const void* g;
-  DType dtype;
-  const void* indices;
-  IndexType index_type;
-  const int64_t* rowptr;
-  const void* values;
-  DType value_dtype;
-  int64_t T, rows, cols;
 };
 
 // out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the

@@ -74,6 +74,22 @@ void transpose(const X* src, int64_t m, int64_t n, X* dst) {
   }
 }
 
+// Calls f(X{}, I{}, V{}) with the dense, index and value types of an SpMM; nothing to add (no
+// tokens or an empty delta) does nothing.
+template <typename F>
+Status dispatch_spmm(const SpmmOperands& p, F&& f) {
+  if (p.T == 0 || p.rowptr[p.rows] == 0) return kSuccess;
+  return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
+      return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
+        f(x_tag, i_tag, v_tag);
+        return kSuccess;
+      });
+    });
+  });
+}
+
 }  // namespace
 
 Status merge_cpu(const MergeParams& p, void*) {
@@ -104,70 +120,58 @@ Status merge_cpu(const MergeParams& p, void*) {
 
 Status spmm_cpu(const SpmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  if (T == 0 || p.rowptr[rows] == 0) return kSuccess;
-  return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
+  return dispatch_spmm(p, [&](auto x_tag, auto i_tag, auto v_tag) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
-    return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        const I* idx = static_cast<const I*>(p.indices);
-        const int64_t* rp = p.rowptr;
-        const V* vp = static_cast<const V*>(p.values);
-        const X* xp = static_cast<const X*>(p.x);
-        X* yp = static_cast<X*>(p.y);
-        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-          for (int64_t t = t0; t < t1; ++t) {
-            const X* xt = xp + t * cols;
-            X* yt = yp + t * rows;
-            for (int64_t r = 0; r < rows; ++r) {
-              if (rp[r] == rp[r + 1]) continue;
-              A acc = 0;
-              for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-                acc += static_cast<A>(vp[k]) * static_cast<A>(xt[col_of(idx, k, r, cols)]);
-              }
-              yt[r] = static_cast<X>(static_cast<A>(yt[r]) + acc);
-            }
+    using I = decltype(i_tag);
+    using V = decltype(v_tag);
+    const I* idx = static_cast<const I*>(p.indices);
+    const int64_t* rp = p.rowptr;
+    const V* vp = static_cast<const V*>(p.values);
+    const X* xp = static_cast<const X*>(p.x);
+    X* yp = static_cast<X*>(p.y);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const X* xt = xp + t * cols;
+        X* yt = yp + t * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (rp[r] == rp[r + 1]) continue;
+          A acc = 0;
+          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+            acc += static_cast<A>(vp[k]) * static_cast<A>(xt[col_of(idx, k, r, cols)]);
           }
-        });
-        return kSuccess;
-      });
+          yt[r] = static_cast<X>(static_cast<A>(yt[r]) + acc);
+        }
+      }
     });
   });
 }
 
 Status spmm_t_cpu(const SpmmTParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  if (T == 0 || p.rowptr[rows] == 0) return kSuccess;
-  return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
+  return dispatch_spmm(p, [&](auto x_tag, auto i_tag, auto v_tag) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
-    return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        const I* idx = static_cast<const I*>(p.indices);
-        const int64_t* rp = p.rowptr;
-        const V* vp = static_cast<const V*>(p.values);
-        const X* gp = static_cast<const X*>(p.g);
-        X* dxp = static_cast<X*>(p.dx);
-        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-          // One accumulation row per chunk: each dx element is rounded once, not once per add.
-          std::vector<A> acc(cols);
-          for (int64_t t = t0; t < t1; ++t) {
-            std::fill(acc.begin(), acc.end(), A(0));
-            const X* gt = gp + t * rows;
-            for (int64_t r = 0; r < rows; ++r) {
-              const A gv = static_cast<A>(gt[r]);
-              for (int64_t k = rp[r]; k < rp[r + 1]; ++k) acc[col_of(idx, k, r, cols)] += gv * static_cast<A>(vp[k]);
-            }
-            X* dxt = dxp + t * cols;
-            for (int64_t c = 0; c < cols; ++c) dxt[c] = static_cast<X>(static_cast<A>(dxt[c]) + acc[c]);
-          }
-        });
-        return kSuccess;
-      });
+    using I = decltype(i_tag);
+    using V = decltype(v_tag);
+    const I* idx = static_cast<const I*>(p.indices);
+    const int64_t* rp = p.rowptr;
+    const V* vp = static_cast<const V*>(p.values);
+    const X* gp = static_cast<const X*>(p.g);
+    X* dxp = static_cast<X*>(p.dx);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      // One accumulation row per chunk: each dx element is rounded once, not once per add.
+      std::vector<A> acc(cols);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), A(0));
+        const X* gt = gp + t * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+          const A gv = static_cast<A>(gt[r]);
+          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) acc[col_of(idx, k, r, cols)] += gv * static_cast<A>(vp[k]);
+        }
+        X* dxt = dxp + t * cols;
+        for (int64_t c = 0; c < cols; ++c) dxt[c] = static_cast<X>(static_cast<A>(dxt[c]) + acc[c]);
+      }
     });
   });
 }
