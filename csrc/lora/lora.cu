@@ -23,23 +23,31 @@ __device__ __forceinline__ void block_range(int64_t b, int64_t e_base, int64_t n
   *bits = all >> static_cast<int>(lo - b * philox::kElemsPerBlock);
 }
 
-template <typename X, typename O>
-__global__ void dropout_scale_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
-                                     int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
-                                     uint32_t thresh, uint64_t seed, uint64_t offset, O* __restrict__ out) {
-  using A = acc_t<O>;
-  const A m = static_cast<A>(mult);
+// Grid-stride loop over the Philox blocks b0 .. b0 + nblocks: f(q, keep) for every element q of
+// [0, n) that they cover (q relative to e_base), with its keep bit.
+template <typename F>
+__device__ __forceinline__ void for_each_masked(int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, uint32_t thresh,
+                                                uint64_t seed, uint64_t offset, F&& f) {
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     int64_t first;
     uint32_t bits;
     int count;
     block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
-    for (int c = 0; c < count; ++c) {
-      const int64_t q = first + c, i = q / cols, j = q - i * cols;
-      out[q] = ((bits >> c) & 1u) ? from_acc<O>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * m) : from_acc<O>(A(0));
-    }
+    for (int c = 0; c < count; ++c) f(first + c, ((bits >> c) & 1u) != 0u);
   }
+}
+
+template <typename X, typename O>
+__global__ void dropout_scale_kernel(const X* __restrict__ x, int64_t x_rs, int64_t x_cs, int64_t cols,
+                                     int64_t e_base, int64_t n, int64_t b0, int64_t nblocks, double mult,
+                                     uint32_t thresh, uint64_t seed, uint64_t offset, O* __restrict__ out) {
+  using A = acc_t<O>;
+  const A m = static_cast<A>(mult);
+  for_each_masked(e_base, n, b0, nblocks, thresh, seed, offset, [&](int64_t q, bool keep) {
+    const int64_t i = q / cols, j = q - i * cols;
+    out[q] = keep ? from_acc<O>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * m) : from_acc<O>(A(0));
+  });
 }
 
 template <typename D, typename T>
@@ -48,18 +56,10 @@ __global__ void masked_add_kernel(D* __restrict__ dx, const T* __restrict__ tmp,
                                   uint64_t offset) {
   using A = acc_t<T>;
   const A m = static_cast<A>(mult);
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
-       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    int64_t first;
-    uint32_t bits;
-    int count;
-    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
-    for (int c = 0; c < count; ++c) {
-      const int64_t q = first + c;
-      const A add = ((bits >> c) & 1u) ? to_acc(tmp[q]) * m : A(0);
-      dx[q] = from_acc<D>(static_cast<A>(to_acc(dx[q])) + add);
-    }
-  }
+  for_each_masked(e_base, n, b0, nblocks, thresh, seed, offset, [&](int64_t q, bool keep) {
+    const A add = keep ? to_acc(tmp[q]) * m : A(0);
+    dx[q] = from_acc<D>(static_cast<A>(to_acc(dx[q])) + add);
+  });
 }
 
 template <typename X, typename T>
@@ -69,31 +69,17 @@ __global__ void backward_tile_kernel(const X* __restrict__ x, int64_t x_rs, int6
                                      uint32_t thresh, uint64_t seed, uint64_t offset) {
   using A = acc_t<T>;
   const A m = static_cast<A>(mult);
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
-       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    int64_t first;
-    uint32_t bits;
-    int count;
-    block_range(b0 + k, e_base, n, thresh, seed, offset, &first, &bits, &count);
-    for (int c = 0; c < count; ++c) {
-      const int64_t q = first + c, i = q / cols, j = q - i * cols;
-      const A keep = ((bits >> c) & 1u) ? m : A(0);
-      dx[q] = from_acc<X>(static_cast<A>(to_acc(dx[q])) + to_acc(tmp[q]) * keep);
-      xd[q] = from_acc<T>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * keep);
-    }
-  }
+  for_each_masked(e_base, n, b0, nblocks, thresh, seed, offset, [&](int64_t q, bool kept) {
+    const int64_t i = q / cols, j = q - i * cols;
+    const A keep = kept ? m : A(0);
+    dx[q] = from_acc<X>(static_cast<A>(to_acc(dx[q])) + to_acc(tmp[q]) * keep);
+    xd[q] = from_acc<T>(static_cast<A>(to_acc(x[i * x_rs + j * x_cs])) * keep);
+  });
 }
 
 __global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, uint32_t thresh, uint64_t seed,
                             uint64_t offset) {
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < nblocks;
-       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    int64_t first;
-    uint32_t bits;
-    int count;
-    block_range(k, 0, n, thresh, seed, offset, &first, &bits, &count);
-    for (int c = 0; c < count; ++c) out[first + c] = (bits >> c) & 1u;
-  }
+  for_each_masked(0, n, 0, nblocks, thresh, seed, offset, [&](int64_t q, bool keep) { out[q] = keep; });
 }
 
 // Philox blocks touching [e_base, e_base + n).

@@ -8,19 +8,29 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The keep bits (x > 0: -0.0 and NaN drop) of the up-to-8 elements of mask byte b; with kWrite,
+// also writes relu(x) to out, element by element after reading it (out may be x).
+template <bool kWrite, typename T>
+__device__ __forceinline__ unsigned char relu_byte(const T* x, int64_t n, int64_t b, T* out) {
+  const int64_t base = b * 8;
+  const int64_t lim = (n - base) < 8 ? (n - base) : 8;
+  unsigned int byte = 0;
+  for (int64_t j = 0; j < lim; ++j) {
+    const T v = x[base + j];
+    // -0.0 and NaN are written through, as torch.relu does; only the mask drops -0.0.
+    if (kWrite) out[base + j] = (to_acc(v) < 0) ? from_acc<T>(acc_t<T>(0)) : v;
+    byte |= static_cast<unsigned int>(!(to_acc(v) <= 0)) << j;
+  }
+  return static_cast<unsigned char>(byte);
+}
+
 // One thread per output byte: no two threads write the same byte, so no atomics.
 template <typename T>
 __global__ void relu_mask_kernel(const T* __restrict__ x, int64_t n, unsigned char* __restrict__ mask,
                                  int64_t nbytes) {
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nbytes;
        b += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t base = b * 8;
-    const int64_t lim = (n - base) < 8 ? (n - base) : 8;
-    unsigned int byte = 0;
-    for (int64_t j = 0; j < lim; ++j) {
-      byte |= static_cast<unsigned int>(!(to_acc(x[base + j]) <= 0)) << j;
-    }
-    mask[b] = static_cast<unsigned char>(byte);
+    mask[b] = relu_byte<false>(x, n, b, static_cast<T*>(nullptr));
   }
 }
 
@@ -28,17 +38,7 @@ template <typename T>
 __global__ void relu_forward_kernel(const T* x, int64_t n, T* out, unsigned char* __restrict__ mask, int64_t nbytes) {
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nbytes;
        b += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t base = b * 8;
-    const int64_t lim = (n - base) < 8 ? (n - base) : 8;
-    unsigned int byte = 0;
-    for (int64_t j = 0; j < lim; ++j) {
-      const T v = x[base + j];
-      const bool keep = !(to_acc(v) <= 0);
-      // -0.0 and NaN are written through, as torch.relu does; only the mask drops -0.0.
-      out[base + j] = (to_acc(v) < 0) ? from_acc<T>(acc_t<T>(0)) : v;
-      byte |= static_cast<unsigned int>(keep) << j;
-    }
-    mask[b] = static_cast<unsigned char>(byte);
+    mask[b] = relu_byte<true>(x, n, b, out);
   }
 }
 

@@ -98,42 +98,52 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
   });
 }
 
+namespace {
+
+// Visits the outputs of planes [begin, end) in storage order: f(plane, i, st0, st1, o2) with i the
+// flat output index, st0 and st1 the (padded) window start in dims 0 and 1, o2 the dim-2 position.
+template <typename F>
+void for_each_output(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
+  const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
+  for (int64_t pl = begin; pl < end; ++pl) {
+    int64_t i = pl * per_plane;
+    for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
+      const int64_t st0 = o0 * g.stride[0] - g.padding[0];
+      for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+        const int64_t st1 = o1 * g.stride[1] - g.padding[1];
+        for (int64_t o2 = 0; o2 < g.out[2]; ++o2, ++i) f(pl, i, st0, st1, o2);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   const PoolGeometry& g = p.g;
-  const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
   const int64_t* idx = p.indices;
   signed char* off = p.offsets;
   // Integer divisions dominate this loop: one per spatial dim beyond the first, and none
   // for the common dilation of 1.
   auto step = [](int64_t c, int64_t start, int64_t dil) { return dil == 1 ? c - start : (c - start) / dil; };
   at::parallel_for(0, g.planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pl = begin; pl < end; ++pl) {
-      int64_t i = pl * per_plane;
-      for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
-        const int64_t st0 = o0 * g.stride[0] - g.padding[0];
-        for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-          const int64_t st1 = o1 * g.stride[1] - g.padding[1];
-          for (int64_t o2 = 0; o2 < g.out[2]; ++o2, ++i) {
-            const int64_t st2 = o2 * g.stride[2] - g.padding[2];
-            const int64_t flat = idx[i];
-            const int64_t rows = g.in[2] == 1 ? flat : flat / g.in[2];
-            const int64_t c2 = flat - rows * g.in[2];
-            const int64_t c0 = g.in[0] == 1 ? 0 : rows / g.in[1];
-            const int64_t c1 = rows - c0 * g.in[1];
-            const int64_t w = (step(c0, st0, g.dilation[0]) * g.kernel[1] + step(c1, st1, g.dilation[1])) *
-                                  g.kernel[2] + step(c2, st2, g.dilation[2]);
-            off[i] = static_cast<signed char>(w);
-          }
-        }
-      }
-    }
+    for_each_output(g, begin, end, [&](int64_t, int64_t i, int64_t st0, int64_t st1, int64_t o2) {
+      const int64_t st2 = o2 * g.stride[2] - g.padding[2];
+      const int64_t flat = idx[i];
+      const int64_t rows = g.in[2] == 1 ? flat : flat / g.in[2];
+      const int64_t c2 = flat - rows * g.in[2];
+      const int64_t c0 = g.in[0] == 1 ? 0 : rows / g.in[1];
+      const int64_t c1 = rows - c0 * g.in[1];
+      const int64_t w = (step(c0, st0, g.dilation[0]) * g.kernel[1] + step(c1, st1, g.dilation[1])) * g.kernel[2] +
+                        step(c2, st2, g.dilation[2]);
+      off[i] = static_cast<signed char>(w);
+    });
   });
   return kSuccess;
 }
 
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const PoolGeometry& g = p.g;
-  const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   const signed char* off = p.offsets;
   // Window offset -> displacement from the window's (virtual, possibly padded) corner in the
@@ -153,20 +163,10 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     A* out = static_cast<A*>(p.grad_in);
     // One plane per task: overlapping windows of a plane accumulate in order, no races.
     at::parallel_for(0, g.planes, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t pl = begin; pl < end; ++pl) {
-        A* plane = out + pl * in_plane;
-        int64_t i = pl * per_plane;
-        for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
-          const int64_t st0 = o0 * g.stride[0] - g.padding[0];
-          for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-            const int64_t st1 = o1 * g.stride[1] - g.padding[1];
-            for (int64_t o2 = 0; o2 < g.out[2]; ++o2, ++i) {
-              const int64_t corner = (st0 * g.in[1] + st1) * g.in[2] + o2 * g.stride[2] - g.padding[2];
-              plane[corner + disp[static_cast<size_t>(off[i])]] += static_cast<A>(gr[i]);
-            }
-          }
-        }
-      }
+      for_each_output(g, begin, end, [&](int64_t pl, int64_t i, int64_t st0, int64_t st1, int64_t o2) {
+        const int64_t corner = (st0 * g.in[1] + st1) * g.in[2] + o2 * g.stride[2] - g.padding[2];
+        out[pl * in_plane + corner + disp[static_cast<size_t>(off[i])]] += static_cast<A>(gr[i]);
+      });
     });
     return kSuccess;
   });

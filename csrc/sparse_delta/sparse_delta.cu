@@ -74,14 +74,6 @@ __global__ void sddmm_reduce_kernel(const A* __restrict__ partial, int64_t K, in
   }
 }
 
-// Calls f(V{}) with the values' storage type: the operands' X, or float32 master values.
-template <typename X, typename F>
-Status dispatch_values(DType value_dtype, DType dtype, F&& f) {
-  if (value_dtype == dtype) return f(X{});
-  if (value_dtype == DType::Float32) return f(float{});
-  return kInvalidValue;
-}
-
 // Thread per index k (positions [0, K)) and per rowptr entry r (positions K + r). The row of a
 // valid index names the rowptr span it must lie in; with sorted indices and a non-decreasing
 // rowptr from 0 to K, that makes rowptr exactly the row offsets.

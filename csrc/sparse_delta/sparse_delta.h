@@ -77,6 +77,14 @@ struct ValidateParams {
   int64_t* first_bad;
 };
 
+// Calls f(V{}) with the values' storage type: the operands' X, or float32 master values.
+template <typename X, typename F>
+Status dispatch_values(DType value_dtype, DType dtype, F&& f) {
+  if (value_dtype == dtype) return f(X{});
+  if (value_dtype == DType::Float32) return f(float{});
+  return kInvalidValue;
+}
+
 Status merge_cpu(const MergeParams& p, void* stream);
 Status spmm_cpu(const SpmmParams& p, void* stream);
 Status spmm_t_cpu(const SpmmTParams& p, void* stream);

@@ -12,14 +12,6 @@ namespace slimtune {
 namespace sparse_delta {
 namespace {
 
-// Calls f(V{}) with the values' storage type: the operands' X, or float32 master values.
-template <typename X, typename F>
-Status dispatch_values(DType value_dtype, DType dtype, F&& f) {
-  if (value_dtype == dtype) return f(X{});
-  if (value_dtype == DType::Float32) return f(float{});
-  return kInvalidValue;
-}
-
 // Dot product in the accumulation type with independent partial sums (a fixed order, so
 // results are deterministic and the loop pipelines).
 template <typename T>
@@ -74,16 +66,18 @@ void transpose(const X* src, int64_t m, int64_t n, X* dst) {
   }
 }
 
-// Calls f(X{}, I{}, V{}) with the dense, index and value types of an SpMM; nothing to add (no
-// tokens or an empty delta) does nothing.
+// Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays; nothing to
+// add (no tokens or an empty delta) does nothing.
 template <typename F>
 Status dispatch_spmm(const SpmmOperands& p, F&& f) {
   if (p.T == 0 || p.rowptr[p.rows] == 0) return kSuccess;
   return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
     return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
+      using I = decltype(i_tag);
       return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
-        f(x_tag, i_tag, v_tag);
+        using V = decltype(v_tag);
+        f(x_tag, static_cast<const I*>(p.indices), static_cast<const V*>(p.values));
         return kSuccess;
       });
     });
@@ -120,14 +114,10 @@ Status merge_cpu(const MergeParams& p, void*) {
 
 Status spmm_cpu(const SpmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  return dispatch_spmm(p, [&](auto x_tag, auto i_tag, auto v_tag) {
+  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
-    using I = decltype(i_tag);
-    using V = decltype(v_tag);
-    const I* idx = static_cast<const I*>(p.indices);
     const int64_t* rp = p.rowptr;
-    const V* vp = static_cast<const V*>(p.values);
     const X* xp = static_cast<const X*>(p.x);
     X* yp = static_cast<X*>(p.y);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
@@ -149,14 +139,10 @@ Status spmm_cpu(const SpmmParams& p, void*) {
 
 Status spmm_t_cpu(const SpmmTParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  return dispatch_spmm(p, [&](auto x_tag, auto i_tag, auto v_tag) {
+  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
-    using I = decltype(i_tag);
-    using V = decltype(v_tag);
-    const I* idx = static_cast<const I*>(p.indices);
     const int64_t* rp = p.rowptr;
-    const V* vp = static_cast<const V*>(p.values);
     const X* gp = static_cast<const X*>(p.g);
     X* dxp = static_cast<X*>(p.dx);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
