@@ -85,54 +85,56 @@ def tiny_hf(kind: str):
     import transformers as tf
 
     torch.manual_seed(0)
+    # Two layers of width 32 (4 heads, MLP 64) in every family.
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        cfg = tf.LlamaConfig(vocab_size=64, num_key_value_heads=2, max_position_embeddings=64, **size)
         return tf.LlamaForCausalLM(cfg)
     if kind == "bert":
-        cfg = tf.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
+        no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg = tf.BertConfig(vocab_size=64, max_position_embeddings=64, **no_dropout, **size)
         return tf.BertForMaskedLM(cfg)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=64,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, **no_dropout)
         return tf.GPT2LMHeadModel(cfg)
     if kind == "vit":
-        cfg = tf.ViTConfig(
-            image_size=16,
-            patch_size=8,
-            num_channels=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_labels=3,
-        )
+        cfg = tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, num_labels=3, **size)
         return tf.ViTForImageClassification(cfg)
     raise ValueError(kind)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Seeded random token ids whose labels are the ids: a causal-LM data set for transformers.Trainer."""
+
+    def __init__(self, n=16, seq=12):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 64, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def cpu_training_args(tmp_path, steps, learning_rate=5e-2, **extra):
+    """transformers.TrainingArguments for short, seeded, quiet CPU runs with batches of 4."""
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=learning_rate,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        **extra,
+    )
 
 
 def hf_inputs(kind: str, batch=2, seq=8):

@@ -230,23 +230,12 @@ def test_sparse_scheduler_under_autocast():
     assert not torch.equal(model[0].indices, before)
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=16, seq=12):
-        self.ids = torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 @pytest.mark.parametrize("method", ["lora", "sparse_delta"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_trainer_mixed_precision(method, precision, tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from _adapter_fixtures import tiny_hf
+    from _adapter_fixtures import TokenData, cpu_training_args, tiny_hf
 
     model = tiny_hf("llama")
     if method == "lora":
@@ -254,22 +243,9 @@ def test_trainer_mixed_precision(method, precision, tmp_path):
     else:
         slimtune.apply_sparse_delta(model, density=0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        **{precision: True},
-    )
+    args = cpu_training_args(tmp_path, 4, save_strategy="no", **{precision: True})
     try:
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
     except ValueError as e:  # transformers refuses fp16 AMP on a CPU; bf16 must work
         if precision == "fp16" and "fp16" in str(e).lower():
             pytest.skip(f"transformers: {e}")

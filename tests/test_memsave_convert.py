@@ -10,40 +10,11 @@ import torch.nn as nn
 
 import slimtune
 import slimtune.nn
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        idt = x if self.down is None else self.down(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + idt)
+from slimtune.bench.memsave import small_resnet as bench_small_resnet
 
 
 def small_resnet(num_classes=10):
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
-        BasicBlock(16, 16, 1),
-        BasicBlock(16, 32, 2),
-        BasicBlock(32, 64, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(0.2),
-        nn.Linear(64, num_classes),
-    )
+    return bench_small_resnet(width=16, num_classes=num_classes, dropout=0.2)
 
 
 def _run(model, x):

@@ -75,18 +75,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n=32, seq=12):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 64, (n, seq), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _sparse_llama():
     from _adapter_fixtures import tiny_hf
 
@@ -96,23 +84,18 @@ def _sparse_llama():
 
 
 def _trainer(model, tmp_path, steps, save_steps=None):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=4,
+    from _adapter_fixtures import TokenData, cpu_training_args
+
+    args = cpu_training_args(
+        tmp_path,
+        steps,
         learning_rate=1e-2,
-        logging_steps=1,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
         gradient_accumulation_steps=2,
     )
     cb = slimtune.SparseDeltaCallback(every=3, accumulate_steps=2, drop_fraction=0.3)
-    return transformers.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb]), cb
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(n=32), callbacks=[cb]), cb
 
 
 def _deltas(model):

@@ -31,6 +31,13 @@ def _pair(stock):
     return stock, ours
 
 
+def _saved_and_timed(op, x_name, x_value, saved, timed, cfg):
+    """The two groups of one case: bytes kept for backward, then fwd+bwd time."""
+    common = dict(op=op, x_name=x_name, x_value=x_value, baseline="stock", config=cfg)
+    yield Group(mode="saved", providers=saved, metric="saved_bytes", unit="MiB", **common)
+    yield Group(mode="fwd+bwd", providers=timed, **common)
+
+
 def _layer_groups(ctx: Context):
     dev, dt = ctx.device, ctx.dtype
     img = (4, 16, 28, 28) if ctx.quick else (32, 64, 112, 112)
@@ -51,25 +58,13 @@ def _layer_groups(ctx: Context):
         grad = torch.randn_like(stock(x))
         cfg = {"shape": list(shape), "input_MiB": x.numel() * x.element_size() / MiB}
         x_label = "x".join(map(str, shape))
-        yield Group(
-            op=f"memsave {name}",
-            mode="saved",
-            x_name="shape",
-            x_value=x_label,
-            providers={"stock": _bytes(stock, x), "slimtune": _bytes(ours, x)},
-            baseline="stock",
-            metric="saved_bytes",
-            unit="MiB",
-            config=cfg,
-        )
-        yield Group(
-            op=f"memsave {name}",
-            mode="fwd+bwd",
-            x_name="shape",
-            x_value=x_label,
-            providers={"stock": _fwd_bwd(stock, x, grad), "slimtune": _fwd_bwd(ours, x, grad)},
-            baseline="stock",
-            config=cfg,
+        yield from _saved_and_timed(
+            f"memsave {name}",
+            "shape",
+            x_label,
+            {"stock": _bytes(stock, x), "slimtune": _bytes(ours, x)},
+            {"stock": _fwd_bwd(stock, x, grad), "slimtune": _fwd_bwd(ours, x, grad)},
+            cfg,
         )
     # The ReLU target is stated against a bfloat16 input: bytes only.
     stock, ours = _pair(nn.ReLU())
@@ -104,7 +99,7 @@ class _Block(nn.Module):
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + idt)
 
 
-def small_resnet(width=32, num_classes=10):
+def small_resnet(width=32, num_classes=10, dropout=0.1):
     """A ResNet-18-style stem and three basic blocks."""
     w = width
     return nn.Sequential(
@@ -117,7 +112,7 @@ def small_resnet(width=32, num_classes=10):
         _Block(2 * w, 4 * w, 2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Dropout(0.1),
+        nn.Dropout(dropout),
         nn.Linear(4 * w, num_classes),
     )
 
@@ -157,26 +152,7 @@ def _model_groups(ctx: Context):
             compiled = torch.compile(copy.deepcopy(stock))
             saved["torch.compile(stock)"] = _bytes(compiled, x)
             timed["torch.compile(stock)"] = step(compiled)
-        yield Group(
-            op=f"memsave resnet {setting}",
-            mode="saved",
-            x_name="input",
-            x_value="x".join(map(str, shape)),
-            providers=saved,
-            baseline="stock",
-            metric="saved_bytes",
-            unit="MiB",
-            config=cfg,
-        )
-        yield Group(
-            op=f"memsave resnet {setting}",
-            mode="fwd+bwd",
-            x_name="input",
-            x_value="x".join(map(str, shape)),
-            providers=timed,
-            baseline="stock",
-            config=cfg,
-        )
+        yield from _saved_and_timed(f"memsave resnet {setting}", "input", "x".join(map(str, shape)), saved, timed, cfg)
 
 
 def _groups(ctx: Context):
