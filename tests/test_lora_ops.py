@@ -5,6 +5,7 @@ import slimtune
 from slimtune import reference
 from slimtune.lora import lora_dropout_mask, lora_linear
 from conftest import DEVICES, TOLERANCES, assert_lowp_error_bounded, device_dtype_params
+from memsave_helpers import saved_tensors
 
 op = torch.ops.slimtune.lora_linear
 
@@ -194,18 +195,6 @@ def test_deterministic(device):
         torch.use_deterministic_algorithms(prev)
     for a, c, d in zip(r1, r2, r3):
         assert torch.equal(a, c) and torch.equal(a, d)
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

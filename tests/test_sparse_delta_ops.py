@@ -6,6 +6,7 @@ import slimtune
 from slimtune import reference
 from slimtune.sparse import rowptr_for, sparse_delta_linear, sparse_delta_sddmm
 from conftest import DEVICES, TOLERANCES, assert_lowp_error_bounded, device_dtype_params
+from memsave_helpers import saved_tensors
 
 linear_op = torch.ops.slimtune.sparse_delta_linear
 backward_op = torch.ops.slimtune.sparse_delta_linear_backward
@@ -150,18 +151,6 @@ def test_torch_compile_fullgraph_smoke():
     ref.backward()
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(vals.grad, v2.grad, atol=1e-4, rtol=1e-5)
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 def test_only_x_saved_for_backward():

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import convert as _cv
 from ._atomic import write_dir_atomic
+from ._jsonfile import read_json
 
 __all__ = ["save", "load", "merge", "unmerge", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
@@ -130,10 +131,7 @@ def _read(path: Path):
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"slimtune.load: {str(f)!r} is missing")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not valid JSON ({e})") from None
+    config = read_json(cfg_file, lambda why: ValueError(f"slimtune.load: {str(cfg_file)!r} is not valid JSON ({why})"))
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"slimtune.load: {str(cfg_file)!r} is not a slimtune adapter config")
     version = config.get("format_version")

@@ -13,45 +13,33 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-// Block sums into out[blockIdx.x]: the textbook shared-memory tree (blockDim.x a power of two).
-__global__ void tree_static(const float* in, int64_t n, float* out) {
-  __shared__ float s[kMaxThreads];
+// Block sums into out[blockIdx.x]: the textbook shared-memory tree (blockDim.x a power of two) over
+// the block's slots s. Without load_barrier, a thread may add a partner's slot before the partner
+// stored it.
+__device__ void tree_sum(float* s, const float* in, int64_t n, float* out, bool load_barrier = true) {
   const int t = threadIdx.x;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + t;
   s[t] = i < n ? in[i] : 0.0f;
-  __syncthreads();
+  if (load_barrier) __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (t < stride) s[t] += s[t + stride];
     __syncthreads();
   }
   if (t == 0) out[blockIdx.x] = s[0];
+}
+
+__global__ void tree_static(const float* in, int64_t n, float* out) {
+  __shared__ float s[kMaxThreads];
+  tree_sum(s, in, n, out);
 }
 
 __global__ void tree_dynamic(const float* in, int64_t n, float* out) {
-  float* s = slimtune_emu::dynamic_smem<float>();
-  const int t = threadIdx.x;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + t;
-  s[t] = i < n ? in[i] : 0.0f;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (t < stride) s[t] += s[t + stride];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = s[0];
+  tree_sum(slimtune_emu::dynamic_smem<float>(), in, n, out);
 }
 
-// tree_dynamic without the barrier between the loads and the tree: a thread may add a partner's
-// slot before the partner stored it.
+// tree_dynamic without the barrier between the loads and the tree.
 __global__ void tree_missing_barrier(const float* in, int64_t n, float* out) {
-  float* s = slimtune_emu::dynamic_smem<float>();
-  const int t = threadIdx.x;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + t;
-  s[t] = i < n ? in[i] : 0.0f;
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (t < stride) s[t] += s[t + stride];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = s[0];
+  tree_sum(slimtune_emu::dynamic_smem<float>(), in, n, out, false);
 }
 
 // Warp sums by shuffles, then the warps' sums through shared memory (blockDim.x a multiple of 32).

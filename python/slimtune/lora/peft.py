@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._atomic import write_dir_atomic
+from .._jsonfile import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,10 +27,7 @@ def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"load_peft_adapter: {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftAdapterError(f"load_peft_adapter: {path} is not valid JSON: {e}") from e
+    config = read_json(path, lambda why: PeftAdapterError(f"load_peft_adapter: {path} is not valid JSON: {why}"))
     if not isinstance(config, dict):
         raise PeftAdapterError(f"load_peft_adapter: {path} must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
