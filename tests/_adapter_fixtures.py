@@ -80,6 +80,23 @@ class TinyLM(nn.Module):
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+# The conversion methods every whole-model test runs: the fixture method and the two pillars.
+METHODS = ["test_scale", "lora", "sparse_delta"]
+
+
+def converted_tiny_lm(method: str, seed=0, **apply_kwargs):
+    """A seeded TinyLM converted by ``method`` (one of METHODS); apply_kwargs go to ``test_scale``."""
+    torch.manual_seed(seed)
+    model = TinyLM()
+    if method == "lora":
+        slimtune.apply_lora(model, r=4, alpha=8)
+    elif method == "sparse_delta":
+        slimtune.apply_sparse_delta(model, density=0.1)
+    else:
+        convert.apply(model, method, **apply_kwargs)
+    return model
+
+
 def tiny_hf(kind: str):
     """Small Hugging Face models built from configs (random weights, seeded)."""
     import transformers as tf

@@ -3,30 +3,15 @@
 import pytest
 import torch
 
-import slimtune
 from slimtune import convert
 
-from _adapter_fixtures import TinyLM, perturb_adapters
+from _adapter_fixtures import METHODS, converted_tiny_lm, perturb_adapters
 
 
 def _convert(method):
-    torch.manual_seed(0)
-    model = TinyLM()
-    if method == "lora":
-        slimtune.apply_lora(model, r=4, alpha=8)
-    elif method == "sparse_delta":
-        slimtune.apply_sparse_delta(model, density=0.1)
-    else:
-        convert.apply(model, method, mask_every=2)
+    model = converted_tiny_lm(method, mask_every=2)
     perturb_adapters(model)
     return model
-
-
-METHODS = [
-    "test_scale",
-    "lora",
-    "sparse_delta",
-]
 
 
 @pytest.mark.parametrize("method", METHODS)

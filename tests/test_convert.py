@@ -7,7 +7,7 @@ from torch import nn
 import slimtune
 from slimtune import convert
 
-from _adapter_fixtures import ScaleAdapter, TinyLM
+from _adapter_fixtures import METHODS, ScaleAdapter, TinyLM
 
 
 def _types(model):
@@ -201,25 +201,11 @@ def test_apply_sparse_delta_on_tiny_lm():
     assert trainable and all(n.endswith("values") for n in trainable)
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "test_scale",
-        "lora",
-        "sparse_delta",
-    ],
-)
+@pytest.mark.parametrize("method", METHODS)
 def test_memsave_on_a_converted_model(method, tmp_path):
-    from _adapter_fixtures import perturb_adapters
+    from _adapter_fixtures import converted_tiny_lm, perturb_adapters
 
-    torch.manual_seed(0)
-    model = TinyLM()
-    if method == "lora":
-        slimtune.apply_lora(model, r=4, alpha=8)
-    elif method == "sparse_delta":
-        slimtune.apply_sparse_delta(model, density=0.1)
-    else:
-        convert.apply(model, method)
+    model = converted_tiny_lm(method)
     perturb_adapters(model)
     ids = torch.randint(0, 32, (2, 9))
     ref = model.loss(ids)

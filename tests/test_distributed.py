@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _adapter_fixtures import METHODS
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -31,20 +32,9 @@ def _setup(rank, port):
 
 
 def _build(method, seed=0):
-    from _adapter_fixtures import TinyLM
+    from _adapter_fixtures import converted_tiny_lm
 
-    import slimtune
-    from slimtune import convert
-
-    torch.manual_seed(seed)  # same base weights on every rank
-    model = TinyLM(vocab=32, dim=16)
-    if method == "lora":
-        slimtune.apply_lora(model, r=4, alpha=8)
-    elif method == "sparse_delta":
-        slimtune.apply_sparse_delta(model, density=0.1)
-    else:
-        convert.apply(model, method)
-    return model
+    return converted_tiny_lm(method, seed)  # same seed, so the same base weights on every rank
 
 
 def _fresh_base():
@@ -162,13 +152,6 @@ def _fsdp_worker(rank, port, method, out_dir):
 def _spawn(worker, method):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(worker, args=(_free_port(), method, d), nprocs=WORLD, join=True)
-
-
-METHODS = [
-    "test_scale",
-    "lora",
-    "sparse_delta",
-]
 
 
 @pytest.mark.parametrize("method", METHODS)
