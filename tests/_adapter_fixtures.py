@@ -80,6 +80,20 @@ class TinyLM(nn.Module):
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def train_mse(model, opt, sched, x, target, steps):
+    """Full-batch MSE steps of model(x) towards target, the scheduler stepped after the optimizer;
+    returns the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
 # The conversion methods every whole-model test runs: the fixture method and the two pillars.
 METHODS = ["test_scale", "lora", "sparse_delta"]
 

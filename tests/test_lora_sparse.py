@@ -9,6 +9,7 @@ import slimtune
 from slimtune import reference
 from slimtune.lora.functional import draw_seed, lora_dropout_mask
 from slimtune.nn import LoRASparseLinear
+from _adapter_fixtures import train_mse
 from conftest import DEVICES, TOLERANCES
 
 
@@ -102,14 +103,7 @@ def test_training_with_index_updates_leaves_w0_untouched():
     opt = torch.optim.AdamW(trainable, lr=2e-2, weight_decay=0.0)
     sched = slimtune.SparseDeltaScheduler(model, opt, every=5, accumulate_steps=2, total_steps=30)
     x, target = torch.randn(128, 24), torch.randn(128, 4)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(model(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    losses = train_mse(model, opt, sched, x, target, 30)
     assert sched.updates >= 2
     assert losses[-1] < 0.8 * losses[0]
     for n, p in model.named_parameters():

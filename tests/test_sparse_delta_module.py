@@ -1,11 +1,11 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import slimtune
 from slimtune import reference
 from slimtune.nn import SparseDeltaLinear
+from _adapter_fixtures import train_mse
 from conftest import DEVICES, TOLERANCES, device_dtype_params
 
 STRUCTURES = ["unstructured", "rows", "cols", "blocks"]
@@ -121,14 +121,7 @@ def test_finetuning_loss_falls_and_only_the_delta_changes():
     sched = slimtune.SparseDeltaScheduler(model, opt, every=10, accumulate_steps=3, total_steps=60)
     x = torch.randn(256, 24)
     target = teacher(x).detach()
-    losses = []
-    for _ in range(60):
-        loss = F.mse_loss(model(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    losses = train_mse(model, opt, sched, x, target, 60)
     assert sched.updates >= 4
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses[::10]
     for n, p in model.named_parameters():
