@@ -27,9 +27,8 @@ class LoRASparseLinear(LoRAPart, SparseDeltaLinear):
     copy), neither keeps a merged weight or a dropped copy of ``x`` for backward.
     """
 
-    # The LoRA term first, then the delta: unmerging restores the delta's entries bit for bit.
-    # The sparse part first: it validates before writing and unmerges bit for bit, so a rejected
-    # delta leaves W0 untouched and a rejected LoRA half is undone exactly.
+    # The sparse part first: it validates before writing, so a rejected delta leaves W0 untouched.
+    # Unmerging runs in reverse, so the delta's saved W0 entries are restored last, bit for bit.
     _merge_parts = (("_merge_sparse_delta", "_unmerge_sparse_delta"), ("_merge_lora", "_unmerge_lora"))
 
     def __init__(
