@@ -51,12 +51,6 @@ _CONV_ONLY = (
 )
 
 
-def memsave_convert(model: nn.Module) -> None:
-    """The public conversion call, under its new name when present, else the original one."""
-    fn = getattr(slimtune.memsave, "convert", slimtune.memsave)
-    fn(model)
-
-
 def family(method: str) -> str:
     return method[: -len("+memsave")] if method.endswith("+memsave") else method
 
@@ -75,21 +69,7 @@ def unavailable(method: str, vision: bool) -> Optional[str]:
             import peft  # noqa: F401
         except ImportError:
             return "peft is not installed (pip install peft)"
-    if method.endswith("+memsave") and not callable(getattr(slimtune.memsave, "convert", slimtune.memsave)):
-        return "slimtune.memsave is not in this build of slimtune"
     return None
-
-
-def _rosa_factory(base: nn.Linear, **kw) -> nn.Module:
-    return slimtune.nn.LoRASparseLinear(base, **kw)
-
-
-def _ensure_rosa_registered() -> None:
-    # Whole-model RoSA through the public registry: one LoRASparseLinear per Linear
-    from slimtune import convert
-
-    if "rosa" not in convert.registered_methods():
-        slimtune.register_method("rosa", _rosa_factory)
 
 
 @dataclass
@@ -128,10 +108,7 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     elif fam == "sparse":
         slimtune.apply_sparse_delta(backbone, "all-linear", density=SPARSE_DENSITY)
     elif fam == "rosa":
-        from slimtune import convert
-
-        _ensure_rosa_registered()
-        convert.apply(backbone, "rosa", "all-linear", **LORA, density=ROSA_DENSITY)
+        slimtune.apply_rosa(backbone, "all-linear", **LORA, density=ROSA_DENSITY)
     elif fam == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
@@ -154,7 +131,7 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
     for p in head.parameters():
         p.requires_grad_(True)
     if mem:
-        memsave_convert(model)
+        slimtune.memsave.convert(model)
     uniq = list({id(p): p for p in model.parameters()}.values())
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in uniq if p.requires_grad and id(p) not in head_ids]
