@@ -118,7 +118,8 @@ class DoRALinear(LoRAPart, AdapterLayer):
     (to rounding) with the norm taken at merge time.
 
     ``‖W0_j‖²`` is cached and recomputed when W0 changes: written in place (merge, unmerge,
-    ``load_state_dict``), replaced, or moved to another dtype or device.
+    ``load_state_dict``), replaced, or moved to another dtype or device. A write through
+    ``weight.data`` escapes autograd's version counter: call :meth:`refresh` after one.
     """
 
     _merge_parts = (("_merge_dora", "_unmerge_dora"),)
@@ -151,9 +152,13 @@ class DoRALinear(LoRAPart, AdapterLayer):
             self._base_norm_cache = (key, base_row_norm_sq(w))
         return self._base_norm_cache[1]
 
+    def refresh(self) -> None:
+        """Drops the cached ``‖W0_j‖²`` (recomputed on the next use)."""
+        self._base_norm_cache = None
+
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .cuda() may reuse the old storage address; drop the cache outright.
-        self._base_norm_cache = None
+        self.refresh()
         return super()._apply(fn, *args, **kwargs)
 
     def weight_norm(self, name: str) -> torch.Tensor:
