@@ -127,6 +127,29 @@ def test_low_precision_error_bounded(device, dtype):
         assert_lowp_error_bounded(a, b, c)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_autocast_bf16(dropout):
+    """Under autocast the base runs in bf16 like F.linear; the row norms stay float32."""
+    layer = make_layer(d_in=64, d_out=48, r=8, dropout=dropout).train()
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        norm = layer.weight_norm("default")
+    assert y.dtype == torch.bfloat16 and norm.dtype == torch.float32
+    A, B, m = params(layer)
+    torch.testing.assert_close(norm, reference.dora_weight_norm(layer.base.weight, A, B, layer.scaling("default")))
+    torch.manual_seed(5)
+    mask = lora_dropout_mask(x, dropout, draw_seed()) if dropout else None
+    ref = ref_forward(layer, x, mask, dropout)
+    assert_close(y, ref, torch.bfloat16)
+    g = torch.randn_like(ref)
+    for got, want in zip(grads(y, (x, A, B, m), g.bfloat16()), grads(ref, (x, A, B, m), g)):
+        assert got.dtype == want.dtype
+        # bf16 GEMMs: an error of a few bf16 ulps of the largest entry (cancellation makes small entries noisy).
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
 # -- PEFT's DoRA layer with the same weights -------------------------------------------------------------
 
 peft = pytest.importorskip("peft")

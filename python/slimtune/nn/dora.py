@@ -74,10 +74,12 @@ def dora_weight_norm(
     if base_norm_sq is None:
         base_norm_sq = base_row_norm_sq(weight)
     w_at = torch.empty(weight.shape[0], A.shape[0], dtype=acc, device=weight.device)
-    for start, block in _row_blocks(weight.detach(), acc):
-        torch.mm(block, A.t(), out=w_at[start : start + block.shape[0]])
+    # Autocast would run these GEMMs in bf16/fp16; the norm must not lose that much.
+    with torch.autocast(weight.device.type, enabled=False):
+        for start, block in _row_blocks(weight.detach(), acc):
+            torch.mm(block, A.t(), out=w_at[start : start + block.shape[0]])
+        lora_sq = ((B @ (A @ A.t())) * B).sum(1)
     cross = (w_at * B).sum(1)
-    lora_sq = ((B @ (A @ A.t())) * B).sum(1)
     norm_sq = base_norm_sq.to(acc) + (2.0 * scale) * cross + (scale * scale) * lora_sq
     # The three terms cancel when W0_j ≈ -s·(BA)_j; round-off can then leave a tiny negative sum.
     return norm_sq.clamp_min_(0.0).sqrt_()
@@ -99,11 +101,13 @@ class _DroppedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         keep = lora_dropout_mask(x, ctx.p, ctx.seed)
+        grad = grad.to(weight.dtype)  # under autocast the output (and so grad) was bf16/fp16
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight) * keep / (1.0 - ctx.p)
+            grad_x = ((grad @ weight) * keep / (1.0 - ctx.p)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ (x * keep / (1.0 - ctx.p)).reshape(-1, x.shape[-1])
+            xd = (x * keep / (1.0 - ctx.p)).to(weight.dtype)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, x.shape[-1])
         return grad_x, grad_w, None, None
 
 
@@ -235,15 +239,17 @@ class DoRALinear(LoRAPart, AdapterLayer):
         s, p = self.scaling(name), self._p(name)
         W0, bias = self.base.weight, self.base.bias
         g = m / self.weight_norm(name).to(m.dtype)
+        # Results take the dtype of the ops' outputs: the base's, or autocast's.
         if p == 0.0:
             # PEFT's (g - 1)·base + g·s·lora with base = x·W0ᵀ: one fused op, then the row scale.
-            y = (lora_linear(x, W0, None, A, B, s) * g).to(x.dtype)
-            return y if bias is None else y + bias
+            z = lora_linear(x, W0, None, A, B, s)
+            y = (z * g).to(z.dtype)
+            return y if bias is None else y + bias.to(y.dtype)
         seed = draw_seed()
         adapter = lora_linear(x, None, None, A, B, s, p, seed=seed)
         dropped_base = _DroppedLinear.apply(x, W0, p, seed)
-        y = ((dropped_base + adapter) * g - dropped_base).to(x.dtype)
-        return torch.nn.functional.linear(x, W0, bias) + y
+        base = torch.nn.functional.linear(x, W0, bias)
+        return base + ((dropped_base + adapter) * g - dropped_base).to(base.dtype)
 
     def extra_repr(self) -> str:
         return self._lora_repr()
