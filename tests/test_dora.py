@@ -220,10 +220,12 @@ def test_matches_peft_layer(dropout, rslora):
 # -- dropout -------------------------------------------------------------------------------------------
 
 
-def test_dropout_matches_reference_with_the_same_mask():
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_dropout_matches_reference_with_the_same_mask(contiguous):
     p = 0.25
     layer = make_layer(d_in=19, d_out=9, r=3, dropout=p).train()
-    x = torch.randn(2, 6, 19, requires_grad=True)
+    leaf = torch.randn(2, 6, 19, requires_grad=True) if contiguous else torch.randn(19, 6, 2, requires_grad=True)
+    x = leaf if contiguous else leaf.permute(2, 1, 0)
     torch.manual_seed(3)
     y = layer(x)
     torch.manual_seed(3)
