@@ -5,7 +5,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -135,7 +135,7 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
 
     modules = dict(model.named_modules())
-    plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor]] = {}
+    plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
     for name, ab in sorted(pairs.items()):
         if set(ab) != parts:
             raise PeftAdapterError(
