@@ -7,7 +7,7 @@ from . import ops  # noqa: F401  -- fake kernels and autograd for torch.ops.slim
 from . import amp  # noqa: F401  -- autocast rules for torch.ops.slimtune.*
 from . import functional, lora, memsave, nn, reference, sparse  # noqa: F401
 from ._version import __version__
-from .convert import apply_lora, apply_rosa, apply_sparse_delta, register_method, summary
+from .convert import apply_dora, apply_lora, apply_rosa, apply_sparse_delta, register_method, summary
 from .memory import saved_bytes
 from .memsave import MemSaveReport
 from .model_io import load, merge, save, unmerge
@@ -38,6 +38,7 @@ __all__ = [
     "apply_lora",
     "apply_sparse_delta",
     "apply_rosa",
+    "apply_dora",
     "register_method",
     "summary",
     "save",

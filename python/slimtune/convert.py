@@ -23,6 +23,7 @@ __all__ = [
     "apply_lora",
     "apply_sparse_delta",
     "apply_rosa",
+    "apply_dora",
     "converted_modules",
     "adapter_state",
     "summary",
@@ -91,6 +92,13 @@ def _rosa_factory(base: nn.Linear, **kwargs) -> nn.Module:
 register_method("lora", _lora_factory)
 register_method("sparse_delta", _sparse_delta_factory)
 register_method("rosa", _rosa_factory)
+
+
+def _dora_factory(base: nn.Linear, **kwargs) -> nn.Module:
+    return _pillar_class("DoRALinear", "dora")(base, **kwargs)
+
+
+register_method("dora", _dora_factory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +425,23 @@ def apply_rosa(
         k=k,
         structure=structure,
     )
+
+
+def apply_dora(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    exclude_modules: Optional[TargetSpec] = None,
+) -> nn.Module:
+    """Add DoRA adapters (``slimtune.nn.DoRALinear``: LoRA plus a per-row magnitude) to the selected
+    layers, in place. Arguments as in :func:`apply_lora`. Only the adapter parameters and magnitudes
+    stay trainable. Returns ``model``.
+    """
+    return apply(model, "dora", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
 
 
 def summary(model: nn.Module, print_fn: Optional[Callable[[str], None]] = print) -> dict:

@@ -159,6 +159,27 @@ def lora_linear_naive(x, weight, bias, lora_A, lora_B, scale, p=0.0):
     return torch.nn.functional.linear(x, weight, bias) + (scale * ((xd @ lora_A.t()) @ lora_B.t())).to(x.dtype)
 
 
+def dora_weight_norm(weight, lora_A, lora_B, scale):
+    """``‖W0_j + s·(B·A)_j‖`` per output row from the materialized weight, in the accumulation dtype."""
+    acc = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+    w = weight.detach().to(acc) + scale * (lora_B.detach().to(acc) @ lora_A.detach().to(acc))
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, scale, magnitude, dropout_mask=None, p=0.0):
+    """PEFT's DoRA for a Linear, eager, in the accumulation dtype (differentiable in x, A, B, m):
+    ``x·W0ᵀ + b + (g - 1)·(x̃·W0ᵀ) + g·s·(x̃·Aᵀ)·Bᵀ`` with ``g = m / ‖W0 + s·B·A‖`` per output row, the
+    norm taken from the materialized weight and detached, and ``x̃ = x * mask / (1 - p)`` (``x``
+    itself without a mask: then ``y = g·(x·(W0 + s·B·A)ᵀ) + b``)."""
+    acc = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+    g = magnitude.to(acc) / dora_weight_norm(weight, lora_A, lora_B, scale)
+    xa, w0 = x.to(acc), weight.to(acc)
+    xd = xa if dropout_mask is None else xa * dropout_mask.to(acc) / (1.0 - p)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(acc)), lora_B.to(acc)) * scale
+    base = torch.nn.functional.linear(xa, w0, None if bias is None else bias.to(acc))
+    return base + (g - 1) * torch.nn.functional.linear(xd, w0) + g * lora
+
+
 # ----------------------------------------------------------------------------- memsave
 
 

@@ -5,7 +5,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,9 @@ from .._jsonfile import read_json
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<magnitude>magnitude_vector)(?:\.weight)?)$"
+)
 
 
 class PeftAdapterError(ValueError):
@@ -34,9 +36,6 @@ def _read_config(directory: Path) -> dict:
         raise PeftAdapterError(f"load_peft_adapter: {path} has peft_type {config.get('peft_type')!r}, not 'LORA'")
     if not isinstance(config.get("r"), int) or config["r"] < 1:
         raise PeftAdapterError(f"load_peft_adapter: {path}: 'r' must be a positive int, got {config.get('r')!r}")
-    for unsupported in ("use_dora",):
-        if config.get(unsupported):
-            raise PeftAdapterError(f"load_peft_adapter: {path}: '{unsupported}' adapters are not supported")
     init = config.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init == "gaussian"):
         # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...: the checkpoint's lora_A/lora_B belong to base weights
@@ -106,18 +105,22 @@ def _targeted(target_modules, name: str) -> bool:
 
 def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Loads a PEFT LoRA adapter into ``model``: each targeted ``nn.Linear`` is replaced in place
-    by a :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear`` gains adapter ``adapter_name``).
+    by a :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear`` gains adapter ``adapter_name``),
+    or by a :class:`slimtune.nn.DoRALinear` for a ``use_dora`` adapter (``lora_magnitude_vector``).
 
     Everything is validated before the model is touched: missing or corrupt files, a rank that
     disagrees with the config, shapes that disagree with the module, a key naming a module the
     model lacks or one outside ``target_modules`` raise and leave the model unchanged.
     Returns ``model``.
     """
+    from ..nn.dora import DoRALinear
     from ..nn.lora import LoRALinear
 
     directory = Path(directory)
     config = _read_config(directory)
     tensors = _read_weights(directory)
+    dora = bool(config.get("use_dora"))
+    layer_cls, parts = (DoRALinear, {"A", "B", "M"}) if dora else (LoRALinear, {"A", "B"})
 
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -125,17 +128,20 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         if m is None:
             raise PeftAdapterError(
                 f"load_peft_adapter: unsupported tensor {key!r} in {WEIGHTS_NAME} "
-                "(only lora_A/lora_B weights of Linear layers are supported)"
+                "(only lora_A/lora_B weights, and DoRA magnitudes, of Linear layers are supported)"
             )
-        pairs.setdefault(m.group("module"), {})[m.group("which")] = value
+        pairs.setdefault(m.group("module"), {})[m.group("which") or "M"] = value
     if not pairs:
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
 
     modules = dict(model.named_modules())
-    plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor]] = {}
+    plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
     for name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise PeftAdapterError(f"load_peft_adapter: module {name!r} has lora_{''.join(ab)} but not both A and B")
+        if set(ab) != parts:
+            raise PeftAdapterError(
+                f"load_peft_adapter: module {name!r} has tensors {sorted(ab)} (M: lora_magnitude_vector), "
+                f"a {'DoRA' if dora else 'LoRA'} adapter needs {sorted(parts)}"
+            )
         if name not in modules:
             raise PeftAdapterError(f"load_peft_adapter: unknown target {name!r}: the model has no such module")
         if not _targeted(config.get("target_modules"), name):
@@ -144,10 +150,10 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
                 f"{config.get('target_modules')!r}"
             )
         module = modules[name]
-        linear = module.base if isinstance(module, LoRALinear) else module
+        linear = module.base if isinstance(module, layer_cls) else module
         if not isinstance(linear, nn.Linear):
             raise PeftAdapterError(f"load_peft_adapter: target {name!r} is a {type(module).__name__}, not nn.Linear")
-        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+        if isinstance(module, layer_cls) and adapter_name in module.lora_A:
             raise PeftAdapterError(f"load_peft_adapter: {name!r} already has an adapter named {adapter_name!r}")
         r = _pattern_value(config.get("rank_pattern"), name, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
@@ -171,7 +177,15 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} must be floating point")
         if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(B).all()):
             raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} hold NaN or infinite values")
-        plan[name] = (module, r, alpha, A, B)
+        M = ab.get("M")
+        if M is not None and (
+            tuple(M.shape) != (linear.out_features,) or not M.is_floating_point() or not bool(torch.isfinite(M).all())
+        ):
+            raise PeftAdapterError(
+                f"load_peft_adapter: lora_magnitude_vector of {name!r} must hold {linear.out_features} finite "
+                f"floats, got {tuple(M.shape)} {M.dtype}"
+            )
+        plan[name] = (module, r, alpha, A, B, M)
 
     dropout = float(config.get("lora_dropout", 0.0))
     rslora = bool(config.get("use_rslora", False))
@@ -179,18 +193,18 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
         built = {
-            name: LoRALinear(
+            name: layer_cls(
                 module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros", adapter_name=adapter_name
             )
-            for name, (module, r, alpha, A, B) in plan.items()
-            if not isinstance(module, LoRALinear)
+            for name, (module, r, alpha, A, B, M) in plan.items()
+            if not isinstance(module, layer_cls)
         }
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
         raise
-    for name, (module, r, alpha, A, B) in plan.items():
-        if isinstance(module, LoRALinear):
+    for name, (module, r, alpha, A, B, M) in plan.items():
+        if isinstance(module, layer_cls):
             module.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros")
             target = module
         else:
@@ -200,20 +214,32 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         with torch.no_grad():
             target.lora_A[adapter_name].copy_(A)
             target.lora_B[adapter_name].copy_(B)
+            if M is not None:
+                target.lora_magnitude_vector[adapter_name].copy_(M)
     return model
 
 
 def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> Path:
-    """Writes adapter ``adapter_name`` of every ``LoRALinear`` in ``model`` as a PEFT checkpoint
-    that ``peft.PeftModel.from_pretrained(<the model with plain nn.Linear layers>, directory)`` loads.
+    """Writes adapter ``adapter_name`` of every ``LoRALinear`` (or every ``DoRALinear``, as a
+    ``use_dora`` adapter) in ``model`` as a PEFT checkpoint that
+    ``peft.PeftModel.from_pretrained(<the model with plain nn.Linear layers>, directory)`` loads.
     Per-module ranks/alphas that differ from the first go to ``rank_pattern``/``alpha_pattern``."""
     from safetensors.torch import save_file
 
+    from ..nn.dora import DoRALinear
     from ..nn.lora import LoRALinear
 
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and adapter_name in m.lora_A]
+    kinds = (LoRALinear, DoRALinear)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and adapter_name in m.lora_A]
     if not found:
-        raise ValueError(f"export_peft_adapter: no LoRALinear in the model has an adapter named {adapter_name!r}")
+        raise ValueError(
+            f"export_peft_adapter: no LoRALinear or DoRALinear in the model has an adapter named {adapter_name!r}"
+        )
+    dora = isinstance(found[0][1], DoRALinear)
+    if any(isinstance(m, DoRALinear) != dora for _, m in found):
+        raise ValueError(
+            "export_peft_adapter: PEFT needs one use_dora setting for the whole adapter (LoRA and DoRA mixed)"
+        )
     first = found[0][1]
     r0, alpha0 = first.r[adapter_name], first.lora_alpha[adapter_name]
     rslora, dropout = first.use_rslora[adapter_name], first.lora_dropout[adapter_name]
@@ -227,6 +253,9 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
             alpha_pattern[_exact_pattern_key(name)] = m.lora_alpha[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous().cpu()
+        if dora:
+            magnitude = m.lora_magnitude_vector[adapter_name]
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -243,7 +272,7 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": dora,
     }
     directory = Path(directory)
 
