@@ -50,9 +50,17 @@ def test_demo_cli_tiny_both_models(tmp_path, capsys):
 
     text_res = {r["method"]: r for r in tasks["minilm"]["results"]}
     assert list(text_res) == ADAPTER_METHODS
-    assert text_res["dora"]["status"] == "skipped" and "DoRA" in text_res["dora"]["reason"]
     ran = [r for r in text_res.values() if r["status"] == "ok"]
-    assert {r["method"] for r in ran} >= {"full", "lora", "lora+memsave", "sparse", "rosa", "peft-lora"}
+    assert {r["method"] for r in ran} >= {
+        "full",
+        "lora",
+        "lora+memsave",
+        "sparse",
+        "rosa",
+        "peft-lora",
+        "peft-dora",
+        "dora",
+    }
     for r in ran:
         assert len(r["train_losses"]) == len(r["step_times_s"]) == 3
         assert r["saved_bytes"] > 0 and r["peak_bytes"] > 0 and r["median_step_s"] > 0
@@ -240,7 +248,7 @@ def test_method_setup_goes_through_the_public_api(monkeypatch):
     monkeypatch.setattr(slimtune, "memsave", Renamed, raising=False)
     t = M.build("full+memsave", FakeTask, 4, 0)
     assert seen == [t.model]
-    assert M.unavailable("dora", vision=False) == "slimtune has no DoRA yet"
+    assert M.unavailable("dora", vision=False) is None
     assert "nn.Linear" in M.unavailable("lora", vision=True)
 
 
@@ -298,3 +306,14 @@ def test_bench_bad_flags_have_one_prefix(capsys):
             cli.main(["bench", *flags])
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "slimtune bench: error:" in err
+
+
+def test_verdict_compares_dora_with_peft_dora():
+    t = _task(50 * 2**20, 100 * 2**20, 0.8, 0.9)
+    base = t["results"][1]
+    t["results"].append(dict(base, method="peft-dora", saved_bytes=120 * 2**20, time_ratio=2.0, after=0.7))
+    t["results"].append(dict(base, method="dora", saved_bytes=60 * 2**20, time_ratio=1.5, after=0.75))
+    v = report.task_verdict(t)
+    assert "slimtune DoRA kept 60.0 MiB for backward against PEFT DoRA's 120.0 MiB (2.00x less)" in v
+    assert "step 0.75x PEFT DoRA's time" in v and "accuracy 75.0 % vs 70.0 %" in v
+    assert "PEFT DoRA" not in report.task_verdict(_task(50 * 2**20, 100 * 2**20, 0.8, 0.9))

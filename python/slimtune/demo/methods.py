@@ -22,7 +22,15 @@ ROSA_DENSITY = 0.005
 HEAD_LR = 1e-3
 # AdamW learning rates per method family (no weight decay); adapters take larger steps than full
 # fine-tuning, as usual.
-LEARNING_RATES = {"full": 1e-4, "peft-lora": 1e-3, "lora": 1e-3, "sparse": 3e-3, "rosa": 1e-3, "dora": 1e-3}
+LEARNING_RATES = {
+    "full": 1e-4,
+    "peft-lora": 1e-3,
+    "lora": 1e-3,
+    "sparse": 3e-3,
+    "rosa": 1e-3,
+    "peft-dora": 1e-3,
+    "dora": 1e-3,
+}
 # A pretrained CNN fine-tuned on a few hundred images drifts at the text model's full-model rate
 VISION_LEARNING_RATES = {"full": 2e-5, "bn+head": 1e-4}
 
@@ -42,10 +50,10 @@ ADAPTER_METHODS = [
     "sparse+memsave",
     "rosa",
     "rosa+memsave",
+    "peft-dora",
     "dora",
 ]
 VISION_METHODS = ["full", "full+memsave", "bn+head", "bn+head+memsave", "lora", "sparse"]
-_NO_DORA = "slimtune has no DoRA yet"
 _CONV_ONLY = (
     "slimtune's adapters wrap nn.Linear; MobileNetV2 is convolutions plus the new head, which every method trains"
 )
@@ -58,13 +66,11 @@ def family(method: str) -> str:
 def unavailable(method: str, vision: bool) -> Optional[str]:
     """Why ``method`` cannot run on this task in this installation (None when it can)."""
     fam = family(method)
-    if fam == "dora":
-        return _NO_DORA
     if vision and fam not in ("full", "bn+head"):
         return _CONV_ONLY
     if not vision and fam == "bn+head":
         return "for convolutional networks (BatchNorm + head)"
-    if fam == "peft-lora":
+    if fam in ("peft-lora", "peft-dora"):
         try:
             import peft  # noqa: F401
         except ImportError:
@@ -109,11 +115,17 @@ def build(method: str, task, total_steps: int, seed: int) -> Trainee:
         slimtune.apply_sparse_delta(backbone, "all-linear", density=SPARSE_DENSITY)
     elif fam == "rosa":
         slimtune.apply_rosa(backbone, "all-linear", **LORA, density=ROSA_DENSITY)
-    elif fam == "peft-lora":
+    elif fam == "dora":
+        slimtune.apply_dora(backbone, "all-linear", **LORA)
+    elif fam in ("peft-lora", "peft-dora"):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
-            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear"
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            use_dora=fam == "peft-dora",
         )
         task.set_backbone(model, get_peft_model(backbone, cfg))
     elif fam == "bn+head":

@@ -115,6 +115,16 @@ def task_verdict(task: dict) -> str:
             s += f", peak memory {_mib(lora['peak_bytes'])} vs {_mib(peft['peak_bytes'])}"
         s += f"; {metric} {q(lora['after'])} vs PEFT's {q(peft['after'])}."
         parts.append(s)
+    peft_dora, dora = ok.get("peft-dora"), ok.get("dora")
+    if peft_dora and dora:
+        s = (
+            f"slimtune DoRA kept {_mib(dora['saved_bytes'])} for backward against PEFT DoRA's "
+            f"{_mib(peft_dora['saved_bytes'])} ({_times(dora['saved_bytes'], peft_dora['saved_bytes'])})"
+        )
+        if dora["time_ratio"] is not None and peft_dora["time_ratio"] is not None:
+            s += f"; step {dora['time_ratio'] / peft_dora['time_ratio']:.2f}x PEFT DoRA's time"
+        s += f"; {metric} {q(dora['after'])} vs {q(peft_dora['after'])}."
+        parts.append(s)
     pairs = [(m, ok[m + "+memsave"]) for m in ok if m + "+memsave" in ok]
     if pairs:
         gains = [
