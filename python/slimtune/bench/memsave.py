@@ -117,6 +117,26 @@ def small_resnet(width=32, num_classes=10, dropout=0.1):
     )
 
 
+def resnet18_like(width=16, num_classes=10):
+    """ResNet-18's layout (stem, four stages of two basic blocks, in-place ReLUs shared inside
+    each block) at a given base width, without torchvision."""
+    w = width
+    stages, cin = [], w
+    for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        stages += [_Block(cin, cout, 1 if i == 0 else 2), _Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(
+        nn.Conv2d(3, w, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(cin, num_classes),
+    )
+
+
 def _model_groups(ctx: Context):
     dev, dt = ctx.device, ctx.dtype
     shape = (2, 3, 32, 32) if ctx.quick else (16, 3, 112, 112)

@@ -277,6 +277,10 @@ class MemSaveDropout(nn.Dropout):
                     "use inplace=False (it saves no mask either way)"
                 )
             return F.dropout(input, self.p, self.training, self.inplace)
+        if torch.compiler.is_compiling():
+            # A seeded generator is an opaque object the compiler cannot trace; compiled graphs
+            # draw the mask with the compiler's own random numbers, as for nn.Dropout.
+            return F.dropout(input, self.p, self.training)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return DropoutFunction.apply(input, float(self.p), seed)
 
