@@ -28,6 +28,12 @@ CONVERSIONS = {
     nn.MaxPool1d: L.MemSaveMaxPool1d,
     nn.MaxPool2d: L.MemSaveMaxPool2d,
     nn.MaxPool3d: L.MemSaveMaxPool3d,
+    nn.AvgPool1d: L.MemSaveAvgPool1d,
+    nn.AvgPool2d: L.MemSaveAvgPool2d,
+    nn.AvgPool3d: L.MemSaveAvgPool3d,
+    nn.AdaptiveAvgPool1d: L.MemSaveAdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d: L.MemSaveAdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d: L.MemSaveAdaptiveAvgPool3d,
 }
 _MEMSAVE_TYPES = tuple(CONVERSIONS.values())
 
