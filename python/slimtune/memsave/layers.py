@@ -271,6 +271,18 @@ def _hf_rms_norm_forward(self, hidden_states):
     return HFRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _hf_rms_norm_reduce_ex(self, protocol):
+    # The class is made at conversion time, so no module attribute names it: pickle (torch.save,
+    # copy.deepcopy) records the Hugging Face class it derives from and makes it again on load.
+    return _new_hf_rms_norm, (type(self).__bases__[0],), self.__getstate__()
+
+
+def _new_hf_rms_norm(base):
+    """An empty instance of ``memsave_hf_rms_norm_class(base)``, filled in by unpickling."""
+    cls = memsave_hf_rms_norm_class(base)
+    return cls.__new__(cls)
+
+
 _HF_RMS_CLASSES = {}
 
 
@@ -282,6 +294,7 @@ def memsave_hf_rms_norm_class(cls):
             (cls,),
             {
                 "forward": _hf_rms_norm_forward,
+                "__reduce_ex__": _hf_rms_norm_reduce_ex,
                 "__doc__": f"{cls.__name__} keeping only the input and the per-row rstd for backward.",
                 "__module__": __name__,
             },
