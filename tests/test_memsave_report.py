@@ -128,3 +128,14 @@ def test_example_inputs_forms_and_bad_input():
         slimtune.memsave.convert(Keyword(), example_inputs=3)
     with pytest.raises(TypeError, match="model"):
         by_tuple.measure(lambda t: t, x)
+
+
+def test_readme_report_example_prints_what_it_shows(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("The report lists every layer left unconverted") :]
+    code, shown = re.search(r"```python\n(.*?)```\n```text\n(.*?)```", section, re.S).groups()
+    exec(compile(code, "README.md", "exec"), {"torch": torch, "nn": nn, "slimtune": slimtune})
+    assert capsys.readouterr().out == shown
