@@ -1,8 +1,8 @@
 """What :func:`slimtune.memsave.convert` did, and what each layer keeps for backward.
 
-The bytes are measured, not computed: one forward pass over an example input, under the same
-saved-tensor hooks as :func:`slimtune.saved_bytes`, attributes every tensor saved for backward
-to the innermost module running when it was saved. Measuring needs no knowledge of a layer's
+The bytes are measured, not computed: one forward pass over an example input through
+:func:`slimtune.memory.saved_bytes_by_module` (the meter of :func:`slimtune.saved_bytes`) attributes
+every tensor saved for backward to the innermost module running when it was saved. Measuring needs no knowledge of a layer's
 backward, so it covers any module, stock or custom, and reflects the model as converted (frozen
 weights, train or eval mode, dtypes and the input's shape all change the figures).
 """
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..memory import _storage_key
+from ..memory import saved_bytes_by_module
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -59,54 +59,21 @@ class MemSaveReport:
         the random number generators are restored afterwards, so the model is left as it was."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"MemSaveReport.measure: argument 'model' must be an nn.Module, got {type(model).__name__}")
-        names = {}
-        for name, module in model.named_modules():
-            names.setdefault(module, name)
-        resident = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
-        resident = {key[0] for key in resident if key is not None}
-        stack: List[str] = []
-        per_module: Dict[str, Dict[tuple, int]] = {}
-        everything: Dict[tuple, int] = {}
-
-        def pack(t):
-            key = _storage_key(t)
-            if key is not None and key[0] not in resident:
-                owner = stack[-1] if stack else ""
-                per_module.setdefault(owner, {})[key[0]] = key[1]
-                everything[key[0]] = key[1]
-            return t
-
-        def enter(module, _args):
-            stack.append(names[module])
-
-        def leave(module, _args, _out):
-            stack.pop()
-
-        handles = []
-        for module in names:
-            handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(leave, always_call=True))
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
         try:
-            with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with torch.enable_grad():
-                    out = model(*args, **kwargs)
-            del out
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                self.total_bytes, self.kept_bytes = saved_bytes_by_module(model, *args, **kwargs)
         finally:
-            for h in handles:
-                h.remove()
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
-        self.kept_bytes = {name: int(sum(per_module.get(name, {}).values())) for name in names.values()}
-        self.total_bytes = int(sum(everything.values()))
         self.measured_on = _describe(args, kwargs)
         listed = {name for name, _, _ in self.unconverted}
         for name, cls in self._containers:
             if name not in listed and self.kept_bytes.get(name, 0) > 0:
                 self.unconverted.append((name, cls, "its own operations (not its children's)"))
-        order = {name: i for i, name in enumerate(names.values())}
+        order = {name: i for i, name in enumerate(self.kept_bytes)}
         self.unconverted.sort(key=lambda row: order.get(row[0], len(order)))
         return self.total_bytes
 
