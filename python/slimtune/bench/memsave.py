@@ -117,6 +117,26 @@ def small_resnet(width=32, num_classes=10, dropout=0.1):
     )
 
 
+def resnet18_like(width=16, num_classes=10):
+    """ResNet-18's layout (stem, four stages of two basic blocks, in-place ReLUs shared inside
+    each block) at a given base width, without torchvision."""
+    w = width
+    stages, cin = [], w
+    for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        stages += [_Block(cin, cout, 1 if i == 0 else 2), _Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(
+        nn.Conv2d(3, w, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(cin, num_classes),
+    )
+
+
 def _model_groups(ctx: Context):
     dev, dt = ctx.device, ctx.dtype
     shape = (2, 3, 32, 32) if ctx.quick else (16, 3, 112, 112)
@@ -155,9 +175,84 @@ def _model_groups(ctx: Context):
         yield from _saved_and_timed(f"memsave resnet {setting}", "input", "x".join(map(str, shape)), saved, timed, cfg)
 
 
+class _GraphCounter:
+    """A torch.compile backend that counts the graphs Dynamo hands to ``backend`` (one per graph break + 1)."""
+
+    def __init__(self, backend):
+        self.backend, self.graphs = torch._dynamo.lookup_backend(backend), 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.backend(gm, example_inputs)
+
+
+def _compile_groups(ctx: Context):
+    """Converted ResNet-18 under torch.compile against the same model eager (the baseline), stock
+    eager and stock compiled: graphs per step, bytes kept for backward and fwd+bwd time."""
+    dev, dt = ctx.device, ctx.dtype
+    # Inductor compiles a ResNet-18 step in about a minute on CPU: the quick run uses the aot_eager
+    # backend (same graphs and autograd, no code generation) and a narrow model.
+    backend = "aot_eager" if ctx.quick else "inductor"
+    width, shape = (8, (2, 3, 32, 32)) if ctx.quick else (64, (8, 3, 112, 112))
+    for setting in ("all-trainable", "norms+head"):
+        torch.manual_seed(0)
+        stock = resnet18_like(width).to(dev, dt)
+        if setting == "norms+head":
+            # Frozen convolutions in eval mode: gradients cross every converted layer.
+            stock.eval().requires_grad_(False)
+            for m in stock.modules():
+                if isinstance(m, (nn.BatchNorm2d, nn.Linear)):
+                    m.requires_grad_(True)
+        stock, ours = _pair(stock)
+        x = torch.randn(shape, device=dev, dtype=dt)
+        counters = {"torch.compile(stock)": _GraphCounter(backend), "torch.compile(memsave)": _GraphCounter(backend)}
+        models = {
+            "memsave": ours,
+            "torch.compile(memsave)": torch.compile(ours, backend=counters["torch.compile(memsave)"]),
+            "stock": stock,
+            "torch.compile(stock)": torch.compile(copy.deepcopy(stock), backend=counters["torch.compile(stock)"]),
+        }
+
+        def step(model):
+            def run():
+                model.zero_grad(set_to_none=True)
+                model(x).float().square().mean().backward()
+
+            return run
+
+        def graphs(name):
+            def count():
+                step(models[name])()  # compiles on the first call
+                return counters[name].graphs
+
+            return count
+
+        cfg = {"input": list(shape), "setting": setting, "width": width, "backend": backend}
+        common = dict(x_name="input", x_value="x".join(map(str, shape)), baseline="memsave", config=cfg)
+        op = f"memsave resnet18 compiled {setting}"
+        yield Group(
+            op=op,
+            mode="compile",
+            providers={name: graphs(name) for name in counters},
+            metric="graphs",
+            unit="count",
+            **{**common, "baseline": "torch.compile(stock)"},
+        )
+        yield Group(
+            op=op,
+            mode="saved",
+            providers={name: _bytes(m, x) for name, m in models.items()},
+            metric="saved_bytes",
+            unit="MiB",
+            **common,
+        )
+        yield Group(op=op, mode="fwd+bwd", providers={name: step(m) for name, m in models.items()}, **common)
+
+
 def _groups(ctx: Context):
     yield from _layer_groups(ctx)
     yield from _model_groups(ctx)
+    yield from _compile_groups(ctx)
 
 
 BENCHMARKS = {"memsave": _groups}

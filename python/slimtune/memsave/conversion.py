@@ -2,12 +2,12 @@
 (``slimtune.memsave.convert``)."""
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from . import layers as L
+from .report import MemSaveReport
 
 # Exact stock class -> memory-saving subclass. Only exact types are converted: a subclass
 # may override forward, and swapping its class would silently change what it computes.
@@ -28,6 +28,12 @@ CONVERSIONS = {
     nn.MaxPool1d: L.MemSaveMaxPool1d,
     nn.MaxPool2d: L.MemSaveMaxPool2d,
     nn.MaxPool3d: L.MemSaveMaxPool3d,
+    nn.AvgPool1d: L.MemSaveAvgPool1d,
+    nn.AvgPool2d: L.MemSaveAvgPool2d,
+    nn.AvgPool3d: L.MemSaveAvgPool3d,
+    nn.AdaptiveAvgPool1d: L.MemSaveAdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d: L.MemSaveAdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d: L.MemSaveAdaptiveAvgPool3d,
 }
 _MEMSAVE_TYPES = tuple(CONVERSIONS.values())
 
@@ -66,20 +72,6 @@ def _unsupported_reason(module):
     return None
 
 
-@dataclass
-class MemSaveReport:
-    """What :func:`convert` converted and what it left alone (and why)."""
-
-    converted: list = field(default_factory=list)  # (qualified name, old class, new class)
-    skipped: list = field(default_factory=list)  # (qualified name, class, reason)
-
-    def __str__(self):
-        lines = [f"memsave: converted {len(self.converted)} layer(s), skipped {len(self.skipped)}"]
-        lines += [f"  converted {name or '<root>'}: {old} -> {new}" for name, old, new in self.converted]
-        lines += [f"  skipped   {name or '<root>'} ({cls}): {why}" for name, cls, why in self.skipped]
-        return "\n".join(lines)
-
-
 def _wanted(module, name, layers):
     if layers is None:
         return True
@@ -92,14 +84,17 @@ def _wanted(module, name, layers):
     return False
 
 
-def convert(model: nn.Module, layers=None, inplace: bool = True):
+def convert(model: nn.Module, layers=None, inplace: bool = True, example_inputs=None):
     """Convert every supported layer of `model` to its memory-saving version.
 
     The conversion swaps each module's class, so parameters (and an optimizer holding them),
     buffers, hooks and ``state_dict`` keys are unchanged. ``layers`` restricts it to stock
     classes (e.g. ``[nn.Conv2d]``) or qualified module names/prefixes. ``inplace=False``
     converts a deep copy. Returns ``(model, report)``; ``print(report)`` lists what was
-    converted and what was skipped, with the reason.
+    converted and every layer left unconverted, with the reason. ``example_inputs`` (a tensor,
+    a tuple of positional arguments or a dict of keyword arguments) makes the report measure,
+    with one forward pass of the converted model, the bytes each layer keeps for backward
+    (``report.measure`` does the same later).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memsave: argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -116,27 +111,46 @@ def convert(model: nn.Module, layers=None, inplace: bool = True):
             raise TypeError("memsave: argument 'layers' must hold layer classes and module names only")
     if not inplace:
         model = copy.deepcopy(model)
+    if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
+        raise TypeError(
+            "memsave: argument 'example_inputs' must be a tensor, a tuple of positional arguments or a dict "
+            f"of keyword arguments, got {type(example_inputs).__name__}"
+        )
     report = MemSaveReport()
     for name, module in model.named_modules():
-        if (
-            isinstance(module, _MEMSAVE_TYPES)
-            or type(module).__name__.startswith("MemSave")
-            or not _wanted(module, name, layers)
-        ):
+        cls = type(module).__name__
+        if isinstance(module, _MEMSAVE_TYPES) or cls.startswith("MemSave"):
+            continue
+        leaf = next(module.children(), None) is None
+        if not leaf:
+            # Listed once measured, if its own operations (not its children's) keep anything.
+            report._containers.append((name, cls))
+        if not _wanted(module, name, layers):
+            if leaf:
+                report.unconverted.append((name, cls, "not selected by 'layers'"))
             continue
         target = _target_class(module)
         if target is None:
             base = next((b for b in CONVERSIONS if isinstance(module, b)), None)
             if base is not None:
-                report.skipped.append(
-                    (name, type(module).__name__, f"subclass of {base.__name__} with its own behaviour")
-                )
+                reason = f"subclass of {base.__name__} with its own behaviour"
+                report.skipped.append((name, cls, reason))
+                report.unconverted.append((name, cls, reason))
+            elif leaf:
+                report.unconverted.append((name, cls, "no memsave version"))
             continue
         reason = _unsupported_reason(module)
         if reason is not None:
-            report.skipped.append((name, type(module).__name__, reason))
+            report.skipped.append((name, cls, reason))
+            report.unconverted.append((name, cls, reason))
             continue
-        old = type(module).__name__
         module.__class__ = target
-        report.converted.append((name, old, target.__name__))
+        report.converted.append((name, cls, target.__name__))
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            report.measure(model, **example_inputs)
+        elif isinstance(example_inputs, torch.Tensor):
+            report.measure(model, example_inputs)
+        else:
+            report.measure(model, *example_inputs)
     return model, report

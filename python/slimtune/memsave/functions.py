@@ -179,8 +179,11 @@ class ReLUFunction(torch.autograd.Function):
     def forward(ctx, x, inplace):
         if inplace:
             mask = torch.ops.slimtune.memsave_relu_mask(x)
+            x.relu_()
             ctx.mark_dirty(x)
-            out = x.relu_()
+            # Return x itself, not relu_()'s result: torch.compile accepts mark_dirty only when the
+            # dirty input is what forward returns, and it cannot see that relu_() returned x.
+            out = x
         else:
             # One pass: output and mask together (the output keeps -0.0 and NaN bit for bit, like torch.relu).
             out, mask = torch.ops.slimtune.memsave_relu(x)

@@ -5,11 +5,14 @@ Each class only overrides ``forward``; parameters, buffers, ``state_dict`` keys 
 module's class in place.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
+from .avg_pool import AdaptiveAvgPoolFunction, AvgPoolFunction
 from .functions import (
     BatchNormEvalFunction,
     ConvFunction,
@@ -23,6 +26,12 @@ from .functions import (
 )
 
 __all__ = [
+    "MemSaveAdaptiveAvgPool1d",
+    "MemSaveAdaptiveAvgPool2d",
+    "MemSaveAdaptiveAvgPool3d",
+    "MemSaveAvgPool1d",
+    "MemSaveAvgPool2d",
+    "MemSaveAvgPool3d",
     "MemSaveBatchNorm1d",
     "MemSaveBatchNorm2d",
     "MemSaveBatchNorm3d",
@@ -42,6 +51,34 @@ __all__ = [
 ]
 
 _LOWP = (torch.float16, torch.bfloat16)
+
+
+def _under_func_transform():
+    """True inside torch.func transforms (vmap, grad, jvp, ...) or a forward-mode AD level."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _stock_forward(module):
+    """The forward of the torch layer a memsave class derives from."""
+    for cls in type(module).__mro__[1:]:
+        if cls.__module__ != __name__ and "forward" in vars(cls):
+            return cls.forward
+    raise TypeError(f"{type(module).__name__} derives from no torch layer with a forward")
+
+
+def _stock_under_func_transforms(forward):
+    """memsave's autograd Functions have no vmap or jvp rules, so under torch.func transforms and
+    forward-mode AD the stock layer's forward runs instead: the same results, stock memory."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if _under_func_transform():
+            return _stock_forward(self)(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _autocast_dtype(t):
@@ -136,6 +173,7 @@ def _conv_forward(module, x, transposed=False, output_padding=None):
 
 
 class _MemSaveConvMixin:
+    @_stock_under_func_transforms
     def forward(self, input):
         return _conv_forward(self, input)
 
@@ -153,6 +191,7 @@ class MemSaveConv3d(_MemSaveConvMixin, nn.Conv3d):
 
 
 class _MemSaveConvTransposeMixin:
+    @_stock_under_func_transforms
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
             raise ValueError(
@@ -183,6 +222,7 @@ class MemSaveConvTranspose3d(_MemSaveConvTransposeMixin, nn.ConvTranspose3d):
 
 
 class _MemSaveBatchNormMixin:
+    @_stock_under_func_transforms
     def forward(self, input):
         self._check_input_dim(input)
         uses_running_stats = not self.training and self.running_mean is not None and self.running_var is not None
@@ -211,6 +251,7 @@ class MemSaveLayerNorm(nn.LayerNorm):
     """nn.LayerNorm keeping the input and per-row statistics, the weight only for the input
     gradient; no weight-gradient work when the weight is frozen."""
 
+    @_stock_under_func_transforms
     def forward(self, input):
         x, w, b = _autocast_fp32("layer_norm", input, self.weight, self.bias)
         return LayerNormFunction.apply(x, list(self.normalized_shape), w, b, self.eps)
@@ -219,13 +260,27 @@ class MemSaveLayerNorm(nn.LayerNorm):
 class MemSaveRMSNorm(nn.RMSNorm):
     """nn.RMSNorm keeping only the input and the per-row rstd."""
 
+    @_stock_under_func_transforms
     def forward(self, x):
         x, w = _autocast_fp32("rms_norm", x, self.weight)
         return RMSNormFunction.apply(x, list(self.normalized_shape), w, self.eps)
 
 
+@_stock_under_func_transforms
 def _hf_rms_norm_forward(self, hidden_states):
     return HFRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _hf_rms_norm_reduce_ex(self, protocol):
+    # The class is made at conversion time, so no module attribute names it: pickle (torch.save,
+    # copy.deepcopy) records the Hugging Face class it derives from and makes it again on load.
+    return _new_hf_rms_norm, (type(self).__bases__[0],), self.__getstate__()
+
+
+def _new_hf_rms_norm(base):
+    """An empty instance of ``memsave_hf_rms_norm_class(base)``, filled in by unpickling."""
+    cls = memsave_hf_rms_norm_class(base)
+    return cls.__new__(cls)
 
 
 _HF_RMS_CLASSES = {}
@@ -239,6 +294,7 @@ def memsave_hf_rms_norm_class(cls):
             (cls,),
             {
                 "forward": _hf_rms_norm_forward,
+                "__reduce_ex__": _hf_rms_norm_reduce_ex,
                 "__doc__": f"{cls.__name__} keeping only the input and the per-row rstd for backward.",
                 "__module__": __name__,
             },
@@ -252,6 +308,7 @@ def memsave_hf_rms_norm_class(cls):
 class MemSaveReLU(nn.ReLU):
     """nn.ReLU keeping one bit per element for backward (the output is torch.relu's, -0.0 included)."""
 
+    @_stock_under_func_transforms
     def forward(self, input):
         if not (torch.is_grad_enabled() and input.requires_grad):
             return F.relu(input, inplace=self.inplace)
@@ -267,6 +324,7 @@ class MemSaveDropout(nn.Dropout):
     checkpointing, which restores that generator before recomputing, recomputes the same mask.
     """
 
+    @_stock_under_func_transforms
     def forward(self, input):
         if not self.training or self.p == 0.0 or self.p == 1.0:
             return F.dropout(input, self.p, self.training, self.inplace)
@@ -277,6 +335,10 @@ class MemSaveDropout(nn.Dropout):
                     "use inplace=False (it saves no mask either way)"
                 )
             return F.dropout(input, self.p, self.training, self.inplace)
+        if torch.compiler.is_compiling():
+            # A seeded generator is an opaque object the compiler cannot trace; compiled graphs
+            # draw the mask with the compiler's own random numbers, as for nn.Dropout.
+            return F.dropout(input, self.p, self.training)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return DropoutFunction.apply(input, float(self.p), seed)
 
@@ -287,6 +349,7 @@ class MemSaveDropout(nn.Dropout):
 class _MemSaveMaxPoolMixin:
     _nd = 2
 
+    @_stock_under_func_transforms
     def forward(self, input):
         if self.return_indices:
             raise ValueError(
@@ -321,5 +384,77 @@ class MemSaveMaxPool2d(_MemSaveMaxPoolMixin, nn.MaxPool2d):
 
 class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d):
     """nn.MaxPool3d keeping compact within-window argmax offsets."""
+
+    _nd = 3
+
+
+class _MemSaveAvgPoolMixin:
+    _nd = 2
+
+    @_stock_under_func_transforms
+    def forward(self, input):
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        tup = _ntuple(self._nd)
+        kernel = list(tup(self.kernel_size))
+        stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
+        return AvgPoolFunction.apply(
+            input,
+            kernel,
+            stride,
+            list(tup(self.padding)),
+            bool(self.ceil_mode),
+            bool(self.count_include_pad),
+            getattr(self, "divisor_override", None),
+        )
+
+
+class MemSaveAvgPool1d(_MemSaveAvgPoolMixin, nn.AvgPool1d):
+    """nn.AvgPool1d keeping only the input's shape for backward."""
+
+    _nd = 1
+
+
+class MemSaveAvgPool2d(_MemSaveAvgPoolMixin, nn.AvgPool2d):
+    """nn.AvgPool2d keeping only the input's shape for backward."""
+
+    _nd = 2
+
+
+class MemSaveAvgPool3d(_MemSaveAvgPoolMixin, nn.AvgPool3d):
+    """nn.AvgPool3d keeping only the input's shape for backward."""
+
+    _nd = 3
+
+
+class _MemSaveAdaptiveAvgPoolMixin:
+    _nd = 2
+
+    @_stock_under_func_transforms
+    def forward(self, input):
+        nd = self._nd
+        size = list(_ntuple(nd)(self.output_size))
+        if input.dim() >= nd:
+            size = [int(input.shape[i - nd]) if s is None else int(s) for i, s in enumerate(size)]
+        if not (torch.is_grad_enabled() and input.requires_grad) or all(s == 1 for s in size):
+            # An all-ones output size is a mean in ATen, whose backward keeps nothing already.
+            return super().forward(input)
+        return AdaptiveAvgPoolFunction.apply(input, size)
+
+
+class MemSaveAdaptiveAvgPool1d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool1d):
+    """nn.AdaptiveAvgPool1d keeping only the input's shape for backward."""
+
+    _nd = 1
+
+
+class MemSaveAdaptiveAvgPool2d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d keeping only the input's shape for backward."""
+
+    _nd = 2
+
+
+class MemSaveAdaptiveAvgPool3d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool3d):
+    """nn.AdaptiveAvgPool3d keeping only the input's shape for backward."""
 
     _nd = 3
