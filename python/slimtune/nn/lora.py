@@ -117,6 +117,8 @@ class LoRAPart:
         w.copy_((w.to(A0.dtype) - (scaling * B0) @ A0).to(w.dtype))  # PEFT's order of operations
         if not hasattr(self, "lora_init"):
             self.lora_init = nn.Module()
+            self.base_weight_init: Dict[str, str] = {}
+        self.base_weight_init[name] = init
         self.lora_init.register_buffer(f"A_{name}", A.clone(), persistent=False)
         self.lora_init.register_buffer(f"B_{name}", B.clone(), persistent=False)
 
@@ -146,6 +148,7 @@ class LoRAPart:
         if self.initial_factors(name) is not None:
             delattr(self.lora_init, f"A_{name}")
             delattr(self.lora_init, f"B_{name}")
+            del self.base_weight_init[name]
         del self.lora_A[name]
         del self.lora_B[name]
         for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora):
