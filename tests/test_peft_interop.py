@@ -70,6 +70,18 @@ def test_loaded_adapter_is_a_converted_model(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_target_modules_keep_peft_s_meaning(tmp_path):
+    """A regular expression (matched against the whole name) and a list of name suffixes, some of
+    which name no layer in this model: PEFT loads both, and so does load_peft_adapter."""
+    model = tiny_hf("llama").eval()
+    inputs = hf_inputs("llama")
+    for d, targets in (("regex", r".*layers\.1\..*_proj"), ("suffixes", ["self_attn.k_proj", "up_proj", "c_attn"])):
+        pm = _peft_saved(tmp_path / d, model, r=2, lora_alpha=4, target_modules=targets)
+        ours = load_peft_adapter(copy.deepcopy(model), tmp_path / d).eval()
+        assert _trainable(ours) == _trainable(pm) > 0
+        torch.testing.assert_close(_logits(ours, inputs), _logits(pm, inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_conv1d_adapters_load_merge_and_export(tmp_path):
     model = tiny_hf("gpt2").eval()
     cfg = dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
