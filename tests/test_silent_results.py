@@ -260,9 +260,6 @@ def test_export_pattern_keys_are_anchored(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("init_lora_weights", "pissa"),
-        ("init_lora_weights", "pissa_niter_4"),
-        ("init_lora_weights", "olora"),
         ("init_lora_weights", "corda"),
         ("init_lora_weights", "loftq"),
         ("init_lora_weights", "lora_ga"),

@@ -71,6 +71,24 @@ def test_load_state_dict_rejects_a_different_schedule():
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [("total_steps", 60), ("total_steps", None), ("drop_fraction", 0.5), ("decay", "cosine"), ("seed", 1)]
+    + [("score_dtype", torch.bfloat16)],
+)
+def test_load_state_dict_rejects_a_schedule_that_would_drift(field, value):
+    """Each of these changes which entries later updates drop and regrow: a resumed run would differ."""
+    model, opt, sched = build(0)
+    state = copy.deepcopy(sched.state_dict())
+    kwargs = dict(every=5, accumulate_steps=3, drop_fraction=0.3, total_steps=40)
+    other = slimtune.SparseDeltaScheduler(model, opt, **{**kwargs, field: value})
+    with pytest.raises(ValueError, match=field):
+        other.load_state_dict(state)
+    same = slimtune.SparseDeltaScheduler(model, opt, **kwargs)
+    same.load_state_dict(state)
+    assert same.state_dict()["config"] == state["config"]
+
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
@@ -117,4 +135,8 @@ def test_callback_updates_indices_under_trainer_and_resumes(tmp_path):
     assert cb2.scheduler.updates == 2
     got = _deltas(resumed)
     for n in after:
-        torch.testing.assert_close(got[n], after[n], atol=1e-6, rtol=1e-5, msg=n)
+        assert torch.equal(got[n], after[n]), n  # bitwise: the same indices and the same values
+    # A resumed run with another length would decay the drop fraction on another schedule.
+    trainer, _ = _trainer(_sparse_llama(), tmp_path, steps=9)
+    with pytest.raises(ValueError, match="total_steps"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

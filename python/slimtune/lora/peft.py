@@ -5,13 +5,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._atomic import write_dir_atomic
 from .._jsonfile import read_json
+from .weight_init import is_base_weight_init
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,9 +38,11 @@ def _read_config(directory: Path) -> dict:
     if not isinstance(config.get("r"), int) or config["r"] < 1:
         raise PeftAdapterError(f"load_peft_adapter: {path}: 'r' must be a positive int, got {config.get('r')!r}")
     init = config.get("init_lora_weights", True)
-    if not (isinstance(init, bool) or init == "gaussian"):
-        # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...: the checkpoint's lora_A/lora_B belong to base weights
-        # that loading first changes; applied to the original weights they give wrong outputs.
+    if config.get("use_dora") and is_base_weight_init(init):
+        raise PeftAdapterError(f"load_peft_adapter: {path}: DoRA with 'init_lora_weights' = {init!r} is not supported")
+    if not (isinstance(init, bool) or init == "gaussian" or is_base_weight_init(init)):
+        # CorDA, LoftQ, LoRA-GA, ...: the checkpoint's lora_A/lora_B belong to base weights that
+        # loading first changes in ways that need more than the base weight (data, quantisation).
         raise PeftAdapterError(
             f"load_peft_adapter: {path}: 'init_lora_weights' = {init!r} adapters change the "
             f"base weights when loaded; they are not supported (convert to a plain LoRA first)"
@@ -96,6 +99,8 @@ def _exact_pattern_key(name: str) -> str:
 
 
 def _targeted(target_modules, name: str) -> bool:
+    """PEFT's ``target_modules`` semantics: a list matches a module name or a dotted suffix of it,
+    a string is a regular expression the whole name must match (or ``"all-linear"``)."""
     if target_modules is None:
         return True
     if isinstance(target_modules, str):
@@ -103,24 +108,83 @@ def _targeted(target_modules, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
-    """Loads a PEFT LoRA adapter into ``model``: each targeted ``nn.Linear`` is replaced in place
-    by a :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear`` gains adapter ``adapter_name``),
-    or by a :class:`slimtune.nn.DoRALinear` for a ``use_dora`` adapter (``lora_magnitude_vector``).
+def _clean_name(name: str) -> str:
+    """A module name without the ``_orig_mod`` steps that ``torch.compile`` wrappers insert."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
-    Everything is validated before the model is touched: missing or corrupt files, a rank that
-    disagrees with the config, shapes that disagree with the module, a key naming a module the
-    model lacks or one outside ``target_modules`` raise and leave the model unchanged.
-    Returns ``model``.
+
+def _features(module: nn.Module) -> Tuple[int, int]:
+    """(in_features, out_features) of a Linear, a GPT-2 Conv1D (weight stored in x out) or an adapter layer."""
+    if isinstance(module, nn.Linear) or hasattr(module, "base"):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Only adapter parameters stay trainable, as after PEFT's ``get_peft_model``."""
+    from .. import convert as _cv
+    from ..nn.adapter import AdapterLayer
+
+    keep = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, AdapterLayer) or _cv.is_converted(m)
+        for p in _cv.adapter_state(m).values()
+        if isinstance(p, nn.Parameter)
+    }
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def _mark_converted(module: nn.Module, method: str) -> None:
+    """A LoRALinear/DoRALinear built by hand becomes a converted layer (``slimtune.save``/``merge``
+    find it), described by its first adapter."""
+    from .. import convert as _cv
+
+    if _cv.is_converted(module):
+        return
+    first = module.adapter_names[0]
+    init = "zeros" if module.initial_factors(first) is None else module.base_weight_init[first]
+    kwargs = dict(
+        r=module.r[first],
+        alpha=module.lora_alpha[first],
+        dropout=module.lora_dropout[first],
+        rslora=module.use_rslora[first],
+        init=init,
+    )
+    setattr(module, _cv._METHOD_ATTR, method)
+    setattr(module, _cv._KWARGS_ATTR, kwargs)
+    setattr(module, _cv._BASE_TYPE_ATTR, "Linear")
+
+
+def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+    """Loads a PEFT LoRA adapter into ``model``: each targeted ``nn.Linear`` or GPT-2 ``Conv1D`` is
+    replaced in place by a converted :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear``
+    gains adapter ``adapter_name``), as ``slimtune.apply_lora`` would make it, or by a
+    :class:`slimtune.nn.DoRALinear` for a ``use_dora`` adapter (``lora_magnitude_vector``), so ``slimtune.merge``,
+    ``slimtune.save``/``load`` and :func:`export_peft_adapter` work on the result. Afterwards only
+    adapter parameters are trainable, as after PEFT's ``get_peft_model``.
+
+    PiSSA/OLoRA adapters (``init_lora_weights`` ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``) are
+    loaded as PEFT loads them: the initialisation runs on the model's (original) base weights, which
+    become the residual, and the checkpoint's A and B replace the initial ones. ``model`` may be a
+    ``torch.compile``d module. Everything is validated before the model is touched: missing or
+    corrupt files, a rank that disagrees with the config, shapes that disagree with the module, a
+    key naming a module the model lacks or one outside ``target_modules`` raise and leave the model
+    unchanged. Returns ``model``.
     """
+    from .. import convert as _cv
     from ..nn.dora import DoRALinear
     from ..nn.lora import LoRALinear
 
     directory = Path(directory)
     config = _read_config(directory)
     tensors = _read_weights(directory)
+    inner = _cv._unwrap(model)
     dora = bool(config.get("use_dora"))
-    layer_cls, parts = (DoRALinear, {"A", "B", "M"}) if dora else (LoRALinear, {"A", "B"})
+    method, layer_cls, parts = ("dora", DoRALinear, {"A", "B", "M"}) if dora else ("lora", LoRALinear, {"A", "B"})
+    init = config.get("init_lora_weights", True)
+    init = init if is_base_weight_init(init) else "zeros"
 
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -134,8 +198,8 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     if not pairs:
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
 
-    modules = dict(model.named_modules())
-    plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
+    modules = {_clean_name(n): (n, m) for n, m in inner.named_modules()}
+    plan: Dict[str, Tuple[str, nn.Module, int, float, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
     for name, ab in sorted(pairs.items()):
         if set(ab) != parts:
             raise PeftAdapterError(
@@ -149,12 +213,15 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
                 f"load_peft_adapter: module {name!r} has weights but is not in target_modules "
                 f"{config.get('target_modules')!r}"
             )
-        module = modules[name]
-        linear = module.base if isinstance(module, layer_cls) else module
-        if not isinstance(linear, nn.Linear):
-            raise PeftAdapterError(f"load_peft_adapter: target {name!r} is a {type(module).__name__}, not nn.Linear")
+        full, module = modules[name]
+        if not (isinstance(module, layer_cls) or _cv._is_linear_like(module)):
+            raise PeftAdapterError(
+                f"load_peft_adapter: target {name!r} is a {type(module).__name__}, not nn.Linear or a GPT-2 Conv1D"
+            )
         if isinstance(module, layer_cls) and adapter_name in module.lora_A:
             raise PeftAdapterError(f"load_peft_adapter: {name!r} already has an adapter named {adapter_name!r}")
+        if isinstance(module, layer_cls) and module.merged:
+            raise PeftAdapterError(f"load_peft_adapter: {name!r} is merged; unmerge() it before adding an adapter")
         r = _pattern_value(config.get("rank_pattern"), name, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -163,15 +230,20 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             raise PeftAdapterError(f"load_peft_adapter: alpha_pattern gives {name!r} alpha {alpha!r}, not a number")
         alpha = float(alpha)
         A, B = ab["A"], ab["B"]
+        in_f, out_f = _features(module)
         if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[1] != r:
             raise PeftAdapterError(
                 f"load_peft_adapter: rank mismatch at {name!r}: config r={r} but lora_A is "
                 f"{tuple(A.shape)} and lora_B is {tuple(B.shape)}"
             )
-        if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features:
+        if A.shape[1] != in_f or B.shape[0] != out_f:
             raise PeftAdapterError(
                 f"load_peft_adapter: shape mismatch at {name!r}: lora_A {tuple(A.shape)} / lora_B "
-                f"{tuple(B.shape)} vs Linear({linear.in_features}, {linear.out_features})"
+                f"{tuple(B.shape)} vs a layer of {in_f} -> {out_f} features"
+            )
+        if init != "zeros" and r > min(in_f, out_f):
+            raise PeftAdapterError(
+                f"load_peft_adapter: 'init_lora_weights' = {init!r} needs r <= {min(in_f, out_f)} at {name!r}, got {r}"
             )
         if not A.is_floating_point() or not B.is_floating_point():
             raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} must be floating point")
@@ -179,80 +251,101 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             raise PeftAdapterError(f"load_peft_adapter: lora_A/lora_B of {name!r} hold NaN or infinite values")
         M = ab.get("M")
         if M is not None and (
-            tuple(M.shape) != (linear.out_features,) or not M.is_floating_point() or not bool(torch.isfinite(M).all())
+            tuple(M.shape) != (out_f,) or not M.is_floating_point() or not bool(torch.isfinite(M).all())
         ):
             raise PeftAdapterError(
-                f"load_peft_adapter: lora_magnitude_vector of {name!r} must hold {linear.out_features} finite "
+                f"load_peft_adapter: lora_magnitude_vector of {name!r} must hold {out_f} finite "
                 f"floats, got {tuple(M.shape)} {M.dtype}"
             )
-        plan[name] = (module, r, alpha, A, B, M)
+        plan[name] = (full, module, r, alpha, A, B, M)
 
-    dropout = float(config.get("lora_dropout", 0.0))
-    rslora = bool(config.get("use_rslora", False))
-    # New wrappers are built (they freeze nothing until they succeed) before any module is touched.
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    kwargs = dict(dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora", False)))
+    kwargs["init"] = init
+    # Every layer is built before the model is changed. PiSSA/OLoRA rewrite a Linear's weight while
+    # building (a Conv1D is copied first): the originals are kept until every layer is built.
+    grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
+    originals: Dict[str, torch.Tensor] = {}
+    built: Dict[str, nn.Module] = {}
     try:
-        built = {
-            name: layer_cls(
-                module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros", adapter_name=adapter_name
-            )
-            for name, (module, r, alpha, A, B, M) in plan.items()
-            if not isinstance(module, layer_cls)
-        }
+        for name, (full, module, r, alpha, A, B, M) in plan.items():
+            if init != "zeros" and not (_cv._conv1d_class() and isinstance(module, _cv._conv1d_class())):
+                weight = module.base.weight if isinstance(module, layer_cls) else module.weight
+                originals[name] = weight.detach().clone()
+            if isinstance(module, layer_cls):
+                module.add_adapter(adapter_name, r=r, alpha=alpha, **kwargs)
+                built[name] = module
+            else:
+                built[name] = _cv._build(method, full, module, dict(r=r, alpha=alpha, **kwargs))
     except BaseException:
-        for p in model.parameters():
+        with torch.no_grad():
+            for name, module in built.items():
+                if module is plan[name][1]:
+                    module.delete_adapter(adapter_name)
+            for name, weight in originals.items():
+                module = plan[name][1]
+                (module.base.weight if isinstance(module, layer_cls) else module.weight).copy_(weight)
+        for p in inner.parameters():
             p.requires_grad_(grad_flags[id(p)])
         raise
-    for name, (module, r, alpha, A, B, M) in plan.items():
-        if isinstance(module, layer_cls):
-            module.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init="zeros")
-            target = module
+    for name, (full, module, r, alpha, A, B, M) in plan.items():
+        target = built[name]
+        if target is module:
+            _mark_converted(target, method)
         else:
-            target = built[name]
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, target)
+            _cv._set_submodule(inner, full, target)
         with torch.no_grad():
             target.lora_A[adapter_name].copy_(A)
             target.lora_B[adapter_name].copy_(B)
             if M is not None:
                 target.lora_magnitude_vector[adapter_name].copy_(M)
+    _freeze_all_but_adapters(inner)
     return model
 
 
-def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> Path:
-    """Writes adapter ``adapter_name`` of every ``LoRALinear`` (or every ``DoRALinear``, as a
-    ``use_dora`` adapter) in ``model`` as a PEFT checkpoint that
-    ``peft.PeftModel.from_pretrained(<the model with plain nn.Linear layers>, directory)`` loads.
-    Per-module ranks/alphas that differ from the first go to ``rank_pattern``/``alpha_pattern``."""
-    from safetensors.torch import save_file
+def _plain_lora(module: nn.Module, name: str) -> Tuple[int, float, torch.Tensor, torch.Tensor]:
+    """(r, alpha, A, B) of adapter ``name`` as a plain LoRA against the layer's original weight.
 
+    A PiSSA/OLoRA adapter sits on the residual ``W0 - s·B0·A0``: its change of the original weight,
+    ``s·(B·A - B0·A0)``, is the rank-2r LoRA ``[B, -B0]·[A; A0]`` with the same scaling (alpha doubled,
+    or times √2 with rslora), as PEFT's ``path_initial_model_for_weight_conversion`` writes it."""
+    r, alpha = module.r[name], module.lora_alpha[name]
+    A, B = module.lora_A[name].detach(), module.lora_B[name].detach()
+    initial = module.initial_factors(name)
+    if initial is None:
+        return r, alpha, A, B
+    A0, B0 = initial
+    alpha = alpha * (math.sqrt(2.0) if module.use_rslora[name] else 2.0)
+    return 2 * r, alpha, torch.cat([A, A0.to(A.dtype)], 0), torch.cat([B, -B0.to(B.dtype)], 1)
+
+
+def _adapter_files(found, adapter_name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The tensors and config of one adapter in PEFT's format. Per-module ranks/alphas that differ
+    from the first go to ``rank_pattern``/``alpha_pattern``."""
+    from .. import convert as _cv
     from ..nn.dora import DoRALinear
-    from ..nn.lora import LoRALinear
 
-    kinds = (LoRALinear, DoRALinear)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and adapter_name in m.lora_A]
-    if not found:
-        raise ValueError(
-            f"export_peft_adapter: no LoRALinear or DoRALinear in the model has an adapter named {adapter_name!r}"
-        )
-    dora = isinstance(found[0][1], DoRALinear)
+    found = [(n, m) for n, m in found if adapter_name in m.lora_A]
+    first = found[0][1]
+    dora = isinstance(first, DoRALinear)
     if any(isinstance(m, DoRALinear) != dora for _, m in found):
         raise ValueError(
             "export_peft_adapter: PEFT needs one use_dora setting for the whole adapter (LoRA and DoRA mixed)"
         )
-    first = found[0][1]
-    r0, alpha0 = first.r[adapter_name], first.lora_alpha[adapter_name]
+    if dora and any(m.initial_factors(adapter_name) is not None for _, m in found):
+        raise ValueError("export_peft_adapter: DoRA adapters with a PiSSA/OLoRA initialisation cannot be exported")
+    r0, alpha0 = _plain_lora(first, adapter_name)[:2]
     rslora, dropout = first.use_rslora[adapter_name], first.lora_dropout[adapter_name]
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, m in found:
         if m.use_rslora[adapter_name] != rslora:
             raise ValueError("export_peft_adapter: PEFT needs one use_rslora setting for the whole adapter")
-        if m.r[adapter_name] != r0:
-            rank_pattern[_exact_pattern_key(name)] = m.r[adapter_name]
-        if m.lora_alpha[adapter_name] != alpha0:
-            alpha_pattern[_exact_pattern_key(name)] = m.lora_alpha[adapter_name]
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous().cpu()
+        r, alpha, A, B = _plain_lora(m, adapter_name)
+        if r != r0:
+            rank_pattern[_exact_pattern_key(name)] = r
+        if alpha != alpha0:
+            alpha_pattern[_exact_pattern_key(name)] = alpha
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
         if dora:
             magnitude = m.lora_magnitude_vector[adapter_name]
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().contiguous().cpu()
@@ -269,16 +362,55 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2 Conv1D layers store their weight transposed; PEFT's LoRA factors are the same either way.
+        "fan_in_fan_out": any(getattr(m, _cv._BASE_TYPE_ATTR, "Linear") == "Conv1D" for _, m in found),
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": dora,
     }
+    return tensors, config
+
+
+def export_peft_adapter(model: nn.Module, directory, adapter_name: Union[None, str, Sequence[str]] = None) -> Path:
+    """Writes LoRA adapters of every ``LoRALinear`` (``DoRALinear``: a ``use_dora`` adapter) in
+    ``model`` as PEFT checkpoints that
+    ``peft.PeftModel.from_pretrained(<the model with its original layers>, directory)`` loads.
+
+    ``adapter_name``: one name, a list, or ``None`` for every adapter in the model. As PEFT's
+    ``save_pretrained`` lays them out, adapter ``"default"`` goes to ``directory`` and any other to
+    ``directory/<name>/`` (load it with ``load_adapter(directory/<name>, adapter_name=<name>)``).
+    PiSSA/OLoRA adapters are written as plain LoRA adapters against the original base weights
+    (rank 2r, see :func:`_plain_lora`). Names are written without ``torch.compile``'s ``_orig_mod``.
+    All files are replaced at once: a failed export leaves the previous one intact.
+    """
+    from safetensors.torch import save_file
+
+    from .. import convert as _cv
+    from ..nn.dora import DoRALinear
+    from ..nn.lora import LoRALinear
+
+    inner = _cv._unwrap(model)
+    found = [(_clean_name(n), m) for n, m in inner.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
+    present = list(dict.fromkeys(a for _, m in found for a in m.adapter_names))
+    if adapter_name is None:
+        names = present
+    else:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    missing = [a for a in names if a not in present]
+    if not names or missing:
+        raise ValueError(
+            f"export_peft_adapter: no LoRALinear or DoRALinear in the model has an adapter named "
+            f"{(missing or names or ['default'])[0]!r} (adapters in the model: {present})"
+        )
+    files = {a: _adapter_files(found, a) for a in names}
     directory = Path(directory)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for a, (tensors, config) in files.items():
+            folder = tmp if a == "default" else tmp / a
+            folder.mkdir(exist_ok=True)
+            save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+            (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     write_dir_atomic(directory, write, "export_peft_adapter: argument 'directory'")
     return directory

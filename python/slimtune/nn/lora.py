@@ -1,15 +1,16 @@
 """``LoRALinear``: a frozen ``nn.Linear`` plus named low-rank adapters, backed by the fused op."""
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..lora.functional import lora_linear
+from ..lora.weight_init import BASE_WEIGHT_INITS, base_weight_factors, is_base_weight_init
 from .adapter import AdapterLayer
 
-_INITS = ("kaiming", "gaussian", "zeros")
+_INITS = ("kaiming", "gaussian", "zeros") + BASE_WEIGHT_INITS
 
 
 class LoRAPart:
@@ -80,7 +81,7 @@ class LoRAPart:
             raise ValueError(f"{type(self).__name__}: 'dropout' must be in [0, 1), got {dropout}")
         if not math.isfinite(alpha):
             raise ValueError(f"{type(self).__name__}: 'alpha' must be finite, got {alpha}")
-        if init not in _INITS:
+        if init not in _INITS and not is_base_weight_init(init):
             raise ValueError(f"{type(self).__name__}: 'init' must be one of {_INITS}, got {init!r}")
         w = self.base.weight
         if dtype is None:
@@ -91,12 +92,43 @@ class LoRAPart:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(A, std=1.0 / r)
+        elif is_base_weight_init(init):
+            self._init_from_base(name, A, B, alpha / (math.sqrt(r) if rslora else r), init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.r[name] = r
         self.lora_alpha[name] = float(alpha)
         self.lora_dropout[name] = float(dropout)
         self.use_rslora[name] = bool(rslora)
+
+    @torch.no_grad()
+    def _init_from_base(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, init: str) -> None:
+        """PiSSA/OLoRA: A, B start as a low-rank part of the base weight, which keeps the residual.
+
+        The initial factors are kept (``lora_init.A_<name>``/``B_<name>``, not in ``state_dict``):
+        a PEFT export turns the trained adapter into a plain LoRA delta against the original weight,
+        ``s·(B·A - B0·A0)``, which needs them."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}: unmerge() before adding an adapter with init={init!r}")
+        A0, B0 = base_weight_factors(self.base.weight, A.shape[0], scaling, init)
+        A.copy_(A0)
+        B.copy_(B0)
+        w = self.base.weight
+        w.copy_((w.to(A0.dtype) - (scaling * B0) @ A0).to(w.dtype))  # PEFT's order of operations
+        if not hasattr(self, "lora_init"):
+            self.lora_init = nn.Module()
+            self.base_weight_init: Dict[str, str] = {}
+        self.base_weight_init[name] = init
+        self.lora_init.register_buffer(f"A_{name}", A.clone(), persistent=False)
+        self.lora_init.register_buffer(f"B_{name}", B.clone(), persistent=False)
+
+    def initial_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(A0, B0)`` of a PiSSA/OLoRA adapter (its factors when the base became the residual), else None."""
+        self._check_name(name)
+        holder = getattr(self, "lora_init", None)
+        if holder is None or not hasattr(holder, f"A_{name}"):
+            return None
+        return getattr(holder, f"A_{name}"), getattr(holder, f"B_{name}")
 
     def set_adapter(self, names: Union[str, Sequence[str]]) -> None:
         """Activates one adapter or several (their terms are summed)."""
@@ -113,6 +145,10 @@ class LoRAPart:
         self._check_name(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"{type(self).__name__}: adapter {name!r} is merged; unmerge() it first")
+        if self.initial_factors(name) is not None:
+            delattr(self.lora_init, f"A_{name}")
+            delattr(self.lora_init, f"B_{name}")
+            del self.base_weight_init[name]
         del self.lora_A[name]
         del self.lora_B[name]
         for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora):
@@ -180,7 +216,10 @@ class LoRALinear(LoRAPart, AdapterLayer):
     ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
     (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
     weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
-    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``"zeros"``.
+    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"zeros"``, or
+    ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (PEFT's PiSSA/OLoRA: A and B start as a low-rank
+    part of the base weight and the base weight becomes the residual, see
+    :mod:`slimtune.lora.weight_init`).
     """
 
     _merge_parts = (("_merge_lora", "_unmerge_lora"),)

@@ -43,7 +43,7 @@ class SparseDeltaCallback(TrainerCallback):
                     f"SparseDeltaCallback: resuming at step {state.global_step} but {path} is "
                     "missing; the index schedule cannot continue exactly"
                 )
-            self.scheduler.load_state_dict(torch.load(path, weights_only=False))
+            self.scheduler.load_state_dict(torch.load(path, weights_only=True))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.scheduler.step()

@@ -155,20 +155,46 @@ class SparseDeltaScheduler:
             "updates": self.updates,
             "window_steps": self.window_steps,
             "sums": None if self.accumulators is None else [a.state() for a in self.accumulators],
-            "config": {
-                "every": self.every,
-                "accumulate_steps": self.accumulate_steps,
-                "regrow": self.regrow,
-                "score": self.score,
-                "layers": len(self.layers),
-            },
+            "config": self._config(),
+        }
+
+    # Everything that decides which entries an update drops and regrows: a scheduler that differs in
+    # one of them would continue the run with another schedule.
+    _SCHEDULE = (
+        "every",
+        "accumulate_steps",
+        "regrow",
+        "score",
+        "layers",
+        "total_steps",
+        "drop_fraction",
+        "decay",
+        "seed",
+        "score_dtype",
+    )
+
+    def _config(self) -> Dict:
+        return {
+            "every": self.every,
+            "accumulate_steps": self.accumulate_steps,
+            "regrow": self.regrow,
+            "score": self.score,
+            "layers": len(self.layers),
+            "total_steps": self.total_steps,
+            "drop_fraction": self.drop_fraction,
+            "decay": self.decay,
+            "seed": self.seed,
+            "score_dtype": None if self.score_dtype is None else str(self.score_dtype).replace("torch.", ""),
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        """Restores ``state_dict()`` into a scheduler built over the same model and optimizer."""
+        """Restores ``state_dict()`` into a scheduler built over the same model and optimizer with the
+        same schedule (``every``, ``accumulate_steps``, ``regrow``, ``score``, ``total_steps``,
+        ``drop_fraction``, ``decay``, ``seed``, ``score_dtype``); one that differs raises a ``ValueError``
+        naming the argument instead of continuing the run on another schedule."""
         cfg = state.get("config", {})
-        mine = self.state_dict()["config"]
-        for key in ("every", "accumulate_steps", "regrow", "score", "layers"):
+        mine = self._config()
+        for key in self._SCHEDULE:
             if key in cfg and cfg[key] != mine[key]:
                 raise ValueError(
                     f"load_state_dict: 'state' was saved with {key}={cfg[key]!r}, this scheduler has {mine[key]!r}"
