@@ -36,13 +36,19 @@ struct SpmmOperands {
   int64_t T, rows, cols;
 };
 
-// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols, y: T×rows, one dtype).
+// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols in dtype; y: T×rows in the
+// accumulation type, acc_t of dtype). Per (t, r) the entries are summed from 0 in row order and the
+// sum is added to y once, whatever T is, so a token's result does not depend on its batch; y holds
+// the base product x·W0ᵀ in the accumulation type and is rounded to dtype once by the caller.
 struct SpmmParams : SpmmOperands {
   void* y;
   const void* x;
 };
 
-// dx[t, col_k] += Σ_{k with col_k} values[k] · g[t, row_k] (g: T×rows, dx: T×cols, one dtype).
+// dx[t, col_k] += Σ_{k with col_k} values[k] · g[t, row_k] (g: T×rows in dtype, dx: T×cols in the
+// accumulation type), per (t, c) summed from 0 in ascending row order and added once: the order of
+// spmm over the transposed delta, so both directions give the same bits on every backend up to
+// the compiler's contraction of a·b + c.
 struct SpmmTParams : SpmmOperands {
   void* dx;
   const void* g;
@@ -51,7 +57,7 @@ struct SpmmTParams : SpmmOperands {
 // out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the
 // accumulation type (the dtype of `out`). Deterministic: partial sums are added in a fixed order.
 // CUDA splits the tokens into `chunks` slices whose partial sums go to `workspace` (chunks × K
-// accumulators); the CPU kernel needs no workspace (chunks 0).
+// accumulators), reduced in slice order; the CPU kernel needs no workspace (chunks 0).
 struct SddmmParams {
   const void* a;
   const void* b;
