@@ -80,27 +80,39 @@ void axpy<float>(float* __restrict__ y, const float* __restrict__ x, float v, in
 // Tokens per SpMM tile: the transposed operand tiles (d × tile accumulators) stay in cache.
 constexpr int64_t kSpmmTile = 64;
 
+// Transposes in 16×16 blocks: both sides of a block stay in a few cache lines.
+constexpr int64_t kBlock = 16;
+
 // dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A.
 template <typename X, typename A>
 void transpose_to(const X* src, int64_t m, int64_t n, A* dst) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) dst[j * m + i] = static_cast<A>(src[i * n + j]);
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) dst[j * m + i] = static_cast<A>(src[i * n + j]);
+      }
+    }
   }
+}
+
+template <typename X>
+void transpose(const X* src, int64_t m, int64_t n, X* dst) {
+  transpose_to<X, X>(src, m, n, dst);
 }
 
 // y (m × n) += srcᵀ for src (n × m), both contiguous.
 template <typename A>
 void add_transposed(const A* src, int64_t m, int64_t n, A* y) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) y[i * n + j] += src[j * m + i];
-  }
-}
-
-// dst (n × m) = srcᵀ for src (m × n), both contiguous.
-template <typename X>
-void transpose(const X* src, int64_t m, int64_t n, X* dst) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) dst[j * m + i] = src[i * n + j];
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) y[i * n + j] += src[j * m + i];
+      }
+    }
   }
 }
 
