@@ -27,11 +27,11 @@ def test_sparse_forward_and_lora_bytes_by_hand():
     row = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.float32)
     csr = 16 * 8 + 5 * 8
     assert row.floor == 8 * 16 * 4 + 4 * 16 * 4 + csr + 8 * 4 * 4 == 1064
-    # GEMM (x, W0 read, y written) + SpMM (x read, y read and written); float32 needs no rounding pass.
-    assert row.design == (512 + 256 + 128) + (512 + csr + 256) == 1832
-    # bf16: the float32 accumulation is read and the bf16 output written once more.
+    # GEMM (x, W0 read, y written) + SpMM (x read, y read, the output written: y itself in float32).
+    assert row.design == (512 + 256 + 128) + (512 + csr + 128 + 128) == 1832
+    # bf16: the GEMM writes a float32 y, which the SpMM reads before writing the bf16 output.
     lowp = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.bfloat16)
-    assert lowp.design == (256 + 128 + 128) + (256 + csr + 256) + 8 * 4 * (4 + 2) == 1384
+    assert lowp.design == (256 + 128 + 8 * 4 * 4) + (256 + csr + 8 * 4 * 4 + 8 * 4 * 2) == 1128
     # LoRA r=2 over 8 tokens, 16 -> 4, bf16: x read once, the 8x2 float32 intermediate written, adapters.
     fwd = traffic.lora_forward(8, 16, 4, 2, torch.bfloat16)
     assert fwd.floor == 8 * 16 * 2 + 8 * 2 * 4 + 2 * 20 * 4 == 480

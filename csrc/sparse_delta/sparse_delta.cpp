@@ -270,14 +270,15 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
   const bool exact_dtype = acc_scalar_type(x2.scalar_type()) == x2.scalar_type();
   at::Tensor y = exact_dtype && bias.has_value() ? at::addmm(*bias, x2, weight.t()) : mm_acc(x2, weight.t());
   if (!exact_dtype && bias.has_value()) y.add_(*bias);
-  if (idx.numel() > 0 && x2.size(0) > 0) {
-    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr()};
+  // The SpMM rounds every element (rows without entries too) into the output.
+  at::Tensor out = exact_dtype ? y : at::empty(y.sizes(), x2.options());
+  if (x2.size(0) > 0) {
+    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr(), out.data_ptr()};
     check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
   }
-  y = y.to(x.scalar_type());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = rows;
-  return y.view(shape);
+  return out.view(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels& k, const at::Tensor& grad,
@@ -295,19 +296,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
   if (mask[0]) {
     // g·W0 in the accumulation type plus g·Δ, rounded once (as the forward).
     const int64_t rows = weight.size(0), cols = weight.size(1);
-    dx = mm_acc(g2, weight);
-    if (idx.numel() > 0 && g2.size(0) > 0) {
+    const at::Tensor acc = mm_acc(g2, weight);
+    dx = acc.scalar_type() == g2.scalar_type() ? acc : at::empty(acc.sizes(), g2.options());
+    if (g2.size(0) > 0) {
       if (k.spmm_t != nullptr) {
-        const SpmmTParams p{{spmm_operands(g2, idx, rp, val, rows, cols)}, dx.data_ptr(), g2.data_ptr()};
+        const SpmmTParams p{
+            {spmm_operands(g2, idx, rp, val, rows, cols)}, acc.data_ptr(), g2.data_ptr(), dx.data_ptr()};
         check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
       } else {
         const TransposedDelta t = transposed(idx, val, rows, cols);
-        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, dx.data_ptr(),
-                           g2.data_ptr()};
+        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, acc.data_ptr(),
+                           g2.data_ptr(), dx.data_ptr()};
         check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
       }
     }
-    dx = dx.to(x.scalar_type()).view(x.sizes());
+    dx = dx.view(x.sizes());
   } else {
     dx = at::empty({0}, x.options());
   }

@@ -22,26 +22,26 @@ __global__ void merge_kernel(W* __restrict__ weight, const I* __restrict__ indic
 }
 
 // One thread per output element (t, r): consecutive threads take consecutive rows of one
-// token, so the y accesses coalesce; the row's entries are read from L1/L2. y is the float32
-// (float64) accumulation of the base product: the delta is added before the one rounding.
+// token, so the y and out accesses coalesce; the row's entries are read from L1/L2. y is the
+// float32 (float64) accumulation of the base product: the delta is added before the one rounding,
+// which this kernel does (every element, rows without entries too).
 template <typename X, typename V, typename I>
-__global__ void spmm_kernel(acc_t<X>* __restrict__ y, const X* __restrict__ x, const I* __restrict__ indices,
+__global__ void spmm_kernel(const acc_t<X>* y, const X* __restrict__ x, const I* __restrict__ indices,
                             const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T, int64_t rows,
-                            int64_t cols) {
+                            int64_t cols, X* out) {
   using A = acc_t<X>;
   const int64_t n = T * rows;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t t = i / rows, r = i - t * rows;
     const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
-    if (k0 == k1) continue;
     const X* xt = x + t * cols;
     const int64_t base = r * cols;
     A acc = 0;
     for (int64_t k = k0; k < k1; ++k) {
       acc += static_cast<A>(to_acc(values[k])) * to_acc(xt[static_cast<int64_t>(indices[k]) - base]);
     }
-    y[i] += acc;
+    out[i] = from_acc<X>(y[i] + acc);
   }
 }
 
@@ -237,9 +237,9 @@ Status spmm_cuda(const SpmmParams& p, void* stream) {
       using I = decltype(i_tag);
       return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
         using V = decltype(v_tag);
-        return launch(spmm_kernel<X, V, I>, grid, dim3(kThreads), 0, s, static_cast<acc_t<X>*>(p.y),
+        return launch(spmm_kernel<X, V, I>, grid, dim3(kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
                       static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
-                      static_cast<const V*>(p.values), p.T, p.rows, p.cols);
+                      static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
       });
     });
   });

@@ -102,25 +102,25 @@ void transpose(const X* src, int64_t m, int64_t n, X* dst) {
   transpose_to<X, X>(src, m, n, dst);
 }
 
-// y (m × n) += srcᵀ for src (n × m), both contiguous.
-template <typename A>
-void add_transposed(const A* src, int64_t m, int64_t n, A* y) {
+// out (m × n) = y + srcᵀ for src (n × m), rounded once to X; out may alias y (same element type).
+template <typename A, typename X>
+void store_transposed(const A* src, int64_t m, int64_t n, const A* y, X* out) {
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
       for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = j0; j < j1; ++j) y[i * n + j] += src[j * m + i];
+        for (int64_t j = j0; j < j1; ++j) out[i * n + j] = static_cast<X>(y[i * n + j] + src[j * m + i]);
       }
     }
   }
 }
 
-// Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays; nothing to
-// add (no tokens or an empty delta) does nothing.
+// Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays (no tokens:
+// nothing to do).
 template <typename F>
 Status dispatch_spmm(const SpmmOperands& p, F&& f) {
-  if (p.T == 0 || p.rowptr[p.rows] == 0) return kSuccess;
+  if (p.T == 0) return kSuccess;
   return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
     return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
@@ -164,7 +164,7 @@ Status merge_cpu(const MergeParams& p, void*) {
 
 // Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
 // type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
-// summed from 0 in row-major entry order, then added to the output once. Per output element that is
+// summed from 0 in row-major entry order, then added to the base product and rounded once. Per output element that is
 // the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile size.
 Status spmm_cpu(const SpmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
@@ -173,7 +173,8 @@ Status spmm_cpu(const SpmmParams& p, void*) {
     using A = acc_t<X>;
     const int64_t* rp = p.rowptr;
     const X* xp = static_cast<const X*>(p.x);
-    A* yp = static_cast<A*>(p.y);
+    const A* yp = static_cast<const A*>(p.y);
+    X* outp = static_cast<X*>(p.out);
     at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
       std::vector<A> xT(static_cast<size_t>(cols * kSpmmTile)), yT(static_cast<size_t>(rows * kSpmmTile));
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -186,7 +187,7 @@ Status spmm_cpu(const SpmmParams& p, void*) {
             axpy<A>(yr, xT.data() + col_of(idx, k, r, cols) * tb, static_cast<A>(vp[k]), tb);
           }
         }
-        add_transposed(yT.data(), tb, rows, yp + t0 * rows);
+        store_transposed(yT.data(), tb, rows, yp + t0 * rows, outp + t0 * rows);
       }
     });
   });
@@ -199,7 +200,8 @@ Status spmm_t_cpu(const SpmmTParams& p, void*) {
     using A = acc_t<X>;
     const int64_t* rp = p.rowptr;
     const X* gp = static_cast<const X*>(p.g);
-    A* dxp = static_cast<A*>(p.dx);
+    const A* dxp = static_cast<const A*>(p.dx);
+    X* outp = static_cast<X*>(p.out);
     at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
       std::vector<A> gT(static_cast<size_t>(rows * kSpmmTile)), dxT(static_cast<size_t>(cols * kSpmmTile));
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -212,7 +214,7 @@ Status spmm_t_cpu(const SpmmTParams& p, void*) {
             axpy<A>(dxT.data() + col_of(idx, k, r, cols) * tb, gr, static_cast<A>(vp[k]), tb);
           }
         }
-        add_transposed(dxT.data(), tb, cols, dxp + t0 * cols);
+        store_transposed(dxT.data(), tb, cols, dxp + t0 * cols, outp + t0 * cols);
       }
     });
   });

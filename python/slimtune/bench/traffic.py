@@ -90,23 +90,17 @@ def sddmm(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, inde
     return Row("sparse_delta_sddmm", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, l2, make)
 
 
-def _rounding(T: int, n: int, dtype: torch.dtype) -> int:
-    """The pass rounding a float32 accumulation to a low-precision output (none for float32/64)."""
-    e, a = elt(dtype), acc_bytes(dtype)
-    return 0 if e == a else T * n * (a + e)
-
-
 def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
     """y = x·W0ᵀ + x·Δᵀ: the floor reads x, W0 and the CSR delta once and writes y. The design's GEMM
-    writes y in float32, the SpMM reads x again and reads and writes that accumulation, and a last
-    pass rounds it to a low-precision y."""
+    writes y in the accumulation type (float32 for bf16), and the SpMM reads x again, reads that
+    accumulation and writes the rounded y."""
     e, a = elt(dtype), acc_bytes(dtype)
     K = max(1, int(rows * cols * density))
     csr = K * (index_bytes + 4) + (rows + 1) * 8
     floor = T * cols * e + rows * cols * e + csr + T * rows * e
     gemm = T * cols * e + rows * cols * e + T * rows * a
-    spmm = T * cols * e + csr + 2 * T * rows * a
-    design = gemm + spmm + _rounding(T, rows, dtype)
+    spmm = T * cols * e + csr + T * rows * (a + e)
+    design = gemm + spmm
 
     def make(dev):
         _, x, idx, rp, v = _delta(T, rows, cols, density, dtype, dev)
@@ -126,8 +120,8 @@ def sparse_dx(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, 
     transpose = K * index_bytes + K * 8 + 2 * K * 16 + 2 * K * (8 + 4) + (cols + 1) * 8
     floor = T * rows * e + rows * cols * e + csr + T * cols * e
     gemm = T * rows * e + rows * cols * e + T * cols * a
-    spmm = T * rows * e + csr_t + 2 * T * cols * a
-    design = gemm + transpose + spmm + _rounding(T, cols, dtype)
+    spmm = T * rows * e + csr_t + T * cols * (a + e)
+    design = gemm + transpose + spmm
 
     def make(dev):
         g, x, idx, rp, v = _delta(T, rows, cols, density, dtype, dev)
