@@ -21,27 +21,94 @@ __global__ void merge_kernel(W* __restrict__ weight, const I* __restrict__ indic
   }
 }
 
-// One thread per output element (t, r): consecutive threads take consecutive rows of one
-// token, so the y and out accesses coalesce; the row's entries are read from L1/L2. y is the
-// float32 (float64) accumulation of the base product: the delta is added before the one rounding,
-// which this kernel does (every element, rows without entries too).
+// SpMM tiles. A CTA owns kRows rows of the delta and kTokens tokens (128 bytes of each row of x);
+// it stages x[its tokens, kColumns columns] in shared memory one column tile at a time, and each
+// thread keeps the sums of its (token, row) outputs in registers while the tiles pass. Lanes of a
+// warp share a row (its entries are broadcast) and take consecutive tokens (a padded x tile keeps
+// them in distinct banks). x is read rows/kRows times from L2, the CSR delta once per token tile,
+// and the outputs go out through shared memory, coalesced.
+template <typename X>
+struct SpmmTile {
+  static constexpr int kRows = 128;
+  static constexpr int kColumns = 64;
+  static constexpr int kTokens = 128 / static_cast<int>(sizeof(X));
+  static constexpr int kThreads = 256;
+  static constexpr int kRowStep = kThreads / kTokens;       // rows one sweep of the threads covers
+  static constexpr int kPerThread = kRows / kRowStep;       // outputs per thread
+  static constexpr int kPad = 4 / static_cast<int>(sizeof(X)) > 0 ? 4 / static_cast<int>(sizeof(X)) : 1;
+};
+
+// out[t, r] = y[t, r] + Σ_{k in row r} values[k]·x[t, col_k], rounded once. Per output the entries
+// are added from 0 in row order (column tiles ascend) and the sum is added to y once, as on the CPU.
 template <typename X, typename V, typename I>
-__global__ void spmm_kernel(const acc_t<X>* y, const X* __restrict__ x, const I* __restrict__ indices,
-                            const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T, int64_t rows,
-                            int64_t cols, X* out) {
+__global__ void spmm_tile_kernel(const acc_t<X>* y, const X* __restrict__ x, const I* __restrict__ indices,
+                                 const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T,
+                                 int64_t rows, int64_t cols, X* out) {
   using A = acc_t<X>;
-  const int64_t n = T * rows;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t t = i / rows, r = i - t * rows;
-    const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
-    const X* xt = x + t * cols;
-    const int64_t base = r * cols;
-    A acc = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      acc += static_cast<A>(to_acc(values[k])) * to_acc(xt[static_cast<int64_t>(indices[k]) - base]);
+  using Tile = SpmmTile<X>;
+  constexpr int R = Tile::kRows, C = Tile::kColumns, TT = Tile::kTokens, P = Tile::kPerThread;
+  constexpr int CP = C + Tile::kPad;
+  __shared__ X x_s[TT][CP];
+  __shared__ A out_s[R][TT + 1];
+  __shared__ int64_t lo_s[R];  // a row's first entry in the current column tile
+  __shared__ int32_t cnt_s[R];  // and how many it has there
+  const int tid = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int nr = static_cast<int>(rows - r0 < R ? rows - r0 : R);
+  const bool any = rowptr[r0] != rowptr[r0 + nr];
+  const int my_t = tid % TT, my_r = tid / TT;  // my outputs: token my_t of rows my_r + j·kRowStep
+  const int64_t tiles = (T + TT - 1) / TT;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t t0 = tile * TT;
+    const int tb = static_cast<int>(T - t0 < TT ? T - t0 : TT);
+    A acc[P];  // unrolled loops keep it in registers
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[j] = A(0);
+    // Row owners (threads [0, nr)) walk their row's entries through the column tiles.
+    int64_t pos = tid < nr ? rowptr[r0 + tid] : 0;
+    const int64_t last = tid < nr ? rowptr[r0 + tid + 1] : 0;
+    for (int64_t c0 = 0; any && c0 < cols; c0 += C) {
+      const int cb = static_cast<int>(cols - c0 < C ? cols - c0 : C);
+      __syncthreads();  // x_s, lo_s and cnt_s are free
+      for (int i = tid; i < tb * C; i += Tile::kThreads) {
+        const int t = i / C, cc = i - t * C;
+        if (cc < cb) x_s[t][cc] = x[(t0 + t) * cols + c0 + cc];
+      }
+      if (tid < R) {
+        const int64_t lo = pos;
+        if (tid < nr) {
+          const int64_t end_flat = (r0 + tid) * cols + c0 + cb;
+          while (pos < last && static_cast<int64_t>(indices[pos]) < end_flat) ++pos;
+        }
+        lo_s[tid] = lo;
+        cnt_s[tid] = static_cast<int32_t>(pos - lo);
+      }
+      __syncthreads();
+      if (my_t < tb) {
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          const int rr = my_r + j * Tile::kRowStep;
+          const int64_t lo = lo_s[rr];
+          const int n = cnt_s[rr];
+          const int64_t base = (r0 + rr) * cols + c0;
+          for (int e = 0; e < n; ++e) {
+            const int cc = static_cast<int>(static_cast<int64_t>(indices[lo + e]) - base);
+            acc[j] += static_cast<A>(to_acc(values[lo + e])) * to_acc(x_s[my_t][cc]);
+          }
+        }
+      }
     }
-    out[i] = from_acc<X>(y[i] + acc);
+    __syncthreads();  // out_s is free
+#pragma unroll
+    for (int j = 0; j < P; ++j) out_s[my_r + j * Tile::kRowStep][my_t] = acc[j];
+    __syncthreads();
+    for (int i = tid; i < tb * R; i += Tile::kThreads) {
+      const int t = i / R, rr = i - t * R;
+      if (rr < nr) {
+        const int64_t o = (t0 + t) * rows + r0 + rr;
+        out[o] = from_acc<X>(y[o] + out_s[rr][t]);
+      }
+    }
   }
 }
 
@@ -229,15 +296,19 @@ Status merge_cuda(const MergeParams& p, void* stream) {
 
 Status spmm_cuda(const SpmmParams& p, void* stream) {
   if (p.T == 0 || p.rows == 0) return kSuccess;
-  const dim3 grid(blocks_for(p.T * p.rows, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
+    using Tile = SpmmTile<X>;
+    const int64_t groups = (p.rows + Tile::kRows - 1) / Tile::kRows;
+    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
+    if (groups > 0x7fffffff) return kInvalidValue;
+    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
     return dispatch_index(p.index_type, [&](auto i_tag) {
       using I = decltype(i_tag);
       return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
         using V = decltype(v_tag);
-        return launch(spmm_kernel<X, V, I>, grid, dim3(kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
+        return launch(spmm_tile_kernel<X, V, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
                       static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
                       static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
       });

@@ -113,6 +113,40 @@ def test_sddmm(emu, schedule, dtype, index_dtype, T):
     torch.testing.assert_close(ours, cpu, **close)
 
 
+# (x shape, rows, entries) against the SpMM's tiles (128 rows per CTA, 64 columns per shared tile,
+# 128 bytes of tokens per tile); dx runs the same kernel over the transposed delta.
+SPMM_TILE_CASES = [
+    ((70, 150), 130, 900),  # two row groups each way, three column tiles, partial token tiles
+    ((3, 23, 65), 129, 1),  # one entry, the second row group of one row
+    ((9, 130), 3, "all"),  # every position (dx: 130 rows over two groups, every column tile full)
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", SPMM_TILE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+def test_spmm_tiles(emu, schedule, dtype, index_dtype, case):
+    shape, rows, kind = case
+    cols = shape[-1]
+    for vdtype in value_dtypes(dtype):
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        w = (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+        idx, rp = sddmm_delta(rows, cols, kind, index_dtype)
+        val = (torch.randn(idx.numel(), dtype=torch.float64) * 0.5).to(vdtype)
+        g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)
+        y = emu.sparse_delta_linear(x, w, None, idx, rp, val)
+        dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        xr = x.to(torch.float64).requires_grad_()
+        yr = reference.sparse_delta_linear(xr, w.to(torch.float64), None, idx, val.to(torch.float64))
+        yr.backward(g.to(torch.float64))
+        cpu_y = torch.ops.slimtune.sparse_delta_linear(x, w, None, idx, rp, val)
+        cpu_dx = torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        for name, o, c, r in (("y", y, cpu_y, yr), ("dx", dx, cpu_dx, xr.grad)):
+            assert o.dtype == dtype and o.shape == c.shape, name
+            torch.testing.assert_close(o, c, **tol(dtype), msg=name)
+            torch.testing.assert_close(o.to(torch.float64), r, **tol(dtype), msg=name)
+
+
 def sddmm_delta(rows, cols, kind, index_dtype):
     """Indices of a rows×cols weight: `kind` entries at random, or "row" (every column of row 1, the
     other rows empty) or "all" (every position)."""

@@ -21,6 +21,9 @@ import torch
 # of tokens per shared-memory tile.
 SDDMM_ROWS = 128
 SDDMM_TILE_BYTES = 64
+# The CUDA SpMM's tiles (SpmmTile): delta rows per CTA and bytes of tokens per tile.
+SPMM_ROWS = 128
+SPMM_TILE_BYTES = 128
 
 
 def elt(dtype: torch.dtype) -> int:
@@ -90,10 +93,19 @@ def sddmm(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, inde
     return Row("sparse_delta_sddmm", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, l2, make)
 
 
+def _spmm_rereads(T: int, out_rows: int, dense: int, csr: int, e: int) -> int:
+    """Bytes the CUDA SpMM reads from L2 beyond one pass: the dense operand once more per extra
+    group of 128 delta rows, the CSR delta once more per extra token tile."""
+    groups = math.ceil(out_rows / SPMM_ROWS)
+    token_tiles = math.ceil(T / (SPMM_TILE_BYTES // e))
+    return (groups - 1) * dense + (token_tiles - 1) * csr
+
+
 def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
     """y = x·W0ᵀ + x·Δᵀ: the floor reads x, W0 and the CSR delta once and writes y. The design's GEMM
     writes y in the accumulation type (float32 for bf16), and the SpMM reads x again, reads that
-    accumulation and writes the rounded y."""
+    accumulation and writes the rounded y. From L2 the SpMM reads x once per group of 128 rows and
+    the CSR delta once per token tile (128 bytes of tokens)."""
     e, a = elt(dtype), acc_bytes(dtype)
     K = max(1, int(rows * cols * density))
     csr = K * (index_bytes + 4) + (rows + 1) * 8
@@ -101,13 +113,14 @@ def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dt
     gemm = T * cols * e + rows * cols * e + T * rows * a
     spmm = T * cols * e + csr + T * rows * (a + e)
     design = gemm + spmm
+    l2 = design + _spmm_rereads(T, rows, T * cols * e, csr, e)
 
     def make(dev):
         _, x, idx, rp, v = _delta(T, rows, cols, density, dtype, dev)
         w = torch.randn(rows, cols, device=dev).to(dtype) / cols**0.5
         return lambda: torch.ops.slimtune.sparse_delta_linear(x, w, None, idx, rp, v)
 
-    return Row("sparse_delta_linear fwd", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, None, make)
+    return Row("sparse_delta_linear fwd", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, l2, make)
 
 
 def sparse_dx(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
@@ -122,13 +135,14 @@ def sparse_dx(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, 
     gemm = T * rows * e + rows * cols * e + T * cols * a
     spmm = T * rows * e + csr_t + T * cols * (a + e)
     design = gemm + transpose + spmm
+    l2 = design + _spmm_rereads(T, cols, T * rows * e, csr_t, e)
 
     def make(dev):
         g, x, idx, rp, v = _delta(T, rows, cols, density, dtype, dev)
         w = torch.randn(rows, cols, device=dev).to(dtype) / cols**0.5
         return lambda: torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, v, [True, False, False])
 
-    return Row("sparse_delta_linear dx", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, None, make)
+    return Row("sparse_delta_linear dx", f"T={T} {rows}x{cols} {density:g}", dtype, design, floor, l2, make)
 
 
 def _lora_inputs(T, d_in, d_out, r, dtype, dev):
