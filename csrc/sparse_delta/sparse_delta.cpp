@@ -222,8 +222,9 @@ TransposedDelta transposed(const at::Tensor& idx, const at::Tensor& val, int64_t
   const at::Tensor flat = idx.to(at::kLong);
   const at::Tensor r = at::floor_divide(flat, cols);
   const at::Tensor c = flat - r * cols;
-  const at::Tensor order = std::get<1>(at::sort(c * rows + r));
-  at::Tensor t_idx = (c * rows + r).index_select(0, order);
+  const at::Tensor key = c * rows + r;  // the flat position in the transpose
+  const at::Tensor order = std::get<1>(at::sort(key));
+  at::Tensor t_idx = key.index_select(0, order);
   // Entries before column j's first: searchsorted needs no host sync (bincount would).
   at::Tensor t_rp = at::searchsorted(t_idx, at::arange(cols + 1, flat.options()) * rows);
   return {t_idx, t_rp, val.index_select(0, order)};
