@@ -30,12 +30,12 @@ def make(x_shape, dout, density, dtype, device, bias=True, index_dtype=torch.int
     return x, w, b, idx, rp, vals
 
 
-# (x shape, out_features, density): T·K ≥ numel takes the transient-merge path, below it the SpMM path.
+# (x shape, out_features, density): every case adds the delta by an SpMM into the base product.
 CASES = [
-    ((16, 32), 24, 0.1),  # merge
-    ((5, 7, 123), 37, 0.05),  # merge, 3-D, odd sizes
-    ((1, 64), 65, 0.05),  # one token: SpMM
-    ((3, 45), 50, 0.02),  # SpMM
+    ((16, 32), 24, 0.1),
+    ((5, 7, 123), 37, 0.05),  # 3-D, odd sizes, more than one SpMM token tile
+    ((1, 64), 65, 0.05),  # one token
+    ((3, 45), 50, 0.02),
     ((0, 32), 16, 0.1),  # empty batch
 ]
 
@@ -98,6 +98,68 @@ def test_float32_values_over_low_precision_weight(device, dtype):
     assert dv.dtype == torch.float32
     ref = reference.sparse_delta_sddmm(g, x, idx)
     torch.testing.assert_close(dv, ref, atol=1e-4, rtol=1e-4)  # float32 accumulation of exact products
+
+
+def exact_base(tokens, dout, din, dtype, device, k=300, seed=0):
+    """x, W0 and g of small integers (every product and sum of the base GEMMs is exact, whatever
+    their order) and float32 deltas of size 3e-5: a row's result can only depend on its batch through
+    the way the delta is added."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (tokens, din), generator=gen).to(device=device, dtype=dtype)
+    w = torch.randint(-4, 5, (dout, din), generator=gen).to(device=device, dtype=dtype)
+    g = torch.randint(-4, 5, (tokens, dout), generator=gen).to(device=device, dtype=dtype)
+    idx = torch.randperm(dout * din, generator=gen)[:k].sort().values.int().to(device)
+    vals = (torch.randn(k, generator=gen) * 3e-5).to(device)
+    return x, w, g, idx, rowptr_for(idx, (dout, din)), vals
+
+
+def one_ulp(a, b):
+    """a and b (one low-precision dtype) differ by at most one unit in the last place of b."""
+    spacing = torch.nextafter(b.float().abs().to(b.dtype), torch.tensor(float("inf"), dtype=b.dtype)).float()
+    return bool(((a.float() - b.float()).abs() <= spacing - b.float().abs() + 1e-30).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_the_batch(device, dtype):
+    """The same token in a batch of 1 and of 4096: identical float32 bits (the delta is never merged
+    into a rounded weight for large batches), bfloat16 within its one rounding."""
+    x, w, g, idx, rp, vals = exact_base(4096, 96, 80, dtype, device)
+    y = linear_op(x, w, None, idx, rp, vals)
+    dx = backward_op(g, x, w, idx, rp, vals, [True, False, False])[0]
+    for t in (0, 1234, 4095):
+        y1 = linear_op(x[t : t + 1], w, None, idx, rp, vals)
+        dx1 = backward_op(g[t : t + 1], x[t : t + 1], w, idx, rp, vals, [True, False, False])[0]
+        for name, big, one in (("y", y[t : t + 1], y1), ("dx", dx[t : t + 1], dx1)):
+            if dtype == torch.float32:
+                assert torch.equal(big, one), name
+            else:
+                assert one_ulp(big, one), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_float32_deltas_are_not_rounded_away(device, dtype):
+    """Deltas of 3e-5 over weights of 1: a low-precision W0 + Δ would be W0 again. x·W0ᵀ cancels
+    exactly here, so y is x·Δᵀ, which must be within one rounding of the float64 product."""
+    dout, din, k = 40, 64, 400
+    w = torch.ones(dout, din, dtype=dtype, device=device)
+    x = torch.randint(-3, 4, (8, din // 2), dtype=torch.float64)
+    x = torch.cat([x, -x], dim=1)  # every row sums to 0
+    idx, rp, vals = make_delta(dout, din, k / (dout * din), device, scale=3e-5)
+    y = linear_op(x.to(device=device, dtype=dtype), w, None, idx, rp, vals)
+    ref = reference.sparse_delta_linear(x, w.double(), None, idx, vals.double())
+    assert ref.abs().max() > 0
+    # One rounding: 2^-8 relative (bf16), or float16's subnormal spacing 2^-24 near 0.
+    close = {"atol": 2.0**-24, "rtol": 2.0**-8}
+    torch.testing.assert_close(y.double(), ref.to(device), **close)
+    g = x[:, :dout].contiguous()  # rows of zero sum again: g·W0 cancels
+    dx = backward_op(
+        g.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype), w, idx, rp, vals, [True, False, False]
+    )[0]
+    xr = x.clone().requires_grad_()
+    reference.sparse_delta_linear(xr, w.double(), None, idx, vals.double()).backward(g)
+    torch.testing.assert_close(dx.double(), xr.grad.to(device), **close)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -150,7 +150,7 @@ struct Kernels {
   const Backend& backend;
   Status (*merge)(const MergeParams&, void*);
   Status (*spmm)(const SpmmParams&, void*);
-  // Null where dx goes through a merged weight only (a scatter SpMMᵀ on CUDA would need
+  // Null where dx runs spmm over the transposed delta (a scatter SpMMᵀ on CUDA would need
   // atomics: columns collide across rows).
   Status (*spmm_t)(const SpmmTParams&, void*);
   Status (*sddmm)(const SddmmParams&, void*);
@@ -184,13 +184,6 @@ int64_t gpu_chunks(int64_t T, int64_t K) {
   return std::max<int64_t>(1, std::min<int64_t>({(T + 255) / 256, 64, (1 << 22) / std::max<int64_t>(K, 1) + 1}));
 }
 
-// The delta is applied through a transient merged copy of W0 (one weight-sized copy, freed
-// before returning) when that is cheaper than the sparse product: the T·K gathered
-// multiply-adds of the SpMM against one pass over the weight. Measured on CPU (float32,
-// 1024×1024, 1 %): the SpMM wins up to T ≈ 8–16 tokens and loses from T ≈ 64, a crossover
-// near T·K ≈ numel / 4. The same rule is used on CUDA (not yet measured there).
-bool use_merge(int64_t tokens, int64_t nnz, int64_t numel) { return 4 * tokens * nnz >= numel; }
-
 // 2-D views: x as (T, d_in) contiguous, grad as (T, d_out) contiguous.
 at::Tensor as_tokens(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
 
@@ -209,12 +202,32 @@ void run_merge(const Kernels& k, at::Tensor& weight, const at::Tensor& idx, cons
   check_status(k.backend, k.merge(p, k.backend.stream(weight)), op);
 }
 
-// W0 + Δ as a new tensor (the caller drops it before returning).
-at::Tensor merged(const Kernels& k, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& val,
-                  const char* op) {
-  at::Tensor w = weight.clone();
-  run_merge(k, w, idx, val, 1.0, op);
-  return w;
+// a·b in the accumulation type (float32 for bf16/fp16, else the operands' own): the base product
+// the delta is added to before the one rounding. CUDA GEMMs write float32 for bf16/fp16 operands
+// themselves; the CPU GEMM cannot, so it multiplies float32 copies (exact: a widening).
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType acc = acc_scalar_type(a.scalar_type());
+  if (acc == a.scalar_type()) return at::mm(a, b);
+  if (a.is_cuda()) return at::mm(a, b, acc);
+  return at::mm(a.to(acc), b.to(acc));
+}
+
+// The delta of a rows×cols weight as the CSR delta of its transpose (cols×rows): entries sorted by
+// column, then row, so spmm over it adds each dx element's entries in the order spmm_t does.
+struct TransposedDelta {
+  at::Tensor indices, rowptr, values;
+};
+
+TransposedDelta transposed(const at::Tensor& idx, const at::Tensor& val, int64_t rows, int64_t cols) {
+  const at::Tensor flat = idx.to(at::kLong);
+  const at::Tensor r = at::floor_divide(flat, cols);
+  const at::Tensor c = flat - r * cols;
+  const at::Tensor key = c * rows + r;  // the flat position in the transpose
+  const at::Tensor order = std::get<1>(at::sort(key));
+  at::Tensor t_idx = key.index_select(0, order);
+  // Entries before column j's first: searchsorted needs no host sync (bincount would).
+  at::Tensor t_rp = at::searchsorted(t_idx, at::arange(cols + 1, flat.options()) * rows);
+  return {t_idx, t_rp, val.index_select(0, order)};
 }
 
 at::Tensor sddmm_impl(const Kernels& k, const at::Tensor& a2, const at::Tensor& b2, const at::Tensor& idx,
@@ -252,18 +265,21 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
   const int64_t rows = weight.size(0), cols = weight.size(1);
   validate_layout(k, op, rows, cols, idx, rp);
-  at::Tensor y;
-  if (use_merge(x2.size(0), idx.numel(), weight.numel())) {
-    const at::Tensor w = merged(k, weight, idx, val, op);
-    y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  } else {
-    y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr()};
+  // x·W0ᵀ (+ bias) in the accumulation type, the delta added into it, then one rounding: a token's
+  // output does not depend on how many tokens share the call, and float32 master values are not
+  // rounded to a low-precision weight first.
+  const bool exact_dtype = acc_scalar_type(x2.scalar_type()) == x2.scalar_type();
+  at::Tensor y = exact_dtype && bias.has_value() ? at::addmm(*bias, x2, weight.t()) : mm_acc(x2, weight.t());
+  if (!exact_dtype && bias.has_value()) y.add_(*bias);
+  // The SpMM rounds every element (rows without entries too) into the output.
+  at::Tensor out = exact_dtype ? y : at::empty(y.sizes(), x2.options());
+  if (x2.size(0) > 0) {
+    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr(), out.data_ptr()};
     check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = rows;
-  return y.view(shape);
+  return out.view(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels& k, const at::Tensor& grad,
@@ -279,13 +295,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
   validate_layout(k, op, weight.size(0), weight.size(1), idx, rp);
   at::Tensor dx, dv, db;
   if (mask[0]) {
-    if (k.spmm_t == nullptr || use_merge(g2.size(0), idx.numel(), weight.numel())) {
-      dx = at::mm(g2, merged(k, weight, idx, val, op));
-    } else {
-      dx = at::mm(g2, weight);
-      const SpmmTParams p{{spmm_operands(g2, idx, rp, val, weight.size(0), weight.size(1))}, dx.data_ptr(),
-                          g2.data_ptr()};
-      check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
+    // g·W0 in the accumulation type plus g·Δ, rounded once (as the forward).
+    const int64_t rows = weight.size(0), cols = weight.size(1);
+    const at::Tensor acc = mm_acc(g2, weight);
+    dx = acc.scalar_type() == g2.scalar_type() ? acc : at::empty(acc.sizes(), g2.options());
+    if (g2.size(0) > 0) {
+      if (k.spmm_t != nullptr) {
+        const SpmmTParams p{
+            {spmm_operands(g2, idx, rp, val, rows, cols)}, acc.data_ptr(), g2.data_ptr(), dx.data_ptr()};
+        check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
+      } else {
+        const TransposedDelta t = transposed(idx, val, rows, cols);
+        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, acc.data_ptr(),
+                           g2.data_ptr(), dx.data_ptr()};
+        check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
+      }
     }
     dx = dx.view(x.sizes());
   } else {

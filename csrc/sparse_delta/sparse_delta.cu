@@ -21,46 +21,211 @@ __global__ void merge_kernel(W* __restrict__ weight, const I* __restrict__ indic
   }
 }
 
-// One thread per output element (t, r): consecutive threads take consecutive rows of one
-// token, so the y accesses coalesce; the row's entries are read from L1/L2.
+// SpMM tiles. A CTA owns kRows rows of the delta and kTokens tokens (128 bytes of each row of x);
+// it stages x[its tokens, kColumns columns] in shared memory one column tile at a time, and each
+// thread keeps the sums of its (token, row) outputs in registers while the tiles pass. Lanes of a
+// warp share a row (its entries are broadcast) and take consecutive tokens (a padded x tile keeps
+// them in distinct banks). x is read rows/kRows times from L2, the CSR delta once per token tile,
+// and the outputs go out through shared memory, coalesced.
+template <typename X>
+struct SpmmTile {
+  static constexpr int kRows = 128;
+  static constexpr int kColumns = 64;
+  static constexpr int kTokens = 128 / static_cast<int>(sizeof(X));
+  static constexpr int kThreads = 256;
+  static constexpr int kRowStep = kThreads / kTokens;       // rows one sweep of the threads covers
+  static constexpr int kPerThread = kRows / kRowStep;       // outputs per thread
+  static constexpr int kPad = 4 / static_cast<int>(sizeof(X)) > 0 ? 4 / static_cast<int>(sizeof(X)) : 1;
+};
+
+// out[t, r] = y[t, r] + Σ_{k in row r} values[k]·x[t, col_k], rounded once. Per output the entries
+// are added from 0 in row order (column tiles ascend) and the sum is added to y once, as on the CPU.
 template <typename X, typename V, typename I>
-__global__ void spmm_kernel(X* __restrict__ y, const X* __restrict__ x, const I* __restrict__ indices,
-                            const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T, int64_t rows,
-                            int64_t cols) {
+__global__ void spmm_tile_kernel(const acc_t<X>* y, const X* __restrict__ x, const I* __restrict__ indices,
+                                 const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T,
+                                 int64_t rows, int64_t cols, X* out) {
   using A = acc_t<X>;
-  const int64_t n = T * rows;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t t = i / rows, r = i - t * rows;
-    const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
-    if (k0 == k1) continue;
-    const X* xt = x + t * cols;
-    const int64_t base = r * cols;
-    A acc = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      acc += static_cast<A>(to_acc(values[k])) * to_acc(xt[static_cast<int64_t>(indices[k]) - base]);
+  using Tile = SpmmTile<X>;
+  constexpr int R = Tile::kRows, C = Tile::kColumns, TT = Tile::kTokens, P = Tile::kPerThread;
+  constexpr int CP = C + Tile::kPad;
+  __shared__ X x_s[TT][CP];
+  __shared__ A out_s[R][TT + 1];
+  __shared__ int64_t lo_s[R];  // a row's first entry in the current column tile
+  __shared__ int32_t cnt_s[R];  // and how many it has there
+  const int tid = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int nr = static_cast<int>(rows - r0 < R ? rows - r0 : R);
+  const bool any = rowptr[r0] != rowptr[r0 + nr];
+  const int my_t = tid % TT, my_r = tid / TT;  // my outputs: token my_t of rows my_r + j·kRowStep
+  const int64_t tiles = (T + TT - 1) / TT;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t t0 = tile * TT;
+    const int tb = static_cast<int>(T - t0 < TT ? T - t0 : TT);
+    A acc[P];  // unrolled loops keep it in registers
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[j] = A(0);
+    // Row owners (threads [0, nr)) walk their row's entries through the column tiles.
+    int64_t pos = tid < nr ? rowptr[r0 + tid] : 0;
+    const int64_t last = tid < nr ? rowptr[r0 + tid + 1] : 0;
+    for (int64_t c0 = 0; any && c0 < cols; c0 += C) {
+      const int cb = static_cast<int>(cols - c0 < C ? cols - c0 : C);
+      __syncthreads();  // x_s, lo_s and cnt_s are free
+      for (int i = tid; i < tb * C; i += Tile::kThreads) {
+        const int t = i / C, cc = i - t * C;
+        if (cc < cb) x_s[t][cc] = x[(t0 + t) * cols + c0 + cc];
+      }
+      if (tid < R) {
+        const int64_t lo = pos;
+        if (tid < nr) {
+          const int64_t end_flat = (r0 + tid) * cols + c0 + cb;
+          while (pos < last && static_cast<int64_t>(indices[pos]) < end_flat) ++pos;
+        }
+        lo_s[tid] = lo;
+        cnt_s[tid] = static_cast<int32_t>(pos - lo);
+      }
+      __syncthreads();
+      if (my_t < tb) {
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          const int rr = my_r + j * Tile::kRowStep;
+          const int64_t lo = lo_s[rr];
+          const int n = cnt_s[rr];
+          const int64_t base = (r0 + rr) * cols + c0;
+          for (int e = 0; e < n; ++e) {
+            const int cc = static_cast<int>(static_cast<int64_t>(indices[lo + e]) - base);
+            acc[j] += static_cast<A>(to_acc(values[lo + e])) * to_acc(x_s[my_t][cc]);
+          }
+        }
+      }
     }
-    y[i] = from_acc<X>(to_acc(y[i]) + acc);
+    __syncthreads();  // out_s is free
+#pragma unroll
+    for (int j = 0; j < P; ++j) out_s[my_r + j * Tile::kRowStep][my_t] = acc[j];
+    __syncthreads();
+    for (int i = tid; i < tb * R; i += Tile::kThreads) {
+      const int t = i / R, rr = i - t * R;
+      if (rr < nr) {
+        const int64_t o = (t0 + t) * rows + r0 + rr;
+        out[o] = from_acc<X>(y[o] + out_s[rr][t]);
+      }
+    }
   }
 }
 
-// Thread per (entry k, token slice c): consecutive threads take consecutive entries, which
-// share a row of a (broadcast) and read nearby columns of b.
+// SDDMM tiles. A CTA owns kRows rows of W (all their entries) and one token slice; per tile of
+// kTokens tokens it stages a[t, its rows] once and b[t, :] kColumns columns at a time in shared
+// memory, and every entry whose column lies in the staged columns adds its kTokens products from
+// shared memory. b is thus read rows/kRows times from L2 (once from DRAM while the row groups of a
+// slice run together), a once, and no lane gathers from global memory. Tiles are 64 bytes of
+// tokens deep (32 bf16/fp16, 16 float, 8 double), so the staged tiles take 8 KiB each.
+template <typename X>
+struct SddmmTile {
+  static constexpr int kRows = 128;
+  static constexpr int kColumns = 128;
+  static constexpr int kTokens = 64 / static_cast<int>(sizeof(X));
+  // Entries accumulated in shared memory per pass (16 KiB); a denser row group takes more passes.
+  static constexpr int kEntries = 16384 / static_cast<int>(sizeof(acc_t<X>));
+  static constexpr int kThreads = 256;
+};
+
+// The partial sums of the entries of rows [r0, r0 + kRows) over tokens [t_begin, t_end) (slice
+// blockIdx.y), written to partial[blockIdx.y * K + k]. Each entry has one owner per column tile and
+// its token products are summed in token order, so the result does not depend on thread order.
 template <typename X, typename I>
-__global__ void sddmm_partial_kernel(const X* __restrict__ a, const X* __restrict__ b, const I* __restrict__ indices,
-                                     int64_t K, int64_t T, int64_t rows, int64_t cols, int64_t slice,
-                                     acc_t<X>* __restrict__ partial) {
+__global__ void sddmm_tile_kernel(const X* __restrict__ a, const X* __restrict__ b, const I* __restrict__ indices,
+                                  const int64_t* __restrict__ rowptr, int64_t K, int64_t T, int64_t rows,
+                                  int64_t cols, int64_t slice, acc_t<X>* __restrict__ partial) {
   using A = acc_t<X>;
-  const int64_t c = blockIdx.y;
-  const int64_t t0 = c * slice;
-  const int64_t t1 = t0 + slice < T ? t0 + slice : T;
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < K;
-       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t flat = static_cast<int64_t>(indices[k]);
-    const int64_t r = flat / cols, col = flat - r * cols;
-    A acc = 0;
-    for (int64_t t = t0; t < t1; ++t) acc += to_acc(a[t * rows + r]) * to_acc(b[t * cols + col]);
-    partial[c * K + k] = acc;
+  using Tile = SddmmTile<X>;
+  constexpr int R = Tile::kRows, C = Tile::kColumns, TT = Tile::kTokens, E = Tile::kEntries;
+  __shared__ X a_s[TT][R];
+  __shared__ X b_s[TT][C];
+  __shared__ A acc_s[E];
+  __shared__ int64_t lo_s[R];   // a row's first entry in the current column tile
+  __shared__ int32_t off_s[R];  // its position among the tile's entries (exclusive prefix)
+  __shared__ int32_t warp_s[R / 32];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int nr = static_cast<int>(rows - r0 < R ? rows - r0 : R);
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * slice;
+  const int64_t t_end = t_begin + slice < T ? t_begin + slice : T;
+  const int64_t kb = rowptr[r0], ke = rowptr[r0 + nr];
+  // The row this thread scans (threads [0, R) own one row each).
+  const int64_t my_row = r0 + tid;
+  const bool row_owner = tid < nr;
+  const int64_t row_first = row_owner ? rowptr[my_row] : 0, row_last = row_owner ? rowptr[my_row + 1] : 0;
+  for (int64_t pb = kb; pb < ke; pb += E) {
+    const int64_t pe = ke - pb < E ? ke : pb + E;
+    for (int e = tid; e < pe - pb; e += nthreads) acc_s[e] = A(0);
+    // This pass's entries of my row: [first, last).
+    const int64_t first = row_first > pb ? row_first : pb;
+    const int64_t last = row_last < pe ? row_last : pe;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += TT) {
+      const int tb = static_cast<int>(t_end - t0 < TT ? t_end - t0 : TT);
+      __syncthreads();  // the previous tile's readers of a_s are done
+      for (int i = tid; i < tb * R; i += nthreads) {
+        const int t = i / R, rr = i - t * R;
+        if (rr < nr) a_s[t][rr] = a[(t0 + t) * rows + r0 + rr];
+      }
+      int64_t pos = first;
+      for (int64_t c0 = 0; c0 < cols; c0 += C) {
+        const int cb = static_cast<int>(cols - c0 < C ? cols - c0 : C);
+        __syncthreads();  // b_s, lo_s and off_s are free
+        for (int i = tid; i < tb * C; i += nthreads) {
+          const int t = i / C, cc = i - t * C;
+          if (cc < cb) b_s[t][cc] = b[(t0 + t) * cols + c0 + cc];
+        }
+        // My row's entries below column c0 + cb: columns ascend within a row, so the tiles
+        // advance one pointer.
+        int count = 0;
+        if (tid < R) {
+          const int64_t lo = pos;
+          if (row_owner) {
+            const int64_t end_flat = my_row * cols + c0 + cb;
+            while (pos < last && static_cast<int64_t>(indices[pos]) < end_flat) ++pos;
+          }
+          count = static_cast<int>(pos - lo);
+          lo_s[tid] = lo;
+          // Inclusive scan of the counts over each warp, then over the warps.
+          int incl = count;
+          for (int d = 1; d < 32; d <<= 1) {
+            const int up = __shfl_up_sync(0xffffffffu, incl, d);
+            if ((tid & 31) >= d) incl += up;
+          }
+          off_s[tid] = incl - count;
+          if ((tid & 31) == 31) warp_s[tid >> 5] = incl;
+        }
+        __syncthreads();
+        int total = 0;
+        for (int w = 0; w < R / 32; ++w) total += warp_s[w];
+        if (tid < R) {
+          for (int w = 0; w < (tid >> 5); ++w) off_s[tid] += warp_s[w];
+        }
+        __syncthreads();
+        for (int e = tid; e < total; e += nthreads) {
+          // The row holding tile entry e: the last row whose offset is <= e (rows with no entry
+          // here share their successor's offset and come first).
+          int lo = 0, hi = R;
+          while (hi - lo > 1) {
+            const int mid = (lo + hi) >> 1;
+            if (off_s[mid] <= e) {
+              lo = mid;
+            } else {
+              hi = mid;
+            }
+          }
+          const int o = off_s[lo];
+          const int64_t k = lo_s[lo] + (e - o);
+          const int cc = static_cast<int>(static_cast<int64_t>(indices[k]) - (r0 + lo) * cols - c0);
+          A s = 0;
+          for (int t = 0; t < tb; ++t) s += to_acc(a_s[t][lo]) * to_acc(b_s[t][cc]);
+          acc_s[k - pb] += s;
+        }
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < pe - pb; e += nthreads) partial[static_cast<int64_t>(blockIdx.y) * K + pb + e] = acc_s[e];
+    __syncthreads();  // acc_s is reset by the next pass
   }
 }
 
@@ -131,17 +296,21 @@ Status merge_cuda(const MergeParams& p, void* stream) {
 
 Status spmm_cuda(const SpmmParams& p, void* stream) {
   if (p.T == 0 || p.rows == 0) return kSuccess;
-  const dim3 grid(blocks_for(p.T * p.rows, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
+    using Tile = SpmmTile<X>;
+    const int64_t groups = (p.rows + Tile::kRows - 1) / Tile::kRows;
+    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
+    if (groups > 0x7fffffff) return kInvalidValue;
+    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
     return dispatch_index(p.index_type, [&](auto i_tag) {
       using I = decltype(i_tag);
       return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
         using V = decltype(v_tag);
-        return launch(spmm_kernel<X, V, I>, grid, dim3(kThreads), 0, s, static_cast<X*>(p.y),
+        return launch(spmm_tile_kernel<X, V, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
                       static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
-                      static_cast<const V*>(p.values), p.T, p.rows, p.cols);
+                      static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
       });
     });
   });
@@ -150,17 +319,22 @@ Status spmm_cuda(const SpmmParams& p, void* stream) {
 Status sddmm_cuda(const SddmmParams& p, void* stream) {
   if (p.K == 0) return kSuccess;
   if (p.chunks < 1 || p.chunks > 65535) return kInvalidValue;
-  const int64_t slice = (p.T + p.chunks - 1) / p.chunks;
-  const dim3 grid(blocks_for(p.K, kThreads, 65535u * 8u), static_cast<unsigned int>(p.chunks));
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
+    using Tile = SddmmTile<X>;
+    // Slices of whole token tiles; trailing slices may be empty (their partials are zeros).
+    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
+    const int64_t slice = (tiles + p.chunks - 1) / p.chunks * Tile::kTokens;
+    const int64_t groups = (p.rows + Tile::kRows - 1) / Tile::kRows;
+    if (groups > 0x7fffffff) return kInvalidValue;
+    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(p.chunks));
     const Status st = dispatch_index(p.index_type, [&](auto i_tag) {
       using I = decltype(i_tag);
-      return launch(sddmm_partial_kernel<X, I>, grid, dim3(kThreads), 0, s, static_cast<const X*>(p.a),
-                    static_cast<const X*>(p.b), static_cast<const I*>(p.indices), p.K, p.T, p.rows, p.cols, slice,
-                    static_cast<A*>(p.workspace));
+      return launch(sddmm_tile_kernel<X, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const X*>(p.a),
+                    static_cast<const X*>(p.b), static_cast<const I*>(p.indices), p.rowptr, p.K, p.T, p.rows,
+                    p.cols, slice, static_cast<A*>(p.workspace));
     });
     if (st != kSuccess) return st;
     return launch(sddmm_reduce_kernel<A>, dim3(blocks_for(p.K, kThreads)), dim3(kThreads), 0, s,

@@ -36,22 +36,32 @@ struct SpmmOperands {
   int64_t T, rows, cols;
 };
 
-// y[t, r] += Σ_{k in row r} values[k] · x[t, col_k] for t < T (x: T×cols, y: T×rows, one dtype).
+// out[t, r] = y[t, r] + Σ_{k in row r} values[k] · x[t, col_k] for t < T, rounded once to dtype
+// (x, out: dtype; y: T×rows in the accumulation type, acc_t of dtype, holding the base product
+// x·W0ᵀ; out may alias y when dtype is the accumulation type). Per (t, r) the entries are summed
+// from 0 in row order and the sum is added to y once, whatever T is, so a token's result does not
+// depend on its batch.
 struct SpmmParams : SpmmOperands {
-  void* y;
+  const void* y;
   const void* x;
+  void* out;
 };
 
-// dx[t, col_k] += Σ_{k with col_k} values[k] · g[t, row_k] (g: T×rows, dx: T×cols, one dtype).
+// out[t, c] = dx[t, c] + Σ_{k with col_k = c} values[k] · g[t, row_k] (g: T×rows and out: T×cols in
+// dtype, dx: T×cols in the accumulation type, holding g·W0; out may alias dx as above), per (t, c)
+// summed from 0 in ascending row order and added once: the order of spmm over the transposed
+// delta, so both directions give the same bits on every backend up to the compiler's contraction
+// of a·b + c.
 struct SpmmTParams : SpmmOperands {
-  void* dx;
+  const void* dx;
   const void* g;
+  void* out;
 };
 
 // out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the
 // accumulation type (the dtype of `out`). Deterministic: partial sums are added in a fixed order.
 // CUDA splits the tokens into `chunks` slices whose partial sums go to `workspace` (chunks × K
-// accumulators); the CPU kernel needs no workspace (chunks 0).
+// accumulators), reduced in slice order; the CPU kernel needs no workspace (chunks 0).
 struct SddmmParams {
   const void* a;
   const void* b;

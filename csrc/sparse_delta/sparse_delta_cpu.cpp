@@ -58,19 +58,69 @@ inline int64_t col_of(const I* idx, int64_t k, int64_t r, int64_t cols) {
   return static_cast<int64_t>(idx[k]) - r * cols;
 }
 
-// dst (n × m) = srcᵀ for src (m × n), both contiguous.
-template <typename X>
-void transpose(const X* src, int64_t m, int64_t n, X* dst) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) dst[j * m + i] = src[i * n + j];
+// y[i] += v·x[i] for i < n: lanes are tokens, each computed alone, so a token's result is the
+// same in a tile of one or of many. Float32 is cloned for AVX2+FMA and AVX-512 like dot_f32.
+template <typename A>
+void axpy(A* __restrict__ y, const A* __restrict__ x, A v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += v * x[i];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#endif
+void axpy_f32(float* __restrict__ y, const float* __restrict__ x, float v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += v * x[i];
+}
+
+template <>
+void axpy<float>(float* __restrict__ y, const float* __restrict__ x, float v, int64_t n) {
+  axpy_f32(y, x, v, n);
+}
+
+// Tokens per SpMM tile: the transposed operand tiles (d × tile accumulators) stay in cache.
+constexpr int64_t kSpmmTile = 64;
+
+// Transposes in 16×16 blocks: both sides of a block stay in a few cache lines.
+constexpr int64_t kBlock = 16;
+
+// dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A.
+template <typename X, typename A>
+void transpose_to(const X* src, int64_t m, int64_t n, A* dst) {
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) dst[j * m + i] = static_cast<A>(src[i * n + j]);
+      }
+    }
   }
 }
 
-// Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays; nothing to
-// add (no tokens or an empty delta) does nothing.
+template <typename X>
+void transpose(const X* src, int64_t m, int64_t n, X* dst) {
+  transpose_to<X, X>(src, m, n, dst);
+}
+
+// out (m × n) = y + srcᵀ for src (n × m), rounded once to X; out may alias y (same element type).
+template <typename A, typename X>
+void store_transposed(const A* src, int64_t m, int64_t n, const A* y, X* out) {
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) out[i * n + j] = static_cast<X>(y[i * n + j] + src[j * m + i]);
+      }
+    }
+  }
+}
+
+// Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays (no tokens:
+// nothing to do).
 template <typename F>
 Status dispatch_spmm(const SpmmOperands& p, F&& f) {
-  if (p.T == 0 || p.rowptr[p.rows] == 0) return kSuccess;
+  if (p.T == 0) return kSuccess;
   return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
     using X = decltype(x_tag);
     return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
@@ -112,6 +162,10 @@ Status merge_cpu(const MergeParams& p, void*) {
   });
 }
 
+// Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
+// type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
+// summed from 0 in row-major entry order, then added to the base product and rounded once. Per output element that is
+// the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile size.
 Status spmm_cpu(const SpmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
   return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
@@ -119,19 +173,21 @@ Status spmm_cpu(const SpmmParams& p, void*) {
     using A = acc_t<X>;
     const int64_t* rp = p.rowptr;
     const X* xp = static_cast<const X*>(p.x);
-    X* yp = static_cast<X*>(p.y);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const X* xt = xp + t * cols;
-        X* yt = yp + t * rows;
+    const A* yp = static_cast<const A*>(p.y);
+    X* outp = static_cast<X*>(p.out);
+    at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<A> xT(static_cast<size_t>(cols * kSpmmTile)), yT(static_cast<size_t>(rows * kSpmmTile));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
+        transpose_to(xp + t0 * cols, tb, cols, xT.data());
+        std::fill(yT.begin(), yT.begin() + rows * tb, A(0));
         for (int64_t r = 0; r < rows; ++r) {
-          if (rp[r] == rp[r + 1]) continue;
-          A acc = 0;
+          A* yr = yT.data() + r * tb;
           for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-            acc += static_cast<A>(vp[k]) * static_cast<A>(xt[col_of(idx, k, r, cols)]);
+            axpy<A>(yr, xT.data() + col_of(idx, k, r, cols) * tb, static_cast<A>(vp[k]), tb);
           }
-          yt[r] = static_cast<X>(static_cast<A>(yt[r]) + acc);
         }
+        store_transposed(yT.data(), tb, rows, yp + t0 * rows, outp + t0 * rows);
       }
     });
   });
@@ -144,19 +200,21 @@ Status spmm_t_cpu(const SpmmTParams& p, void*) {
     using A = acc_t<X>;
     const int64_t* rp = p.rowptr;
     const X* gp = static_cast<const X*>(p.g);
-    X* dxp = static_cast<X*>(p.dx);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      // One accumulation row per chunk: each dx element is rounded once, not once per add.
-      std::vector<A> acc(cols);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), A(0));
-        const X* gt = gp + t * rows;
+    const A* dxp = static_cast<const A*>(p.dx);
+    X* outp = static_cast<X*>(p.out);
+    at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<A> gT(static_cast<size_t>(rows * kSpmmTile)), dxT(static_cast<size_t>(cols * kSpmmTile));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
+        transpose_to(gp + t0 * rows, tb, rows, gT.data());
+        std::fill(dxT.begin(), dxT.begin() + cols * tb, A(0));
         for (int64_t r = 0; r < rows; ++r) {
-          const A gv = static_cast<A>(gt[r]);
-          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) acc[col_of(idx, k, r, cols)] += gv * static_cast<A>(vp[k]);
+          const A* gr = gT.data() + r * tb;
+          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+            axpy<A>(dxT.data() + col_of(idx, k, r, cols) * tb, gr, static_cast<A>(vp[k]), tb);
+          }
         }
-        X* dxt = dxp + t * cols;
-        for (int64_t c = 0; c < cols; ++c) dxt[c] = static_cast<X>(static_cast<A>(dxt[c]) + acc[c]);
+        store_transposed(dxT.data(), tb, cols, dxp + t0 * cols, outp + t0 * cols);
       }
     });
   });

@@ -5,6 +5,8 @@ import torch
 from slimtune import reference
 from slimtune.sparse import rowptr_for
 
+from .conftest import SCHEDULES
+
 pytestmark = pytest.mark.cuda_host
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -48,8 +50,18 @@ def test_merge(emu, schedule, dtype, index_dtype, case):
         assert torch.equal(ours, cpu)
 
 
-# (x shape, rows, k): 4·T·K >= rows·cols takes the transient merge, below it the SpMM kernel.
-LINEAR_CASES = [((6, 11), 9, 40), ((2, 3, 13), 7, 30), ((1, 64), 65, 100), ((3, 45), 50, 40), ((0, 12), 5, 10)]
+# (x shape, rows, k): the delta is added by the SpMM kernel (dx: over the transposed delta); an empty
+# delta, one entry and every position of the weight too.
+LINEAR_CASES = [
+    ((6, 11), 9, 40),
+    ((2, 3, 13), 7, 30),
+    ((1, 64), 65, 100),
+    ((3, 45), 50, 40),
+    ((0, 12), 5, 10),
+    ((5, 8), 6, 0),
+    ((4, 9), 3, 1),
+    ((3, 7), 5, 35),
+]
 
 
 def grads(op, x, w, b, idx, rp, val, g):
@@ -101,6 +113,123 @@ def test_sddmm(emu, schedule, dtype, index_dtype, T):
     torch.testing.assert_close(ours, cpu, **close)
 
 
+# (x shape, rows, entries) against the SpMM's tiles (128 rows per CTA, 64 columns per shared tile,
+# 128 bytes of tokens per tile); dx runs the same kernel over the transposed delta.
+SPMM_TILE_CASES = [
+    ((70, 150), 130, 900),  # two row groups each way, three column tiles, partial token tiles
+    ((3, 23, 65), 129, 1),  # one entry, the second row group of one row
+    ((9, 130), 3, "all"),  # every position (dx: 130 rows over two groups, every column tile full)
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", SPMM_TILE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+def test_spmm_tiles(emu, schedule, dtype, index_dtype, case):
+    shape, rows, kind = case
+    cols = shape[-1]
+    for vdtype in value_dtypes(dtype):
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        w = (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+        idx, rp = sddmm_delta(rows, cols, kind, index_dtype)
+        val = (torch.randn(idx.numel(), dtype=torch.float64) * 0.5).to(vdtype)
+        g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)
+        y = emu.sparse_delta_linear(x, w, None, idx, rp, val)
+        dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        xr = x.to(torch.float64).requires_grad_()
+        yr = reference.sparse_delta_linear(xr, w.to(torch.float64), None, idx, val.to(torch.float64))
+        yr.backward(g.to(torch.float64))
+        cpu_y = torch.ops.slimtune.sparse_delta_linear(x, w, None, idx, rp, val)
+        cpu_dx = torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        for name, o, c, r in (("y", y, cpu_y, yr), ("dx", dx, cpu_dx, xr.grad)):
+            assert o.dtype == dtype and o.shape == c.shape, name
+            torch.testing.assert_close(o, c, **tol(dtype), msg=name)
+            torch.testing.assert_close(o.to(torch.float64), r, **tol(dtype), msg=name)
+
+
+def sddmm_delta(rows, cols, kind, index_dtype):
+    """Indices of a rows×cols weight: `kind` entries at random, or "row" (every column of row 1, the
+    other rows empty) or "all" (every position)."""
+    if kind == "row":
+        idx = torch.arange(cols, 2 * cols)
+    elif kind == "all":
+        idx = torch.arange(rows * cols)
+    else:
+        idx = torch.randperm(rows * cols)[:kind].sort().values
+    idx = idx.to(index_dtype)
+    return idx, rowptr_for(idx, (rows, cols))
+
+
+# (T, rows, cols, entries) against the kernel's tiles (128 rows per CTA, 128 columns per shared tile,
+# 64 bytes of tokens per tile, 16 KiB of accumulators per pass, token slices of whole tiles):
+SDDMM_TILE_CASES = [
+    (37, 130, 140, 700),  # two row groups (the second of 2 rows), two column tiles, a partial token tile
+    (300, 9, 200, 0),  # an empty delta
+    (300, 9, 200, 1),  # one entry
+    (517, 3, 150, "row"),  # every entry in one row, empty rows around it; three token slices
+    (20, 130, 40, "all"),  # 5200 entries in one row group: more than one pass of accumulators
+    (1, 1, 1, "all"),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", SDDMM_TILE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_sddmm_tiles(emu, schedule, dtype, index_dtype, case):
+    T, rows, cols, kind = case
+    a = torch.randn(T, rows, dtype=torch.float64).to(dtype)
+    bb = torch.randn(T, cols, dtype=torch.float64).to(dtype)
+    idx, rp = sddmm_delta(rows, cols, kind, index_dtype)
+    ours = emu.sparse_delta_sddmm(a, bb, idx, rp)
+    ref = reference.sparse_delta_sddmm(a, bb, idx)
+    assert ours.dtype == ref.dtype and ours.shape == idx.shape
+    close = tol(torch.float64) if ref.dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(ours, ref, **close)
+    torch.testing.assert_close(ours, torch.ops.slimtune.sparse_delta_sddmm(a, bb, idx, rp), **close)
+
+
+def test_sddmm_is_deterministic_under_every_schedule(emu):
+    """Token slices are reduced in order and every entry has one owner per tile: the same bits
+    whatever order the threads and blocks run in (no float atomics)."""
+    a = torch.randn(300, 140, dtype=torch.bfloat16)
+    bb = torch.randn(300, 150, dtype=torch.bfloat16)
+    idx, rp = sddmm_delta(140, 150, 900, torch.int32)
+    results = []
+    for spec in SCHEDULES:
+        emu._set_schedule(spec)
+        results.append(emu.sparse_delta_sddmm(a, bb, idx, rp))
+    emu._set_schedule("inorder")
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_the_batch(emu, schedule, dtype):
+    """One token alone and in a batch of 300 (integer x, W0 and g: the base products are exact):
+    identical float32 bits, bfloat16 within its one rounding; and CPU and CUDA agree."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (300, 40), generator=gen).to(dtype)
+    w = torch.randint(-4, 5, (30, 40), generator=gen).to(dtype)
+    g = torch.randint(-4, 5, (300, 30), generator=gen).to(dtype)
+    idx, rp = sddmm_delta(30, 40, 200, torch.int32)
+    val = torch.randn(200, generator=gen) * 3e-5
+    mask = [True, False, False]
+    y, dx = (
+        emu.sparse_delta_linear(x, w, None, idx, rp, val),
+        emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0],
+    )
+    for t in (0, 299):
+        y1 = emu.sparse_delta_linear(x[t : t + 1], w, None, idx, rp, val)
+        dx1 = emu.sparse_delta_linear_backward(g[t : t + 1], x[t : t + 1], w, idx, rp, val, mask)[0]
+        if dtype == torch.float32:
+            assert torch.equal(y[t : t + 1], y1) and torch.equal(dx[t : t + 1], dx1)
+        else:
+            torch.testing.assert_close(y[t : t + 1], y1, atol=0, rtol=2.0**-8)
+            torch.testing.assert_close(dx[t : t + 1], dx1, atol=0, rtol=2.0**-8)
+    torch.testing.assert_close(y, torch.ops.slimtune.sparse_delta_linear(x, w, None, idx, rp, val), **tol(dtype))
+    cpu_dx = torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0]
+    torch.testing.assert_close(dx, cpu_dx, **tol(dtype))
+
+
 def test_noncontiguous_inputs(emu, schedule):
     x = torch.randn(12, 5).t()  # (5, 12), column-major
     w = torch.randn(7, 12)
@@ -141,8 +270,8 @@ def test_bad_layout_is_caught_on_the_device(emu, schedule, arg, phrase, idx, rp)
     x, w, g = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6)
     val = torch.randn(idx.numel())
     calls = [
-        lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # SpMM path
-        lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # merge path
+        lambda: emu.sparse_delta_linear(x[:1], w, None, idx, rp, val),  # one token
+        lambda: emu.sparse_delta_linear(x, w, None, idx, rp, val),  # three tokens
         lambda: emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, True, False]),
         lambda: emu.sparse_delta_sddmm(g, x, idx, rp),
     ]
@@ -158,5 +287,5 @@ def test_layout_is_validated_by_a_kernel(emu):
     x, w = torch.randn(1, 8), torch.randn(6, 8)
     idx, rp, val = delta(6, 8, 5, torch.int64, torch.float32)
     before = emu._launch_count()
-    emu.sparse_delta_linear(x, w, None, idx, rp, val)  # SpMM path: one compute kernel
+    emu.sparse_delta_linear(x, w, None, idx, rp, val)  # one compute kernel (the SpMM)
     assert emu._launch_count() - before == 2

@@ -1,4 +1,4 @@
-"""python -m slimtune.bench [OP ...] [--device cpu|cuda] [--dtype ...] [--json FILE] [--plot FILE.png]"""
+"""python -m slimtune.bench [OP ...] [--device cpu|cuda] [--dtype ...] [--json FILE] [--plot FILE.png] | --traffic"""
 
 import argparse
 import sys
@@ -36,6 +36,12 @@ def main(argv=None, prog: str = "python -m slimtune.bench") -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU), 1 to 1024")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument(
+        "--traffic",
+        action="store_true",
+        help="print the memory-traffic model per kernel and shape (bytes the design moves, the floor, their "
+        "ratio; with --device cuda also the measured time and achieved GB/s) and exit",
+    )
     args = p.parse_args(argv)
 
     if args.list:
@@ -52,6 +58,11 @@ def main(argv=None, prog: str = "python -m slimtune.bench") -> int:
         p.error(f"--min-run-time must be in (0, 600] seconds, got {args.min_run_time}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.traffic:
+        from .traffic import table
+
+        print(table(torch.device(args.device)))
+        return 0
     dtype = _DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     ctx = Context(
         device=torch.device(args.device),

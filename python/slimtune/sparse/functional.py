@@ -17,8 +17,12 @@ def sparse_delta_linear(
 
     ``indices``: sorted unique flat (row-major) positions, int32 (int64 from 2^31 elements);
     ``rowptr``: ``slimtune.sparse.rowptr_for(indices, weight.shape)``; ``values``: the weight's
-    dtype or float32. Backward saves only ``x`` besides the given parameters/buffers and gets
-    d(values) from a sampled dense-dense product (SDDMM), never a dense weight gradient.
+    dtype or float32. ``x·W0ᵀ`` is formed in float32 for bf16/fp16 (float64 for float64) and the
+    delta's product added to it before the one rounding to the output, on CPU and CUDA alike: no
+    merged W0 + Δ is ever rounded to the weight's dtype, and a token's result does not depend on how
+    many tokens share the call (dx likewise). Backward saves only ``x`` besides the given
+    parameters/buffers and gets d(values) from a sampled dense-dense product (SDDMM), never a dense
+    weight gradient.
     """
     return torch.ops.slimtune.sparse_delta_linear(x, weight, bias, indices, rowptr, values)
 

@@ -1,0 +1,65 @@
+"""The traffic model of ``python -m slimtune.bench --traffic``: its arithmetic on small shapes counted by
+hand, and the CLI, which must not print a GPU figure it did not measure."""
+
+import pytest
+import torch
+
+from slimtune.bench import traffic
+from slimtune.bench.__main__ import main
+
+
+def test_sddmm_bytes_by_hand():
+    # T=64 tokens, a 256x128 bf16 weight at density 1/16: K = 2048 int32 entries, float32 results.
+    row = traffic.sddmm(64, 256, 128, 1 / 16, torch.bfloat16)
+    g, x = 64 * 256 * 2, 64 * 128 * 2  # 32768 + 16384 bytes of operands
+    assert row.floor == g + x + 2048 * 4 + 2048 * 4 == 65536
+    # One token slice (64 tokens): indices + rowptr (257 int64) once, 2048 partials written and
+    # read back, 2048 results written.
+    assert traffic.sddmm_chunks(64, 2048) == 1
+    assert row.design == g + x + (2048 * 4 + 257 * 8) + 2 * 2048 * 4 + 2048 * 4 == 83976
+    # From L2: g once, x to each of the 2 row groups of 128, the indices twice per 32-token tile.
+    assert row.l2 == g + 2 * x + 2 * 2 * 2048 * 4 == 98304
+    assert row.ratio == pytest.approx(83976 / 65536)
+
+
+def test_sparse_forward_and_lora_bytes_by_hand():
+    # T=8, a 4x16 float32 weight at density 1/4: K = 16 entries (int32 index + float32 value).
+    row = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.float32)
+    csr = 16 * 8 + 5 * 8
+    assert row.floor == 8 * 16 * 4 + 4 * 16 * 4 + csr + 8 * 4 * 4 == 1064
+    # GEMM (x, W0 read, y written) + SpMM (x read, y read, the output written: y itself in float32).
+    assert row.design == (512 + 256 + 128) + (512 + csr + 128 + 128) == 1832
+    # bf16: the GEMM writes a float32 y, which the SpMM reads before writing the bf16 output.
+    lowp = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.bfloat16)
+    assert lowp.design == (256 + 128 + 8 * 4 * 4) + (256 + csr + 8 * 4 * 4 + 8 * 4 * 2) == 1128
+    # LoRA r=2 over 8 tokens, 16 -> 4, bf16: x read once, the 8x2 float32 intermediate written, adapters.
+    fwd = traffic.lora_forward(8, 16, 4, 2, torch.bfloat16)
+    assert fwd.floor == 8 * 16 * 2 + 8 * 2 * 4 + 2 * 20 * 4 == 480
+    assert fwd.design == 480 + 8 * 2 * 4 + 2 * 8 * 4 * 2 == 672
+
+
+def test_every_row_is_consistent():
+    for row in traffic.rows():
+        assert row.design >= row.floor > 0, row
+    issue = traffic.sddmm(4096, 4096, 4096, 0.01, torch.bfloat16)
+    assert issue.ratio <= 2.0  # the SDDMM's target: at most twice its floor from DRAM
+
+
+def test_cli_help_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "--traffic" in out and "achieved GB/s" in out
+
+
+def test_cli_on_cpu_prints_the_model_and_no_gpu_figures(capsys):
+    assert main(["--traffic"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "shape", "dtype"]
+    body = [ln for ln in lines[2:] if ln.startswith(("sparse_delta", "lora", "memsave"))]
+    assert len(body) == len(traffic.rows())
+    assert all("not run on a GPU" in ln and ln.rstrip().endswith("-") for ln in body)
+    issue = next(ln for ln in body if ln.startswith("sparse_delta_sddmm") and "T=4096 4096x4096 0.01 " in ln)
+    assert "100.5" in issue and "68.5" in issue and "1.47x" in issue
