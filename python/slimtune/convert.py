@@ -304,12 +304,18 @@ def _build(method: str, name: str, module: nn.Module, kwargs: dict) -> nn.Module
             f"method {method!r}: its factory must return an nn.Module keeping the layer as '.base' "
             f"(converting {name!r})"
         )
-    setattr(new, _METHOD_ATTR, method)
-    setattr(new, _KWARGS_ATTR, dict(kwargs))
-    setattr(new, _BASE_TYPE_ATTR, base_type)
-    new._register_state_dict_hook(_base_keys_as_original)
-    new._register_load_state_dict_pre_hook(_base_keys_from_original)
+    mark_converted(new, method, kwargs, base_type)
     return new
+
+
+def mark_converted(module: nn.Module, method: str, kwargs: dict, base_type: str = "Linear") -> None:
+    """Records how ``module`` (keeping the layer as ``.base``) was built, so that ``save``/``load``/
+    ``merge`` find and rebuild it; for layers made outside :func:`apply` (a loaded PEFT adapter)."""
+    setattr(module, _METHOD_ATTR, method)
+    setattr(module, _KWARGS_ATTR, dict(kwargs))
+    setattr(module, _BASE_TYPE_ATTR, base_type)
+    module._register_state_dict_hook(_base_keys_as_original)
+    module._register_load_state_dict_pre_hook(_base_keys_from_original)
 
 
 # A converted layer's state dict names the frozen weight as the unconverted layer did

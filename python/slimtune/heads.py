@@ -110,3 +110,14 @@ def restore(model: nn.Module, plan: dict) -> None:
         for k, v in given.items():
             own[k].copy_(v)
         mark({name: module})
+
+
+def plan_from_file(model: nn.Module, keys: Iterable[str], tensors: Dict[str, torch.Tensor], where: str) -> dict:
+    """Validated head tensors of an adapter file (``<module>.<tensor>`` names) for the modules the
+    config's ``modules_to_save`` keys select; a tensor of no such module raises."""
+    found = find_modules_to_save(model, list(keys))
+    owner = {k: next((n for n in found if k.startswith(n + ".")), None) for k in tensors}
+    stray = sorted(k for k, n in owner.items() if n is None)
+    if stray:
+        raise ValueError(f"{where}: tensor {stray[0]!r} belongs to no module of modules_to_save {list(keys)}")
+    return check_head_tensors(model, sorted(set(owner.values())), tensors, where)

@@ -10,6 +10,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from .. import heads as _heads
 from .._atomic import write_dir_atomic
 from .._jsonfile import read_json
 
@@ -120,8 +121,12 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     tensors = _read_weights(directory)
 
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    saved: Dict[str, torch.Tensor] = {}  # modules_to_save weights (a classification head)
     for key, value in tensors.items():
         m = _KEY.match(key)
+        if m is None and config.get("modules_to_save"):
+            saved[key[len(_PREFIX) :] if key.startswith(_PREFIX) else key] = value
+            continue
         if m is None:
             raise PeftAdapterError(
                 f"load_peft_adapter: unsupported tensor {key!r} in {WEIGHTS_NAME} "
@@ -131,6 +136,10 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     if not pairs:
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
 
+    try:
+        head_plan = _heads.plan_from_file(model, config.get("modules_to_save") or [], saved, "load_peft_adapter")
+    except ValueError as e:
+        raise PeftAdapterError(str(e)) from None
     modules = dict(model.named_modules())
     plan: Dict[str, Tuple[nn.Module, int, float, torch.Tensor, torch.Tensor]] = {}
     for name, ab in sorted(pairs.items()):
@@ -200,6 +209,7 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
         with torch.no_grad():
             target.lora_A[adapter_name].copy_(A)
             target.lora_B[adapter_name].copy_(B)
+    _heads.restore(model, head_plan)
     return model
 
 
@@ -227,6 +237,8 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
             alpha_pattern[_exact_pattern_key(name)] = m.lora_alpha[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous().cpu()
+    for key, value in _heads.head_state(model).items():
+        tensors[_PREFIX + key] = value.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -242,7 +254,7 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "defaul
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(_heads.saved_modules(model)) or None,
         "use_dora": False,
     }
     directory = Path(directory)
