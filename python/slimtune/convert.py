@@ -315,7 +315,7 @@ def mark_converted(module: nn.Module, method: str, kwargs: dict, base_type: str 
     setattr(module, _KWARGS_ATTR, dict(kwargs))
     setattr(module, _BASE_TYPE_ATTR, base_type)
     module._register_state_dict_hook(_base_keys_as_original)
-    module._register_load_state_dict_pre_hook(_base_keys_from_original)
+    module._register_load_state_dict_pre_hook(_base_keys_from_original, with_module=True)
 
 
 # A converted layer's state dict names the frozen weight as the unconverted layer did

@@ -266,6 +266,19 @@ class SlimtuneModel(nn.Module):
     def active_adapter(self) -> Union[str, List[str]]:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
+    @property
+    def _keys_to_ignore_on_save(self) -> List[str]:
+        """The state-dict keys an adapter checkpoint (``AdapterCheckpointCallback``) leaves out: the
+        Trainer loading one then reports no missing keys."""
+        from .adapter_checkpoints import adapter_state_dict
+
+        keys = set()  # as load_state_dict names them (before the converted layers' key mapping)
+        for prefix, m in self.named_modules(remove_duplicate=False):
+            own = [n for n, p in m._parameters.items() if p is not None]
+            own += [n for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
+            keys |= {f"{prefix}.{n}" if prefix else n for n in own}
+        return sorted(keys - set(adapter_state_dict(self)))
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
