@@ -60,7 +60,7 @@ def test_slimtune_counterpart_runs_and_round_trips(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     saved = load_file(str(ckpt / "model.safetensors"))
-    assert saved and all(".lora_" in k or k.startswith("classifier.") for k in saved), sorted(saved)
+    assert saved and all(".lora_" in k or k.startswith("base_model.classifier.") for k in saved), sorted(saved)
     full = sum(p.numel() * p.element_size() for p in base_model().parameters())
     assert (ckpt / "model.safetensors").stat().st_size < full / 5
     peft = pytest.importorskip("peft")

@@ -343,7 +343,7 @@ def _base_keys_from_original(module, state_dict, prefix, *args):
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
     """Only adapter parameters and those of the modules to save (trained heads) stay trainable."""
-    from .heads import saved_modules
+    from .heads import marked_modules
 
     adapters = {
         id(p)
@@ -351,7 +351,7 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         for p in adapter_state(m).values()
         if isinstance(p, nn.Parameter)
     }
-    adapters |= {id(p) for m in saved_modules(model).values() for p in m.parameters()}
+    adapters |= {id(p) for m in marked_modules(model).values() for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
 

@@ -56,11 +56,24 @@ def unmark(model: nn.Module) -> None:
             delattr(module, _SAVED_ATTR)
 
 
+def marked_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """{qualified name: module} of the modules marked to save (``modules_to_save``)."""
+    return {name: m for name, m in model.named_modules() if getattr(m, _SAVED_ATTR, False)}
+
+
 def saved_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """{qualified name: module} of the modules to save, outermost only."""
+    """{qualified name: module} of the modules to save, outermost only: the marked ones and, in a
+    model converted by ``slimtune.apply*`` (which froze everything else), any module outside the
+    converted layers holding a parameter trained by hand (``head.requires_grad_(True)``)."""
+    from . import convert as _cv
+
+    converted = _cv.converted_modules(model)
     out: Dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if getattr(module, _SAVED_ATTR, False) and not any(name.startswith(f"{o}.") for o in out):
+        if any(name.startswith(f"{o}.") for o in out) or any(name == c or name.startswith(f"{c}.") for c in converted):
+            continue
+        trained = bool(converted) and any(p.requires_grad for p in module.parameters(recurse=False))
+        if getattr(module, _SAVED_ATTR, False) or (trained and name):
             out[name] = module
     return out
 
