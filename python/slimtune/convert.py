@@ -131,12 +131,15 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model behind DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The user's model behind DDP (``.module``), torch.compile (``._orig_mod``) and
+    ``SlimtuneModel`` (``.base_model``) wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
             model = model.module
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
             model = model._orig_mod
+        elif type(model).__name__ == "SlimtuneModel":
+            model = model.base_model
         else:
             return model
 
