@@ -83,9 +83,12 @@ def _layer_plan(model: nn.Module, cfg: LoraConfig, adapter_name: str, heads: Seq
             r=_pattern_value(cfg.rank_pattern, n, cfg.r),
             alpha=float(_pattern_value(cfg.alpha_pattern, n, cfg.lora_alpha)),
             dropout=float(cfg.lora_dropout),
-            rslora=cfg.use_rslora,
-            adapter_name=adapter_name,
         )
+        # Only what differs from LoRALinear's defaults, so a method with fewer arguments (DoRA) fits.
+        if cfg.use_rslora:
+            kwargs["rslora"] = True
+        if adapter_name != "default":
+            kwargs["adapter_name"] = adapter_name
         if cfg.init != "kaiming":
             kwargs["init"] = cfg.init
         plan[n] = kwargs
@@ -165,18 +168,30 @@ class _ForwardWithBaseSignature:
         if obj is None:
             return _class_forward
         bound = functools.partial(SlimtuneModel._forward, obj)
-        base = obj.base_model.forward
-        try:
-            sig = inspect.signature(base)
-            params = list(sig.parameters.values())
-            if "adapter_names" not in sig.parameters:
-                extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-                cut = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
-                params.insert(cut, extra)
-            bound.__signature__ = sig.replace(parameters=params)
-        except (TypeError, ValueError):  # a forward without a signature: the generic one
-            pass
+        base = obj.base_model
+        cached = obj.__dict__.get("_forward_signature")  # computed once per base model
+        if cached is None or cached[0] is not base:
+            cached = (base, _with_adapter_names(base.forward))
+            obj.__dict__["_forward_signature"] = cached
+        if cached[1] is not None:
+            bound.__signature__ = cached[1]
         return bound
+
+
+def _with_adapter_names(forward) -> Optional[inspect.Signature]:
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):  # a forward without a signature: the generic one
+        return None
+    params = list(sig.parameters.values())
+    if "adapter_names" not in sig.parameters:
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        cut = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+        params.insert(cut, extra)
+    try:
+        return sig.replace(parameters=params)
+    except ValueError:  # e.g. a positional-only parameter after the insertion point
+        return sig
 
 
 def _class_forward(self, *args, labels=None, adapter_names=None, **kwargs):
@@ -386,7 +401,8 @@ class SlimtuneModel(nn.Module):
     def unload(self) -> nn.Module:
         """The base model without any adapter (not merged): every converted layer becomes its base layer."""
         for name, m in _cv.converted_modules(self.base_model).items():
-            m.unmerge() if _io._is_merged(m) else None
+            if _io._is_merged(m):
+                m.unmerge()
             _cv._set_submodule(self.base_model, name, _io._restore_base(m))
         _heads.unmark(self.base_model)
         return self.base_model
@@ -533,7 +549,9 @@ class SlimtuneModel(nn.Module):
         is frozen unless ``is_trainable``."""
         root = Path(model_id)
         if (root / PEFT_CONFIG_NAME).is_file():
-            cfg = as_lora_config(config if config is not None else _read_config(root / PEFT_CONFIG_NAME))
+            cfg = dataclasses.replace(
+                as_lora_config(config if config is not None else _read_config(root / PEFT_CONFIG_NAME))
+            )
             originals = _head_originals(model, cfg)
             _load_peft(model, root, adapter_name)
             configs = {adapter_name: cfg}

@@ -112,7 +112,8 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     Everything is validated before the model is touched: missing or corrupt files, a rank that
     disagrees with the config, shapes that disagree with the module, a key naming a module the
     model lacks or one outside ``target_modules`` raise and leave the model unchanged.
-    Returns ``model``.
+    The weights of ``modules_to_save`` (a classification head) are loaded into those modules,
+    which stay trainable and are saved again with the adapter. Returns ``model``.
     """
     from ..nn.lora import LoRALinear
 
@@ -216,7 +217,8 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
 def export_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> Path:
     """Writes adapter ``adapter_name`` of every ``LoRALinear`` in ``model`` as a PEFT checkpoint
     that ``peft.PeftModel.from_pretrained(<the model with plain nn.Linear layers>, directory)`` loads.
-    Per-module ranks/alphas that differ from the first go to ``rank_pattern``/``alpha_pattern``."""
+    Per-module ranks/alphas that differ from the first go to ``rank_pattern``/``alpha_pattern``;
+    modules to save (``slimtune.heads``: a trained head) are written as PEFT's ``modules_to_save``."""
     from safetensors.torch import save_file
 
     from ..nn.lora import LoRALinear
