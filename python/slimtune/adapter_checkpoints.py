@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from . import convert as _cv
 from . import heads as _heads
+from ._atomic import default_mode
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -41,4 +42,5 @@ class AdapterCheckpointCallback(TrainerCallback):
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
         tmp = os.path.join(folder, f".{WEIGHTS_NAME}.tmp")
         save_file(tensors, tmp, metadata={"format": "pt", "content": "slimtune adapters"})
+        os.chmod(tmp, default_mode(directory=False))
         os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
