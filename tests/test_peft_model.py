@@ -360,3 +360,19 @@ def test_wrapper_reaches_the_base_model():
     assert out.shape == (1, 6)
     merged = model.merge_and_unload(safe_merge=True)
     assert not convert.converted_modules(merged)
+
+
+def test_apply_lora_with_modules_to_save(tmp_path):
+    model = slimtune.apply_lora(classifier(), "all-linear", r=4, modules_to_save=["classifier"])
+    assert "classifier" not in convert.converted_modules(model)
+    assert model.classifier.weight.requires_grad and not model.bert.embeddings.word_embeddings.weight.requires_grad
+    randomize(model)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    want = logits(model)
+    slimtune.save(model, tmp_path)
+    torch.testing.assert_close(logits(slimtune.load(classifier(), tmp_path)), want, atol=1e-6, rtol=1e-6)
+    untouched = classifier()
+    with pytest.raises(ValueError, match="modules_to_save"):
+        slimtune.apply_lora(untouched, ["query"], modules_to_save=["no_such_head"])
+    assert not convert.converted_modules(untouched)

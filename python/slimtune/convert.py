@@ -364,18 +364,36 @@ def apply(
     method: str,
     target_modules: TargetSpec = "all-linear",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
     **kwargs,
 ) -> nn.Module:
     """Convert the selected Linear layers of ``model`` in place with a registered method.
 
-    Afterwards only adapter parameters are trainable (every other parameter is frozen).
+    Afterwards only adapter parameters and the ``modules_to_save`` (PEFT's rule: every module
+    whose name ends with one of them, e.g. a new ``"classifier"`` head; the layers inside them are
+    not converted) are trainable; ``slimtune.save`` writes those modules too.
     Selecting a layer that is already converted raises; nothing is changed when anything fails.
     Returns ``model``.
     """
+    from . import heads as _heads
+
     if method not in _METHODS:
         raise ValueError(f"unknown slimtune method {method!r}; registered: {registered_methods()}")
-    names = find_targets(_unwrap(model), target_modules, exclude_modules)
-    return apply_to(model, method, {n: kwargs for n in names})
+    inner = _unwrap(model)
+    heads = {}
+    if modules_to_save is not None:
+        if isinstance(modules_to_save, str) or not all(isinstance(k, str) and k for k in modules_to_save):
+            raise ValueError(f"modules_to_save: expected a list of module names, got {modules_to_save!r}")
+        heads = _heads.find_modules_to_save(inner, modules_to_save)
+        if not heads:
+            raise ValueError(f"modules_to_save: {list(modules_to_save)!r} names no module of {type(inner).__name__}")
+    names = find_targets(inner, target_modules, exclude_modules)
+    names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} selects no Linear layer outside modules_to_save")
+    apply_to(model, method, {n: kwargs for n in names})
+    _heads.mark(heads)
+    return model
 
 
 def apply_to(model: nn.Module, method: str, layer_kwargs: Dict[str, dict]) -> nn.Module:
@@ -417,14 +435,25 @@ def apply_lora(
     rslora: bool = False,
     init: str = "kaiming",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add LoRA adapters (``slimtune.nn.LoRALinear``) to the selected layers, in place.
 
     ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when
-    ``rslora``). Only the adapter parameters stay trainable. Returns ``model``.
+    ``rslora``). Only the adapter parameters (and ``modules_to_save``, see :func:`apply`) stay
+    trainable. Returns ``model``.
     """
     return apply(
-        model, "lora", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init
+        model,
+        "lora",
+        target_modules,
+        exclude_modules,
+        modules_to_save,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        init=init,
     )
 
 
@@ -436,6 +465,7 @@ def apply_sparse_delta(
     k: Optional[int] = None,
     structure: str = "unstructured",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add a trainable sparse delta (``slimtune.nn.SparseDeltaLinear``) to the selected layers.
 
@@ -444,7 +474,16 @@ def apply_sparse_delta(
     """
     if density is None and k is None:
         density = 0.01
-    return apply(model, "sparse_delta", target_modules, exclude_modules, density=density, k=k, structure=structure)
+    return apply(
+        model,
+        "sparse_delta",
+        target_modules,
+        exclude_modules,
+        modules_to_save,
+        density=density,
+        k=k,
+        structure=structure,
+    )
 
 
 def apply_rosa(
@@ -459,6 +498,7 @@ def apply_rosa(
     k: Optional[int] = None,
     structure: str = "unstructured",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add RoSA (``slimtune.nn.LoRASparseLinear``: a sparse delta plus a LoRA adapter) to the selected
     layers, in place. LoRA arguments as in :func:`apply_lora`, delta arguments as in
@@ -472,6 +512,7 @@ def apply_rosa(
         "rosa",
         target_modules,
         exclude_modules,
+        modules_to_save,
         r=r,
         alpha=alpha,
         dropout=dropout,
