@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import math
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -24,138 +23,15 @@ from torch import nn
 from . import convert as _cv
 from . import heads as _heads
 from . import model_io as _io
-from .config import DEFAULT_TARGETS, LoraConfig, as_lora_config, layer_index_allowed
+from .config import LoraConfig, as_lora_config
+from .peft_combine import combine
+from .peft_inject import adopt_loaded_layers, inject, lora_layers
 
 __all__ = ["get_peft_model", "SlimtuneModel"]
 
 _BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 PEFT_CONFIG_NAME = "adapter_config.json"
 CONFIGS_NAME = "slimtune_peft_config.json"  # the configs beside a slimtune.save directory
-
-
-def _lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """Converted layers with named adapters (LoRA and the like)."""
-    return {n: m for n, m in _cv.converted_modules(model).items() if _io._has_named_adapters(m)}
-
-
-def _target_spec(model: nn.Module, cfg: LoraConfig):
-    if cfg.target_modules is not None:
-        return cfg.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    raise ValueError(
-        f"LoraConfig: field 'target_modules' is None and slimtune knows no default targets for model type "
-        f"{model_type!r}; give target_modules (a list of names, a regular expression or 'all-linear')"
-    )
-
-
-def _excluded(name: str, spec) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        import re
-
-        return re.fullmatch(spec, name) is not None
-    return any(name == k or name.endswith("." + k) for k in spec)
-
-
-def _layer_plan(model: nn.Module, cfg: LoraConfig, adapter_name: str, heads: Sequence[str]) -> Dict[str, dict]:
-    """{layer name: LoRA keyword arguments} for the layers ``cfg`` selects (PEFT's rules)."""
-    from .lora.peft import _pattern_value
-
-    names = _cv.find_targets(model, _target_spec(model, cfg))
-    names = [
-        n
-        for n in names
-        if not _excluded(n, cfg.exclude_modules)
-        and not any(n == h or n.startswith(h + ".") for h in heads)
-        and layer_index_allowed(cfg, n)
-    ]
-    if not names:
-        raise ValueError(
-            f"LoraConfig: target_modules={cfg.target_modules!r} selects no layer once exclude_modules, "
-            f"modules_to_save and layers_to_transform are applied"
-        )
-    plan = {}
-    for n in names:
-        kwargs = dict(
-            r=_pattern_value(cfg.rank_pattern, n, cfg.r),
-            alpha=float(_pattern_value(cfg.alpha_pattern, n, cfg.lora_alpha)),
-            dropout=float(cfg.lora_dropout),
-        )
-        # Only what differs from LoRALinear's defaults, so a method with fewer arguments (DoRA) fits.
-        if cfg.use_rslora:
-            kwargs["rslora"] = True
-        if adapter_name != "default":
-            kwargs["adapter_name"] = adapter_name
-        if cfg.init != "kaiming":
-            kwargs["init"] = cfg.init
-        plan[n] = kwargs
-    return plan
-
-
-def _method(cfg: LoraConfig) -> str:
-    if not cfg.use_dora:
-        return "lora"
-    if "dora" not in _cv.registered_methods():
-        raise ValueError("LoraConfig: field 'use_dora' = True needs the method 'dora', which is not registered")
-    return "dora"
-
-
-def _inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Adds adapter ``adapter_name`` to ``model`` in place (all or nothing) and marks the modules
-    to save; returns the heads' original tensors (for ``disable_adapter``)."""
-    method = _method(cfg)
-    heads = _heads.find_modules_to_save(model, list(cfg.modules_to_save or []) + _heads.task_heads(cfg.task_type))
-    if cfg.modules_to_save and not heads:
-        raise ValueError(f"LoraConfig: field 'modules_to_save' = {cfg.modules_to_save!r} names no module of the model")
-    plan = _layer_plan(model, cfg, adapter_name, list(heads))
-    new, existing = {}, {}
-    for n, kwargs in plan.items():
-        module = model.get_submodule(n)
-        if not _cv.is_converted(module):
-            new[n] = kwargs
-            continue
-        have = getattr(module, _cv._METHOD_ATTR)
-        if have != method or not _io._has_named_adapters(module):
-            raise ValueError(f"layer {n!r} is converted with method {have!r}; it cannot take a {method!r} adapter")
-        if adapter_name in module.lora_A:
-            raise ValueError(f"layer {n!r} already has an adapter named {adapter_name!r}")
-        if _io._is_merged(module):
-            raise ValueError(f"layer {n!r} is merged; unmerge_adapter() before adding an adapter")
-        existing[n] = kwargs
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    originals = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in heads.items()}
-    _cv.apply_to(model, method, new)
-    for n, kwargs in existing.items():
-        kw = {k: v for k, v in kwargs.items() if k != "adapter_name"}
-        model.get_submodule(n).add_adapter(adapter_name, **kw)
-    _heads.mark(heads)
-    # Adapters that were there keep their flags (an inactive or inference-mode adapter stays frozen).
-    for p in model.parameters():
-        if id(p) in flags and p.requires_grad and not flags[id(p)]:
-            if not any(p is q for m in heads.values() for q in m.parameters()):
-                p.requires_grad_(False)
-    if cfg.inference_mode:
-        for m in _lora_layers(model).values():
-            for k in ("lora_A", "lora_B"):
-                if adapter_name in getattr(m, k):
-                    getattr(m, k)[adapter_name].requires_grad_(False)
-        for m in heads.values():
-            m.requires_grad_(False)
-    return originals
-
-
-def _adopt_loaded_layers(model: nn.Module) -> None:
-    """LoRALinear layers made by ``load_peft_adapter`` become converted layers like ``apply``'s."""
-    from .nn.lora import LoRALinear
-
-    for _, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not _cv.is_converted(m):
-            a = m.adapter_names[0]
-            kwargs = dict(r=m.r[a], alpha=m.lora_alpha[a], dropout=m.lora_dropout[a], rslora=m.use_rslora[a])
-            _cv.mark_converted(m, "lora", dict(kwargs, adapter_name=a))
 
 
 class _ForwardWithBaseSignature:
@@ -307,7 +183,7 @@ class SlimtuneModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"add_adapter: adapter {adapter_name!r} already exists")
         cfg = as_lora_config(peft_config)
-        originals = _inject(self.base_model, cfg, adapter_name)
+        originals = inject(self.base_model, cfg, adapter_name)
         for k, v in originals.items():
             self._original_heads.setdefault(k, v)
         self.peft_config[adapter_name] = cfg
@@ -318,7 +194,7 @@ class SlimtuneModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check(n)
-        layers = _lora_layers(self.base_model)
+        layers = lora_layers(self.base_model)
         merged = [n for n, m in layers.items() if _io._is_merged(m)]
         if merged:
             raise RuntimeError(f"set_adapter: layer {merged[0]!r} is merged; unmerge_adapter() first")
@@ -332,7 +208,7 @@ class SlimtuneModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes adapter ``adapter_name``; a layer left without adapters becomes its base layer."""
         self._check(adapter_name)
-        for name, m in _lora_layers(self.base_model).items():
+        for name, m in lora_layers(self.base_model).items():
             if adapter_name in m.lora_A:
                 m.delete_adapter(adapter_name)
                 if not m.adapter_names:
@@ -349,7 +225,7 @@ class SlimtuneModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Runs the block with every adapter off and the modules to save at their original weights
         (merged layers are unmerged for the block and merged again after)."""
-        layers = _lora_layers(self.base_model)
+        layers = lora_layers(self.base_model)
         merged = [m for m in _cv.converted_modules(self.base_model).values() if _io._is_merged(m)]
         for m in merged:
             m.unmerge()
@@ -437,7 +313,7 @@ class SlimtuneModel(nn.Module):
                 f"add_weighted_adapter: combination_type {combination_type!r} is not supported; "
                 f"use 'linear', 'cat' or 'svd'"
             )
-        layers = {n: m for n, m in _lora_layers(self.base_model).items() if any(a in m.lora_A for a in adapters)}
+        layers = {n: m for n, m in lora_layers(self.base_model).items() if any(a in m.lora_A for a in adapters)}
         ranks = {m.r[a] for m in layers.values() for a in adapters if a in m.lora_A}
         ranks |= {self.peft_config[a].r for a in adapters}
         if combination_type == "linear":
@@ -455,7 +331,7 @@ class SlimtuneModel(nn.Module):
             for n, m in layers.items():
                 if combination_type == "svd" and new_rank > min(m.in_features, m.out_features):
                     raise ValueError(f"add_weighted_adapter: svd_rank {new_rank} exceeds layer {n!r}'s dimensions")
-                combined[n] = _combine(m, adapters, weights, combination_type, new_rank, svd_clamp, svd_full_matrices)
+                combined[n] = combine(m, adapters, weights, combination_type, new_rank, svd_clamp, svd_full_matrices)
         for n, (A, B) in combined.items():
             m = layers[n]
             m.add_adapter(adapter_name, r=new_rank, alpha=new_rank, dropout=first.lora_dropout, rslora=first.use_rslora)
@@ -615,7 +491,7 @@ def _load_peft(model: nn.Module, root: Path, adapter_name: str) -> None:
     from .lora.peft import load_peft_adapter
 
     load_peft_adapter(model, root, adapter_name=adapter_name)
-    _adopt_loaded_layers(model)
+    adopt_loaded_layers(model)
 
 
 def _read_config(path: Path) -> dict:
@@ -630,7 +506,7 @@ def _configs_beside(root: Path, model: nn.Module) -> Dict[str, LoraConfig]:
     path = root / CONFIGS_NAME
     if path.is_file():
         return {n: as_lora_config(c) for n, c in _read_config(path).items()}
-    names = {a for m in _lora_layers(model).values() for a in m.adapter_names} or {"default"}
+    names = {a for m in lora_layers(model).values() for a in m.adapter_names} or {"default"}
     return {n: LoraConfig() for n in sorted(names)}
 
 
@@ -640,48 +516,31 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _combine(m, adapters, weights, how, rank, clamp, full_matrices):
-    """(A, B) of the combined adapter for one layer, in the adapters' dtype."""
-    present = [(a, w) for a, w in zip(adapters, weights) if a in m.lora_A]
-    dtype = m.lora_A[present[0][0]].dtype
-    A = torch.zeros(rank, m.in_features, dtype=dtype, device=m.lora_A[present[0][0]].device)
-    B = torch.zeros(m.out_features, rank, dtype=dtype, device=A.device)
-    if how == "linear":
-        for a, w in present:
-            ws = w * m.scaling(a)
-            root = math.sqrt(abs(ws))
-            A += (root if ws >= 0 else -root) * m.lora_A[a]
-            B += root * m.lora_B[a]
-    elif how == "cat":
-        As = torch.cat([w * m.scaling(a) * m.lora_A[a] for a, w in present], dim=0)
-        Bs = torch.cat([m.lora_B[a] for a, _ in present], dim=1)
-        A[: As.shape[0]] = As
-        B[:, : Bs.shape[1]] = Bs
-    else:
-        delta = sum(w * m.delta_weight(a) for a, w in present)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices)
-        U = U[:, :rank] @ torch.diag(S[:rank])
-        Vh = Vh[:rank, :]
-        if clamp is not None:
-            hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
-            U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
-        A.copy_(Vh)
-        B.copy_(U)
-    return A, B
-
-
-def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False, **kwargs):
+def get_peft_model(
+    model: nn.Module,
+    peft_config,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: Optional[str] = None,
+    low_cpu_mem_usage: bool = False,
+):
     """PEFT's ``get_peft_model``: converts ``model`` in place with adapter ``adapter_name`` described
     by ``peft_config`` (a ``slimtune.LoraConfig`` or a ``peft.LoraConfig``) and returns the
     :class:`SlimtuneModel` wrapping it. Only the adapter and the modules to save (``modules_to_save``,
     or the classifier head of a ``SEQ_CLS``/``TOKEN_CLS`` task) stay trainable."""
     if mixed:
         raise ValueError("get_peft_model: argument 'mixed' = True (PeftMixedModel) is not supported")
+    if not autocast_adapter_dtype:
+        # slimtune keeps float32 adapters over a float16/bfloat16 base, as PEFT's default does.
+        raise ValueError("get_peft_model: argument 'autocast_adapter_dtype' = False is not supported")
     if isinstance(model, SlimtuneModel):
         raise ValueError("get_peft_model: the model is already a SlimtuneModel; use its add_adapter")
     cfg = as_lora_config(peft_config)
+    if revision is not None:
+        cfg = dataclasses.replace(cfg, revision=revision)
     if cfg.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None)
         cfg = dataclasses.replace(cfg, base_model_name_or_path=name or None)
-    originals = _inject(model, cfg, adapter_name)
+    originals = inject(model, cfg, adapter_name)
     return SlimtuneModel(model, {adapter_name: cfg}, [adapter_name], originals)
