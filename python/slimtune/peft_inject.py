@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Sequence
 
 import torch
@@ -35,8 +36,6 @@ def _excluded(name: str, spec) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
-        import re
-
         return re.fullmatch(spec, name) is not None
     return any(name == k or name.endswith("." + k) for k in spec)
 
