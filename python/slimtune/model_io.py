@@ -142,9 +142,12 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
 
 
 def _has_named_adapters(module: nn.Module) -> bool:
-    """A LoRA-style layer: named adapters that can be added, deleted and activated."""
-    return isinstance(getattr(module, "lora_A", None), nn.ParameterDict) and callable(
-        getattr(module, "add_adapter", None)
+    """A LoRA-style layer (``slimtune.nn.lora.LoRAPart``): named adapters with their rank, alpha,
+    dropout and rsLoRA flag, that can be added, deleted and activated."""
+    return (
+        isinstance(getattr(module, "lora_A", None), nn.ParameterDict)
+        and all(isinstance(getattr(module, d, None), dict) for d in ("r", "lora_alpha", "lora_dropout", "use_rslora"))
+        and all(callable(getattr(module, f, None)) for f in ("add_adapter", "delete_adapter", "set_adapter"))
     )
 
 
