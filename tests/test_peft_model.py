@@ -376,3 +376,22 @@ def test_apply_lora_with_modules_to_save(tmp_path):
     with pytest.raises(ValueError, match="modules_to_save"):
         slimtune.apply_lora(untouched, ["query"], modules_to_save=["no_such_head"])
     assert not convert.converted_modules(untouched)
+
+
+@pytest.mark.parametrize("method", ["lora", "rosa"])
+def test_save_and_load_a_second_adapter_added_by_hand(tmp_path, method):
+    model = classifier()
+    if method == "lora":
+        slimtune.apply_lora(model, ["query"], r=4)
+    else:
+        slimtune.apply_rosa(model, ["query"], r=4, density=0.1)
+    for layer in convert.converted_modules(model).values():
+        layer.add_adapter("b", r=2, alpha=3)
+        layer.set_adapter(["default", "b"])
+    randomize(model)
+    want = logits(model)
+    slimtune.save(model, tmp_path)
+    fresh = slimtune.load(classifier(), tmp_path)
+    torch.testing.assert_close(logits(fresh), want, atol=1e-6, rtol=1e-6)
+    layer = fresh.bert.encoder.layer[1].attention.self.query
+    assert layer.adapter_names == ["default", "b"] and layer.r["b"] == 2 and layer.lora_alpha["b"] == 3
