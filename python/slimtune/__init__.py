@@ -10,7 +10,9 @@ from ._version import __version__
 from .convert import apply_dora, apply_lora, apply_rosa, apply_sparse_delta, register_method, summary
 from .memory import saved_bytes
 from .memsave import MemSaveReport
+from .config import LoraConfig
 from .model_io import load, merge, save, unmerge
+from .peft_model import SlimtuneModel, get_peft_model
 from .sparse import SparseDeltaScheduler, compose, load_delta, read_delta, save_delta, select_indices
 
 __all__ = [
@@ -45,6 +47,11 @@ __all__ = [
     "load",
     "merge",
     "unmerge",
+    # PEFT's model-level workflow
+    "LoraConfig",
+    "get_peft_model",
+    "SlimtuneModel",
+    "AdapterCheckpointCallback",
 ]
 
 
@@ -54,6 +61,10 @@ def __getattr__(name: str):
         from .sparse.callback import SparseDeltaCallback
 
         return SparseDeltaCallback
+    if name == "AdapterCheckpointCallback":
+        from .adapter_checkpoints import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
     raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "register_method",
     "registered_methods",
     "apply",
+    "apply_to",
     "apply_lora",
     "apply_sparse_delta",
     "apply_rosa",
@@ -115,10 +116,22 @@ def _conv1d_class():
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
+    """An ``nn.Linear`` (subclasses too) or a GPT-2 ``Conv1D``."""
+    if isinstance(module, nn.Linear):
         return True
     conv1d = _conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
+
+
+def _weight_read_directly(model: nn.Module) -> set:
+    """Names of Linear layers whose owner reads ``.weight`` itself instead of calling them
+    (``nn.MultiheadAttention.out_proj``): wrapping them would change nothing the owner computes."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -126,12 +139,15 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model behind DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The user's model behind DDP (``.module``), torch.compile (``._orig_mod``) and
+    ``SlimtuneModel`` (``.base_model``) wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
             model = model.module
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
             model = model._orig_mod
+        elif type(model).__name__ == "SlimtuneModel":
+            model = model.base_model
         else:
             return model
 
@@ -175,7 +191,7 @@ def find_targets(
 
     - ``"all-linear"``: every Linear/Conv1D except the output head (``get_output_embeddings()``).
     - a list of names: each entry is a full module name or a dotted suffix (``"q_proj"``,
-      ``"attn.c_attn"``); every entry must select at least one Linear/Conv1D.
+      ``"attn.c_attn"``); as in PEFT, entries that match nothing are allowed when another one matches.
     - any other string: a regular expression that must ``fullmatch`` the qualified name.
 
     ``exclude_modules`` (same forms, no ``"all-linear"``) removes layers from the selection.
@@ -184,7 +200,8 @@ def find_targets(
     model = _unwrap(model)
     head = _output_head(model)
     all_modules = list(_walk(model))
-    candidates = [(n, m) for n, m in all_modules if n and (_is_linear_like(m) or is_converted(m))]
+    direct = _weight_read_directly(model)
+    candidates = [(n, m) for n, m in all_modules if n and n not in direct and (_is_linear_like(m) or is_converted(m))]
 
     def select(spec, what: str, allow_all_linear: bool) -> List[str]:
         if isinstance(spec, str):
@@ -208,23 +225,22 @@ def find_targets(
             keys = list(spec)
             if not keys or not all(isinstance(k, str) and k for k in keys):
                 raise ValueError(f"{what}: a list of names must be non-empty and hold non-empty strings, got {spec!r}")
-            hits = []
-            for key in keys:
-                found = [n for n, _ in candidates if _matches_name(n, key)]
-                if not found:
-                    other = [f"{n} ({type(m).__name__})" for n, m in all_modules if n and _matches_name(n, key)]
-                    if other:
-                        raise ValueError(
-                            f"{what}: {key!r} names {', '.join(other[:3])}, but only nn.Linear and "
-                            f"transformers Conv1D layers can be converted"
-                        )
-                    sample = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})[:12]
-                    raise ValueError(
-                        f"{what}: no module is named {key!r} (or ends with '.{key}'); Linear layer names in "
-                        f"this model end with: {sample}"
-                    )
-                hits.extend(found)
-            return hits
+            # As PEFT: an entry that matches nothing is fine as long as another one matches.
+            hits = [n for key in keys for n, _ in candidates if _matches_name(n, key)]
+            if hits:
+                return hits
+            key = keys[0]  # nothing matched: say why for the first entry
+            other = [f"{n} ({type(m).__name__})" for n, m in all_modules if n and _matches_name(n, key)]
+            if other:
+                raise ValueError(
+                    f"{what}: {key!r} names {', '.join(other[:3])}, but only nn.Linear and "
+                    f"transformers Conv1D layers can be converted"
+                )
+            sample = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})[:12]
+            raise ValueError(
+                f"{what}: no module is named {key!r} (or ends with '.{key}'); Linear layer names in "
+                f"this model end with: {sample}"
+            )
         raise TypeError(
             f"{what}: expected 'all-linear', a regular expression or a list of names, got {type(spec).__name__}"
         )
@@ -249,8 +265,11 @@ def find_targets(
 
 
 def _as_linear(module: nn.Module) -> Tuple[nn.Linear, str]:
-    """The layer as an nn.Linear (a GPT-2 Conv1D becomes an equivalent Linear) and its kind."""
-    if type(module) is nn.Linear:
+    """The layer as an nn.Linear (a GPT-2 Conv1D becomes an equivalent Linear) and its kind.
+
+    A Linear subclass is kept as the base (merge with unload gives it back); the adapter layer
+    computes ``x W^T + b`` from its weight and bias, so a subclass's own ``forward`` is not called."""
+    if isinstance(module, nn.Linear):
         return module, "Linear"
     # Conv1D computes x @ W + b with W of shape (in, out): a Linear holds W^T.
     w = module.weight
@@ -296,19 +315,54 @@ def _build(method: str, name: str, module: nn.Module, kwargs: dict) -> nn.Module
             f"method {method!r}: its factory must return an nn.Module keeping the layer as '.base' "
             f"(converting {name!r})"
         )
-    setattr(new, _METHOD_ATTR, method)
-    setattr(new, _KWARGS_ATTR, dict(kwargs))
-    setattr(new, _BASE_TYPE_ATTR, base_type)
+    mark_converted(new, method, kwargs, base_type)
     return new
 
 
+def mark_converted(module: nn.Module, method: str, kwargs: dict, base_type: str = "Linear") -> None:
+    """Records how ``module`` (keeping the layer as ``.base``) was built, so that ``save``/``load``/
+    ``merge`` find and rebuild it; for layers made outside :func:`apply` (a loaded PEFT adapter)."""
+    setattr(module, _METHOD_ATTR, method)
+    setattr(module, _KWARGS_ATTR, dict(kwargs))
+    setattr(module, _BASE_TYPE_ATTR, base_type)
+    module._register_state_dict_hook(_base_keys_as_original)
+    module._register_load_state_dict_pre_hook(_base_keys_from_original, with_module=True)
+
+
+# A converted layer's state dict names the frozen weight as the unconverted layer did
+# (``q_proj.weight``, not ``q_proj.base.weight``; a GPT-2 Conv1D's in its (in, out) layout), so a
+# checkpoint written by ``save_pretrained`` of a converted Hugging Face model loads the right base
+# weights into a plain model, and back into a converted one (Trainer's resume) with its adapters.
+def _base_keys_as_original(module, state_dict, prefix, local_metadata):
+    transpose = getattr(module, _BASE_TYPE_ATTR, "Linear") == "Conv1D"
+    for name in ("weight", "bias"):
+        key = f"{prefix}base.{name}"
+        if key in state_dict:
+            value = state_dict.pop(key)
+            state_dict[prefix + name] = value.t() if transpose and name == "weight" else value
+    return state_dict
+
+
+def _base_keys_from_original(module, state_dict, prefix, *args):
+    transpose = getattr(module, _BASE_TYPE_ATTR, "Linear") == "Conv1D"
+    for name in ("weight", "bias"):
+        key = prefix + name
+        if key in state_dict and f"{prefix}base.{name}" not in state_dict:
+            value = state_dict.pop(key)
+            state_dict[f"{prefix}base.{name}"] = value.t() if transpose and name == "weight" else value
+
+
 def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Only adapter parameters and those of the modules to save (trained heads) stay trainable."""
+    from .heads import marked_modules
+
     adapters = {
         id(p)
         for m in converted_modules(model).values()
         for p in adapter_state(m).values()
         if isinstance(p, nn.Parameter)
     }
+    adapters |= {id(p) for m in marked_modules(model).values() for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
 
@@ -318,18 +372,45 @@ def apply(
     method: str,
     target_modules: TargetSpec = "all-linear",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
     **kwargs,
 ) -> nn.Module:
     """Convert the selected Linear layers of ``model`` in place with a registered method.
 
-    Afterwards only adapter parameters are trainable (every other parameter is frozen).
+    Afterwards only adapter parameters and the ``modules_to_save`` (PEFT's rule: every module
+    whose name ends with one of them, e.g. a new ``"classifier"`` head; the layers inside them are
+    not converted) are trainable; ``slimtune.save`` writes those modules too.
     Selecting a layer that is already converted raises; nothing is changed when anything fails.
     Returns ``model``.
     """
+    from . import heads as _heads
+
+    if method not in _METHODS:
+        raise ValueError(f"unknown slimtune method {method!r}; registered: {registered_methods()}")
+    inner = _unwrap(model)
+    heads = {}
+    if modules_to_save is not None:
+        if isinstance(modules_to_save, str) or not all(isinstance(k, str) and k for k in modules_to_save):
+            raise ValueError(f"modules_to_save: expected a list of module names, got {modules_to_save!r}")
+        heads = _heads.find_modules_to_save(inner, modules_to_save)
+        if not heads:
+            raise ValueError(f"modules_to_save: {list(modules_to_save)!r} names no module of {type(inner).__name__}")
+    names = find_targets(inner, target_modules, exclude_modules)
+    names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} selects no Linear layer outside modules_to_save")
+    apply_to(model, method, {n: kwargs for n in names})
+    _heads.mark(heads)
+    return model
+
+
+def apply_to(model: nn.Module, method: str, layer_kwargs: Dict[str, dict]) -> nn.Module:
+    """Convert the layers named in ``layer_kwargs`` (qualified name -> the method's keyword
+    arguments for that layer: per-layer ranks, say) in place; as :func:`apply` otherwise."""
     if method not in _METHODS:
         raise ValueError(f"unknown slimtune method {method!r}; registered: {registered_methods()}")
     given, model = model, _unwrap(model)
-    names = find_targets(model, target_modules, exclude_modules)
+    names = list(layer_kwargs)
     already = [n for n in names if is_converted(model.get_submodule(n))]
     if already:
         m = model.get_submodule(already[0])
@@ -341,7 +422,7 @@ def apply(
     # Build everything before touching the model so that a failing factory leaves it intact.
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        built = [(n, _build(method, n, model.get_submodule(n), kwargs)) for n in names]
+        built = [(n, _build(method, n, model.get_submodule(n), layer_kwargs[n])) for n in names]
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
@@ -362,14 +443,25 @@ def apply_lora(
     rslora: bool = False,
     init: str = "kaiming",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add LoRA adapters (``slimtune.nn.LoRALinear``) to the selected layers, in place.
 
     ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when
-    ``rslora``). Only the adapter parameters stay trainable. Returns ``model``.
+    ``rslora``). Only the adapter parameters (and ``modules_to_save``, see :func:`apply`) stay
+    trainable. Returns ``model``.
     """
     return apply(
-        model, "lora", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init
+        model,
+        "lora",
+        target_modules,
+        exclude_modules,
+        modules_to_save,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        init=init,
     )
 
 
@@ -381,6 +473,7 @@ def apply_sparse_delta(
     k: Optional[int] = None,
     structure: str = "unstructured",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add a trainable sparse delta (``slimtune.nn.SparseDeltaLinear``) to the selected layers.
 
@@ -389,7 +482,16 @@ def apply_sparse_delta(
     """
     if density is None and k is None:
         density = 0.01
-    return apply(model, "sparse_delta", target_modules, exclude_modules, density=density, k=k, structure=structure)
+    return apply(
+        model,
+        "sparse_delta",
+        target_modules,
+        exclude_modules,
+        modules_to_save,
+        density=density,
+        k=k,
+        structure=structure,
+    )
 
 
 def apply_rosa(
@@ -404,6 +506,7 @@ def apply_rosa(
     k: Optional[int] = None,
     structure: str = "unstructured",
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add RoSA (``slimtune.nn.LoRASparseLinear``: a sparse delta plus a LoRA adapter) to the selected
     layers, in place. LoRA arguments as in :func:`apply_lora`, delta arguments as in
@@ -417,6 +520,7 @@ def apply_rosa(
         "rosa",
         target_modules,
         exclude_modules,
+        modules_to_save,
         r=r,
         alpha=alpha,
         dropout=dropout,

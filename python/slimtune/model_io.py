@@ -1,9 +1,12 @@
 """Adapter files: ``slimtune.save`` / ``slimtune.load`` and ``slimtune.merge``.
 
 A saved model is a directory with ``adapter_model.safetensors`` (the adapter state of every
-converted layer: ``<layer name>.<tensor name>``) and ``slimtune_config.json`` (format version,
-library versions, and per layer: method, keyword arguments, base layer shape). The frozen base
-weights are not written: ``load`` applies the file to a freshly built copy of the same base model.
+converted layer: ``<layer name>.<tensor name>``, and the state of every module to save, e.g. a
+trained classifier head: ``<module name>.<tensor name>``) and ``slimtune_config.json`` (format
+version, library versions, per layer: method, keyword arguments, base layer shape, and for LoRA
+layers every named adapter with its rank, alpha, dropout and the active set; the modules to save).
+The frozen base weights are not written: ``load`` applies the file to a freshly built copy of the
+same base model.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from . import convert as _cv
+from . import heads as _heads
 from ._atomic import write_dir_atomic
 from ._jsonfile import read_json
 
@@ -99,8 +103,22 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
                 for k, v in state.items()
             },
         }
+        if _has_named_adapters(module):
+            layers[name]["adapters"] = {
+                a: {
+                    "r": module.r[a],
+                    "alpha": module.lora_alpha[a],
+                    "dropout": module.lora_dropout[a],
+                    "rslora": module.use_rslora[a],
+                }
+                for a in module.adapter_names
+            }
+            layers[name]["active"] = list(module.active_adapters)
         for k, v in state.items():
             tensors[f"{name}.{k}"] = _full(v)
+    heads = _heads.saved_modules(inner)
+    for k, v in _heads.head_state(inner).items():
+        tensors[k] = _full(v)
     # The pair is tagged with one id: a reader that meets a config and weights of two saves says so.
     pair_id = uuid.uuid4().hex
     config = {
@@ -109,6 +127,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         "versions": _versions(),
         "model_class": type(inner).__name__,
         "layers": layers,
+        "modules_to_save": sorted(heads),
         "weights_id": pair_id,
     }
     path = Path(path)
@@ -120,6 +139,44 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     if _is_writer():
         write_dir_atomic(path, write, "slimtune.save: argument 'path'")
     return path
+
+
+def _has_named_adapters(module: nn.Module) -> bool:
+    """A LoRA-style layer (``slimtune.nn.lora.LoRAPart``): named adapters with their rank, alpha,
+    dropout and rsLoRA flag, that can be added, deleted and activated."""
+    return (
+        isinstance(getattr(module, "lora_A", None), nn.ParameterDict)
+        and all(isinstance(getattr(module, d, None), dict) for d in ("r", "lora_alpha", "lora_dropout", "use_rslora"))
+        and all(callable(getattr(module, f, None)) for f in ("add_adapter", "delete_adapter", "set_adapter"))
+    )
+
+
+def _adapters_to_add(name: str, holder: nn.Module, entry: dict, new: bool):
+    """The adapters of the file that ``holder`` lacks ({name: arguments}), and the expected
+    {tensor name: (shape, floating)} once they are added. A fresh layer drops adapters the file
+    lacks (the one its constructor made); an existing one must not have any."""
+    state = {k: (tuple(v.shape), v.is_floating_point()) for k, v in _cv.adapter_state(holder).items()}
+    wanted = entry.get("adapters")
+    if wanted is None or not _has_named_adapters(holder):
+        return {}, [], state
+    if not isinstance(wanted, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("r"), int) for v in wanted.values()
+    ):
+        raise ValueError(f"slimtune.load: layer {name!r}: malformed 'adapters' entry")
+    have = holder.adapter_names
+    extra = [a for a in have if a not in wanted]
+    if extra and not new:
+        raise ValueError(f"slimtune.load: layer {name!r} has adapter {extra[0]!r}, which the file lacks")
+    for a in extra:
+        for k in (f"lora_A.{a}", f"lora_B.{a}"):
+            state.pop(k, None)
+    to_add = {a: v for a, v in wanted.items() if a not in have}
+    for a, v in to_add.items():
+        if v["r"] < 1 or "." in a or not a:
+            raise ValueError(f"slimtune.load: layer {name!r}: adapter {a!r} has rank {v['r']}")
+        state[f"lora_A.{a}"] = ((v["r"], holder.in_features), True)
+        state[f"lora_B.{a}"] = ((holder.out_features, v["r"]), True)
+    return to_add, extra, state
 
 
 def _read(path: Path):
@@ -172,12 +229,8 @@ def _read(path: Path):
 
 
 def _check_values(name: str, holder: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    """Values a layer would silently misuse: non-finite numbers, a sparse index set out of range,
-    unsorted or with a rowptr that does not describe it."""
-    for k in _cv.adapter_state(holder):
-        src = tensors[f"{name}.{k}"]
-        if src.is_floating_point() and not bool(torch.isfinite(src).all()):
-            raise ValueError(f"slimtune.load: tensor {name + '.' + k!r} holds NaN or infinite values")
+    """Values a sparse layer would silently misuse: an index set out of range, unsorted or with a
+    rowptr that does not describe it."""
     from .nn.sparse_delta import SparseDeltaLinear
 
     if isinstance(holder, SparseDeltaLinear):
@@ -252,26 +305,41 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                     f"slimtune.load: layer {name!r} is {base.in_features}->{base.out_features} in the "
                     f"model but {shape[0]}->{shape[1]} in the file"
                 )
-            state = _cv.adapter_state(holder)
-            for k, dest in state.items():
+            to_add, to_drop, state = _adapters_to_add(name, holder, entry, new is not None)
+            for k, (shape, floating) in state.items():
                 key = f"{name}.{k}"
                 expected_keys.add(key)
                 if key not in tensors:
                     raise ValueError(f"slimtune.load: tensor {key!r} is missing from the file")
                 src = tensors[key]
-                if tuple(src.shape) != tuple(dest.shape):
+                if tuple(src.shape) != shape:
                     raise ValueError(
                         f"slimtune.load: tensor {key!r} has shape {tuple(src.shape)} in the file but "
-                        f"{tuple(dest.shape)} in the model"
+                        f"{shape} in the model"
                     )
-                if src.dtype.is_floating_point != dest.dtype.is_floating_point:
+                if src.dtype.is_floating_point != floating:
                     raise ValueError(
-                        f"slimtune.load: tensor {key!r} is {src.dtype} in the file but {dest.dtype} in the model"
+                        f"slimtune.load: tensor {key!r} is {src.dtype} in the file but "
+                        f"{'floating point' if floating else 'integer'} in the model"
                     )
-                if type(dest).__name__ == "DTensor":
-                    raise ValueError("slimtune.load: load adapters before sharding the model with FSDP")
+            if any(type(t).__name__ == "DTensor" for t in _cv.adapter_state(holder).values()):
+                raise ValueError("slimtune.load: load adapters before sharding the model with FSDP")
+            for k in state:
+                src = tensors[f"{name}.{k}"]
+                if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                    raise ValueError(f"slimtune.load: tensor {name + '.' + k!r} holds NaN or infinite values")
             _check_values(name, holder, tensors)
-            plan.append((name, new, holder))
+            active = entry.get("active")
+            if active is not None and (
+                not isinstance(active, list) or any(a not in entry.get("adapters", {}) for a in active)
+            ):
+                raise ValueError(f"slimtune.load: layer {name!r}: active adapters {active!r} are not in the file")
+            plan.append((name, new, holder, to_add, to_drop, active))
+        head_names = config.get("modules_to_save") or []
+        if not isinstance(head_names, list) or not all(isinstance(n, str) for n in head_names):
+            raise ValueError(f"slimtune.load: 'modules_to_save' must be a list of module names, got {head_names!r}")
+        head_plan = _heads.check_head_tensors(inner, head_names, tensors, "slimtune.load")
+        expected_keys |= {f"{n}.{k}" for n, given in head_plan.items() for k in given}
         extra = sorted(set(tensors) - expected_keys)
         if extra:
             raise ValueError(f"slimtune.load: the file holds tensors no layer expects: {extra[:5]}")
@@ -281,11 +349,20 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
         raise
 
     with torch.no_grad():
-        for name, new, holder in plan:
+        for name, new, holder, to_add, to_drop, active in plan:
+            for a, v in to_add.items():
+                holder.add_adapter(
+                    a, r=v["r"], alpha=v.get("alpha", 16), dropout=v.get("dropout", 0.0), rslora=v.get("rslora", False)
+                )
+            for a in to_drop:
+                holder.delete_adapter(a)
             for k, dest in _cv.adapter_state(holder).items():
                 dest.copy_(tensors[f"{name}.{k}"])
+            if active is not None:
+                holder.set_adapter(active)
             if new is not None:
                 _cv._set_submodule(inner, name, new)
+    _heads.restore(inner, head_plan)
     _cv._freeze_all_but_adapters(inner)
     return model
 

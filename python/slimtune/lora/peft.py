@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .. import heads as _heads
 from .._atomic import write_dir_atomic
 from .._jsonfile import read_json
 from .weight_init import is_base_weight_init
@@ -171,7 +172,8 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     ``torch.compile``d module. Everything is validated before the model is touched: missing or
     corrupt files, a rank that disagrees with the config, shapes that disagree with the module, a
     key naming a module the model lacks or one outside ``target_modules`` raise and leave the model
-    unchanged. Returns ``model``.
+    unchanged. The weights of ``modules_to_save`` (a classification head) are loaded into those
+    modules, which stay trainable and are saved again with the adapter. Returns ``model``.
     """
     from .. import convert as _cv
     from ..nn.dora import DoRALinear
@@ -187,8 +189,12 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     init = init if is_base_weight_init(init) else "zeros"
 
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    saved: Dict[str, torch.Tensor] = {}  # modules_to_save weights (a classification head)
     for key, value in tensors.items():
         m = _KEY.match(key)
+        if m is None and config.get("modules_to_save"):
+            saved[_clean_name(key[len(_PREFIX) :] if key.startswith(_PREFIX) else key)] = value
+            continue
         if m is None:
             raise PeftAdapterError(
                 f"load_peft_adapter: unsupported tensor {key!r} in {WEIGHTS_NAME} "
@@ -198,6 +204,10 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     if not pairs:
         raise PeftAdapterError(f"load_peft_adapter: {directory / WEIGHTS_NAME} holds no lora_A/lora_B weights")
 
+    try:
+        head_plan = _heads.plan_from_file(inner, config.get("modules_to_save") or [], saved, "load_peft_adapter")
+    except ValueError as e:
+        raise PeftAdapterError(str(e)) from None
     modules = {_clean_name(n): (n, m) for n, m in inner.named_modules()}
     plan: Dict[str, Tuple[str, nn.Module, int, float, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
     for name, ab in sorted(pairs.items()):
@@ -299,6 +309,7 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             if M is not None:
                 target.lora_magnitude_vector[adapter_name].copy_(M)
     _freeze_all_but_adapters(inner)
+    _heads.restore(inner, head_plan)
     return model
 
 
@@ -318,9 +329,10 @@ def _plain_lora(module: nn.Module, name: str) -> Tuple[int, float, torch.Tensor,
     return 2 * r, alpha, torch.cat([A, A0.to(A.dtype)], 0), torch.cat([B, -B0.to(B.dtype)], 1)
 
 
-def _adapter_files(found, adapter_name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+def _adapter_files(found, adapter_name: str, heads: Dict[str, nn.Module]) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The tensors and config of one adapter in PEFT's format. Per-module ranks/alphas that differ
-    from the first go to ``rank_pattern``/``alpha_pattern``."""
+    from the first go to ``rank_pattern``/``alpha_pattern``; ``heads`` ({name: module}, the modules
+    to save, shared by every adapter) are written as PEFT's ``modules_to_save``."""
     from .. import convert as _cv
     from ..nn.dora import DoRALinear
 
@@ -349,6 +361,9 @@ def _adapter_files(found, adapter_name: str) -> Tuple[Dict[str, torch.Tensor], d
         if dora:
             magnitude = m.lora_magnitude_vector[adapter_name]
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().contiguous().cpu()
+    for head, module in heads.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{_PREFIX}{head}.{key}"] = value.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -365,7 +380,7 @@ def _adapter_files(found, adapter_name: str) -> Tuple[Dict[str, torch.Tensor], d
         # GPT-2 Conv1D layers store their weight transposed; PEFT's LoRA factors are the same either way.
         "fan_in_fan_out": any(getattr(m, _cv._BASE_TYPE_ATTR, "Linear") == "Conv1D" for _, m in found),
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(heads) or None,
         "use_dora": dora,
     }
     return tensors, config
@@ -381,6 +396,8 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: Union[None, s
     ``directory/<name>/`` (load it with ``load_adapter(directory/<name>, adapter_name=<name>)``).
     PiSSA/OLoRA adapters are written as plain LoRA adapters against the original base weights
     (rank 2r, see :func:`_plain_lora`). Names are written without ``torch.compile``'s ``_orig_mod``.
+    Modules to save (``slimtune.heads``: a trained head) go into every adapter's files as PEFT's
+    ``modules_to_save``.
     All files are replaced at once: a failed export leaves the previous one intact.
     """
     from safetensors.torch import save_file
@@ -402,7 +419,8 @@ def export_peft_adapter(model: nn.Module, directory, adapter_name: Union[None, s
             f"export_peft_adapter: no LoRALinear or DoRALinear in the model has an adapter named "
             f"{(missing or names or ['default'])[0]!r} (adapters in the model: {present})"
         )
-    files = {a: _adapter_files(found, a) for a in names}
+    heads = {_clean_name(n): m for n, m in _heads.saved_modules(inner).items()}
+    files = {a: _adapter_files(found, a, heads) for a in names}
     directory = Path(directory)
 
     def write(tmp: Path) -> None:
