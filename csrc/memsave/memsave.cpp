@@ -338,7 +338,8 @@ at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const a
   } else if (offsets.strides() != grad.strides()) {
     oc = empty_pooled(offsets.sizes(), true, offsets.options()).copy_(offsets);
   }
-  at::Tensor buf = empty_pooled(input_size, cl, grad.options().dtype(acc_scalar_type(grad.scalar_type()))).zero_();
+  // Every element is written by the kernel (zero where no window's argmax lands).
+  at::Tensor buf = empty_pooled(input_size, cl, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
   const MaxpoolBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()),
                                 static_cast<const signed char*>(oc.data_ptr()), buf.data_ptr(), g};
   const Status st = k.maxpool_backward(p, k.backend.stream(gc));

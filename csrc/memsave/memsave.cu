@@ -249,7 +249,7 @@ __global__ void pool_backward_kernel(const T* __restrict__ grad, const signed ch
         }
       }
       const int64_t e = first + c2 * g.channels + c;
-      grad_in[e] += sum;
+      grad_in[e] = sum;
     });
   }
 }

@@ -61,9 +61,10 @@ struct MaxpoolCompactParams {
   PoolGeometry g;
 };
 
-// grad_in (accumulation buffer, zero-filled, planes * prod(in) elements of the accumulation
-// type of `dtype`) += grad at each window's argmax, summed in ascending window order on every
-// backend (deterministic, no atomics). `dtype` is grad's.
+// grad_in (planes * prod(in) elements of the accumulation type of `dtype`, every one written:
+// zero where no window's argmax lands) = the sum of grad over the windows whose argmax each
+// element is, in ascending window order on every backend (deterministic, no atomics). `dtype`
+// is grad's.
 struct MaxpoolBackwardParams {
   const void* grad;
   DType dtype;

@@ -1,6 +1,7 @@
 // CPU kernels of the memsave family (at::parallel_for over raw pointers).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -207,34 +208,86 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
 
 namespace {
 
-// Visits the outputs of units [begin, end) (planes, or batch entries when channels-last) in
-// storage order: f(i, base, st0, st1, st2) with i the output's storage index, st* its window's
-// (padded) start and base the storage index of spatial position 0 of its plane; spatial
-// position q of that plane sits at base + q * g.channels.
+int64_t units(const PoolGeometry& g) { return g.channels_last ? g.planes / g.channels : g.planes; }
+
+// The taps of one window: per offset w, its displacement from the window's (virtual, possibly
+// padded) corner in the flat input plane and its per-dim distance from the corner; and, where
+// the displacements are distinct and span at most 64K positions, the inverse table
+// displacement -> w. With it an argmax index becomes its offset by one subtraction and one
+// lookup, where splitting it into coordinates costs two divisions per element.
+struct Taps {
+  int64_t window;
+  std::vector<int64_t> disp;
+  std::vector<int64_t> dist;  // 3 per w
+  int64_t reach[3];           // (kernel - 1) * dilation
+  std::vector<int8_t> inverse;
+
+  explicit Taps(const PoolGeometry& g) : window(g.kernel[0] * g.kernel[1] * g.kernel[2]) {
+    disp.resize(static_cast<size_t>(window));
+    dist.resize(static_cast<size_t>(window) * 3);
+    for (int d = 0; d < 3; ++d) reach[d] = (g.kernel[d] - 1) * g.dilation[d];
+    for (int64_t w = 0; w < window; ++w) {
+      const int64_t k[3] = {w / (g.kernel[2] * g.kernel[1]), (w / g.kernel[2]) % g.kernel[1], w % g.kernel[2]};
+      int64_t* t = &dist[static_cast<size_t>(w) * 3];
+      for (int d = 0; d < 3; ++d) t[d] = k[d] * g.dilation[d];
+      disp[static_cast<size_t>(w)] = (t[0] * g.in[1] + t[1]) * g.in[2] + t[2];
+    }
+    const int64_t range = disp.back() + 1;  // the last tap reaches furthest
+    if (range > (int64_t{1} << 16)) return;
+    inverse.assign(static_cast<size_t>(range), -1);
+    for (int64_t w = 0; w < window; ++w) {
+      int8_t& slot = inverse[static_cast<size_t>(disp[static_cast<size_t>(w)])];
+      if (slot >= 0) {  // two taps share a displacement (a window wider than the input): no table
+        inverse.clear();
+        return;
+      }
+      slot = static_cast<int8_t>(w);
+    }
+  }
+
+  // Whether tap w of the window at st lands inside the input (not on padding).
+  bool lands(const PoolGeometry& g, int64_t w, const int64_t* st) const {
+    const int64_t* t = &dist[static_cast<size_t>(w) * 3];
+    for (int d = 0; d < 3; ++d) {
+      if (static_cast<uint64_t>(st[d] + t[d]) >= static_cast<uint64_t>(g.in[d])) return false;
+    }
+    return true;
+  }
+  // Whether every tap of the window at st lands inside the input.
+  bool inside(const PoolGeometry& g, const int64_t* st) const {
+    for (int d = 0; d < 3; ++d) {
+      if (st[d] < 0 || st[d] + reach[d] >= g.in[d]) return false;
+    }
+    return true;
+  }
+};
+
+// Visits the window positions of units [begin, end) (planes, or batch entries when channels-
+// last) in storage order: f(i, u, st, corner) for the first of the g.channels outputs at that
+// position (storage index i, channel c at i + c), st its window's padded start and corner the
+// flat plane position of that start.
 template <typename F>
-void for_each_output(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
+void for_each_window(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
   const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
-  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
-  const int64_t ch = g.channels;
   for (int64_t u = begin; u < end; ++u) {
-    int64_t i = u * per_plane * ch;
+    int64_t i = u * per_plane * g.channels;
+    int64_t st[3];
     for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
-      const int64_t st0 = o0 * g.stride[0] - g.padding[0];
+      st[0] = o0 * g.stride[0] - g.padding[0];
       for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-        const int64_t st1 = o1 * g.stride[1] - g.padding[1];
-        for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
-          const int64_t st2 = o2 * g.stride[2] - g.padding[2];
-          for (int64_t c = 0; c < ch; ++c, ++i) f(i, u * in_plane * ch + c, st0, st1, st2);
+        st[1] = o1 * g.stride[1] - g.padding[1];
+        for (int64_t o2 = 0; o2 < g.out[2]; ++o2, i += g.channels) {
+          st[2] = o2 * g.stride[2] - g.padding[2];
+          f(i, u, st, (st[0] * g.in[1] + st[1]) * g.in[2] + st[2]);
         }
       }
     }
   }
 }
 
-int64_t units(const PoolGeometry& g) { return g.channels_last ? g.planes / g.channels : g.planes; }
-
-// Offset of `flat` inside the window starting at st*, or -1 when it lies outside that window.
-inline int64_t window_offset(const PoolGeometry& g, int64_t flat, int64_t st0, int64_t st1, int64_t st2) {
+// Offset of `flat` inside the window starting at st, or -1 when it lies outside that window
+// (the general path: fast dividers split flat into coordinates).
+inline int64_t window_offset(const PoolGeometry& g, int64_t flat, const int64_t* st) {
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   if (flat < 0 || flat >= in_plane) return -1;
   int64_t rows, c0;
@@ -246,7 +299,6 @@ inline int64_t window_offset(const PoolGeometry& g, int64_t flat, int64_t st0, i
     c0 = rows / g.in[1];
   }
   const int64_t c[3] = {c0, rows - c0 * g.in[1], flat - rows * g.in[2]};
-  const int64_t st[3] = {st0, st1, st2};
   int64_t w = 0;
   for (int d = 0; d < 3; ++d) {
     int64_t delta = c[d] - st[d];
@@ -266,15 +318,32 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   const PoolGeometry& g = p.g;
   const int64_t* idx = p.indices;
   signed char* off = p.offsets;
+  const Taps taps(g);
+  const int8_t* inv = taps.inverse.empty() ? nullptr : taps.inverse.data();
+  const uint64_t range = taps.inverse.size();
+  const int64_t ch = g.channels;
   std::atomic<bool> bad{false};
-  // The check that each index lies in its window is free here (the coordinates are split
-  // anyway); the glue names the first bad one when this fails.
+  // The check that each index lies in its window comes with the conversion; the glue names the
+  // first bad one when this fails.
   at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
     bool ok = true;
-    for_each_output(g, begin, end, [&](int64_t i, int64_t, int64_t st0, int64_t st1, int64_t st2) {
-      const int64_t w = window_offset(g, idx[i], st0, st1, st2);
-      ok &= w >= 0;
-      off[i] = static_cast<signed char>(w);
+    for_each_window(g, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner) {
+      if (inv != nullptr) {
+        const bool inside = taps.inside(g, st);
+        for (int64_t c = 0; c < ch; ++c) {
+          const uint64_t delta = static_cast<uint64_t>(idx[i + c] - corner);
+          int64_t w = delta < range ? inv[delta] : -1;
+          if (w >= 0 && !inside && !taps.lands(g, w, st)) w = -1;
+          ok &= w >= 0;
+          off[i + c] = static_cast<signed char>(w);
+        }
+      } else {
+        for (int64_t c = 0; c < ch; ++c) {
+          const int64_t w = window_offset(g, idx[i + c], st);
+          ok &= w >= 0;
+          off[i + c] = static_cast<signed char>(w);
+        }
+      }
     });
     if (!ok) bad.store(true);
   });
@@ -284,47 +353,45 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const PoolGeometry& g = p.g;
   const signed char* off = p.offsets;
-  // Window offset -> displacement from the window's (virtual, possibly padded) corner in the
-  // flat input plane, and the per-dim tap offsets that keep the target inside the input: at
-  // most 127 entries, so the loop below does no division.
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
-  std::vector<int64_t> disp(static_cast<size_t>(window));
-  std::vector<int64_t> tap(static_cast<size_t>(window) * 3);
-  for (int64_t w = 0; w < window; ++w) {
-    const int64_t s2 = w % g.kernel[2];
-    const int64_t s1 = (w / g.kernel[2]) % g.kernel[1];
-    const int64_t s0 = w / (g.kernel[2] * g.kernel[1]);
-    disp[static_cast<size_t>(w)] = (s0 * g.dilation[0] * g.in[1] + s1 * g.dilation[1]) * g.in[2] + s2 * g.dilation[2];
-    tap[static_cast<size_t>(w) * 3] = s0 * g.dilation[0];
-    tap[static_cast<size_t>(w) * 3 + 1] = s1 * g.dilation[1];
-    tap[static_cast<size_t>(w) * 3 + 2] = s2 * g.dilation[2];
-  }
+  const Taps taps(g);
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  const int64_t ch = g.channels;
+  const int64_t window = taps.window;  // at most 127: offsets compare as unsigned bytes
+  std::vector<int64_t> disp_ch(taps.disp);
+  for (int64_t& d : disp_ch) d *= ch;
   std::atomic<bool> bad{false};
-  const int64_t cs = g.channels;
   const Status st = dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const T* gr = static_cast<const T*>(p.grad);
     A* out = static_cast<A*>(p.grad_in);
     // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
+    // Each task clears its own part just before adding into it, while it is in cache.
     at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+      std::fill(out + begin * in_plane * ch, out + end * in_plane * ch, A(0));
       bool ok = true;
-      for_each_output(g, begin, end, [&](int64_t i, int64_t base, int64_t st0, int64_t st1, int64_t st2) {
-        const int64_t w = off[i];
-        // An offset outside the window or onto padding would write out of bounds: skipped, reported.
-        if (w < 0 || w >= window) {
-          ok = false;
-          return;
+      for_each_window(g, begin, end, [&](int64_t i, int64_t u, const int64_t* st, int64_t corner) {
+        const bool inside = taps.inside(g, st);
+        const int64_t base = (u * in_plane + corner) * ch;
+        if (inside) {
+          // The common case: a window clear of the border, so an offset only has to be below the
+          // window size; checked for all channels first (a vector compare), then a lean loop.
+          bool in_range = true;
+          for (int64_t c = 0; c < ch; ++c) in_range &= static_cast<uint8_t>(off[i + c]) < window;
+          if (in_range) {
+            for (int64_t c = 0; c < ch; ++c) out[base + disp_ch[off[i + c]] + c] += static_cast<A>(gr[i + c]);
+            return;
+          }
         }
-        const int64_t* t = tap.data() + 3 * w;
-        if (static_cast<uint64_t>(st0 + t[0]) >= static_cast<uint64_t>(g.in[0]) ||
-            static_cast<uint64_t>(st1 + t[1]) >= static_cast<uint64_t>(g.in[1]) ||
-            static_cast<uint64_t>(st2 + t[2]) >= static_cast<uint64_t>(g.in[2])) {
-          ok = false;
-          return;
+        for (int64_t c = 0; c < ch; ++c) {
+          const int64_t w = off[i + c];
+          // An offset outside the window or onto padding would write out of bounds: skipped, reported.
+          if (w < 0 || w >= taps.window || (!inside && !taps.lands(g, w, st))) {
+            ok = false;
+            continue;
+          }
+          out[base + taps.disp[static_cast<size_t>(w)] * ch + c] += static_cast<A>(gr[i + c]);
         }
-        const int64_t corner = (st0 * g.in[1] + st1) * g.in[2] + st2;
-        out[base + (corner + disp[static_cast<size_t>(w)]) * cs] += static_cast<A>(gr[i]);
       });
       if (!ok) bad.store(true);
     });
