@@ -215,6 +215,26 @@ def test_dropout_op(dtype, layout, p):
         torch.ops.slimtune.memsave_dropout(torch.ones(3, dtype=torch.int32), 0.5, 1)
 
 
+def test_philox_reference_known_answers():
+    # Random123's known-answer vectors for Philox4x32-10.
+    assert reference.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    m = 0xFFFFFFFF
+    assert reference.philox4x32_10((m, m, m, m), (m, m)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 13, 64, 203])
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, -5])
+def test_dropout_op_matches_reference(dtype, n, seed):
+    x = torch.randn(n, dtype=torch.float64).to(dtype)
+    x[0] = float("nan")
+    for p in (0.0, 0.1, 0.5, 0.93):
+        ours = torch.ops.slimtune.memsave_dropout(x, p, seed)
+        assert torch.equal(ours.isnan(), x.isnan())
+        expected = reference.memsave_dropout(x, p, seed)
+        assert torch.equal(ours.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 def test_dropout_nan_and_sizes():
     for n in (0, 1, 7, 8, 9, 127, 129, 1000):
         x = torch.full((n,), float("nan"))
