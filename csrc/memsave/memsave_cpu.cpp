@@ -253,22 +253,21 @@ struct Taps {
     }
     return true;
   }
-  // Whether every tap of the window at st lands inside the input.
-  bool inside(const PoolGeometry& g, const int64_t* st) const {
-    for (int d = 0; d < 3; ++d) {
-      if (st[d] < 0 || st[d] + reach[d] >= g.in[d]) return false;
-    }
-    return true;
-  }
 };
 
 // Visits the window positions of units [begin, end) (planes, or batch entries when channels-
-// last) in storage order: f(i, u, st, corner) for the first of the g.channels outputs at that
-// position (storage index i, channel c at i + c), st its window's padded start and corner the
-// flat plane position of that start.
+// last) in storage order: f(i, u, st, corner, inside) for the first of the g.channels outputs at
+// that position (storage index i, channel c at i + c), st its window's padded start, corner the
+// flat plane position of that start and inside whether every tap lands in the input (decided
+// per row, and along the row by a precomputed range).
 template <typename F>
-void for_each_window(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
+void for_each_window(const PoolGeometry& g, const Taps& taps, int64_t begin, int64_t end, F&& f) {
   const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
+  // Window positions along dim 2 clear of both borders: [lo2, hi2].
+  const int64_t lo2 = (g.padding[2] + g.stride[2] - 1) / g.stride[2];
+  const int64_t hi2 = g.in[2] - 1 - taps.reach[2] + g.padding[2] < 0
+                          ? -1
+                          : (g.in[2] - 1 - taps.reach[2] + g.padding[2]) / g.stride[2];
   for (int64_t u = begin; u < end; ++u) {
     int64_t i = u * per_plane * g.channels;
     int64_t st[3];
@@ -276,9 +275,12 @@ void for_each_window(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
       st[0] = o0 * g.stride[0] - g.padding[0];
       for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
         st[1] = o1 * g.stride[1] - g.padding[1];
+        const bool row_inside =
+            st[0] >= 0 && st[0] + taps.reach[0] < g.in[0] && st[1] >= 0 && st[1] + taps.reach[1] < g.in[1];
+        const int64_t row_corner = (st[0] * g.in[1] + st[1]) * g.in[2];
         for (int64_t o2 = 0; o2 < g.out[2]; ++o2, i += g.channels) {
           st[2] = o2 * g.stride[2] - g.padding[2];
-          f(i, u, st, (st[0] * g.in[1] + st[1]) * g.in[2] + st[2]);
+          f(i, u, st, row_corner + st[2], row_inside && o2 >= lo2 && o2 <= hi2);
         }
       }
     }
@@ -327,9 +329,8 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   // first bad one when this fails.
   at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
     bool ok = true;
-    for_each_window(g, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner) {
+    for_each_window(g, taps, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner, bool inside) {
       if (inv != nullptr) {
-        const bool inside = taps.inside(g, st);
         for (int64_t c = 0; c < ch; ++c) {
           const uint64_t delta = static_cast<uint64_t>(idx[i + c] - corner);
           int64_t w = delta < range ? inv[delta] : -1;
@@ -359,6 +360,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const int64_t window = taps.window;  // at most 127: offsets compare as unsigned bytes
   std::vector<int64_t> disp_ch(taps.disp);
   for (int64_t& d : disp_ch) d *= ch;
+  const int64_t* dc = disp_ch.data();
   std::atomic<bool> bad{false};
   const Status st = dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -366,33 +368,42 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     const T* gr = static_cast<const T*>(p.grad);
     A* out = static_cast<A*>(p.grad_in);
     // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
-    // Each task clears its own part just before adding into it, while it is in cache.
+    // Each plane is cleared just before its sums land in it, while it is in cache.
     at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
-      std::fill(out + begin * in_plane * ch, out + end * in_plane * ch, A(0));
       bool ok = true;
-      for_each_window(g, begin, end, [&](int64_t i, int64_t u, const int64_t* st, int64_t corner) {
-        const bool inside = taps.inside(g, st);
-        const int64_t base = (u * in_plane + corner) * ch;
-        if (inside) {
-          // The common case: a window clear of the border, so an offset only has to be below the
-          // window size; checked for all channels first (a vector compare), then a lean loop.
-          bool in_range = true;
-          for (int64_t c = 0; c < ch; ++c) in_range &= static_cast<uint8_t>(off[i + c]) < window;
-          if (in_range) {
-            for (int64_t c = 0; c < ch; ++c) out[base + disp_ch[off[i + c]] + c] += static_cast<A>(gr[i + c]);
-            return;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        std::fill(out + unit * in_plane * ch, out + (unit + 1) * in_plane * ch, A(0));
+        for_each_window(g, taps, unit, unit + 1,
+                        [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
+          const int64_t base = (u * in_plane + corner) * ch;
+          if (inside && ch == 1) {
+            const uint8_t w = static_cast<uint8_t>(off[i]);
+            if (w < window) {
+              out[base + dc[w]] += static_cast<A>(gr[i]);
+              return;
+            }
+          } else if (inside) {
+            // The common case: a window clear of the border, so an offset only has to be below the
+            // window size; checked for all channels first (a vector compare), then a lean loop.
+            bool in_range = true;
+            for (int64_t c = 0; c < ch; ++c) in_range &= static_cast<uint8_t>(off[i + c]) < window;
+            if (in_range) {
+              for (int64_t c = 0; c < ch; ++c) out[base + dc[off[i + c]] + c] += static_cast<A>(gr[i + c]);
+              return;
+            }
           }
-        }
-        for (int64_t c = 0; c < ch; ++c) {
-          const int64_t w = off[i + c];
-          // An offset outside the window or onto padding would write out of bounds: skipped, reported.
-          if (w < 0 || w >= taps.window || (!inside && !taps.lands(g, w, st))) {
-            ok = false;
-            continue;
+          // An offset outside the window or onto padding would write out of bounds: the op fails
+          // (the glue names it), so the rest of this position is left.
+          for (int64_t c = 0; c < ch; ++c) {
+            const uint8_t w = static_cast<uint8_t>(off[i + c]);
+            if (w >= window || !taps.lands(g, w, st)) {
+              ok = false;
+              return;
+            }
+            out[base + dc[w] + c] += static_cast<A>(gr[i + c]);
           }
-          out[base + taps.disp[static_cast<size_t>(w)] * ch + c] += static_cast<A>(gr[i + c]);
-        }
-      });
+        });
+      }
       if (!ok) bad.store(true);
     });
     return kSuccess;
