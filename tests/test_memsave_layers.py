@@ -244,8 +244,13 @@ def test_relu_mask_op_errors_and_opcheck():
         torch.library.opcheck(torch.ops.slimtune.memsave_relu.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_mask.default, (x.clone().requires_grad_(rg),))
         torch.library.opcheck(torch.ops.slimtune.memsave_relu_backward.default, (x.clone().requires_grad_(rg), mask))
+    # Bits follow memory order: a dense transpose is read as stored, a strided view row-major.
     nc = torch.randn(13, 5).t()
-    assert torch.equal(torch.ops.slimtune.memsave_relu_mask(nc), torch.ops.slimtune.memsave_relu_mask(nc.contiguous()))
+    assert torch.equal(torch.ops.slimtune.memsave_relu_mask(nc), torch.ops.slimtune.memsave_relu_mask(nc.t()))
+    gappy = torch.randn(5, 26)[:, ::2]
+    assert torch.equal(
+        torch.ops.slimtune.memsave_relu_mask(gappy), torch.ops.slimtune.memsave_relu_mask(gappy.contiguous())
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common/backend.h"
 #include "common/checks.h"
+#include "common/philox.h"
 #include "common/schemas.h"
 #include "memsave/memsave.h"
 
@@ -62,6 +64,8 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& pooled, const char*
   }
   PoolGeometry g{};
   g.planes = 1;
+  g.channels = 1;
+  g.channels_last = false;
   for (int64_t i = 0; i < dims - nd; ++i) {
     SLIMTUNE_CHECK_ARG(pooled.size(i) == input_size[i], op, pooled_name, "has shape ", pooled.sizes(),
                        " but the input's leading dims are ", input_size.slice(0, dims - nd));
@@ -100,7 +104,54 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& pooled, const char*
     SLIMTUNE_CHECK_ARG(g.out[d] <= most, op, pooled_name, "has shape ", pooled.sizes(), " but a pool over input_size ",
                        input_size, " has at most ", most, " positions along spatial dim ", j);
   }
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  g.fast = in_plane < (int64_t{1} << 31);
+  if (g.fast) {
+    g.div_in1 = FastDiv(static_cast<uint32_t>(g.in[1]));
+    g.div_in2 = FastDiv(static_cast<uint32_t>(g.in[2]));
+  }
   return g;
+}
+
+// Whether t, shaped (batch, channels, spatial...), is stored channels innermost (the layout
+// of torch.channels_last and channels_last_3d, for any number of spatial dims) and not also
+// plainly contiguous (one channel, or one spatial position, fits both: planes-major serves).
+bool is_channels_last(const at::Tensor& t, int64_t nd) {
+  if (t.dim() != nd + 2 || t.is_contiguous() || t.size(1) == 1) return false;
+  int64_t expected = t.size(1);
+  if (t.size(1) > 1 && t.stride(1) != 1) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) > 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return t.size(0) <= 1 || t.stride(0) == expected;
+}
+
+// A fresh tensor shaped `sizes`, stored channels innermost when channels_last.
+at::Tensor empty_pooled(at::IntArrayRef sizes, bool channels_last, const at::TensorOptions& opts) {
+  if (!channels_last) return at::empty(sizes, opts);
+  std::vector<int64_t> strides(sizes.size());
+  int64_t s = sizes[1];
+  strides[1] = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 2; --d) {
+    strides[d] = s;
+    s *= sizes[d];
+  }
+  strides[0] = s;
+  return at::empty_strided(sizes, strides, opts);
+}
+
+void set_channels_last(PoolGeometry& g, at::IntArrayRef input_size) {
+  g.channels_last = true;
+  g.channels = input_size[1];
+}
+
+// Storage position of logical (planes-major) output position i.
+int64_t storage_index(const PoolGeometry& g, int64_t i) {
+  if (!g.channels_last) return i;
+  const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
+  const int64_t pl = i / per_plane, o = i % per_plane;
+  return (pl / g.channels * per_plane + o) * g.channels + pl % g.channels;
 }
 
 // Calls f(i, o) for every pooled position i (flat over planes) with its window start `o` (per dim).
@@ -133,12 +184,13 @@ int64_t first_bad_window(const PoolGeometry& g, F&& ok) {
   return bad;
 }
 
-// CPU only (cheap, no host sync): each argmax index lies inside its own window.
+// CPU only (no host sync), run when the kernel found a bad entry, to name the first one:
+// each argmax index lies inside its own window.
 void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
   const int64_t* p = idx.const_data_ptr<int64_t>();
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
-    int64_t v = p[i];
+    int64_t v = p[storage_index(g, i)];
     bool ok = v >= 0 && v < in_plane;
     for (int d = 2; ok && d >= 0; --d) {
       const int64_t delta = v % g.in[d] - start[d];
@@ -147,16 +199,16 @@ void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry&
     }
     return ok;
   });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[bad], " at position ", bad,
+  SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[storage_index(g, bad)], " at position ", bad,
                      ", outside the pooling window of that output");
 }
 
-// CPU only: each offset lies in its window and points at an input element, not at padding.
+// CPU only, as above: each offset lies in its window and points at an input element, not at padding.
 void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeometry& g) {
   const int8_t* p = offsets.const_data_ptr<int8_t>();
   const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
   const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
-    int64_t w = p[i];
+    int64_t w = p[storage_index(g, i)];
     bool ok = w >= 0 && w < window;
     for (int d = 2; ok && d >= 0; --d) {
       const int64_t c = start[d] + (w % g.kernel[d]) * g.dilation[d];
@@ -165,7 +217,8 @@ void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeom
     }
     return ok;
   });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[bad]), " at position ", bad,
+  SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[storage_index(g, bad)]),
+                     " at position ", bad,
                      ", outside its window or in the padding");
 }
 
@@ -189,6 +242,13 @@ PoolGeometry check_maxpool_backward(const at::Tensor& grad, const at::Tensor& of
   return pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
 }
 
+void check_dropout(const at::Tensor& x, double p) {
+  constexpr const char* op = "memsave_dropout";
+  SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
+                     x.scalar_type());
+  SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "p", "must be in [0, 1), got ", p);
+}
+
 // ---- the kernels of one backend ----
 
 struct Kernels {
@@ -197,6 +257,7 @@ struct Kernels {
   Status (*relu_backward)(const ReluBackwardParams&, void*);
   Status (*maxpool_compact)(const MaxpoolCompactParams&, void*);
   Status (*maxpool_backward)(const MaxpoolBackwardParams&, void*);
+  Status (*dropout)(const DropoutParams&, void*);
 };
 
 // ---- the drivers (one per op, every backend) ----
@@ -210,19 +271,23 @@ at::Tensor run_relu(const Kernels& k, const at::Tensor& xc, at::Tensor* out, con
   return mask;
 }
 
+// Elementwise kernels walk memory in order, so any dense layout (channels_last, a transpose)
+// is used as it is; only a tensor with gaps or overlaps is copied (row-major).
+at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
 at::Tensor relu_mask_op(const Kernels& k, const at::Tensor& x) {
   check_relu(x);
   check_backend(k.backend, "memsave_relu_mask", x, "x");
   c10::DeviceGuard guard(x.device());
-  return run_relu(k, x.contiguous(), nullptr, "memsave_relu_mask");
+  return run_relu(k, dense(x), nullptr, "memsave_relu_mask");
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_op(const Kernels& k, const at::Tensor& x) {
   check_relu(x);
   check_backend(k.backend, "memsave_relu", x, "x");
   c10::DeviceGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  const at::Tensor xc = dense(x);
+  at::Tensor out = at::empty_like(xc);  // a dense input's strides: the same memory order
   at::Tensor mask = run_relu(k, xc, &out, "memsave_relu");
   return {out, mask};
 }
@@ -231,8 +296,8 @@ at::Tensor relu_backward_op(const Kernels& k, const at::Tensor& grad, const at::
   check_relu_backward(grad, mask);
   check_backend(k.backend, "memsave_relu_backward", grad, "grad");
   c10::DeviceGuard guard(grad.device());
-  const at::Tensor gc = grad.contiguous();
-  at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);
+  const at::Tensor gc = dense(grad);
+  at::Tensor out = at::empty_like(gc);
   const ReluBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()), gc.numel(),
                              static_cast<const unsigned char*>(mask.data_ptr()), out.data_ptr()};
   check_status(k.backend, k.relu_backward(p, k.backend.stream(gc)), "memsave_relu_backward");
@@ -242,31 +307,58 @@ at::Tensor relu_backward_op(const Kernels& k, const at::Tensor& grad, const at::
 at::Tensor maxpool_compact_op(const Kernels& k, const at::Tensor& indices, at::IntArrayRef input_size,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation) {
-  const PoolGeometry g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
+  PoolGeometry g = check_maxpool_compact(indices, input_size, kernel_size, stride, padding, dilation);
   check_backend(k.backend, "memsave_maxpool_compact", indices, "indices");
   c10::DeviceGuard guard(indices.device());
-  const at::Tensor idx = indices.contiguous();
-  if (idx.is_cpu()) scan_compact_cpu("memsave_maxpool_compact", idx, g);
-  at::Tensor offsets = at::empty(idx.sizes(), idx.options().dtype(at::kChar));
+  const bool cl = is_channels_last(indices, static_cast<int64_t>(kernel_size.size()));
+  if (cl) set_channels_last(g, input_size);
+  const at::Tensor idx = cl ? indices : indices.contiguous();
+  at::Tensor offsets = empty_pooled(idx.sizes(), cl, idx.options().dtype(at::kChar));
   const MaxpoolCompactParams p{idx.const_data_ptr<int64_t>(), static_cast<signed char*>(offsets.data_ptr()), g};
-  check_status(k.backend, k.maxpool_compact(p, k.backend.stream(idx)), "memsave_maxpool_compact");
+  const Status st = k.maxpool_compact(p, k.backend.stream(idx));
+  // The CPU kernel checks every index against its window; the scan names the first bad one.
+  if (st != kSuccess && idx.is_cpu()) scan_compact_cpu("memsave_maxpool_compact", idx, g);
+  check_status(k.backend, st, "memsave_maxpool_compact");
   return offsets;
 }
 
 at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const at::Tensor& offsets,
                                at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const PoolGeometry g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
+  PoolGeometry g = check_maxpool_backward(grad, offsets, input_size, kernel_size, stride, padding, dilation);
   check_backend(k.backend, "memsave_maxpool_backward", grad, "grad");
   c10::DeviceGuard guard(grad.device());
-  const at::Tensor oc = offsets.contiguous();
-  if (oc.is_cpu()) scan_backward_cpu("memsave_maxpool_backward", oc, g);
-  at::Tensor buf = at::zeros(input_size, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
-  const at::Tensor gc = grad.contiguous();
+  // A channels-last grad keeps its layout (offsets follow it); anything else goes planes-major.
+  const bool cl = is_channels_last(grad, static_cast<int64_t>(kernel_size.size()));
+  if (cl) set_channels_last(g, input_size);
+  const at::Tensor gc = cl ? grad : grad.contiguous();
+  at::Tensor oc = offsets;
+  if (!cl) {
+    oc = offsets.contiguous();
+  } else if (offsets.strides() != grad.strides()) {
+    oc = empty_pooled(offsets.sizes(), true, offsets.options()).copy_(offsets);
+  }
+  // Every element is written by the kernel (zero where no window's argmax lands).
+  at::Tensor buf = empty_pooled(input_size, cl, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
   const MaxpoolBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()),
                                 static_cast<const signed char*>(oc.data_ptr()), buf.data_ptr(), g};
-  check_status(k.backend, k.maxpool_backward(p, k.backend.stream(gc)), "memsave_maxpool_backward");
+  const Status st = k.maxpool_backward(p, k.backend.stream(gc));
+  // The CPU kernel skips (and reports) offsets that leave their window; the scan names the first.
+  if (st != kSuccess && oc.is_cpu()) scan_backward_cpu("memsave_maxpool_backward", oc, g);
+  check_status(k.backend, st, "memsave_maxpool_backward");
   return buf.to(grad.scalar_type());
+}
+
+at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, int64_t seed) {
+  check_dropout(x, p);
+  check_backend(k.backend, "memsave_dropout", x, "x");
+  c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = dense(x);
+  at::Tensor out = at::empty_like(xc);
+  const DropoutParams prm{xc.data_ptr(),           to_kernel_dtype(xc.scalar_type()), xc.numel(), out.data_ptr(),
+                          static_cast<uint64_t>(seed), philox::threshold(p),            1.0 - p};
+  check_status(k.backend, k.dropout(prm, k.backend.stream(xc)), "memsave_dropout");
+  return out;
 }
 
 // ---- registration ----
@@ -289,21 +381,24 @@ struct Bound {
                                      at::IntArrayRef dilation) {
     return maxpool_backward_op(K, grad, offsets, input_size, kernel_size, stride, padding, dilation);
   }
+  static at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) { return dropout_op(K, x, p, seed); }
   static void register_all(torch::Library& m) {
     m.impl("memsave_relu", &relu);
     m.impl("memsave_relu_mask", &relu_mask);
     m.impl("memsave_relu_backward", &relu_backward);
     m.impl("memsave_maxpool_compact", &maxpool_compact);
     m.impl("memsave_maxpool_backward", &maxpool_backward);
+    m.impl("memsave_dropout", &dropout);
   }
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &relu_cpu, &relu_backward_cpu, &maxpool_compact_cpu, &maxpool_backward_cpu};
+const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
+                          &maxpool_backward_cpu, &dropout_cpu};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-const Kernels kGpuKernels{kGpuBackend, &relu_cuda, &relu_backward_cuda, &maxpool_compact_cuda,
-                          &maxpool_backward_cuda};
+const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cuda, &maxpool_compact_cuda,
+                          &maxpool_backward_cuda, &dropout_cuda};
 #endif
 
 }  // namespace
@@ -319,6 +414,8 @@ void define_memsave_schemas(torch::Library& m) {
         "int[] dilation) -> Tensor");
   m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation) -> Tensor");
+  // Dropout under a Philox mask drawn from `seed` (forward and backward alike).
+  m.def("memsave_dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 }  // namespace slimtune
@@ -333,7 +430,7 @@ TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::memsave::Bound<slimtune::memsav
 
 TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
   slimtune::register_one_device_check(m, {"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
-                                          "memsave_maxpool_compact", "memsave_maxpool_backward"});
+                                          "memsave_maxpool_compact", "memsave_maxpool_backward", "memsave_dropout"});
 }
 #endif
 

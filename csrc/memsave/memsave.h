@@ -1,16 +1,19 @@
 // memsave kernels: the bit-packed ReLU mask (1 bit per element) and the max-pool argmax kept
-// as an int8 offset inside its window. Inputs are contiguous and validated by the glue
-// (memsave.cpp). Torch-free: nvcc and the host compiler both read this header. Every entry
-// takes its params and a stream (a cudaStream_t; ignored on CPU).
+// as an int8 offset inside its window. Inputs are validated by the glue (memsave.cpp): ReLU
+// tensors are dense (any dimension order; the kernels walk them in memory order), pooled
+// tensors are contiguous or channels-last (PoolGeometry::channels_last). Torch-free: nvcc and
+// the host compiler both read this header. Every entry takes its params and a stream (a
+// cudaStream_t; ignored on CPU).
 #pragma once
 #include <cstdint>
 
 #include "common/types.h"
+#include "memsave/fast_div.h"
 
 namespace slimtune {
 namespace memsave {
 
-// Mask bit i (byte i / 8, bit i % 8) = !(x[i] <= 0): where ReLU lets the gradient through (NaN
+// Mask bit i (byte i / 8, bit i % 8) = !(x[i] <= 0), i counting elements in memory order: where ReLU lets the gradient through (NaN
 // included, as threshold_backward does). `mask` has ceil(n / 8) bytes. When `out` is not null it
 // also gets relu(x) in the same pass (it may alias x).
 struct ReluParams {
@@ -31,9 +34,17 @@ struct ReluBackwardParams {
 };
 
 // Max-pool geometry over up to three spatial dims; unused leading dims have size 1,
-// kernel 1, stride 1, padding 0, dilation 1.
+// kernel 1, stride 1, padding 0, dilation 1. Planes-major layout: element (plane, s0, s1, s2)
+// at ((plane * n0 + s0) * n1 + s1) * n2 + s2. Channels-last (input, grad and offsets of shape
+// (batch, channels, spatial...) stored batch, spatial..., channels): element (b, c, s0, s1, s2)
+// at (((b * n0 + s0) * n1 + s1) * n2 + s2) * channels + c. Either way the pool's flat indices
+// count over the spatial dims only (s0 * in1 + s1) * in2 + s2, as ATen's do.
 struct PoolGeometry {
-  int64_t planes;  // product of the non-spatial (batch, channel) dims
+  int64_t planes;    // product of the non-spatial (batch, channel) dims
+  int64_t channels;  // channels-last: the channel count; 1 otherwise
+  bool channels_last;
+  bool fast;  // in[0] * in[1] * in[2] < 2^31: div_in1/div_in2 split flat indices
+  FastDiv div_in1, div_in2;
   int64_t in[3];
   int64_t out[3];
   int64_t kernel[3];
@@ -50,9 +61,10 @@ struct MaxpoolCompactParams {
   PoolGeometry g;
 };
 
-// grad_in (accumulation buffer, zero-filled, planes * prod(in) elements of the accumulation
-// type of `dtype`) += grad at each window's argmax, summed in ascending window order on every
-// backend (deterministic, no atomics). `dtype` is grad's.
+// grad_in (planes * prod(in) elements of the accumulation type of `dtype`, every one written:
+// zero where no window's argmax lands) = the sum of grad over the windows whose argmax each
+// element is, in ascending window order on every backend (deterministic, no atomics). `dtype`
+// is grad's.
 struct MaxpoolBackwardParams {
   const void* grad;
   DType dtype;
@@ -61,15 +73,36 @@ struct MaxpoolBackwardParams {
   PoolGeometry g;
 };
 
+// Dropout whose mask is drawn again from its seed (forward and backward are this one op):
+// out[i] = x[i] * (keep(i) ? scale : 0), i counting elements in memory order; scale is
+// 1 / keep_prob formed in the accumulation type and rounded to the storage type, the product
+// formed in the accumulation type and rounded once: stock dropout's arithmetic (x times a
+// mask of 0 and 1 / (1 - p) in x's dtype). keep(i): the 16
+// bits of Philox4x32-10 block i / 8 (key = seed, counter = (i / 8, kDropoutStream)) for lane
+// i % 8 (word (i % 8) / 2, low half for even lanes) are >= threshold = round(p * 65536), as
+// philox::keep_bits; p resolves to 1/65536.
+constexpr uint32_t kDropoutStream = 0x4D656D53u;  // "MemS": a stream of its own for a seed
+struct DropoutParams {
+  const void* x;
+  DType dtype;
+  int64_t n;
+  void* out;
+  uint64_t seed;
+  uint32_t threshold;
+  double keep_prob;  // 1 - p
+};
+
 Status relu_cpu(const ReluParams& p, void* stream);
 Status relu_backward_cpu(const ReluBackwardParams& p, void* stream);
 Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void* stream);
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void* stream);
+Status dropout_cpu(const DropoutParams& p, void* stream);
 
 Status relu_cuda(const ReluParams& p, void* stream);
 Status relu_backward_cuda(const ReluBackwardParams& p, void* stream);
 Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream);
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream);
+Status dropout_cuda(const DropoutParams& p, void* stream);
 
 }  // namespace memsave
 }  // namespace slimtune

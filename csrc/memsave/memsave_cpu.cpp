@@ -1,58 +1,167 @@
 // CPU kernels of the memsave family (at::parallel_for over raw pointers).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "common/acc.h"
 #include "common/cpu_dispatch.h"
+#include "common/philox.h"
 #include "memsave/memsave.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SLIMTUNE_MEMSAVE_AVX512 1
+#endif
 
 namespace slimtune {
 namespace memsave {
 namespace {
 
-// Unsigned integer of a float type's width: selecting by AND-ing with all-ones / all-zeros
-// keeps the loops branch-free (and vectorizable) and passes NaN payloads through unchanged.
+// Unsigned integer of a float type's width: ReLU only looks at sign, magnitude and NaN-ness,
+// so it runs on the bits (one code path for all four dtypes, NaN payloads passed through).
 template <typename T>
 using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
 
+// The bits of +infinity: a magnitude above it is a NaN.
 template <typename T>
-inline bool passes(T v) {
-  // NaN passes (and keeps its gradient), as in torch.relu / threshold_backward.
-  return !(static_cast<acc_t<T>>(v) <= 0);
+constexpr Bits<T> kInfBits = static_cast<Bits<T>>(std::is_same_v<T, double>          ? 0x7ff0000000000000ull
+                                                  : std::is_same_v<T, float>         ? 0x7f800000ull
+                                                  : std::is_same_v<T, c10::BFloat16> ? 0x7f80ull
+                                                                                     : 0x7c00ull);
+
+template <typename U>
+constexpr U kSign = U{1} << (sizeof(U) * 8 - 1);
+
+// passes: !(v <= 0), where the gradient flows (NaN included, as threshold_backward does).
+// kept: !(v < 0), what relu(v) keeps bit for bit (-0.0 and NaN stay, as torch.relu gives).
+template <typename T>
+inline bool passes(Bits<T> u) {
+  const Bits<T> mag = u & ~kSign<Bits<T>>;
+  return mag > kInfBits<T> || (!(u & kSign<Bits<T>>) && mag != 0);
+}
+template <typename T>
+inline bool kept(Bits<T> u) {
+  const Bits<T> mag = u & ~kSign<Bits<T>>;
+  return !(u & kSign<Bits<T>>) || mag == 0 || mag > kInfBits<T>;
 }
 
-// The output keeps every input that is not below zero: -0.0 stays -0.0 and NaN stays NaN, as
-// torch.relu gives; only the gradient mask (passes) drops -0.0.
+// Scalar bytes [begin, end) of the mask over n elements; `out` (may alias x) gets relu(x) when given.
 template <typename T>
-inline bool kept(T v) {
-  return !(static_cast<acc_t<T>>(v) < 0);
-}
-
-// Bytes [begin, end) of the mask over n elements; `out` (may alias x) gets relu(x) when given.
-template <typename T>
-void relu_bytes(const T* x, Bits<T>* out, uint8_t* m, int64_t n, int64_t begin, int64_t end) {
-  const Bits<T>* xb = reinterpret_cast<const Bits<T>*>(x);
+void relu_bytes(const Bits<T>* x, Bits<T>* out, uint8_t* m, int64_t n, int64_t begin, int64_t end) {
+  using U = Bits<T>;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t base = b * 8;
+    const int lim = n - base < 8 ? static_cast<int>(n - base) : 8;
     uint8_t byte = 0;
-    if (base + 8 <= n) {
-      for (int j = 0; j < 8; ++j) {
-        const bool keep = passes(x[base + j]);
-        byte |= static_cast<uint8_t>(keep) << j;
-        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(kept(x[base + j])));
-      }
-    } else {
-      for (int64_t j = 0; base + j < n; ++j) {
-        const bool keep = passes(x[base + j]);
-        byte |= static_cast<uint8_t>(keep) << j;
-        if (out != nullptr) out[base + j] = xb[base + j] & static_cast<Bits<T>>(-static_cast<Bits<T>>(kept(x[base + j])));
-      }
+    for (int j = 0; j < lim; ++j) {
+      const U u = x[base + j];
+      byte |= static_cast<uint8_t>(passes<T>(u)) << j;
+      if (out != nullptr) out[base + j] = u & static_cast<U>(-static_cast<U>(kept<T>(u)));
     }
     m[b] = byte;
   }
+}
+
+template <typename U>
+void relu_backward_bytes(const U* g, const uint8_t* m, U* out, int64_t n, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t base = b * 8;
+    const int lim = n - base < 8 ? static_cast<int>(n - base) : 8;
+    const unsigned byte = m[b];
+    for (int j = 0; j < lim; ++j) out[base + j] = g[base + j] & static_cast<U>(-static_cast<U>((byte >> j) & 1u));
+  }
+}
+
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+// One 64-byte vector of lanes of width sizeof(U): the compares give the mask bits directly,
+// one k-register per vector, stored as 8/16/32 bits (whole mask bytes).
+template <typename U>
+struct Lanes;
+template <>
+struct Lanes<uint16_t> {
+  using K = __mmask32;
+  SLIMTUNE_AVX512 static __m512i set1(uint16_t v) { return _mm512_set1_epi16(static_cast<short>(v)); }
+  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi16_mask(a, b); }
+  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi16_mask(a, b); }
+  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi16(k, v); }
+};
+template <>
+struct Lanes<uint32_t> {
+  using K = __mmask16;
+  SLIMTUNE_AVX512 static __m512i set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi32_mask(a, b); }
+  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
+  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi32(k, v); }
+};
+template <>
+struct Lanes<uint64_t> {
+  using K = __mmask8;
+  SLIMTUNE_AVX512 static __m512i set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi64_mask(a, b); }
+  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi64_mask(a, b); }
+  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi64(k, v); }
+};
+
+// Elements [first, first + count) (count a multiple of the lane count, first of 8); returns
+// nothing, the scalar loop takes what is left.
+template <typename T>
+SLIMTUNE_AVX512 void relu_vec(const Bits<T>* x, Bits<T>* out, uint8_t* m, int64_t first, int64_t count) {
+  using U = Bits<T>;
+  using L = Lanes<U>;
+  constexpr int kLanes = 64 / sizeof(U);
+  const __m512i zero = _mm512_setzero_si512(), mag_mask = L::set1(static_cast<U>(~kSign<U>)),
+                inf = L::set1(kInfBits<T>);
+  for (int64_t i = first; i < first + count; i += kLanes) {
+    const __m512i v = _mm512_loadu_si512(x + i);
+    const __m512i mag = _mm512_and_si512(v, mag_mask);
+    const typename L::K nan = L::gt(mag, inf);
+    // Signed compares on the bits: v > 0 as an integer is a positive non-zero number (or +NaN).
+    const typename L::K pass = L::gt(v, zero) | nan;
+    if (out != nullptr) {
+      // Dropped: negative (sign set, integer < 0) with a non-zero magnitude, not NaN.
+      const typename L::K neg = L::gt(zero, v) & ~L::eq(mag, zero) & ~nan;
+      _mm512_storeu_si512(out + i, L::keep(static_cast<typename L::K>(~neg), v));
+    }
+    std::memcpy(m + i / 8, &pass, kLanes / 8);
+  }
+}
+
+template <typename U>
+SLIMTUNE_AVX512 void relu_backward_vec(const U* g, const uint8_t* m, U* out, int64_t first, int64_t count) {
+  using L = Lanes<U>;
+  constexpr int kLanes = 64 / sizeof(U);
+  for (int64_t i = first; i < first + count; i += kLanes) {
+    typename L::K k;
+    std::memcpy(&k, m + i / 8, kLanes / 8);
+    _mm512_storeu_si512(out + i, L::keep(k, _mm512_loadu_si512(g + i)));
+  }
+}
+#endif
+
+// The elements of mask bytes [begin, end) that whole vectors cover (0 without AVX-512).
+template <typename U>
+int64_t vector_elements(int64_t n, int64_t begin, int64_t end) {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+  if (!has_avx512()) return 0;
+  constexpr int64_t kLanes = 64 / sizeof(U);
+  const int64_t last = end * 8 < n ? end * 8 : n;
+  return (last - begin * 8) / kLanes * kLanes;
+#else
+  (void)n, (void)begin, (void)end;
+  return 0;
+#endif
 }
 
 }  // namespace
@@ -61,12 +170,19 @@ Status relu_cpu(const ReluParams& p, void*) {
   if (p.n == 0) return kSuccess;
   return dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* x = static_cast<const T*>(p.x);
-    Bits<T>* o = static_cast<Bits<T>*>(p.out);
+    using U = Bits<T>;
+    const U* x = static_cast<const U*>(p.x);
+    U* o = static_cast<U*>(p.out);
     uint8_t* m = p.mask;
     const int64_t n = p.n;
     // Chunks of whole bytes: no two tasks write the same mask byte.
-    at::parallel_for(0, (n + 7) / 8, 2048, [&](int64_t begin, int64_t end) { relu_bytes(x, o, m, n, begin, end); });
+    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
+      const int64_t vec = vector_elements<U>(n, begin, end);
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+      if (vec > 0) relu_vec<T>(x, o, m, begin * 8, vec);
+#endif
+      relu_bytes<T>(x, o, m, n, begin + vec / 8, end);
+    });
     return kSuccess;
   });
 }
@@ -79,20 +195,12 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
     using U = Bits<decltype(tag)>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
-    at::parallel_for(0, (n + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t base = b * 8;
-        const unsigned byte = m[b];
-        if (base + 8 <= n) {
-          for (int j = 0; j < 8; ++j) {
-            out[base + j] = g[base + j] & static_cast<U>(-static_cast<U>((byte >> j) & 1u));
-          }
-        } else {
-          for (int64_t j = 0; base + j < n; ++j) {
-            out[base + j] = g[base + j] & static_cast<U>(-static_cast<U>((byte >> j) & 1u));
-          }
-        }
-      }
+    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
+      const int64_t vec = vector_elements<U>(n, begin, end);
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+      if (vec > 0) relu_backward_vec<U>(g, m, out, begin * 8, vec);
+#endif
+      relu_backward_bytes<U>(g, m, out, n, begin + vec / 8, end);
     });
     return kSuccess;
   });
@@ -100,21 +208,110 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
 
 namespace {
 
-// Visits the outputs of planes [begin, end) in storage order: f(plane, i, st0, st1, o2) with i the
-// flat output index, st0 and st1 the (padded) window start in dims 0 and 1, o2 the dim-2 position.
+int64_t units(const PoolGeometry& g) { return g.channels_last ? g.planes / g.channels : g.planes; }
+
+// The taps of one window: per offset w, its displacement from the window's (virtual, possibly
+// padded) corner in the flat input plane and its per-dim distance from the corner; and, where
+// the displacements are distinct and span at most 64K positions, the inverse table
+// displacement -> w. With it an argmax index becomes its offset by one subtraction and one
+// lookup, where splitting it into coordinates costs two divisions per element.
+struct Taps {
+  int64_t window;
+  std::vector<int64_t> disp;
+  std::vector<int64_t> dist;  // 3 per w
+  int64_t reach[3];           // (kernel - 1) * dilation
+  std::vector<int8_t> inverse;
+
+  explicit Taps(const PoolGeometry& g) : window(g.kernel[0] * g.kernel[1] * g.kernel[2]) {
+    disp.resize(static_cast<size_t>(window));
+    dist.resize(static_cast<size_t>(window) * 3);
+    for (int d = 0; d < 3; ++d) reach[d] = (g.kernel[d] - 1) * g.dilation[d];
+    for (int64_t w = 0; w < window; ++w) {
+      const int64_t k[3] = {w / (g.kernel[2] * g.kernel[1]), (w / g.kernel[2]) % g.kernel[1], w % g.kernel[2]};
+      int64_t* t = &dist[static_cast<size_t>(w) * 3];
+      for (int d = 0; d < 3; ++d) t[d] = k[d] * g.dilation[d];
+      disp[static_cast<size_t>(w)] = (t[0] * g.in[1] + t[1]) * g.in[2] + t[2];
+    }
+    const int64_t range = disp.back() + 1;  // the last tap reaches furthest
+    if (range > (int64_t{1} << 16)) return;
+    inverse.assign(static_cast<size_t>(range), -1);
+    for (int64_t w = 0; w < window; ++w) {
+      int8_t& slot = inverse[static_cast<size_t>(disp[static_cast<size_t>(w)])];
+      if (slot >= 0) {  // two taps share a displacement (a window wider than the input): no table
+        inverse.clear();
+        return;
+      }
+      slot = static_cast<int8_t>(w);
+    }
+  }
+
+  // Whether tap w of the window at st lands inside the input (not on padding).
+  bool lands(const PoolGeometry& g, int64_t w, const int64_t* st) const {
+    const int64_t* t = &dist[static_cast<size_t>(w) * 3];
+    for (int d = 0; d < 3; ++d) {
+      if (static_cast<uint64_t>(st[d] + t[d]) >= static_cast<uint64_t>(g.in[d])) return false;
+    }
+    return true;
+  }
+};
+
+// Visits the window positions of units [begin, end) (planes, or batch entries when channels-
+// last) in storage order: f(i, u, st, corner, inside) for the first of the g.channels outputs at
+// that position (storage index i, channel c at i + c), st its window's padded start, corner the
+// flat plane position of that start and inside whether every tap lands in the input (decided
+// per row, and along the row by a precomputed range).
 template <typename F>
-void for_each_output(const PoolGeometry& g, int64_t begin, int64_t end, F&& f) {
+void for_each_window(const PoolGeometry& g, const Taps& taps, int64_t begin, int64_t end, F&& f) {
   const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
-  for (int64_t pl = begin; pl < end; ++pl) {
-    int64_t i = pl * per_plane;
+  // Window positions along dim 2 clear of both borders: [lo2, hi2].
+  const int64_t lo2 = (g.padding[2] + g.stride[2] - 1) / g.stride[2];
+  const int64_t hi2 = g.in[2] - 1 - taps.reach[2] + g.padding[2] < 0
+                          ? -1
+                          : (g.in[2] - 1 - taps.reach[2] + g.padding[2]) / g.stride[2];
+  for (int64_t u = begin; u < end; ++u) {
+    int64_t i = u * per_plane * g.channels;
+    int64_t st[3];
     for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
-      const int64_t st0 = o0 * g.stride[0] - g.padding[0];
+      st[0] = o0 * g.stride[0] - g.padding[0];
       for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-        const int64_t st1 = o1 * g.stride[1] - g.padding[1];
-        for (int64_t o2 = 0; o2 < g.out[2]; ++o2, ++i) f(pl, i, st0, st1, o2);
+        st[1] = o1 * g.stride[1] - g.padding[1];
+        const bool row_inside =
+            st[0] >= 0 && st[0] + taps.reach[0] < g.in[0] && st[1] >= 0 && st[1] + taps.reach[1] < g.in[1];
+        const int64_t row_corner = (st[0] * g.in[1] + st[1]) * g.in[2];
+        for (int64_t o2 = 0; o2 < g.out[2]; ++o2, i += g.channels) {
+          st[2] = o2 * g.stride[2] - g.padding[2];
+          f(i, u, st, row_corner + st[2], row_inside && o2 >= lo2 && o2 <= hi2);
+        }
       }
     }
   }
+}
+
+// Offset of `flat` inside the window starting at st, or -1 when it lies outside that window
+// (the general path: fast dividers split flat into coordinates).
+inline int64_t window_offset(const PoolGeometry& g, int64_t flat, const int64_t* st) {
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  if (flat < 0 || flat >= in_plane) return -1;
+  int64_t rows, c0;
+  if (g.fast) {
+    rows = g.div_in2.div(static_cast<uint32_t>(flat));
+    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
+  } else {
+    rows = flat / g.in[2];
+    c0 = rows / g.in[1];
+  }
+  const int64_t c[3] = {c0, rows - c0 * g.in[1], flat - rows * g.in[2]};
+  int64_t w = 0;
+  for (int d = 0; d < 3; ++d) {
+    int64_t delta = c[d] - st[d];
+    if (g.dilation[d] != 1) {
+      if (delta % g.dilation[d] != 0) return -1;
+      delta /= g.dilation[d];
+    }
+    if (delta < 0 || delta >= g.kernel[d]) return -1;
+    w = w * g.kernel[d] + delta;
+  }
+  return w;
 }
 
 }  // namespace
@@ -123,50 +320,153 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   const PoolGeometry& g = p.g;
   const int64_t* idx = p.indices;
   signed char* off = p.offsets;
-  // Integer divisions dominate this loop: one per spatial dim beyond the first, and none
-  // for the common dilation of 1.
-  auto step = [](int64_t c, int64_t start, int64_t dil) { return dil == 1 ? c - start : (c - start) / dil; };
-  at::parallel_for(0, g.planes, 1, [&](int64_t begin, int64_t end) {
-    for_each_output(g, begin, end, [&](int64_t, int64_t i, int64_t st0, int64_t st1, int64_t o2) {
-      const int64_t st2 = o2 * g.stride[2] - g.padding[2];
-      const int64_t flat = idx[i];
-      const int64_t rows = g.in[2] == 1 ? flat : flat / g.in[2];
-      const int64_t c2 = flat - rows * g.in[2];
-      const int64_t c0 = g.in[0] == 1 ? 0 : rows / g.in[1];
-      const int64_t c1 = rows - c0 * g.in[1];
-      const int64_t w = (step(c0, st0, g.dilation[0]) * g.kernel[1] + step(c1, st1, g.dilation[1])) * g.kernel[2] +
-                        step(c2, st2, g.dilation[2]);
-      off[i] = static_cast<signed char>(w);
+  const Taps taps(g);
+  const int8_t* inv = taps.inverse.empty() ? nullptr : taps.inverse.data();
+  const uint64_t range = taps.inverse.size();
+  const int64_t ch = g.channels;
+  std::atomic<bool> bad{false};
+  // The check that each index lies in its window comes with the conversion; the glue names the
+  // first bad one when this fails.
+  at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for_each_window(g, taps, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner, bool inside) {
+      if (inv != nullptr) {
+        for (int64_t c = 0; c < ch; ++c) {
+          const uint64_t delta = static_cast<uint64_t>(idx[i + c] - corner);
+          int64_t w = delta < range ? inv[delta] : -1;
+          if (w >= 0 && !inside && !taps.lands(g, w, st)) w = -1;
+          ok &= w >= 0;
+          off[i + c] = static_cast<signed char>(w);
+        }
+      } else {
+        for (int64_t c = 0; c < ch; ++c) {
+          const int64_t w = window_offset(g, idx[i + c], st);
+          ok &= w >= 0;
+          off[i + c] = static_cast<signed char>(w);
+        }
+      }
     });
+    if (!ok) bad.store(true);
   });
-  return kSuccess;
+  return bad.load() ? kInvalidValue : kSuccess;
 }
 
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const PoolGeometry& g = p.g;
-  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   const signed char* off = p.offsets;
-  // Window offset -> displacement from the window's (virtual, possibly padded) corner in the
-  // flat input plane: at most 127 entries, so the loop below does no division.
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
-  std::vector<int64_t> disp(static_cast<size_t>(window));
-  for (int64_t w = 0; w < window; ++w) {
-    const int64_t s2 = w % g.kernel[2];
-    const int64_t s1 = (w / g.kernel[2]) % g.kernel[1];
-    const int64_t s0 = w / (g.kernel[2] * g.kernel[1]);
-    disp[static_cast<size_t>(w)] = (s0 * g.dilation[0] * g.in[1] + s1 * g.dilation[1]) * g.in[2] + s2 * g.dilation[2];
-  }
-  return dispatch_cpu_float(p.dtype, [&](auto tag) {
+  const Taps taps(g);
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  const int64_t ch = g.channels;
+  const int64_t window = taps.window;  // at most 127: offsets compare as unsigned bytes
+  std::vector<int64_t> disp_ch(taps.disp);
+  for (int64_t& d : disp_ch) d *= ch;
+  const int64_t* dc = disp_ch.data();
+  std::atomic<bool> bad{false};
+  const Status st = dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const T* gr = static_cast<const T*>(p.grad);
     A* out = static_cast<A*>(p.grad_in);
-    // One plane per task: overlapping windows of a plane accumulate in order, no races.
-    at::parallel_for(0, g.planes, 1, [&](int64_t begin, int64_t end) {
-      for_each_output(g, begin, end, [&](int64_t pl, int64_t i, int64_t st0, int64_t st1, int64_t o2) {
-        const int64_t corner = (st0 * g.in[1] + st1) * g.in[2] + o2 * g.stride[2] - g.padding[2];
-        out[pl * in_plane + corner + disp[static_cast<size_t>(off[i])]] += static_cast<A>(gr[i]);
-      });
+    // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
+    // Each plane is cleared just before its sums land in it, while it is in cache.
+    at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        std::fill(out + unit * in_plane * ch, out + (unit + 1) * in_plane * ch, A(0));
+        for_each_window(g, taps, unit, unit + 1,
+                        [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
+          const int64_t base = (u * in_plane + corner) * ch;
+          if (inside && ch == 1) {
+            const uint8_t w = static_cast<uint8_t>(off[i]);
+            if (w < window) {
+              out[base + dc[w]] += static_cast<A>(gr[i]);
+              return;
+            }
+          } else if (inside) {
+            // The common case: a window clear of the border, so an offset only has to be below the
+            // window size; checked for all channels first (a vector compare), then a lean loop.
+            bool in_range = true;
+            for (int64_t c = 0; c < ch; ++c) in_range &= static_cast<uint8_t>(off[i + c]) < window;
+            if (in_range) {
+              for (int64_t c = 0; c < ch; ++c) out[base + dc[off[i + c]] + c] += static_cast<A>(gr[i + c]);
+              return;
+            }
+          }
+          // An offset outside the window or onto padding would write out of bounds: the op fails
+          // (the glue names it), so the rest of this position is left.
+          for (int64_t c = 0; c < ch; ++c) {
+            const uint8_t w = static_cast<uint8_t>(off[i + c]);
+            if (w >= window || !taps.lands(g, w, st)) {
+              ok = false;
+              return;
+            }
+            out[base + dc[w] + c] += static_cast<A>(gr[i + c]);
+          }
+        });
+      }
+      if (!ok) bad.store(true);
+    });
+    return kSuccess;
+  });
+  if (st != kSuccess) return st;
+  return bad.load() ? kInvalidValue : kSuccess;
+}
+
+namespace {
+
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_MEMSAVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SLIMTUNE_MEMSAVE_CLONES
+#endif
+
+constexpr int kBlocks = 16;  // Philox blocks side by side: the 32x32->64 multiplies vectorize
+
+// keep[k] = the 8 keep bits of Philox block b0 + k, k < kBlocks.
+SLIMTUNE_MEMSAVE_CLONES void dropout_keep(uint64_t seed, uint64_t b0, uint32_t thresh, uint8_t* keep) {
+  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int l = 0; l < kBlocks; ++l) {
+    const uint64_t b = b0 + static_cast<uint64_t>(l);
+    c0[l] = static_cast<uint32_t>(b);
+    c1[l] = static_cast<uint32_t>(b >> 32);
+    c2[l] = kDropoutStream;
+    c3[l] = 0u;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int l = 0; l < kBlocks; ++l) philox::round(c0[l], c1[l], c2[l], c3[l], k0, k1);
+    k0 += philox::kW0;
+    k1 += philox::kW1;
+  }
+  for (int l = 0; l < kBlocks; ++l) keep[l] = static_cast<uint8_t>(philox::keep_bits(c0[l], c1[l], c2[l], c3[l], thresh));
+}
+
+}  // namespace
+
+Status dropout_cpu(const DropoutParams& p, void*) {
+  const int64_t n = p.n;
+  if (n == 0) return kSuccess;
+  return dispatch_cpu_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+    const A scale = static_cast<A>(static_cast<T>(A(1) / static_cast<A>(p.keep_prob)));
+    const int64_t nblocks = (n + 7) / 8;
+    const int64_t groups = (nblocks + kBlocks - 1) / kBlocks;
+    at::parallel_for(0, groups, 256, [&](int64_t begin, int64_t end) {
+      uint8_t keep[kBlocks];
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t b0 = gi * kBlocks;
+        dropout_keep(p.seed, static_cast<uint64_t>(b0), p.threshold, keep);
+        const int64_t e0 = b0 * 8;
+        const int64_t e1 = e0 + kBlocks * 8 < n ? e0 + kBlocks * 8 : n;
+        // x times (scale or 0), as stock dropout multiplies by its mask: a dropped NaN stays NaN.
+        for (int64_t e = e0; e < e1; ++e) {
+          const bool k = (keep[(e - e0) >> 3] >> (e & 7)) & 1u;
+          out[e] = static_cast<T>(static_cast<A>(x[e]) * (k ? scale : A(0)));
+        }
+      }
     });
     return kSuccess;
   });

@@ -185,7 +185,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scale, magnitude, dropout_mask=
 
 def memsave_relu_mask(x: torch.Tensor) -> torch.Tensor:
     """Bit-packed ReLU mask: bit ``i % 8`` of byte ``i // 8`` is set where ``not x[i] <= 0``
-    (NaN included), ``i`` running over ``x`` in row-major order."""
+    (NaN included), ``i`` running over ``x`` in row-major order (the op's memory order for a
+    contiguous or non-dense ``x``; pass a dense permuted tensor permuted to its memory order)."""
     keep = ~(x.reshape(-1) <= 0)
     pad = (-keep.numel()) % 8
     bits = torch.cat([keep, keep.new_zeros(pad)]).view(-1, 8).long()
@@ -210,3 +211,32 @@ def memsave_maxpool_offsets(indices, input_size, kernel_size, stride, padding, d
         start = (torch.arange(out_sizes[d], device=indices.device) * stride[d] - padding[d]).view(shape)
         offset = offset * kernel_size[d] + (coords[d] - start) // dilation[d]
     return offset
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) on Python ints: four 32-bit counter words, two key words."""
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c3 ^ k1) & mask, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+def memsave_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``torch.ops.slimtune.memsave_dropout`` for a contiguous ``x``: element i is kept when the 16
+    bits of Philox block i // 8 (counter (i // 8, "MemS"), key = seed) for lane i % 8 are at least
+    round(p * 65536); the result is x times (1 / (1 - p) in x's dtype, or 0), as stock dropout."""
+    t = p * 65536.0 + 0.5
+    threshold = 65536 if t >= 65536.0 else int(t)
+    n = x.numel()
+    seed &= (1 << 64) - 1
+    keep = []
+    for b in range((n + 7) // 8):
+        words = philox4x32_10((b & 0xFFFFFFFF, b >> 32, 0x4D656D53, 0), (seed & 0xFFFFFFFF, seed >> 32))
+        keep += [((words[j // 2] >> (16 * (j % 2))) & 0xFFFF) >= threshold for j in range(8)]
+    keep_t = torch.tensor(keep[:n], dtype=torch.bool, device=x.device).view(x.shape)
+    scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)
+    return x * torch.where(keep_t, scale, torch.zeros_like(scale))

@@ -105,3 +105,79 @@ def test_maxpool_backward_is_deterministic(emu, case):
         assert torch.equal(emu.memsave_maxpool_backward(g, offsets, *args), results[0])
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+# Around the kernels' units: a byte (8), a word (4 bytes), a warp (32 bytes = 256 elements), a block.
+SIZES = [1, 9, 31, 257, 263, 2048 * 8 + 3]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", SIZES)
+def test_relu_vector_paths(emu, schedule, dtype, n):
+    """Vector loads with word stores, the byte-wise tail, and unaligned views (scalar loads)."""
+    base = torch.randn(n + 1, dtype=torch.float64).to(dtype)
+    base[::5] = 0.0
+    for x in (base[:n], base[1:]):  # aligned, then one element in (16-byte vector loads refused)
+        out, mask = emu.memsave_relu(x)
+        assert torch.equal(mask, reference.memsave_relu_mask(x))
+        assert torch.equal(emu.memsave_relu_mask(x), mask)
+        assert torch.equal(out, CPU.memsave_relu(x)[0])
+        g = torch.randn(n + 1, dtype=torch.float64).to(dtype)
+        for gv in (g[:n], g[1:]):
+            assert torch.equal(emu.memsave_relu_backward(gv, mask), CPU.memsave_relu_backward(gv, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_channels_last(emu, schedule, dtype):
+    x = torch.randn(2, 5, 7, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    out, mask = emu.memsave_relu(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(mask, CPU.memsave_relu_mask(x)) and torch.equal(out, x.clamp_min(0))
+    g = torch.randn(x.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    gx = emu.memsave_relu_backward(g, mask)
+    assert gx.is_contiguous(memory_format=torch.channels_last) and torch.equal(gx, torch.where(x > 0, g, 0))
+
+
+CL_POOLS = [
+    (2, (2, 5, 9, 7), [3, 3], [2, 2], [1, 1], [1, 1], False),
+    (2, (1, 3, 9, 10), [2, 3], [1, 2], [0, 1], [2, 1], True),
+    (2, (2, 40, 5, 6), [3, 3], [1, 1], [1, 1], [1, 1], False),  # rows longer than 32 threads
+    (3, (1, 3, 4, 5, 3), [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", CL_POOLS)
+def test_maxpool_channels_last(emu, schedule, dtype, case):
+    """Channels-last indices and grads: offsets and gradient keep the layout and equal the CPU
+    kernels' bit for bit (both sum each element's windows in ascending order)."""
+    nd, shape, kernel, stride, padding, dilation, ceil = case
+    fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
+    x = coarse(shape, dtype).contiguous(memory_format=fmt)
+    out, idx = pool(x, nd, kernel, stride, padding, dilation, ceil)
+    assert idx.is_contiguous(memory_format=fmt)
+    args = (list(shape), kernel, stride, padding, dilation)
+    offsets = emu.memsave_maxpool_compact(idx, *args)
+    assert offsets.is_contiguous(memory_format=fmt)
+    assert torch.equal(offsets, CPU.memsave_maxpool_compact(idx, *args))
+    assert torch.equal(offsets.long(), reference.memsave_maxpool_offsets(idx.contiguous(), *args))
+    g = (torch.randn(out.shape) * torch.logspace(-4, 4, out.numel()).view(out.shape)).to(dtype)
+    g = g.contiguous(memory_format=fmt)
+    ours = emu.memsave_maxpool_backward(g, offsets, *args)
+    assert ours.is_contiguous(memory_format=fmt)
+    assert torch.equal(ours, CPU.memsave_maxpool_backward(g, offsets, *args))
+    assert torch.equal(ours, emu.memsave_maxpool_backward(g.contiguous(), offsets.contiguous(), *args))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", SIZES)
+def test_dropout(emu, schedule, dtype, n):
+    """The CUDA mask is the CPU mask (one Philox stream), aligned or not, with odd tails."""
+    base = torch.randn(n + 1, dtype=torch.float64).to(dtype)
+    for x in (base[:n], base[1:]):
+        for p in (0.0, 0.1, 0.5):
+            ours = emu.memsave_dropout(x, p, 2**40 + 3)
+            assert torch.equal(ours, CPU.memsave_dropout(x, p, 2**40 + 3))
+    x = torch.randn(3, 4, 5, 2).contiguous(memory_format=torch.channels_last)
+    out = emu.memsave_dropout(x, 0.3, 11)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, CPU.memsave_dropout(x, 0.3, 11))

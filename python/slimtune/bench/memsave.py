@@ -1,7 +1,14 @@
 """memsave layers against stock torch.nn: bytes kept for backward (through saved-tensor
-hooks) and fwd+bwd time, per layer and for a small ResNet-style CNN."""
+hooks) and fwd+bwd time, per layer and for a small ResNet-style CNN; per layer, memory format
+and dtype, paired interleaved timings and the backward's peak memory."""
 
 import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -249,8 +256,145 @@ def _compile_groups(ctx: Context):
         yield Group(op=op, mode="fwd+bwd", providers={name: step(m) for name, m in models.items()}, **common)
 
 
+def _paired(fns, reps, warmup=2):
+    """Median ms of each callable, timed in alternating rounds (each round in the other order),
+    so drift on a shared machine hits every provider alike. Measured once, on first request."""
+    cache = {}
+
+    def measure():
+        names = list(fns)
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        times = {n: [] for n in names}
+        for r in range(reps):
+            for n in names if r % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+        cache.update({n: statistics.median(v) for n, v in times.items()})
+
+    def provider(name):
+        def get():
+            if not cache:
+                measure()
+            return cache[name]
+
+        return get
+
+    return {n: provider(n) for n in fns}
+
+
+# Backward peak of one layer, in a fresh interpreter: big allocations are mmapped (no dynamic
+# threshold) so a free returns pages, the kernel's peak-RSS mark is reset before backward, and the
+# peak above the resident size at that point is what backward added (its result included).
+_PEAK_SCRIPT = """
+import copy, json, sys, torch, torch.nn as nn, slimtune
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+dtype = getattr(torch, cfg["dtype"])
+layer = eval(cfg["layer"]).to(dtype)
+if cfg["provider"] == "slimtune":
+    slimtune.memsave.convert(layer)
+x = torch.randn(cfg["shape"], dtype=dtype)
+if cfg["channels_last"]:
+    x = x.contiguous(memory_format=torch.channels_last)
+x.requires_grad_()
+out = layer(x)
+g = torch.randn_like(out)
+torch.autograd.grad(layer(x), x, g)  # warm-up: first-backward allocations are not the layer's
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS:")
+(gx,) = torch.autograd.grad(out, x, g)
+print(json.dumps((status("VmHWM:") - base) / 2**20))
+"""
+
+
+def _backward_peak(layer_src, shape, dtype, channels_last, provider):
+    def measure():
+        cfg = dict(
+            layer=layer_src,
+            shape=list(shape),
+            dtype=str(dtype).split(".")[-1],
+            channels_last=channels_last,
+            provider=provider,
+            threads=torch.get_num_threads(),
+        )
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        res = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=600
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"backward peak measurement failed: {res.stderr[-2000:]}")
+        return float(res.stdout.strip().splitlines()[-1])
+
+    return measure
+
+
+def _format_groups(ctx: Context):
+    """The layers whose memsave form must cost no more time than stock: per memory format and
+    dtype, fwd+bwd of one layer, paired and interleaved (medians)."""
+    dev = ctx.device
+    img = (4, 16, 28, 28) if ctx.quick else (16, 64, 112, 112)
+    act = (512, 512) if ctx.quick else (4096, 4096)
+    reps = 5 if ctx.quick else 15
+    bn_src = "nn.BatchNorm2d({}).eval().requires_grad_(False)".format(img[1])
+    cases = [
+        ("relu", "nn.ReLU()", act, torch.float32, False),
+        ("relu", "nn.ReLU()", act, torch.bfloat16, False),
+        ("relu", "nn.ReLU()", img, torch.float32, True),
+        ("maxpool2d 3/2/1", "nn.MaxPool2d(3, 2, 1)", img, torch.float32, False),
+        ("maxpool2d 3/2/1", "nn.MaxPool2d(3, 2, 1)", img, torch.float32, True),
+        ("dropout p=0.1", "nn.Dropout(0.1)", act, torch.float32, False),
+        ("batchnorm2d eval (frozen)", bn_src, img, torch.bfloat16, False),
+        ("batchnorm2d eval (frozen)", bn_src, img, torch.bfloat16, True),
+    ]
+    for name, src, shape, dt, cl in cases:
+        stock = eval(src, {"nn": nn}).to(dev, dt)
+        stock, ours = _pair(stock)
+        x = torch.randn(shape, device=dev, dtype=dt)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad = torch.randn_like(stock(x))
+        fmt = "channels_last" if cl else "contiguous"
+        dtype_name = str(dt).split(".")[-1]
+        cfg = {"shape": list(shape), "dtype": dtype_name, "memory_format": fmt, "reps": reps}
+
+        def step(model, x=x, grad=grad):
+            return lambda: torch.autograd.grad(model(x), x, grad)
+
+        common = dict(x_name="shape", x_value="x".join(map(str, shape)), baseline="stock", config=cfg)
+        op = f"memsave {name} {dtype_name} {fmt}"
+        yield Group(
+            op=op,
+            mode="fwd+bwd paired",
+            providers=_paired({"stock": step(stock), "slimtune": step(ours)}, reps),
+            metric="time_paired_median",
+            unit="ms",
+            **common,
+        )
+        if name.startswith("batchnorm") and dev.type == "cpu" and os.path.exists("/proc/self/clear_refs"):
+            yield Group(
+                op=op,
+                mode="bwd peak",
+                providers={p: _backward_peak(src, shape, dt, cl, p) for p in ("stock", "slimtune")},
+                metric="peak_rss_above_start",
+                unit="MiB",
+                **common,
+            )
+
+
 def _groups(ctx: Context):
     yield from _layer_groups(ctx)
+    yield from _format_groups(ctx)
     yield from _model_groups(ctx)
     yield from _compile_groups(ctx)
 

@@ -5,6 +5,37 @@ with ``set_python_module`` (torch checks where fake kernels are registered from)
 
 import torch
 
+from .functions import is_dense
+
+
+def _dense_like(t, **kw):
+    # The kernels keep a dense tensor's memory order and copy anything else row-major.
+    return torch.empty_like(t, **kw) if is_dense(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device, **kw)
+
+
+def _is_channels_last(t, nd):
+    """The glue's layout rule for pooled tensors: (batch, channels, spatial...) stored channels
+    innermost and not also contiguous."""
+    if t.dim() != nd + 2 or t.is_contiguous() or t.size(1) == 1:
+        return False
+    expected = t.size(1)
+    if t.stride(1) != 1:
+        return False
+    for d in range(t.dim() - 1, 1, -1):
+        if t.size(d) > 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return t.size(0) <= 1 or t.stride(0) == expected
+
+
+def _pooled_empty(sizes, channels_last, like, dtype):
+    out = torch.empty(list(sizes), dtype=dtype, device=like.device)
+    if not channels_last:
+        return out
+    perm = [0] + list(range(2, len(sizes))) + [1]
+    stored = torch.empty([sizes[d] for d in perm], dtype=dtype, device=like.device)
+    return stored.permute([perm.index(d) for d in range(len(sizes))])
+
 
 def _relu_mask_fake(x):
     torch._check(
@@ -15,7 +46,7 @@ def _relu_mask_fake(x):
 
 
 def _relu_fake(x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _relu_mask_fake(x)
+    return _dense_like(x), _relu_mask_fake(x)
 
 
 def _relu_backward_fake(grad, mask):
@@ -27,7 +58,7 @@ def _relu_backward_fake(grad, mask):
         mask.dim() == 1 and mask.numel() == (grad.numel() + 7) // 8,
         lambda: "slimtune.memsave_relu_backward: argument 'mask' must hold ceil(grad.numel() / 8) bytes",
     )
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return _dense_like(grad)
 
 
 def _maxpool_compact_fake(indices, input_size, kernel_size, stride, padding, dilation):
@@ -39,7 +70,7 @@ def _maxpool_compact_fake(indices, input_size, kernel_size, stride, padding, dil
         indices.dim() == len(input_size),
         lambda: "slimtune.memsave_maxpool_compact: argument 'indices' must have the input's number of dims",
     )
-    return indices.new_empty(indices.shape, dtype=torch.int8)
+    return _pooled_empty(indices.shape, _is_channels_last(indices, len(kernel_size)), indices, torch.int8)
 
 
 def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, padding, dilation):
@@ -51,7 +82,12 @@ def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, paddi
         offsets.shape == grad.shape,
         lambda: "slimtune.memsave_maxpool_backward: argument 'offsets' must have grad's shape",
     )
-    return grad.new_empty(input_size)
+    return _pooled_empty(input_size, _is_channels_last(grad, len(kernel_size)), grad, grad.dtype)
+
+
+def _dropout_fake(x, p, seed):
+    torch._check(0.0 <= p < 1.0, lambda: f"slimtune.memsave_dropout: argument 'p' must be in [0, 1), got {p}")
+    return _dense_like(x)
 
 
 FAKES = {
@@ -60,4 +96,5 @@ FAKES = {
     "memsave_relu_backward": _relu_backward_fake,
     "memsave_maxpool_compact": _maxpool_compact_fake,
     "memsave_maxpool_backward": _maxpool_backward_fake,
+    "memsave_dropout": _dropout_fake,
 }

@@ -102,18 +102,32 @@ class BatchNormEvalFunction(torch.autograd.Function):
         acc = _acc_dtype(ctx.x_dtype)
         shape = [1, grad.shape[1]] + [1] * (grad.dim() - 2)
         dims = [0] + list(range(2, grad.dim()))
-        invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
-        g = grad.to(acc)
         gx = gw = gb = None
         if need_x:
-            scale = invstd * weight.to(acc) if weight is not None else invstd
-            gx = (g * scale.view(shape)).to(ctx.x_dtype)
+            gx = _bn_eval_input_grad(grad, running_var, weight, ctx.eps, shape)
+        if need_w or need_b:
+            g = grad.to(acc)
         if need_w:
+            invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
             xhat = (x.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
             gw = (g * xhat).sum(dims).to(ctx.w_dtype)
         if need_b:
             gb = g.sum(dims).to(ctx.b_dtype)
         return gx, None, None, gw, gb, None
+
+
+def _bn_eval_input_grad(grad, running_var, weight, eps, shape):
+    """grad * weight / sqrt(running_var + eps) in grad's dtype and memory format, with no
+    input-sized temporary."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        # Batch norm itself with a zero mean and no bias: ATen's eval kernel forms the product in
+        # float32 and rounds once, in one pass (float32 copies of grad would be 3x its bytes).
+        return F.batch_norm(grad, torch.zeros_like(running_var), running_var, weight, None, False, 0.0, eps)
+    # Stock backward's arithmetic, bit for bit: 1 / sqrt(var + eps) formed in float64, then
+    # (grad * invstd) * weight; the second product in place.
+    invstd = 1.0 / torch.sqrt(running_var.double() + eps)
+    gx = grad * (invstd if grad.dtype == torch.float64 else invstd.to(grad.dtype)).view(shape)
+    return gx if weight is None else gx.mul_(weight.to(grad.dtype).view(shape))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -184,47 +198,83 @@ class ReLUFunction(torch.autograd.Function):
             # Return x itself, not relu_()'s result: torch.compile accepts mark_dirty only when the
             # dirty input is what forward returns, and it cannot see that relu_() returned x.
             out = x
+            ctx.strides = x.stride() if is_dense(x) else _contiguous_strides(x.shape)
         else:
-            # One pass: output and mask together (the output keeps -0.0 and NaN bit for bit, like torch.relu).
+            # One pass: output and mask together (the output keeps -0.0 and NaN bit for bit, like
+            # torch.relu, and the input's memory format).
             out, mask = torch.ops.slimtune.memsave_relu(x)
+            ctx.strides = out.stride()
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
+        # The mask's bits follow the input's memory order; the kernel reads grad in its own, so a
+        # grad stored otherwise (an expanded ones, a contiguous grad of a channels_last input) is
+        # laid out like the input first. The result then has the input's memory format.
+        if not _same_layout(grad, ctx.strides):
+            grad = torch.empty_strided(grad.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
         if _recording(grad):
             # The kernel has no derivative; grad * unpacked mask is the same product, differentiable in grad.
-            return grad * _unpack_bits(mask, grad).to(grad.dtype), None
+            return grad * _unpack_bits(mask, grad.shape, ctx.strides).to(grad.dtype), None
         return torch.ops.slimtune.memsave_relu_backward(grad, mask), None
 
 
-def _unpack_bits(mask, like):
-    """The boolean mask ``memsave_relu_mask`` packed into bytes (bit i of byte k: element 8k + i)."""
+def is_dense(t):
+    """Whether t's elements fill its memory span without gaps or overlaps, in any dimension order
+    (ATen's non-overlapping-and-dense rule): such tensors are used in their own memory order."""
+    expected = 1
+    for d in sorted((d for d in range(t.dim()) if t.size(d) >= 2), key=t.stride):
+        if t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _contiguous_strides(shape):
+    strides, s = [], 1
+    for n in reversed(shape):
+        strides.append(s)
+        s *= max(int(n), 1)
+    return tuple(reversed(strides))
+
+
+def _same_layout(t, strides):
+    return all(t.stride(d) == strides[d] for d in range(t.dim()) if t.size(d) >= 2)
+
+
+def _unpack_bits(mask, shape, strides):
+    """The boolean mask ``memsave_relu_mask`` packed into bytes (bit i of byte k: element 8k + i in
+    memory order), as a tensor of ``shape`` laid out with ``strides``."""
     bits = torch.arange(8, device=mask.device, dtype=torch.uint8)
-    flat = ((mask.unsqueeze(-1) >> bits) & 1).reshape(-1)[: like.numel()]
-    return flat.view(like.shape).bool()
-
-
-def _dropout_scaled_mask(like, p, seed):
-    # A private generator seeded per call: the same seed regenerates the same mask in backward.
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
-    return keep.div_(1.0 - p)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    flat = ((mask.unsqueeze(-1) >> bits) & 1).reshape(-1)[:n].bool()
+    return flat.as_strided(shape, strides)
 
 
 class DropoutFunction(torch.autograd.Function):
-    """Dropout keeping only the seed of its mask (a Python int, no tensor)."""
+    """Dropout keeping only the seed of its mask (a Python int, no tensor): forward and backward
+    are one op, ``torch.ops.slimtune.memsave_dropout``, which draws the mask from the seed (Philox)."""
 
     @staticmethod
     def forward(ctx, x, p, seed):
         ctx.p, ctx.seed = p, seed
-        return x * _dropout_scaled_mask(x, p, seed)
+        out = torch.ops.slimtune.memsave_dropout(x, p, seed)
+        ctx.strides = out.stride()
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * _dropout_scaled_mask(grad, ctx.p, ctx.seed), None, None
+        # The mask follows the input's memory order: grad is laid out like it first (see ReLU).
+        if not _same_layout(grad, ctx.strides):
+            grad = torch.empty_strided(grad.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+        if _recording(grad):
+            # Linear and diagonal in grad: the same masked product, recorded for a further backward.
+            return DropoutFunction.apply(grad, ctx.p, ctx.seed), None, None
+        return torch.ops.slimtune.memsave_dropout(grad, ctx.p, ctx.seed), None, None
 
 
 def _index_dtype(window):
@@ -257,6 +307,7 @@ class MaxPoolFunction(torch.autograd.Function):
         out_sizes = list(out.shape[-nd:])
         window = _prod(kernel_size)
         ctx.pool = (list(x.shape), in_sizes, out_sizes, kernel_size, stride, padding, dilation, x.dtype)
+        ctx.format = _channels_last_format(x)
         if window <= 127:
             # The common case: one kernel pass to int8 offsets.
             ctx.save_for_backward(
@@ -283,6 +334,9 @@ class MaxPoolFunction(torch.autograd.Function):
         x_shape, in_sizes, out_sizes, kernel_size, stride, padding, dilation, x_dtype = ctx.pool
         # The int8 kernel has no derivative: under create_graph the differentiable scatter below serves.
         if compact.dtype == torch.int8 and not _recording(grad):
+            # The kernel keeps a channels-last grad's layout; a channels-last input gets one, as stock does.
+            if ctx.format is not None and not grad.is_contiguous(memory_format=ctx.format):
+                grad = grad.contiguous(memory_format=ctx.format)
             gx = torch.ops.slimtune.memsave_maxpool_backward(
                 grad, compact, x_shape, kernel_size, stride, padding, dilation
             )
@@ -302,6 +356,14 @@ class MaxPoolFunction(torch.autograd.Function):
         gx = torch.zeros(lead + [n_in], dtype=acc, device=grad.device)
         gx.scatter_add_(-1, flat.reshape(lead + [-1]), grad.reshape(lead + [-1]).to(acc))
         return gx.view(x_shape).to(x_dtype), None, None, None, None, None
+
+
+def _channels_last_format(x):
+    """The channels-last memory format x is stored in (not also plainly contiguous), else None."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is None or x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
 
 
 def _prod(xs):

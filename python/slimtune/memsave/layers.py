@@ -318,8 +318,8 @@ class MemSaveReLU(nn.ReLU):
 class MemSaveDropout(nn.Dropout):
     """nn.Dropout keeping only a seed: the mask is regenerated in backward.
 
-    The mask has nn.Dropout's distribution but comes from its own seeded generator, so it is not
-    the mask nn.Dropout would draw. The seed is drawn from torch's default CPU generator on every
+    The mask has nn.Dropout's distribution but comes from Philox under its own seed
+    (``torch.ops.slimtune.memsave_dropout``), so it is not the mask nn.Dropout would draw. The seed is drawn from torch's default CPU generator on every
     training call, with or without grad: ``torch.manual_seed`` repeats it, and activation
     checkpointing, which restores that generator before recomputing, recomputes the same mask.
     """
@@ -336,8 +336,9 @@ class MemSaveDropout(nn.Dropout):
                 )
             return F.dropout(input, self.p, self.training, self.inplace)
         if torch.compiler.is_compiling():
-            # A seeded generator is an opaque object the compiler cannot trace; compiled graphs
-            # draw the mask with the compiler's own random numbers, as for nn.Dropout.
+            # The seed is a Python int drawn per call, which the compiler would guard on (a
+            # recompile per step); compiled graphs draw the mask with the compiler's own random
+            # numbers, as for nn.Dropout.
             return F.dropout(input, self.p, self.training)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return DropoutFunction.apply(input, float(self.p), seed)
