@@ -308,3 +308,43 @@ def test_batchnorm_eval_backward_one_pass(dtype, layout):
         assert gx.is_contiguous(memory_format=torch.channels_last)
     big = {(s[1], s[3]) for s in seen.seen if s[2] == x.numel()}
     assert len(big) == 1 and next(iter(big))[0] == dtype, seen.seen
+
+
+def test_relu_portable_path_matches_the_vector_path():
+    """SLIMTUNE_CPU_NO_AVX512 forces the path machines without AVX-512 run; it must give the same
+    bits as the vector path (and the reference) for every dtype, size around the vector width and layout."""
+    import subprocess
+    import sys
+
+    script = r"""
+import sys, torch, slimtune
+from slimtune import reference
+out = []
+for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for n in (1, 7, 8, 63, 64, 65, 4099):
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+        x[::5] = 0.0
+        g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+        y, m = torch.ops.slimtune.memsave_relu(x)
+        assert torch.equal(m, reference.memsave_relu_mask(x)), (dtype, n)
+        assert torch.equal(y, torch.relu(x)), (dtype, n)
+        gx = torch.ops.slimtune.memsave_relu_backward(g, m)
+        assert torch.equal(gx, torch.where(x <= 0, torch.zeros_like(g), g)), (dtype, n)
+        out.append(torch.cat([m.flatten().double(), gx.double()]))
+    x = torch.randn(2, 8, 5, 3, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
+    y, m = torch.ops.slimtune.memsave_relu(x)
+    assert y.stride() == x.stride() and torch.equal(y, torch.relu(x))
+    out.append(m.flatten().double())
+torch.save(torch.cat(out), sys.argv[1])
+"""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        results = []
+        for env in ({}, {"SLIMTUNE_CPU_NO_AVX512": "1"}):
+            path = os.path.join(d, f"{len(env)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env})
+            results.append(torch.load(path))
+        assert torch.equal(results[0], results[1])

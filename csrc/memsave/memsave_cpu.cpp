@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -80,8 +81,11 @@ void relu_backward_bytes(const U* g, const uint8_t* m, U* out, int64_t n, int64_
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 #define SLIMTUNE_AVX512 __attribute__((target("avx512f,avx512bw")))
 
+// SLIMTUNE_CPU_NO_AVX512 (any value) takes the portable path, so a machine with AVX-512 can test
+// the path every other machine runs.
 bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         std::getenv("SLIMTUNE_CPU_NO_AVX512") == nullptr;
   return ok;
 }
 
