@@ -7,6 +7,7 @@
 // 8 elements, made in registers and never stored. Other layouts take the scalar path (strided
 // reads, a chunk straddling two Philox blocks). Split sums go to scratch and are reduced in a
 // fixed order: no float atomics, the same bits on every run.
+#include <algorithm>
 #include <cstdint>
 
 #include "common/device.cuh"
@@ -25,9 +26,17 @@ constexpr int kDownCols = 32;      // features per stage of the down-projection
 constexpr int kGradTokens = 8;     // tokens per stage of the gradient pass
 constexpr int kTargetBlocks = 264;  // two waves of a 132-SM GPU: enough blocks to hide latency
 constexpr int kMaxSplits = 64;
+// Stages a split takes at least: fewer, larger partial sums when the grid is full anyway.
+constexpr int64_t kMinDownStages = 2, kMinGradStages = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// The largest power of two <= v, within [lo, hi] (powers of two).
+inline int pow2_within(int64_t v, int lo, int hi) {
+  int p = lo;
+  while (p * 2 <= hi && p * 2 <= v) p *= 2;
+  return p;
+}
 
 struct DeviceMask {
   uint64_t seed, offset;
@@ -87,8 +96,8 @@ __device__ __forceinline__ void masked_chunk(const X* src, int64_t cs, int n, bo
 
 // ---- down-projection: a block takes `tt` tokens and a split of the features ----
 
-// Tokens per block: tt * R outputs fit kAcc per thread.
-inline int down_tokens(int64_t R) { return static_cast<int>(clamp64(kThreads * kAcc / R, 1, 64)); }
+// Tokens per block (a power of two): tt * R outputs fit kAcc per thread.
+inline int down_tokens(int64_t R) { return pow2_within(kThreads * kAcc / R, 1, 64); }
 
 struct DownTiling {
   int tt;
@@ -100,7 +109,7 @@ DownTiling down_tiling(int64_t T, int64_t K, int64_t R) {
   const int tt = down_tokens(R);
   const int64_t stages = ceil_div(K, kDownCols);
   const int64_t want = clamp64(ceil_div(kTargetBlocks, ceil_div(T, tt)), 1, kMaxSplits / 2);
-  const int64_t per = ceil_div(stages, clamp64(want, 1, stages));
+  const int64_t per = std::max(kMinDownStages, ceil_div(stages, clamp64(want, 1, stages)));
   return DownTiling{tt, per * kDownCols, static_cast<int>(ceil_div(stages, per))};
 }
 
@@ -108,9 +117,10 @@ template <typename X>
 __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, int64_t split_cols, bool vec) {
   using A = acc_t<X>;
   SLIMTUNE_DYNAMIC_SMEM(double, smem);
-  A* xs = reinterpret_cast<A*>(smem);  // tt x kDownCols: the masked, scaled x stage
-  A* as = xs + tt * kDownCols;         // R x (kDownCols + 1): padded against bank conflicts
-  constexpr int kAs = kDownCols + 1;
+  // Rows padded to kDownCols + 1: lanes reading a column of either stage hit distinct banks.
+  constexpr int kRow = kDownCols + 1;
+  A* xs = reinterpret_cast<A*>(smem);  // tt x kRow: the masked, scaled x stage
+  A* as = xs + tt * kRow;              // R x kRow
   constexpr int kChunks = kDownCols / kChunk;
   const X* x = static_cast<const X*>(p.x);
   const A* a = static_cast<const A*>(p.a);
@@ -120,20 +130,16 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, in
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tt;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * split_cols;
   const int64_t c_end = c_begin + split_cols < p.K ? c_begin + split_cols : p.K;
-  const int nout = tt * R;
-  int xo[kAcc], ao[kAcc];
+  // Output i of this thread: token tok (of the block's tt), rank q0 + i * q_step.
+  const int tok = static_cast<int>(threadIdx.x) & (tt - 1);
+  const int q0 = static_cast<int>(threadIdx.x) / tt, q_step = kThreads / tt;
   A acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) {
-    const int o = threadIdx.x + i * kThreads;
-    xo[i] = (o / R) * kDownCols;
-    ao[i] = (o % R) * kAs;
-    acc[i] = A(0);
-  }
+  for (int i = 0; i < kAcc; ++i) acc[i] = A(0);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kDownCols) {
     for (int idx = threadIdx.x; idx < R * kDownCols; idx += kThreads) {
       const int q = idx / kDownCols, c = idx % kDownCols;
-      as[q * kAs + c] = c0 + c < c_end ? a[q * p.K + c0 + c] : A(0);
+      as[q * kRow + c] = c0 + c < c_end ? a[q * p.K + c0 + c] : A(0);
     }
     for (int idx = threadIdx.x; idx < tt * kChunks; idx += kThreads) {
       const int r = idx / kChunks, ch = idx % kChunks;
@@ -141,14 +147,15 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, in
       const int n = t < p.T && col < c_end ? static_cast<int>(c_end - col < kChunk ? c_end - col : kChunk) : 0;
       const uint32_t bits = n > 0 ? chunk_bits(m, t * p.K + col) : 0u;
       masked_chunk(x + t * p.x_rs + col * p.x_cs, p.x_cs, n, vec && n == kChunk, bits, mult,
-                   xs + r * kDownCols + ch * kChunk);
+                   xs + r * kRow + ch * kChunk);
     }
     __syncthreads();
+    const A* xr = xs + tok * kRow;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) {
-      if (threadIdx.x + i * kThreads < nout) {
-        const A* xr = xs + xo[i];
-        const A* ar = as + ao[i];
+      const int q = q0 + i * q_step;
+      if (q < R) {
+        const A* ar = as + q * kRow;
         A s = acc[i];
 #pragma unroll 8
         for (int c = 0; c < kDownCols; ++c) s += xr[c] * ar[c];
@@ -157,18 +164,14 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, in
     }
     __syncthreads();
   }
+  const int64_t t = t0 + tok;
+  if (t >= p.T) return;
   A* out = static_cast<A*>(p.partial != nullptr ? p.partial : p.out);
+  const int64_t row = p.partial != nullptr ? (blockIdx.y * p.T + t) * R : t * p.out_ld;
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) {
-    const int o = threadIdx.x + i * kThreads;
-    const int64_t t = t0 + o / R;
-    if (o < nout && t < p.T) {
-      if (p.partial != nullptr) {
-        out[(blockIdx.y * p.T + t) * R + o % R] = acc[i];
-      } else {
-        out[t * p.out_ld + o % R] = acc[i];
-      }
-    }
+    const int q = q0 + i * q_step;
+    if (q < R) out[row + q] = acc[i];
   }
 }
 
@@ -204,10 +207,10 @@ struct GradTiling {
 GradTiling grad_tiling(int64_t T, int64_t K, int64_t R, DType acc_dtype) {
   // R x kc outputs per block, kAcc per thread (kAcc / 2 in float64: shared memory).
   const int64_t budget = acc_dtype == DType::Float64 ? kThreads * kAcc / 2 : kThreads * kAcc;
-  const int kc = static_cast<int>(clamp64(budget / R / kChunk * kChunk, kChunk, 256));
+  const int kc = pow2_within(budget / R, kChunk, kThreads);
   const int64_t steps = ceil_div(T, kGradTokens);
   const int64_t want = clamp64(ceil_div(kTargetBlocks, ceil_div(K, kc)), 1, kMaxSplits);
-  const int64_t per = ceil_div(steps, clamp64(want, 1, steps));
+  const int64_t per = std::max(kMinGradStages, ceil_div(steps, clamp64(want, 1, steps)));
   return GradTiling{kc, per * kGradTokens, static_cast<int>(ceil_div(steps, per))};
 }
 
@@ -243,16 +246,12 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
       as[(q * kChunk + c % kChunk) * chunks + c / kChunk] = c0 + c < K ? a[q * K + c0 + c] : A(0);
     }
   }
-  const int nout = R * kc;
-  int go[kAcc], xo[kAcc];
+  // Output i of this thread (dA): feature c0 + c, rank q0 + i * q_step (kc is a power of two).
+  const int c = static_cast<int>(threadIdx.x) & (kc - 1);
+  const int q0 = static_cast<int>(threadIdx.x) / kc, q_step = kThreads / kc;
   A acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) {
-    const int o = threadIdx.x + i * kThreads;
-    go[i] = o / kc;
-    xo[i] = o % kc;
-    acc[i] = A(0);
-  }
+  for (int i = 0; i < kAcc; ++i) acc[i] = A(0);
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kGradTokens) {
     for (int idx = threadIdx.x; idx < kGradTokens * R; idx += kThreads) {
       const int64_t t = t0 + idx / R;
@@ -292,12 +291,16 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
     }
     __syncthreads();
     if (need_dA) {
+      A xv[kGradTokens];
+#pragma unroll
+      for (int r = 0; r < kGradTokens; ++r) xv[r] = xs[r * kc + c];
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) {
-        if (threadIdx.x + i * kThreads < nout) {
+        const int q = q0 + i * q_step;
+        if (q < R) {
           A s = acc[i];
 #pragma unroll
-          for (int r = 0; r < kGradTokens; ++r) s += gs[r * R + go[i]] * xs[r * kc + xo[i]];
+          for (int r = 0; r < kGradTokens; ++r) s += gs[r * R + q] * xv[r];
           acc[i] = s;
         }
       }
@@ -307,10 +310,11 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
   if (!need_dA) return;
   A* out = static_cast<A*>(p.partial != nullptr ? p.partial : p.dA);
   const int64_t base = p.partial != nullptr ? static_cast<int64_t>(blockIdx.y) * R * K : 0;
+  if (c0 + c >= K) return;
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) {
-    const int64_t col = c0 + xo[i];
-    if (threadIdx.x + i * kThreads < nout && col < K) out[base + go[i] * K + col] = acc[i];
+    const int q = q0 + i * q_step;
+    if (q < R) out[base + q * K + c0 + c] = acc[i];
   }
 }
 
@@ -366,7 +370,7 @@ Status down_cuda(const DownParams& p, void* stream) {
   return dispatch_x(p.x_dtype, p.acc_dtype, [&](auto x_tag) -> Status {
     using X = decltype(x_tag);
     using A = acc_t<X>;
-    const size_t smem = sizeof(A) * static_cast<size_t>(d.tt * kDownCols + p.R * (kDownCols + 1));
+    const size_t smem = sizeof(A) * static_cast<size_t>((d.tt + p.R) * (kDownCols + 1));
     const bool vec = vector_rows(p.x, p.x_rs, p.x_cs, p.K, sizeof(X));
     const dim3 grid(static_cast<unsigned int>(ceil_div(p.T, d.tt)), static_cast<unsigned int>(d.splits));
     Status st = launch(down_kernel<X>, grid, dim3(kThreads), smem, s, p, d.tt, d.split_cols, vec);

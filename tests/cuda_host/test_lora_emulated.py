@@ -163,7 +163,11 @@ def test_fused_passes(emu, schedule, dtype, adapter_dtype, case):
     tight = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours[1], cpu[1], atol=tight, rtol=tight, msg="xa")
     for name, o, c, rr in zip(["y", "dx", "dA", "dB", "dbias"], [ours[0]] + ours[2:], [cpu[0]] + cpu[2:], ref):
-        assert_near(o, c, rr, name)
+        if o.dtype in (torch.float16, torch.bfloat16):
+            assert_near(o, c, rr, name)
+        else:  # float32 sums in another order than the CPU's GEMMs: a float32 tolerance
+            torch.testing.assert_close(o, c, atol=tight, rtol=tight, msg=name)
+            torch.testing.assert_close(o, rr.to(o.dtype), atol=tight, rtol=tight, msg=name)
     # Split sums are reduced in a fixed order: every schedule gives the same bits.
     emu._set_schedule("inorder")
     again = forward_backward(emu, x, w, b, A, B, 1.3, p, 5, offset, g)
