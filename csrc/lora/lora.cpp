@@ -1,10 +1,9 @@
-// Glue of the LoRA family: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs with W0 are
-// ATen's; the dropout is a Philox mask regenerated from (seed, offset) by the kernels of lora.h,
-// so neither a dropped copy of x nor a mask is ever stored. CPU (lora_cpu.cpp): the mask is
-// applied tile by tile into a cache-sized scratch that ATen GEMMs read. CUDA (lora.cu): the
-// passes over x are kernels of their own (down-projection; dA and dx in one pass), so nothing of
-// x's size is written. Holds the argument checks, the one device-generic driver of each op, the
-// schemas and the registration for every backend.
+// Glue of the LoRA family: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs with W0 (and
+// the up-projection, accumulated into the base output) are ATen's; the passes over x and
+// grad_out are the kernels of lora.h (lora_cpu.cpp, lora.cu), which regenerate the Philox mask
+// from (seed, offset), so neither a dropped copy of x nor a mask nor any buffer of x's size is
+// ever stored. Holds the argument checks, the one device-generic driver of each op, the schemas
+// and the registration for every backend.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -106,19 +105,15 @@ void check_dropout_p(const char* op, double p) {
 
 struct Kernels {
   const Backend& backend;
-  // CPU: masked passes over tiles of rows, feeding ATen GEMMs (null on CUDA).
-  Status (*dropout_scale)(const DropoutScaleParams&, void*);
-  Status (*masked_add)(const MaskedAddParams&, void*);
-  Status (*backward_tile)(const BackwardTileParams&, void*);
-  // CUDA: the fused passes over x and grad_out and their split-sum scratch (null on CPU).
+  // The passes over x and grad_out, and the scratch their split sums need.
   Status (*down)(const DownParams&, void*);
   Status (*grad)(const GradParams&, void*);
   int64_t (*down_partial)(int64_t, int64_t, int64_t);
   int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
-  // Elements per CPU tile of rows: the scratch a tile needs (a few MiB: it stays in cache).
-  int64_t tile_elems;
-  bool fused() const { return down != nullptr; }
+  // A GPU: the kernels read the seed from device memory (no host read of it), and without
+  // dropout a cuBLAS GEMM reading x directly is as good as the down/grad passes.
+  bool gpu;
 };
 
 // One call's mask: seed (a value, or on a GPU a pointer to it in device memory), offset,
@@ -128,14 +123,14 @@ struct Mask {
   uint32_t thresh;
   double mult;
   const int64_t* seed_ptr;
-  MaskParams at(int64_t e_base) const { return MaskParams{e_base, mult, thresh, seed, offset, seed_ptr}; }
+  MaskParams params() const { return MaskParams{mult, thresh, seed, offset, seed_ptr}; }
 };
 
 // The CPU reads the seed here; a GPU kernel reads it from device memory itself.
 Mask make_mask(const Kernels& k, double scale, double p, const std::optional<at::Tensor>& seed, int64_t offset) {
   Mask m{0, static_cast<uint64_t>(offset), p > 0.0 ? philox::threshold(p) : 0u, scale / (1.0 - p), nullptr};
   if (p > 0.0 && seed) {
-    if (k.fused()) {
+    if (k.gpu) {
       m.seed_ptr = seed->data_ptr<int64_t>();
     } else {
       m.seed = static_cast<uint64_t>(seed->item<int64_t>());
@@ -147,36 +142,7 @@ Mask make_mask(const Kernels& k, double scale, double p, const std::optional<at:
 // No dropout: every element kept, multiplied by `mult`.
 Mask plain_mask(double mult) { return Mask{0, 0, 0u, mult, nullptr}; }
 
-// out = keep ? x * mult : 0 over a 2-D tile of x (any strides) whose first element is e_base.
-void dropout_scale(const Kernels& k, const at::Tensor& x, const Mask& m, int64_t e_base, at::Tensor& out,
-                   const char* op) {
-  const DropoutScaleParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
-                             x.size(1), out.data_ptr(), to_kernel_dtype(out.scalar_type()), m.at(e_base)};
-  check_status(k.backend, k.dropout_scale(p, k.backend.stream(x)), op);
-}
-
-// dx += keep ? tmp * mult : 0.
-void masked_add(const Kernels& k, at::Tensor& dx, const at::Tensor& tmp, const Mask& m, int64_t e_base,
-                const char* op) {
-  const MaskedAddParams p{dx.data_ptr(), to_kernel_dtype(dx.scalar_type()), tmp.data_ptr(),
-                          to_kernel_dtype(tmp.scalar_type()), dx.size(0), dx.size(1), m.at(e_base)};
-  check_status(k.backend, k.masked_add(p, k.backend.stream(dx)), op);
-}
-
-// Both backward terms from one mask: dx += keep ? tmp * mult : 0, xd = keep ? x * mult : 0.
-void backward_tile(const Kernels& k, const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, const Mask& m,
-                   int64_t e_base, at::Tensor& xd, const char* op) {
-  const BackwardTileParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
-                             x.size(1), tmp.data_ptr(), to_kernel_dtype(tmp.scalar_type()), dx.data_ptr(),
-                             xd.data_ptr(), m.at(e_base)};
-  check_status(k.backend, k.backward_tile(p, k.backend.stream(x)), op);
-}
-
-int64_t tile_rows(const Kernels& k, int64_t cols) {
-  return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1));
-}
-
-// ---- the fused GPU passes ----
+// ---- the passes over x and grad_out ----
 
 // out (T x R, acc dtype, unit column stride) = (keep * mult * src) a^T, src T x K (any strides),
 // a R x K contiguous; kMaxRank rows of a per launch.
@@ -200,7 +166,7 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
                        out.narrow(1, q0, n).data_ptr(),
                        out.stride(0),
                        elems > 0 ? part.data_ptr() : nullptr,
-                       m.at(0)};
+                       m.params()};
     check_status(k.backend, k.down(p, k.backend.stream(src)), op);
   }
 }
@@ -229,13 +195,13 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
                        dx ? dx->data_ptr() : nullptr,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
                        elems > 0 ? part.data_ptr() : nullptr,
-                       m.at(0)};
+                       m.params()};
     check_status(k.backend, k.grad(p, k.backend.stream(src)), op);
   }
 }
 
 // gB = g B (T x R) and, when wanted, dB^T = xa^T g (R x d_out) and the bias gradient (d_out),
-// each from one pass over g (no converted copy of g). CPU: ATen GEMMs over tiles of rows of g.
+// each from one pass over g (no converted copy of g).
 struct GradOutTerms {
   at::Tensor gB, dBt, dbias;
 };
@@ -243,30 +209,15 @@ struct GradOutTerms {
 void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt, const at::Tensor& xa, bool need_B,
                     bool need_bias, GradOutTerms* res, const char* op) {
   const int64_t T = g2.size(0), d_out = g2.size(1), r = Bt.size(0);
-  const auto cdt = xa.scalar_type();
-  const auto opts = g2.options().dtype(cdt);
-  if (k.fused()) {
-    down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
-    if (!need_B && !need_bias) return;
-    // A column of ones after xa makes the bias gradient the last row of the same pass.
-    const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
-    at::Tensor dBx = at::empty({gb.size(1), d_out}, opts);
-    grad_pass(k, g2, gb, nullptr, nullptr, &dBx, plain_mask(1.0), op);
-    if (need_B) res->dBt.copy_(dBx.narrow(0, 0, r));
-    if (need_bias) res->dbias.copy_(dBx[r]);
-    return;
-  }
-  // One read of g per tile: gB, dB^T and the bias gradient while the tile is in cache. Tiles run
-  // in order: deterministic sums.
-  const int64_t rows = std::min(tile_rows(k, d_out), std::max<int64_t>(T, 1));
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const int64_t n = std::min(rows, T - t0);
-    const at::Tensor gt = g2.narrow(0, t0, n).to(cdt);
-    at::Tensor gBt = res->gB.narrow(0, t0, n);
-    at::mm_out(gBt, gt, Bt.t());
-    if (need_B) res->dBt.addmm_(xa.narrow(0, t0, n).t(), gt);
-    if (need_bias) res->dbias.add_(gt.sum(0));
-  }
+  const auto opts = g2.options().dtype(xa.scalar_type());
+  down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
+  if (!need_B && !need_bias) return;
+  // A column of ones after xa makes the bias gradient the last row of the same pass.
+  const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
+  at::Tensor dBx = at::empty({gb.size(1), d_out}, opts);
+  grad_pass(k, g2, gb, nullptr, nullptr, &dBx, plain_mask(1.0), op);
+  if (need_B) res->dBt.copy_(dBx.narrow(0, 0, r));
+  if (need_bias) res->dbias.copy_(dBx[r]);
 }
 
 // ---- the drivers (one per op, every backend) ----
@@ -278,79 +229,37 @@ at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
 }
 
 
-// The dropout-free path may hand x straight to a GEMM when no dtype conversion is needed.
-bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
+// Without dropout a GPU may hand x straight to a GEMM when no dtype conversion is needed. On a
+// CPU the passes are faster than BLAS on these rank-r shapes.
+bool direct(const Kernels& k, const at::Tensor& x, const at::Tensor& lora_A, double p) {
   const auto cdt = compute_dtype(x, lora_A);
-  return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
+  return k.gpu && p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
 }
 
 // xa = scale * dropout(x2) A^T (T x r, accumulation dtype), one pass over x2 (T x d_in).
 at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
                      const Mask& m, const char* op) {
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
   const auto cdt = compute_dtype(x2, lora_A);
-  if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
-  at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
-  if (k.fused()) {
-    down_pass(k, x2, lora_A.to(cdt).contiguous(), m, xa, op);
-    return xa;
-  }
-  // A dropped tile lives only in `scratch`.
-  const at::Tensor At = lora_A.to(cdt).t();
-  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const int64_t n = std::min(rows, T - t0);
-    at::Tensor tile = scratch.narrow(0, 0, n);
-    dropout_scale(k, x2.narrow(0, t0, n), m, t0 * d_in, tile, op);
-    at::Tensor dst = xa.narrow(0, t0, n);
-    at::mm_out(dst, tile, At);
-  }
+  if (direct(k, x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
+  at::Tensor xa = at::empty({x2.size(0), lora_A.size(0)}, x2.options().dtype(cdt));
+  down_pass(k, x2, lora_A.to(cdt).contiguous(), m, xa, op);
   return xa;
 }
 
 // *dx += scale * (gB A) * mask / (1 - p) and *dA = scale * gB^T (x2 * mask / (1 - p)) (accumulation
-// dtype), the mask regenerated from (seed, offset); either pointer may be null.
+// dtype), the mask regenerated from (seed, offset), one pass over x2; either pointer may be null.
 void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
                         double scale, double p, const Mask& m, at::Tensor* dx, at::Tensor* dA, const char* op) {
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+  if (!dx && !dA) return;
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
-  const bool use_direct = direct(x2, lora_A, p);
-  if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
-  if (dA && use_direct) *dA = at::mm(gB.t(), x2).mul_(scale);
-  if (use_direct || (!dx && !dA)) return;
-  if (k.fused()) {
-    // One pass over x for both terms; dA written whole (no tokens: zeros).
-    if (dA) *dA = at::empty({r, d_in}, x2.options().dtype(cdt));
-    grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
+  if (direct(k, x2, lora_A, p)) {
+    if (dx) dx->addmm_(gB, Ac, 1.0, scale);
+    if (dA) *dA = at::mm(gB.t(), x2).mul_(scale);
     return;
   }
-  if (dA) *dA = at::zeros({r, d_in}, x2.options().dtype(cdt));
-  // One tile of rows at a time.
-  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
-  at::Tensor scratch2 = dx && dA ? at::empty({rows, d_in}, x2.options().dtype(cdt)) : scratch;
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const int64_t n = std::min(rows, T - t0);
-    at::Tensor tile = scratch.narrow(0, 0, n);
-    const at::Tensor gBt = gB.narrow(0, t0, n);
-    const at::Tensor xt = x2.narrow(0, t0, n);
-    if (dx && dA) {
-      at::Tensor xd = scratch2.narrow(0, 0, n);
-      at::mm_out(tile, gBt, Ac);
-      at::Tensor dxt = dx->narrow(0, t0, n);
-      backward_tile(k, xt, tile, dxt, m, t0 * d_in, xd, op);
-      dA->addmm_(gBt.t(), xd);
-    } else if (dA) {
-      dropout_scale(k, xt, m, t0 * d_in, tile, op);
-      dA->addmm_(gBt.t(), tile);
-    } else {
-      at::mm_out(tile, gBt, Ac);
-      at::Tensor dxt = dx->narrow(0, t0, n);
-      masked_add(k, dxt, tile, m, t0 * d_in, op);
-    }
-  }
+  if (dA) *dA = at::empty({lora_A.size(0), lora_A.size(1)}, x2.options().dtype(cdt));  // written whole
+  grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor& x,
@@ -508,8 +417,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
                      xa.sizes());
   const at::Tensor none = at::empty({0}, x.options());
 
-  // gB = [g_i B_i]_i, dB_i = g_i^T xa_i (xa_i holds s_i) and the bias gradients, each g_i read
-  // once (per tile of rows on CPU).
+  // gB = [g_i B_i]_i, dB_i = g_i^T xa_i (xa_i holds s_i) and the bias gradients.
   at::Tensor gB = at::empty({T, A.size(0)}, x.options().dtype(cdt));
   std::vector<at::Tensor> dBs, dbiases;
   for (size_t i = 0; i < n; ++i) {
@@ -604,13 +512,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &dropout_scale_cpu, &masked_add_cpu, &backward_tile_cpu, nullptr, nullptr,
-                          nullptr,     nullptr,            &dropout_mask_cpu, int64_t{1} << 18};
+const Kernels kCpuKernels{kCpuBackend,      &down_cpu,        &grad_cpu, &down_partial_elems_cpu, &grad_partial_elems_cpu,
+                          &dropout_mask_cpu, false};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-// No tiles on a GPU: every pass over x or grad_out is a kernel of its own.
-const Kernels kGpuKernels{kGpuBackend,        nullptr,           nullptr,    nullptr, &down_cuda, &grad_cuda,
-                          &down_partial_elems, &grad_partial_elems, &dropout_mask_cuda, 0};
+const Kernels kGpuKernels{kGpuBackend,       &down_cuda,         &grad_cuda, &down_partial_elems_cuda, &grad_partial_elems_cuda,
+                          &dropout_mask_cuda, true};
 #endif
 
 }  // namespace

@@ -344,13 +344,13 @@ __global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, 
 
 }  // namespace
 
-int64_t down_partial_elems(int64_t T, int64_t K, int64_t R) {
+int64_t down_partial_elems_cuda(int64_t T, int64_t K, int64_t R) {
   if (T == 0 || K == 0 || R == 0) return 0;
   const DownTiling d = down_tiling(T, K, R);
   return d.splits > 1 ? d.splits * T * R : 0;
 }
 
-int64_t grad_partial_elems(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA) {
+int64_t grad_partial_elems_cuda(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA) {
   if (!need_dA || T == 0 || K == 0 || R == 0) return 0;
   const GradTiling g = grad_tiling(T, K, R, acc_dtype);
   return g.splits > 1 ? g.splits * R * K : 0;

@@ -1,7 +1,9 @@
-// CPU kernels of the LoRA family: the dropout passes (at::parallel_for over raw pointers).
+// CPU kernels of the LoRA family (at::parallel_for over raw pointers): the passes of lora.h, one
+// row at a time, the row's mask expanded from Philox bits into per-element multipliers.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc.h"
@@ -99,93 +101,61 @@ class Multipliers {
 
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-// Runs body(i, m) for every row i < rows, m holding row i's multipliers: each chunk of rows draws
-// its Philox rows in order into one buffer.
-template <typename A, typename Body>
-void for_each_masked_row(int64_t rows, int64_t cols, const MaskParams& mp, Body&& body) {
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<A> m(static_cast<size_t>(cols));
-    Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
-    for (int64_t i = begin; i < end; ++i) {
-      mk.row(mp.e_base + i * cols, cols, m.data());
-      body(i, m.data());
-    }
-  });
+// The fused passes' inner loops on contiguous rows, vectorized per clone: 16 independent
+// partial sums, so no reassociation is needed to use vector lanes.
+SLIMTUNE_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+  }
+  float s = 0.0f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
 }
 
-// Calls f(X{}, T{}) with the storage type of x_dtype and the accumulation type of acc_dtype;
-// empty tiles do nothing.
-template <typename F>
-Status dispatch_tile(int64_t rows, int64_t cols, DType x_dtype, DType acc_dtype, F&& f) {
-  if (rows == 0 || cols == 0) return kSuccess;
-  return dispatch_cpu_float(x_dtype, [&](auto x_tag) {
-    return dispatch_acc(acc_dtype, [&](auto t_tag) {
-      f(x_tag, t_tag);
-      return kSuccess;
-    });
-  });
+SLIMTUNE_CLONES double dot(const double* a, const double* b, int64_t n) {
+  double acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  }
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
 }
+
+SLIMTUNE_CLONES void axpy(float g, const float* x, float* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += g * x[j];
+}
+
+SLIMTUNE_CLONES void axpy(double g, const double* x, double* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += g * x[j];
+}
+
+// v[j] = x[j * cs] * m[j] (m holds keep * mult).
+template <typename X, typename A>
+void masked_row(const X* x, int64_t cs, const A* m, int64_t n, A* v) {
+  if (cs == 1) {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(x[j]) * m[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(x[j * cs]) * m[j];
+  }
+}
+
+template <typename A>
+constexpr DType acc_tag() {
+  return std::is_same<A, double>::value ? DType::Float64 : DType::Float32;
+}
+
+// Token splits of the gradient pass: fixed by T alone (not by the thread count), so the split
+// sums, reduced in order, give the same bits on any machine.
+constexpr int64_t kSplitRows = 256, kMaxSplits = 16;
+int64_t grad_splits(int64_t T) { return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (T + kSplitRows - 1) / kSplitRows)); }
 
 }  // namespace
-
-Status dropout_scale_cpu(const DropoutScaleParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  return dispatch_tile(rows, cols, p.x_dtype, p.out_dtype, [&](auto x_tag, auto o_tag) {
-    using X = decltype(x_tag);
-    using O = decltype(o_tag);
-    using A = acc_t<O>;
-    const X* xp = static_cast<const X*>(p.x);
-    O* op = static_cast<O*>(p.out);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      const X* xr = xp + i * rs;
-      O* orow = op + i * cols;
-      if (cs == 1) {
-        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j]) * m[j]);
-      } else {
-        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j * cs]) * m[j]);
-      }
-    });
-  });
-}
-
-Status masked_add_cpu(const MaskedAddParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols;
-  return dispatch_tile(rows, cols, p.dx_dtype, p.tmp_dtype, [&](auto d_tag, auto t_tag) {
-    using D = decltype(d_tag);
-    using T = decltype(t_tag);
-    using A = acc_t<T>;
-    D* dp = static_cast<D*>(p.dx);
-    const T* tp = static_cast<const T*>(p.tmp);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      D* drow = dp + i * cols;
-      const T* trow = tp + i * cols;
-      for (int64_t j = 0; j < cols; ++j) drow[j] = static_cast<D>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-    });
-  });
-}
-
-Status backward_tile_cpu(const BackwardTileParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  return dispatch_tile(rows, cols, p.x_dtype, p.tmp_dtype, [&](auto x_tag, auto t_tag) {
-    using X = decltype(x_tag);
-    using T = decltype(t_tag);
-    using A = acc_t<T>;
-    const X* xp = static_cast<const X*>(p.x);
-    X* dp = static_cast<X*>(p.dx);
-    const T* tp = static_cast<const T*>(p.tmp);
-    T* xdp = static_cast<T*>(p.xd);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      const X* xr = xp + i * rs;
-      X* drow = dp + i * cols;
-      const T* trow = tp + i * cols;
-      T* xdrow = xdp + i * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        drow[j] = static_cast<X>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-        xdrow[j] = static_cast<T>(static_cast<A>(xr[j * cs]) * m[j]);
-      }
-    });
-  });
-}
 
 Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
   const int64_t n = p.n;
@@ -201,6 +171,91 @@ Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
     }
   });
   return kSuccess;
+}
+
+int64_t down_partial_elems_cpu(int64_t, int64_t, int64_t) { return 0; }
+
+int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType, bool need_dA) {
+  const int64_t splits = grad_splits(T);
+  return need_dA && splits > 1 ? splits * R * K : 0;
+}
+
+// One row at a time: the masked row in a row buffer, then its R dot products with a's rows.
+Status down_cpu(const DownParams& p, void*) {
+  if (p.T == 0 || p.R == 0) return kSuccess;
+  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    using A = acc_t<X>;
+    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    const X* x = static_cast<const X*>(p.x);
+    const A* a = static_cast<const A*>(p.a);
+    A* out = static_cast<A*>(p.out);
+    const int64_t K = p.K, R = p.R;
+    at::parallel_for(0, p.T, row_grain(K * R / 16 + 1), [&](int64_t begin, int64_t end) {
+      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(K));
+      Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
+      for (int64_t t = begin; t < end; ++t) {
+        mk.row(t * K, K, m.data());
+        masked_row(x + t * p.x_rs, p.x_cs, m.data(), K, v.data());
+        for (int64_t q = 0; q < R; ++q) out[t * p.out_ld + q] = dot(v.data(), a + q * K, K);
+      }
+    });
+    return kSuccess;
+  });
+}
+
+// Token splits in parallel, each with its own dA partial (R x K, cache-resident) and dx rows;
+// the partials reduced in split order.
+Status grad_cpu(const GradParams& p, void*) {
+  const bool need_dA = p.dA != nullptr, need_dx = p.dx != nullptr;
+  if (p.K == 0 || p.R == 0 || (!need_dA && !need_dx)) return kSuccess;
+  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    using A = acc_t<X>;
+    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    const X* x = static_cast<const X*>(p.x);
+    const A* gb = static_cast<const A*>(p.gb);
+    const A* a = static_cast<const A*>(p.a);
+    X* dx = static_cast<X*>(p.dx);
+    const int64_t T = p.T, K = p.K, R = p.R;
+    const int64_t splits = grad_splits(T);
+    A* dA = static_cast<A*>(p.dA);
+    A* part = need_dA ? (splits > 1 ? static_cast<A*>(p.partial) : dA) : nullptr;
+    if (need_dA && splits > 1 && part == nullptr) return kInvalidValue;
+    const int64_t per = (T + splits - 1) / splits;
+    at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(K));
+      Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
+      for (int64_t s = s0; s < s1; ++s) {
+        A* acc = need_dA ? part + s * R * K : nullptr;
+        if (need_dA) std::fill(acc, acc + R * K, A(0));
+        for (int64_t t = s * per; t < std::min(T, (s + 1) * per); ++t) {
+          mk.row(t * K, K, m.data());
+          const A* g = gb + t * p.gb_ld;
+          if (need_dA) {
+            masked_row(x + t * p.x_rs, p.x_cs, m.data(), K, v.data());
+            for (int64_t q = 0; q < R; ++q) axpy(g[q], v.data(), acc + q * K, K);
+          }
+          if (need_dx) {
+            std::fill(v.begin(), v.end(), A(0));
+            for (int64_t q = 0; q < R; ++q) axpy(g[q], a + q * K, v.data(), K);
+            X* d = dx + t * K;
+            for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + v[j] * m[j]);
+          }
+        }
+      }
+    });
+    if (need_dA && splits > 1) {
+      at::parallel_for(0, R * K, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          A sum = part[i];
+          for (int64_t s = 1; s < splits; ++s) sum += part[s * R * K + i];
+          dA[i] = sum;
+        }
+      });
+    }
+    return kSuccess;
+  });
 }
 
 }  // namespace lora

@@ -59,11 +59,15 @@ def assert_near(ours, cpu, ref, name):
     torch.testing.assert_close(ours, cpu, atol=tight, rtol=tight, msg=name)
     err = (ours.double() - ref).abs().max().item() if ours.numel() else 0.0
     base = (cpu.double() - ref).abs().max().item() if cpu.numel() else 0.0
-    assert err <= 2 * base + 1e-12, f"{name}: {err:.3e} vs CPU op {base:.3e}"
+    # Plus a few float32 roundings of the largest value: float32 sums in two different orders
+    # (the CPU's and the kernel's) differ by that much, whichever happens to be closer.
+    fp32_floor = 8 * torch.finfo(torch.float32).eps * ref.abs().max().item() if ref.numel() else 0.0
+    if ours.dtype == torch.float64:
+        fp32_floor = 0.0
+    assert err <= 2 * base + fp32_floor + 1e-12, f"{name}: {err:.3e} vs CPU op {base:.3e}"
 
 
-# Under emulation the CUDA driver works in tiles of 64 elements: 13 and 21 features make tile
-# boundaries (at elements 52 and 63) that split Philox blocks of 8.
+# 13 and 21 features: rows that start inside a Philox block of 8 (the scalar path).
 CASES = [
     ((6, 13), 7, 3, 0.3, 0),
     ((2, 3, 21), 5, 4, 0.5, 5),
