@@ -228,7 +228,6 @@ at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
   return x.scalar_type() == at::kDouble ? at::kDouble : acc_scalar_type(lora_A.scalar_type());
 }
 
-
 // Without dropout a GPU may hand x straight to a GEMM when no dtype conversion is needed. On a
 // CPU the passes are faster than BLAS on these rank-r shapes.
 bool direct(const Kernels& k, const at::Tensor& x, const at::Tensor& lora_A, double p) {
@@ -495,7 +494,8 @@ struct Bound {
   static std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
   multi_backward(at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
                  at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p,
-                 const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+                 const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B,
+                 const c10::List<bool>& need_bias) {
     return multi_backward_op(K, grad_outs, x, weights, lora_As, lora_Bs, xa, scales, p, seed, offset, need_x, need_A,
                              need_B, need_bias);
   }
@@ -512,12 +512,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend,      &down_cpu,        &grad_cpu, &down_partial_elems_cpu, &grad_partial_elems_cpu,
-                          &dropout_mask_cpu, false};
+const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu,
+                          &grad_partial_elems_cpu, &dropout_mask_cpu, false};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-const Kernels kGpuKernels{kGpuBackend,       &down_cuda,         &grad_cuda, &down_partial_elems_cuda, &grad_partial_elems_cuda,
-                          &dropout_mask_cuda, true};
+const Kernels kGpuKernels{kGpuBackend, &down_cuda, &grad_cuda, &down_partial_elems_cuda,
+                          &grad_partial_elems_cuda, &dropout_mask_cuda, true};
 #endif
 
 }  // namespace

@@ -11,8 +11,8 @@
 #include "common/philox.h"
 #include "lora/lora.h"
 
-// The Philox draws dominate the dropout passes: compile the batched generator for wide
-// vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
+// The Philox draws and the rows' dot products and axpys are the passes' work: compile them for
+// wide vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLIMTUNE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -153,7 +153,9 @@ constexpr DType acc_tag() {
 // Token splits of the gradient pass: fixed by T alone (not by the thread count), so the split
 // sums, reduced in order, give the same bits on any machine.
 constexpr int64_t kSplitRows = 256, kMaxSplits = 16;
-int64_t grad_splits(int64_t T) { return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (T + kSplitRows - 1) / kSplitRows)); }
+int64_t grad_splits(int64_t T) {
+  return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (T + kSplitRows - 1) / kSplitRows));
+}
 
 }  // namespace
 
