@@ -111,8 +111,7 @@ struct Kernels {
   int64_t (*down_partial)(int64_t, int64_t, int64_t);
   int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
-  // A GPU: the kernels read the seed from device memory (no host read of it), and without
-  // dropout a cuBLAS GEMM reading x directly is as good as the down/grad passes.
+  // A GPU: the kernels read the seed from device memory (no host read of it).
   bool gpu;
 };
 
@@ -210,6 +209,12 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
                     bool need_bias, GradOutTerms* res, const char* op) {
   const int64_t T = g2.size(0), d_out = g2.size(1), r = Bt.size(0);
   const auto opts = g2.options().dtype(xa.scalar_type());
+  if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
+    at::mm_out(res->gB, g2, Bt.t());
+    if (need_B) at::mm_out(res->dBt, xa.t(), g2);
+    if (need_bias) at::sum_out(res->dbias, g2, 0);
+    return;
+  }
   down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   if (!need_B && !need_bias) return;
   // A column of ones after xa makes the bias gradient the last row of the same pass.
@@ -228,18 +233,17 @@ at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
   return x.scalar_type() == at::kDouble ? at::kDouble : acc_scalar_type(lora_A.scalar_type());
 }
 
-// Without dropout a GPU may hand x straight to a GEMM when no dtype conversion is needed. On a
-// CPU the passes are faster than BLAS on these rank-r shapes.
-bool direct(const Kernels& k, const at::Tensor& x, const at::Tensor& lora_A, double p) {
+// Without dropout x may go straight to a BLAS GEMM when no dtype conversion is needed.
+bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
   const auto cdt = compute_dtype(x, lora_A);
-  return k.gpu && p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
+  return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
 }
 
 // xa = scale * dropout(x2) A^T (T x r, accumulation dtype), one pass over x2 (T x d_in).
 at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
                      const Mask& m, const char* op) {
   const auto cdt = compute_dtype(x2, lora_A);
-  if (direct(k, x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
+  if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
   at::Tensor xa = at::empty({x2.size(0), lora_A.size(0)}, x2.options().dtype(cdt));
   down_pass(k, x2, lora_A.to(cdt).contiguous(), m, xa, op);
   return xa;
@@ -252,7 +256,7 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
   if (!dx && !dA) return;
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
-  if (direct(k, x2, lora_A, p)) {
+  if (direct(x2, lora_A, p)) {
     if (dx) dx->addmm_(gB, Ac, 1.0, scale);
     if (dA) *dA = at::mm(gB.t(), x2).mul_(scale);
     return;
@@ -307,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
+  at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
   // B^T (r x d_out) contiguous: see forward_op.
   const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
@@ -405,6 +410,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   check_seed(kMultiOp, x, seed, p);
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
+  at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);

@@ -101,39 +101,68 @@ class Multipliers {
 
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-// The fused passes' inner loops on contiguous rows, vectorized per clone: 16 independent
-// partial sums, so no reassociation is needed to use vector lanes.
-SLIMTUNE_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float acc[16] = {};
+// The passes work on blocks of kRows rows: each row of a (R x K, in L2) is read once per block
+// instead of once per row. Inner loops on contiguous rows, vectorized per clone; the dot
+// products keep 16 independent partial sums per row, so no reassociation is needed.
+constexpr int kRows = 4;
+
+// out[i] = v_i . a for the kRows rows v_i = v + i * n.
+template <typename A>
+inline void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
+  constexpr int L = 16;
+  const A *__restrict__ v0 = v, *__restrict__ v1 = v + n, *__restrict__ v2 = v + 2 * n, *__restrict__ v3 = v + 3 * n;
+  A s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+  for (; j + L <= n; j += L) {
+    for (int l = 0; l < L; ++l) {
+      const A aj = a[j + l];
+      s0[l] += v0[j + l] * aj;
+      s1[l] += v1[j + l] * aj;
+      s2[l] += v2[j + l] * aj;
+      s3[l] += v3[j + l] * aj;
+    }
   }
-  float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-SLIMTUNE_CLONES double dot(const double* a, const double* b, int64_t n) {
-  double acc[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  A* sums[kRows] = {s0, s1, s2, s3};
+  for (int i = 0; i < kRows; ++i) {
+    A s = A(0);
+    for (int l = 0; l < L; ++l) s += sums[i][l];
+    for (int64_t k = j; k < n; ++k) s += v[i * n + k] * a[k];
+    out[i] = s;
   }
-  double s = 0.0;
-  for (int l = 0; l < 8; ++l) s += acc[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
+}
+SLIMTUNE_CLONES void dot_rows(const float* v, const float* a, int64_t n, float* out) { dot_rows_impl(v, a, n, out); }
+SLIMTUNE_CLONES void dot_rows(const double* v, const double* a, int64_t n, double* out) {
+  dot_rows_impl(v, a, n, out);
 }
 
-SLIMTUNE_CLONES void axpy(float g, const float* x, float* y, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] += g * x[j];
+// y += sum_i g[i] * v_i over the kRows rows v_i = v + i * n.
+template <typename A>
+inline void gather_rows_impl(const A* g, const A* v, int64_t n, A* y) {
+  const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+  for (int64_t j = 0; j < n; ++j) y[j] += g0 * v[j] + g1 * v[n + j] + g2 * v[2 * n + j] + g3 * v[3 * n + j];
+}
+SLIMTUNE_CLONES void gather_rows(const float* g, const float* v, int64_t n, float* y) { gather_rows_impl(g, v, n, y); }
+SLIMTUNE_CLONES void gather_rows(const double* g, const double* v, int64_t n, double* y) {
+  gather_rows_impl(g, v, n, y);
 }
 
-SLIMTUNE_CLONES void axpy(double g, const double* x, double* y, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] += g * x[j];
+// y_i += g[i] * a for the kRows rows y_i = y + i * n.
+template <typename A>
+inline void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) {
+  const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+  for (int64_t j = 0; j < n; ++j) {
+    const A aj = a[j];
+    y[j] += g0 * aj;
+    y[n + j] += g1 * aj;
+    y[2 * n + j] += g2 * aj;
+    y[3 * n + j] += g3 * aj;
+  }
 }
+SLIMTUNE_CLONES void scatter_rows(const float* g, const float* a, int64_t n, float* y) { scatter_rows_impl(g, a, n, y); }
+SLIMTUNE_CLONES void scatter_rows(const double* g, const double* a, int64_t n, double* y) {
+  scatter_rows_impl(g, a, n, y);
+}
+static_assert(kRows == 4, "gather_rows and scatter_rows take 4 rows");
 
 // v[j] = x[j * cs] * m[j] (m holds keep * mult).
 template <typename X, typename A>
@@ -182,7 +211,8 @@ int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType, bool need
   return need_dA && splits > 1 ? splits * R * K : 0;
 }
 
-// One row at a time: the masked row in a row buffer, then its R dot products with a's rows.
+// Blocks of kRows rows: the masked rows in a buffer (zeros past the last row), then their R dot
+// products with a's rows.
 Status down_cpu(const DownParams& p, void*) {
   if (p.T == 0 || p.R == 0) return kSuccess;
   return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
@@ -192,14 +222,26 @@ Status down_cpu(const DownParams& p, void*) {
     const X* x = static_cast<const X*>(p.x);
     const A* a = static_cast<const A*>(p.a);
     A* out = static_cast<A*>(p.out);
-    const int64_t K = p.K, R = p.R;
-    at::parallel_for(0, p.T, row_grain(K * R / 16 + 1), [&](int64_t begin, int64_t end) {
-      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(K));
+    const int64_t K = p.K, R = p.R, blocks = (p.T + kRows - 1) / kRows;
+    at::parallel_for(0, blocks, row_grain(K * R * kRows / 16 + 1), [&](int64_t begin, int64_t end) {
+      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
-      for (int64_t t = begin; t < end; ++t) {
-        mk.row(t * K, K, m.data());
-        masked_row(x + t * p.x_rs, p.x_cs, m.data(), K, v.data());
-        for (int64_t q = 0; q < R; ++q) out[t * p.out_ld + q] = dot(v.data(), a + q * K, K);
+      A dots[kRows];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
+        for (int64_t i = 0; i < kRows; ++i) {
+          A* vi = v.data() + i * K;
+          if (i >= nb) {
+            std::fill(vi, vi + K, A(0));
+            continue;
+          }
+          mk.row((t0 + i) * K, K, m.data());
+          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data(), K, vi);
+        }
+        for (int64_t q = 0; q < R; ++q) {
+          dot_rows(v.data(), a + q * K, K, dots);
+          for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
+        }
       }
     });
     return kSuccess;
@@ -226,23 +268,44 @@ Status grad_cpu(const GradParams& p, void*) {
     if (need_dA && splits > 1 && part == nullptr) return kInvalidValue;
     const int64_t per = (T + splits - 1) / splits;
     at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
-      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(K));
+      std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
+      std::vector<A> gq(static_cast<size_t>(R * kRows));  // gq[q * kRows + i] = gb[t0 + i, q]
       for (int64_t s = s0; s < s1; ++s) {
         A* acc = need_dA ? part + s * R * K : nullptr;
         if (need_dA) std::fill(acc, acc + R * K, A(0));
-        for (int64_t t = s * per; t < std::min(T, (s + 1) * per); ++t) {
-          mk.row(t * K, K, m.data());
-          const A* g = gb + t * p.gb_ld;
+        const int64_t t_end = std::min(T, (s + 1) * per);
+        for (int64_t t0 = s * per; t0 < t_end; t0 += kRows) {
+          const int64_t nb = std::min<int64_t>(kRows, t_end - t0);
+          for (int64_t i = 0; i < kRows; ++i) {
+            for (int64_t q = 0; q < R; ++q) gq[q * kRows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
+            A* mi = m.data() + i * K;
+            if (i < nb) {
+              mk.row((t0 + i) * K, K, mi);
+            } else {
+              std::fill(mi, mi + K, A(0));
+            }
+          }
           if (need_dA) {
-            masked_row(x + t * p.x_rs, p.x_cs, m.data(), K, v.data());
-            for (int64_t q = 0; q < R; ++q) axpy(g[q], v.data(), acc + q * K, K);
+            for (int64_t i = 0; i < kRows; ++i) {
+              A* vi = v.data() + i * K;
+              if (i < nb) {
+                masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, vi);
+              } else {
+                std::fill(vi, vi + K, A(0));
+              }
+            }
+            for (int64_t q = 0; q < R; ++q) gather_rows(gq.data() + q * kRows, v.data(), K, acc + q * K);
           }
           if (need_dx) {
             std::fill(v.begin(), v.end(), A(0));
-            for (int64_t q = 0; q < R; ++q) axpy(g[q], a + q * K, v.data(), K);
-            X* d = dx + t * K;
-            for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + v[j] * m[j]);
+            for (int64_t q = 0; q < R; ++q) scatter_rows(gq.data() + q * kRows, a + q * K, K, v.data());
+            for (int64_t i = 0; i < nb; ++i) {
+              X* d = dx + (t0 + i) * K;
+              const A* vi = v.data() + i * K;
+              const A* mi = m.data() + i * K;
+              for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + vi[j] * mi[j]);
+            }
           }
         }
       }
