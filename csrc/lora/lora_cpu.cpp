@@ -23,7 +23,7 @@ namespace slimtune {
 namespace lora {
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 32;  // two AVX-512 vectors of counters: independent chains hide latency
 
 // keep[k] = the 8 keep bits of Philox block b0 + k, k < nblk. Blocks of kLanes counters run
 // side by side (structure of arrays) so the 32x32->64 multiplies of philox::round vectorize.
