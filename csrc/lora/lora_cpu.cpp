@@ -224,19 +224,19 @@ Status down_cpu(const DownParams& p, void*) {
     A* out = static_cast<A*>(p.out);
     const int64_t K = p.K, R = p.R, blocks = (p.T + kRows - 1) / kRows;
     at::parallel_for(0, blocks, row_grain(K * R * kRows / 16 + 1), [&](int64_t begin, int64_t end) {
-      std::vector<A> m(static_cast<size_t>(K)), v(static_cast<size_t>(kRows * K));
+      std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
       A dots[kRows];
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
+        mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
         for (int64_t i = 0; i < kRows; ++i) {
           A* vi = v.data() + i * K;
           if (i >= nb) {
             std::fill(vi, vi + K, A(0));
             continue;
           }
-          mk.row((t0 + i) * K, K, m.data());
-          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data(), K, vi);
+          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, vi);
         }
         for (int64_t q = 0; q < R; ++q) {
           dot_rows(v.data(), a + q * K, K, dots);
@@ -277,14 +277,9 @@ Status grad_cpu(const GradParams& p, void*) {
         const int64_t t_end = std::min(T, (s + 1) * per);
         for (int64_t t0 = s * per; t0 < t_end; t0 += kRows) {
           const int64_t nb = std::min<int64_t>(kRows, t_end - t0);
+          mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
           for (int64_t i = 0; i < kRows; ++i) {
             for (int64_t q = 0; q < R; ++q) gq[q * kRows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
-            A* mi = m.data() + i * K;
-            if (i < nb) {
-              mk.row((t0 + i) * K, K, mi);
-            } else {
-              std::fill(mi, mi + K, A(0));
-            }
           }
           if (need_dA) {
             for (int64_t i = 0; i < kRows; ++i) {
