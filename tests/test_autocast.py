@@ -33,7 +33,7 @@ def test_lora_linear_op_casts_base_keeps_fp32_adapters(dtype):
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(5, 7, 16, generator=g), torch.randn(12, 16, generator=g), torch.randn(12, generator=g)
     A, B = torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g)
-    args = (0.5, 0.25, 1234, 0)
+    args = (0.5, 0.25, torch.tensor([1234]), 0)
 
     x1, A1, B1 = _leaves(x, A, B)
     with torch.autocast("cpu", dtype=dtype):
@@ -60,9 +60,9 @@ def test_lora_linear_multi_op_under_autocast(dtype):
     As = [torch.randn(2, 16, generator=g), torch.randn(3, 16, generator=g)]
     Bs = [torch.randn(8, 2, generator=g), torch.randn(6, 3, generator=g)]
     with torch.autocast("cpu", dtype=dtype):
-        outs, _ = OPS.lora_linear_multi(x, ws, bs, As, Bs, [1.0, 2.0], 0.0, 0, 0)
+        outs, _ = OPS.lora_linear_multi(x, ws, bs, As, Bs, [1.0, 2.0], 0.0, None, 0)
     ref, _ = OPS.lora_linear_multi(
-        x.to(dtype), [w.to(dtype) for w in ws], [bs[0].to(dtype), bs[1]], As, Bs, [1.0, 2.0], 0.0, 0, 0
+        x.to(dtype), [w.to(dtype) for w in ws], [bs[0].to(dtype), bs[1]], As, Bs, [1.0, 2.0], 0.0, None, 0
     )
     for o, r in zip(outs, ref):
         assert o.dtype == dtype and torch.equal(o, r)

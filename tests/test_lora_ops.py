@@ -90,7 +90,7 @@ def test_matches_reference(device, dtype, p, bias):
 def test_float32_adapters_over_low_precision_base(device, dtype, p):
     x, w, b, A, B = make(40, 33, 21, 4, dtype, device, adapter_dtype=torch.float32)
     check_against_reference(x, w, b, A, B, 2.0, p, seed=3)
-    xa = op(x, w, b, A, B, 2.0, p, 3, 0)[1]
+    xa = op(x, w, b, A, B, 2.0, p, torch.tensor([3], device=device), 0)[1]
     assert xa.dtype == torch.float32 and xa.shape == (40, 4)
 
 
@@ -207,8 +207,10 @@ def test_saves_only_x_and_the_rank_r_intermediate(p, adapter_dtype):
     B.requires_grad_(True)
     params = {id(t) for t in (w, A, B)}
     out, saved = saved_tensors(lambda: lora_linear(x, w, b, A, B, 2.0, p, seed=1))
-    activations = [t for t in saved if id(t) not in params]
+    # The dropout seed (one int64) is saved too; it is not an activation.
+    activations = [t for t in saved if id(t) not in params and t.dtype != torch.int64]
     assert any(t is x for t in activations), "x itself (not a copy) must be saved"
+    assert all(t.numel() == 1 for t in saved if t.dtype == torch.int64)
     others = [t for t in activations if t is not x]
     assert len(others) == 1 and others[0].shape == (T, r) and others[0].dtype == torch.float32, [
         (t.shape, t.dtype) for t in others
@@ -216,7 +218,7 @@ def test_saves_only_x_and_the_rank_r_intermediate(p, adapter_dtype):
     assert all(t.dtype != torch.bool for t in saved), "a mask was saved"
     assert (
         slimtune.saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, p, seed=1), exclude=(w, A, B))
-        <= x.numel() * x.element_size() + T * r * 4
+        <= x.numel() * x.element_size() + T * r * 4 + 8
     )
     out.sum().backward()
     assert A.grad is not None and x.grad is not None
@@ -241,13 +243,15 @@ def test_opcheck(device):
             x, w, b, A, B = make(10, 12, 9, 3, dtype, device, adapter_dtype=adapter_dtype)
             for t in (x, A, B):
                 t.requires_grad_(grad)
-            torch.library.opcheck(op, (x, w, b, A, B, 0.5, p, 5, 0))
-            torch.library.opcheck(op, (x, None, None, A, B, 0.5, p, 5, 0))
+            seed = torch.tensor([5], device=device)
+            torch.library.opcheck(op, (x, w, b, A, B, 0.5, p, seed, 0))
+            torch.library.opcheck(op, (x, None, None, A, B, 0.5, p, seed, 0))
     x, w, b, A, B = make(10, 12, 9, 3, torch.float32, device)
-    y, xa = op(x, w, b, A, B, 0.5, 0.2, 5, 0)
+    seed = torch.tensor([5], device=device)
+    y, xa = op(x, w, b, A, B, 0.5, 0.2, seed, 0)
     g = torch.randn_like(y)
     torch.library.opcheck(
-        torch.ops.slimtune.lora_linear_backward, (g, x, w, A, B, xa, 0.5, 0.2, 5, 0, True, True, True, True)
+        torch.ops.slimtune.lora_linear_backward, (g, x, w, A, B, xa, 0.5, 0.2, seed, 0, True, True, True, True)
     )
     torch.library.opcheck(torch.ops.slimtune.lora_dropout_mask, (x, 0.3, 1, 2))
 
@@ -271,17 +275,20 @@ def test_torch_compile_fullgraph_smoke():
 def test_bad_inputs_name_the_argument(device):
     x, w, b, A, B = make(4, 6, 5, 2, torch.float32, device)
     cases = [
-        ("lora_B", "rank", (x, w, b, A, B[:, :1], 1.0, 0.0, 0, 0)),
-        ("x", "features", (x[:, :5], w, b, A, B, 1.0, 0.0, 0, 0)),
-        ("weight", "shape", (x, w[:4], b, A, B, 1.0, 0.0, 0, 0)),
-        ("weight", "dtype", (x, w.double(), b, A, B, 1.0, 0.0, 0, 0)),
-        ("bias", "shape", (x, w, b[:3], A, B, 1.0, 0.0, 0, 0)),
-        ("lora_A", "dtype", (x, w, b, A.half(), B.half(), 1.0, 0.0, 0, 0)),
-        ("lora_B", "dtype", (x, w, b, A, B.double(), 1.0, 0.0, 0, 0)),
-        ("lora_A", "2-D", (x, w, b, A.view(-1), B, 1.0, 0.0, 0, 0)),
-        ("x", "float32", (x.int(), w, b, A, B, 1.0, 0.0, 0, 0)),
-        ("dropout", "[0, 1)", (x, w, b, A, B, 1.0, 1.0, 0, 0)),
-        ("scale", "finite", (x, w, b, A, B, float("nan"), 0.0, 0, 0)),
+        ("lora_B", "rank", (x, w, b, A, B[:, :1], 1.0, 0.0, None, 0)),
+        ("x", "features", (x[:, :5], w, b, A, B, 1.0, 0.0, None, 0)),
+        ("weight", "shape", (x, w[:4], b, A, B, 1.0, 0.0, None, 0)),
+        ("weight", "dtype", (x, w.double(), b, A, B, 1.0, 0.0, None, 0)),
+        ("bias", "shape", (x, w, b[:3], A, B, 1.0, 0.0, None, 0)),
+        ("lora_A", "dtype", (x, w, b, A.half(), B.half(), 1.0, 0.0, None, 0)),
+        ("lora_B", "dtype", (x, w, b, A, B.double(), 1.0, 0.0, None, 0)),
+        ("lora_A", "2-D", (x, w, b, A.view(-1), B, 1.0, 0.0, None, 0)),
+        ("x", "float32", (x.int(), w, b, A, B, 1.0, 0.0, None, 0)),
+        ("dropout", "[0, 1)", (x, w, b, A, B, 1.0, 1.0, None, 0)),
+        ("seed", "must be given", (x, w, b, A, B, 1.0, 0.1, None, 0)),
+        ("seed", "int64", (x, w, b, A, B, 1.0, 0.1, torch.tensor([1.0], device=device), 0)),
+        ("seed", "one-element", (x, w, b, A, B, 1.0, 0.1, torch.tensor([1, 2], device=device), 0)),
+        ("scale", "finite", (x, w, b, A, B, float("nan"), 0.0, None, 0)),
     ]
     for arg, phrase, args in cases:
         with pytest.raises(RuntimeError, match=f"'{arg}'") as e:
@@ -295,7 +302,7 @@ def test_cuda_mask_equals_cpu_mask_and_device_mismatch():
     assert torch.equal(lora_dropout_mask(x, 0.1, 5, 3), lora_dropout_mask(x.cuda(), 0.1, 5, 3).cpu())
     x, w, b, A, B = make(4, 6, 5, 2, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="'lora_A'"):
-        op(x, w, b, A.cpu(), B, 1.0, 0.0, 0, 0)
+        op(x, w, b, A.cpu(), B, 1.0, 0.0, None, 0)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -312,4 +319,4 @@ def test_float64_x_with_float32_adapters_accumulates_in_float64(p):
     yr.backward(g)
     torch.testing.assert_close(y, yr, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(xo.grad, xr.grad, atol=1e-12, rtol=1e-12)
-    assert op(x, w, b, A, B, 0.9, p, 4, 0)[1].dtype == torch.float64
+    assert op(x, w, b, A, B, 0.9, p, torch.tensor([4]), 0)[1].dtype == torch.float64

@@ -74,14 +74,14 @@ CASES = {
     ),
     "lora_meta_weight": (
         "x, A, B = torch.randn(3, 8), torch.randn(2, 8), torch.randn(4, 2)\n"
-        "def call(): ops.lora_linear(x, torch.randn(4, 8, device='meta'), None, A, B, 1.0, 0.0, 0, 0)",
+        "def call(): ops.lora_linear(x, torch.randn(4, 8, device='meta'), None, A, B, 1.0, 0.0, None, 0)",
         "weight",
     ),
     "lora_multi_meta_grad": (
         "x, W, A, B = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)\n"
-        "outs, xa = ops.lora_linear_multi(x, [W], [torch.empty(0)], [A], [B], [1.0], 0.0, 0, 0)\n"
+        "outs, xa = ops.lora_linear_multi(x, [W], [torch.empty(0)], [A], [B], [1.0], 0.0, None, 0)\n"
         "def call(): ops.lora_linear_multi_backward([torch.randn(3, 4, device='meta')], x, [W], [A], [B], xa, [1.0], "
-        "0.0, 0, 0, True, True, True, [False])",
+        "0.0, None, 0, True, True, True, [False])",
         "grad_outs",
     ),
     "relu_backward_meta_mask": (

@@ -1,8 +1,9 @@
-// Glue of the LoRA family: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs are ATen's; the
-// dropout is a Philox mask regenerated from (seed, offset) by the kernels of lora.h (lora_cpu.cpp,
-// lora.cu), applied tile by tile so neither a dropped copy of x nor a mask is ever stored. Holds
-// the argument checks, the one device-generic driver of each op, the schemas and the
-// registration for every backend.
+// Glue of the LoRA family: y = x W0^T (+ b) + s (dropout(x) A^T) B^T. The GEMMs with W0 (and
+// the up-projection, accumulated into the base output) are ATen's; the passes over x and
+// grad_out are the kernels of lora.h (lora_cpu.cpp, lora.cu), which regenerate the Philox mask
+// from (seed, offset), so neither a dropped copy of x nor a mask nor any buffer of x's size is
+// ever stored. Holds the argument checks, the one device-generic driver of each op, the schemas
+// and the registration for every backend.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -64,6 +65,16 @@ void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Ten
   SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "dropout", "must be in [0, 1), got ", p);
 }
 
+// The seed: a one-element int64 tensor on x's device (so CUDA reads it in the kernel, without a
+// host sync, and torch.compile traces it as a tensor); required when dropout > 0.
+void check_seed(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& seed, double p) {
+  SLIMTUNE_CHECK_ARG(seed || p == 0.0, op, "seed", "must be given when dropout > 0 (got dropout ", p, ")");
+  if (!seed) return;
+  SLIMTUNE_CHECK_ARG(seed->scalar_type() == at::kLong && seed->numel() == 1, op, "seed",
+                     "must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  check_same_device(op, x, "x", *seed, "seed");
+}
+
 void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, int64_t T,
                     int64_t r, int64_t d_out, at::ScalarType cdt) {
   SLIMTUNE_CHECK_ARG(grad_out.numel() == T * d_out && grad_out.size(-1) == d_out, op, "grad_out", "must have shape ",
@@ -94,51 +105,124 @@ void check_dropout_p(const char* op, double p) {
 
 struct Kernels {
   const Backend& backend;
-  Status (*dropout_scale)(const DropoutScaleParams&, void*);
-  Status (*masked_add)(const MaskedAddParams&, void*);
-  Status (*backward_tile)(const BackwardTileParams&, void*);
+  // The passes over x and grad_out, and the scratch their split sums need.
+  Status (*down)(const DownParams&, void*);
+  Status (*grad)(const GradParams&, void*);
+  int64_t (*down_partial)(int64_t, int64_t, int64_t);
+  int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
-  // Elements per tile of rows: the scratch a tile needs (a few MiB on a CPU cache; more on a
-  // GPU, where the scratch is cheap and each tile costs kernel launches).
-  int64_t tile_elems;
+  // A GPU: the kernels read the seed from device memory (no host read of it).
+  bool gpu;
 };
 
-// One call's mask: seed, offset, threshold and the multiplier of a kept element.
+// One call's mask: seed (a value, or on a GPU a pointer to it in device memory), offset,
+// threshold and the multiplier of a kept element.
 struct Mask {
   uint64_t seed, offset;
   uint32_t thresh;
   double mult;
-  MaskParams at(int64_t e_base) const { return MaskParams{e_base, mult, thresh, seed, offset}; }
+  const int64_t* seed_ptr;
+  MaskParams params() const { return MaskParams{mult, thresh, seed, offset, seed_ptr}; }
 };
 
-Mask make_mask(double scale, double p, int64_t seed, int64_t offset) {
-  return Mask{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), p > 0.0 ? philox::threshold(p) : 0u,
-              scale / (1.0 - p)};
+// The CPU reads the seed here; a GPU kernel reads it from device memory itself.
+Mask make_mask(const Kernels& k, double scale, double p, const std::optional<at::Tensor>& seed, int64_t offset) {
+  Mask m{0, static_cast<uint64_t>(offset), p > 0.0 ? philox::threshold(p) : 0u, scale / (1.0 - p), nullptr};
+  if (p > 0.0 && seed) {
+    if (k.gpu) {
+      m.seed_ptr = seed->data_ptr<int64_t>();
+    } else {
+      m.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    }
+  }
+  return m;
 }
 
-// out = keep ? x * mult : 0 over a 2-D tile of x (any strides) whose first element is e_base.
-void dropout_scale(const Kernels& k, const at::Tensor& x, const Mask& m, int64_t e_base, at::Tensor& out,
-                   const char* op) {
-  const DropoutScaleParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
-                             x.size(1), out.data_ptr(), to_kernel_dtype(out.scalar_type()), m.at(e_base)};
-  check_status(k.backend, k.dropout_scale(p, k.backend.stream(x)), op);
+// No dropout: every element kept, multiplied by `mult`.
+Mask plain_mask(double mult) { return Mask{0, 0, 0u, mult, nullptr}; }
+
+// ---- the passes over x and grad_out ----
+
+// out (T x R, acc dtype, unit column stride) = (keep * mult * src) a^T, src T x K (any strides),
+// a R x K contiguous; kMaxRank rows of a per launch.
+void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, const Mask& m, const at::Tensor& out,
+               const char* op) {
+  const int64_t T = src.size(0), K = src.size(1), R = a.size(0);
+  const DType acc = to_kernel_dtype(out.scalar_type());
+  for (int64_t q0 = 0; q0 < R; q0 += kMaxRank) {
+    const int64_t n = std::min(kMaxRank, R - q0);
+    const int64_t elems = k.down_partial(T, K, n);
+    const at::Tensor part = at::empty({elems}, out.options());
+    const DownParams p{src.data_ptr(),
+                       to_kernel_dtype(src.scalar_type()),
+                       src.stride(0),
+                       src.stride(1),
+                       T,
+                       K,
+                       n,
+                       a.narrow(0, q0, n).data_ptr(),
+                       acc,
+                       out.narrow(1, q0, n).data_ptr(),
+                       out.stride(0),
+                       elems > 0 ? part.data_ptr() : nullptr,
+                       m.params()};
+    check_status(k.backend, k.down(p, k.backend.stream(src)), op);
+  }
 }
 
-// dx += keep ? tmp * mult : 0.
-void masked_add(const Kernels& k, at::Tensor& dx, const at::Tensor& tmp, const Mask& m, int64_t e_base,
-                const char* op) {
-  const MaskedAddParams p{dx.data_ptr(), to_kernel_dtype(dx.scalar_type()), tmp.data_ptr(),
-                          to_kernel_dtype(tmp.scalar_type()), dx.size(0), dx.size(1), m.at(e_base)};
-  check_status(k.backend, k.masked_add(p, k.backend.stream(dx)), op);
+// *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) +=
+// keep * mult * (gb a), one pass over src; gb T x R with unit column stride; either output may be null.
+void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, const at::Tensor* a, at::Tensor* dx,
+               at::Tensor* dA, const Mask& m, const char* op) {
+  const int64_t T = src.size(0), K = src.size(1), R = gb.size(1);
+  const DType acc = to_kernel_dtype(gb.scalar_type());
+  for (int64_t q0 = 0; q0 < R; q0 += kMaxRank) {
+    const int64_t n = std::min(kMaxRank, R - q0);
+    const int64_t elems = k.grad_partial(T, K, n, acc, dA != nullptr);
+    const at::Tensor part = at::empty({elems}, gb.options());
+    const GradParams p{src.data_ptr(),
+                       to_kernel_dtype(src.scalar_type()),
+                       src.stride(0),
+                       src.stride(1),
+                       T,
+                       K,
+                       n,
+                       gb.narrow(1, q0, n).data_ptr(),
+                       gb.stride(0),
+                       a ? a->narrow(0, q0, n).data_ptr() : nullptr,
+                       acc,
+                       dx ? dx->data_ptr() : nullptr,
+                       dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
+                       elems > 0 ? part.data_ptr() : nullptr,
+                       m.params()};
+    check_status(k.backend, k.grad(p, k.backend.stream(src)), op);
+  }
 }
 
-// Both backward terms from one mask: dx += keep ? tmp * mult : 0, xd = keep ? x * mult : 0.
-void backward_tile(const Kernels& k, const at::Tensor& x, const at::Tensor& tmp, at::Tensor& dx, const Mask& m,
-                   int64_t e_base, at::Tensor& xd, const char* op) {
-  const BackwardTileParams p{x.data_ptr(), to_kernel_dtype(x.scalar_type()), x.stride(0), x.stride(1), x.size(0),
-                             x.size(1), tmp.data_ptr(), to_kernel_dtype(tmp.scalar_type()), dx.data_ptr(),
-                             xd.data_ptr(), m.at(e_base)};
-  check_status(k.backend, k.backward_tile(p, k.backend.stream(x)), op);
+// gB = g B (T x R) and, when wanted, dB^T = xa^T g (R x d_out) and the bias gradient (d_out),
+// each from one pass over g (no converted copy of g).
+struct GradOutTerms {
+  at::Tensor gB, dBt, dbias;
+};
+
+void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt, const at::Tensor& xa, bool need_B,
+                    bool need_bias, GradOutTerms* res, const char* op) {
+  const int64_t T = g2.size(0), d_out = g2.size(1), r = Bt.size(0);
+  const auto opts = g2.options().dtype(xa.scalar_type());
+  if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
+    at::mm_out(res->gB, g2, Bt.t());
+    if (need_B) at::mm_out(res->dBt, xa.t(), g2);
+    if (need_bias) at::sum_out(res->dbias, g2, 0);
+    return;
+  }
+  down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
+  if (!need_B && !need_bias) return;
+  // A column of ones after xa makes the bias gradient the last row of the same pass.
+  const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
+  at::Tensor dBx = at::empty({gb.size(1), d_out}, opts);
+  grad_pass(k, g2, gb, nullptr, nullptr, &dBx, plain_mask(1.0), op);
+  if (need_B) res->dBt.copy_(dBx.narrow(0, 0, r));
+  if (need_bias) res->dbias.copy_(dBx[r]);
 }
 
 // ---- the drivers (one per op, every backend) ----
@@ -149,11 +233,7 @@ at::ScalarType compute_dtype(const at::Tensor& x, const at::Tensor& lora_A) {
   return x.scalar_type() == at::kDouble ? at::kDouble : acc_scalar_type(lora_A.scalar_type());
 }
 
-int64_t tile_rows(const Kernels& k, int64_t cols) {
-  return std::max<int64_t>(1, k.tile_elems / std::max<int64_t>(cols, 1));
-}
-
-// The dropout-free path may hand x straight to a GEMM when no dtype conversion is needed.
+// Without dropout x may go straight to a BLAS GEMM when no dtype conversion is needed.
 bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
   const auto cdt = compute_dtype(x, lora_A);
   return p == 0.0 && x.scalar_type() == cdt && lora_A.scalar_type() == cdt;
@@ -161,72 +241,38 @@ bool direct(const at::Tensor& x, const at::Tensor& lora_A, double p) {
 
 // xa = scale * dropout(x2) A^T (T x r, accumulation dtype), one pass over x2 (T x d_in).
 at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& lora_A, double scale, double p,
-                     int64_t seed, int64_t offset, const char* op) {
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+                     const Mask& m, const char* op) {
   const auto cdt = compute_dtype(x2, lora_A);
-  // A dropped tile lives only in `scratch`.
   if (direct(x2, lora_A, p)) return at::mm(x2, lora_A.t()).mul_(scale);
-  at::Tensor xa = at::empty({T, r}, x2.options().dtype(cdt));
-  const at::Tensor At = lora_A.to(cdt).t();
-  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
-  const Mask m = make_mask(scale, p, seed, offset);
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const int64_t n = std::min(rows, T - t0);
-    at::Tensor tile = scratch.narrow(0, 0, n);
-    dropout_scale(k, x2.narrow(0, t0, n), m, t0 * d_in, tile, op);
-    at::Tensor dst = xa.narrow(0, t0, n);
-    at::mm_out(dst, tile, At);
-  }
+  at::Tensor xa = at::empty({x2.size(0), lora_A.size(0)}, x2.options().dtype(cdt));
+  down_pass(k, x2, lora_A.to(cdt).contiguous(), m, xa, op);
   return xa;
 }
 
 // *dx += scale * (gB A) * mask / (1 - p) and *dA = scale * gB^T (x2 * mask / (1 - p)) (accumulation
-// dtype), the mask regenerated from (seed, offset); either pointer may be null.
+// dtype), the mask regenerated from (seed, offset), one pass over x2; either pointer may be null.
 void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
-                        double scale, double p, int64_t seed, int64_t offset, at::Tensor* dx, at::Tensor* dA,
-                        const char* op) {
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), T = x2.size(0);
+                        double scale, double p, const Mask& m, at::Tensor* dx, at::Tensor* dA, const char* op) {
+  if (!dx && !dA) return;
   const auto cdt = compute_dtype(x2, lora_A);
-  const at::Tensor Ac = lora_A.to(cdt);
-  const bool use_direct = direct(x2, lora_A, p);
-  if (dx && use_direct) dx->addmm_(gB, Ac, 1.0, scale);
-  if (dA) *dA = use_direct ? at::mm(gB.t(), x2).mul_(scale) : at::zeros({r, d_in}, x2.options().dtype(cdt));
-  if (use_direct || (!dx && !dA)) return;
-  // One tile of rows at a time.
-  const Mask m = make_mask(scale, p, seed, offset);
-  const int64_t rows = std::min(tile_rows(k, d_in), std::max<int64_t>(T, 1));
-  at::Tensor scratch = at::empty({rows, d_in}, x2.options().dtype(cdt));
-  at::Tensor scratch2 = dx && dA ? at::empty({rows, d_in}, x2.options().dtype(cdt)) : scratch;
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const int64_t n = std::min(rows, T - t0);
-    at::Tensor tile = scratch.narrow(0, 0, n);
-    const at::Tensor gBt = gB.narrow(0, t0, n);
-    const at::Tensor xt = x2.narrow(0, t0, n);
-    if (dx && dA) {
-      at::Tensor xd = scratch2.narrow(0, 0, n);
-      at::mm_out(tile, gBt, Ac);
-      at::Tensor dxt = dx->narrow(0, t0, n);
-      backward_tile(k, xt, tile, dxt, m, t0 * d_in, xd, op);
-      dA->addmm_(gBt.t(), xd);
-    } else if (dA) {
-      dropout_scale(k, xt, m, t0 * d_in, tile, op);
-      dA->addmm_(gBt.t(), tile);
-    } else {
-      at::mm_out(tile, gBt, Ac);
-      at::Tensor dxt = dx->narrow(0, t0, n);
-      masked_add(k, dxt, tile, m, t0 * d_in, op);
-    }
+  const at::Tensor Ac = lora_A.to(cdt).contiguous();
+  if (direct(x2, lora_A, p)) {
+    if (dx) dx->addmm_(gB, Ac, 1.0, scale);
+    if (dA) *dA = at::mm(gB.t(), x2).mul_(scale);
+    return;
   }
+  if (dA) *dA = at::empty({lora_A.size(0), lora_A.size(1)}, x2.options().dtype(cdt));  // written whole
+  grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor& x,
                                               const std::optional<at::Tensor>& weight,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                              const at::Tensor& lora_B, double scale, double p, int64_t seed,
-                                              int64_t offset) {
+                                              const at::Tensor& lora_B, double scale, double p,
+                                              const std::optional<at::Tensor>& seed, int64_t offset) {
   constexpr const char* op = "lora_linear";
   check_lora(op, x, weight, bias, lora_A, lora_B, scale, p);
+  check_seed(op, x, seed, p);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
@@ -240,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
     out = bias ? bias->unsqueeze(0).expand({T, d_out}).contiguous() : at::zeros({T, d_out}, x.options());
   }
 
-  const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, seed, offset, op);
+  const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
   // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
   // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
@@ -253,10 +299,11 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Kernels& k, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p, int64_t seed,
-    int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p,
+    const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
   constexpr const char* op = "lora_linear_backward";
   check_lora(op, x, weight, std::nullopt, lora_A, lora_B, scale, p);
+  check_seed(op, x, seed, p);
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
@@ -264,35 +311,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
+  at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
   // B^T (r x d_out) contiguous: see forward_op.
   const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
 
-  // One read of g per tile: gB = g B and dB^T += xa^T g (xa already holds the scale s) and the
-  // bias gradient, while the tile is in cache. Tiles run in order: deterministic sums.
-  at::Tensor gB = at::empty({T, r}, x.options().dtype(cdt));
-  at::Tensor dBt = at::zeros({r, d_out}, x.options().dtype(cdt));
-  at::Tensor dbias = need_bias ? at::zeros({d_out}, x.options().dtype(cdt)) : none;
-  {
-    const int64_t rows = std::min(tile_rows(k, d_out), std::max<int64_t>(T, 1));
-    for (int64_t t0 = 0; t0 < T; t0 += rows) {
-      const int64_t n = std::min(rows, T - t0);
-      const at::Tensor gt = g2.narrow(0, t0, n).to(cdt);
-      at::Tensor gBt = gB.narrow(0, t0, n);
-      at::mm_out(gBt, gt, Bt.t());
-      if (need_B) dBt.addmm_(xa.narrow(0, t0, n).t(), gt);
-      if (need_bias) dbias.add_(gt.sum(0));
-    }
-  }
+  // gB = g B, dB^T = xa^T g (xa already holds the scale s) and the bias gradient.
+  GradOutTerms terms{at::empty({T, r}, x.options().dtype(cdt)),
+                     need_B ? at::zeros({r, d_out}, x.options().dtype(cdt)) : none,
+                     need_bias ? at::zeros({d_out}, x.options().dtype(cdt)) : none};
+  grad_out_terms(k, g2, Bt, xa, need_B, need_bias, &terms, op);
 
   at::Tensor dx = none, dA = none;
   if (need_x) dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
-  lora_dropout_grads(k, x2, gB, lora_A, scale, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr, op);
+  lora_dropout_grads(k, x2, terms.gB, lora_A, scale, p, make_mask(k, scale, p, seed, offset),
+                     need_x ? &dx : nullptr, need_A ? &dA : nullptr, op);
   if (need_x) dx = dx.view(x.sizes());
   if (need_A) dA = dA.to(lora_A.scalar_type());
-  const at::Tensor dB = need_B ? dBt.t().to(lora_B.scalar_type()).contiguous() : none;
-  if (need_bias) dbias = dbias.to(x.scalar_type());
+  const at::Tensor dB = need_B ? terms.dBt.t().to(lora_B.scalar_type()).contiguous() : none;
+  const at::Tensor dbias = need_bias ? terms.dbias.to(x.scalar_type()) : none;
   return {dx, dA, dB, dbias};
 }
 
@@ -325,20 +363,22 @@ std::optional<at::Tensor> bias_at(at::TensorList biases, size_t i) {
 std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& k, const at::Tensor& x,
                                                                  at::TensorList weights, at::TensorList biases,
                                                                  at::TensorList lora_As, at::TensorList lora_Bs,
-                                                                 at::ArrayRef<double> scales, double p, int64_t seed,
+                                                                 at::ArrayRef<double> scales, double p,
+                                                                 const std::optional<at::Tensor>& seed,
                                                                  int64_t offset) {
   const size_t n = weights.size();
   check_lists(n, biases.size(), lora_As.size(), lora_Bs.size(), scales.size());
   for (size_t i = 0; i < n; ++i) {
     check_lora(kMultiOp, x, weights[i], bias_at(biases, i), lora_As[i], lora_Bs[i], scales[i], p);
   }
+  check_seed(kMultiOp, x, seed, p);
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   std::vector<int64_t> offs;
   const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
-  const at::Tensor xa = lora_down(k, x2, A, 1.0, p, seed, offset, kMultiOp);
+  const at::Tensor xa = lora_down(k, x2, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), kMultiOp);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
     const std::optional<at::Tensor> b = bias_at(biases, i);
@@ -355,8 +395,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> multi_backward_op(
     const Kernels& k, at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
-    at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p, int64_t seed, int64_t offset,
-    bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+    at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p,
+    const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B,
+    const c10::List<bool>& need_bias) {
   const size_t n = weights.size();
   check_lists(n, n, lora_As.size(), lora_Bs.size(), scales.size());
   SLIMTUNE_CHECK_ARG(grad_outs.size() == n, kMultiOp, "grad_outs", "has ", grad_outs.size(), " entries, expected ",
@@ -366,8 +407,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   for (size_t i = 0; i < n; ++i) {
     check_lora(kMultiOp, x, weights[i], std::nullopt, lora_As[i], lora_Bs[i], scales[i], p);
   }
+  check_seed(kMultiOp, x, seed, p);
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
+  at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
@@ -379,32 +422,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
                      xa.sizes());
   const at::Tensor none = at::empty({0}, x.options());
 
-  // gB = [g_i B_i]_i, dB_i = g_i^T xa_i (xa_i holds s_i) and the bias gradients, each g_i read
-  // once per tile of rows.
+  // gB = [g_i B_i]_i, dB_i = g_i^T xa_i (xa_i holds s_i) and the bias gradients.
   at::Tensor gB = at::empty({T, A.size(0)}, x.options().dtype(cdt));
   std::vector<at::Tensor> dBs, dbiases;
-  int64_t widest = 1;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t d_out = lora_Bs[i].size(0);
+    const int64_t d_out = lora_Bs[i].size(0), r = lora_As[i].size(0);
     SLIMTUNE_CHECK_ARG(grad_outs[i].numel() == T * d_out && grad_outs[i].scalar_type() == x.scalar_type(), kMultiOp,
                        "grad_outs", "entry ", i, " must be a (..., ", d_out, ") ", x.scalar_type(), " tensor with ",
                        T, " rows, got ", grad_outs[i].sizes(), " ", grad_outs[i].scalar_type());
-    dBs.push_back(need_B ? at::zeros({lora_Bs[i].size(1), d_out}, x.options().dtype(cdt)) : none);  // dB^T
-    dbiases.push_back(need_bias.get(i) ? at::zeros({d_out}, x.options().dtype(cdt)) : none);
-    widest = std::max(widest, d_out);
-  }
-  const int64_t rows = std::min(tile_rows(k, widest), std::max<int64_t>(T, 1));
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t d_out = lora_Bs[i].size(0), r = lora_As[i].size(0);
-    const at::Tensor g2 = grad_outs[i].reshape({-1, d_out});
-    const at::Tensor Bt = lora_Bs[i].t().to(cdt).contiguous();
-    for (int64_t t0 = 0; t0 < T; t0 += rows) {
-      const int64_t m = std::min(rows, T - t0);
-      const at::Tensor gt = g2.narrow(0, t0, m).to(cdt);
-      gB.narrow(0, t0, m).narrow(1, offs[i], r).copy_(at::mm(gt, Bt.t()));
-      if (need_B) dBs[i].addmm_(xa.narrow(0, t0, m).narrow(1, offs[i], r).t(), gt);
-      if (need_bias.get(i)) dbiases[i].add_(gt.sum(0));
-    }
+    check_same_device(kMultiOp, x, "x", grad_outs[i], "grad_outs");
+    GradOutTerms terms{gB.narrow(1, offs[i], r),
+                       need_B ? at::zeros({r, d_out}, x.options().dtype(cdt)) : none,  // dB^T
+                       need_bias.get(i) ? at::zeros({d_out}, x.options().dtype(cdt)) : none};
+    grad_out_terms(k, grad_outs[i].reshape({-1, d_out}), lora_Bs[i].t().to(cdt).contiguous(),
+                   xa.narrow(1, offs[i], r), need_B, need_bias.get(i), &terms, kMultiOp);
+    dBs.push_back(terms.dBt);
+    dbiases.push_back(terms.dbias);
   }
 
   at::Tensor dx = none, dA = none;
@@ -412,7 +445,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     dx = at::mm(grad_outs[0].reshape({-1, lora_Bs[0].size(0)}), weights[0]);
     for (size_t i = 1; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
   }
-  lora_dropout_grads(k, x2, gB, A, 1.0, p, seed, offset, need_x ? &dx : nullptr, need_A ? &dA : nullptr, kMultiOp);
+  lora_dropout_grads(k, x2, gB, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), need_x ? &dx : nullptr,
+                     need_A ? &dA : nullptr, kMultiOp);
   std::vector<at::Tensor> dAs;
   for (size_t i = 0; i < n; ++i) {
     dAs.push_back(need_A ? (dA.narrow(0, offs[i], lora_As[i].size(0)) * scales[i]).to(lora_As[i].scalar_type())
@@ -444,14 +478,14 @@ template <const Kernels& K>
 struct Bound {
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                    const at::Tensor& lora_B, double scale, double p, int64_t seed,
-                                                    int64_t offset) {
+                                                    const at::Tensor& lora_B, double scale, double p,
+                                                    const std::optional<at::Tensor>& seed, int64_t offset) {
     return forward_op(K, x, weight, bias, lora_A, lora_B, scale, p, seed, offset);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p, int64_t seed,
-      int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
+      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double p,
+      const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B, bool need_bias) {
     return backward_op(K, grad_out, x, weight, lora_A, lora_B, xa, scale, p, seed, offset, need_x, need_A, need_B,
                        need_bias);
   }
@@ -459,13 +493,15 @@ struct Bound {
                                                                        at::TensorList biases, at::TensorList lora_As,
                                                                        at::TensorList lora_Bs,
                                                                        at::ArrayRef<double> scales, double p,
-                                                                       int64_t seed, int64_t offset) {
+                                                                       const std::optional<at::Tensor>& seed,
+                                                                       int64_t offset) {
     return multi_forward_op(K, x, weights, biases, lora_As, lora_Bs, scales, p, seed, offset);
   }
   static std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
   multi_backward(at::TensorList grad_outs, const at::Tensor& x, at::TensorList weights, at::TensorList lora_As,
-                 at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p, int64_t seed,
-                 int64_t offset, bool need_x, bool need_A, bool need_B, const c10::List<bool>& need_bias) {
+                 at::TensorList lora_Bs, const at::Tensor& xa, at::ArrayRef<double> scales, double p,
+                 const std::optional<at::Tensor>& seed, int64_t offset, bool need_x, bool need_A, bool need_B,
+                 const c10::List<bool>& need_bias) {
     return multi_backward_op(K, grad_outs, x, weights, lora_As, lora_Bs, xa, scales, p, seed, offset, need_x, need_A,
                              need_B, need_bias);
   }
@@ -482,20 +518,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &dropout_scale_cpu, &masked_add_cpu, &backward_tile_cpu, &dropout_mask_cpu,
-                          int64_t{1} << 18};
+const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu,
+                          &grad_partial_elems_cpu, &dropout_mask_cpu, false};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-// Large tiles on a GPU: scratch is cheap there and every tile costs launches. The host emulator
-// takes tiles of a few rows instead, so that its small test shapes cross tile boundaries, which
-// split Philox blocks of 8 elements.
-#ifdef SLIMTUNE_HOST_EMULATION
-constexpr int64_t kGpuTileElems = 64;
-#else
-constexpr int64_t kGpuTileElems = int64_t{1} << 24;
-#endif
-const Kernels kGpuKernels{kGpuBackend,       &dropout_scale_cuda, &masked_add_cuda, &backward_tile_cuda,
-                          &dropout_mask_cuda, kGpuTileElems};
+const Kernels kGpuKernels{kGpuBackend, &down_cuda, &grad_cuda, &down_partial_elems_cuda,
+                          &grad_partial_elems_cuda, &dropout_mask_cuda, true};
 #endif
 
 }  // namespace
@@ -503,19 +531,21 @@ const Kernels kGpuKernels{kGpuBackend,       &dropout_scale_cuda, &masked_add_cu
 
 void define_lora_schemas(torch::Library& m) {
   // y = x W^T (+ bias) + scale * (dropout(x) A^T) B^T with a Philox mask regenerated from
-  // (seed, offset); also returns xa = scale * dropout(x) A^T (T x r), kept for backward.
+  // (seed, offset); also returns xa = scale * dropout(x) A^T (T x r), kept for backward. The seed
+  // is a one-element int64 tensor on x's device (required when dropout > 0): a tensor, so
+  // torch.compile traces a freshly drawn seed without a graph break or a guard on its value.
   m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
-        "float dropout, int seed, int offset) -> (Tensor, Tensor)");
+        "float dropout, Tensor? seed, int offset) -> (Tensor, Tensor)");
   m.def("lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
-        "float scale, float dropout, int seed, int offset, bool need_x, bool need_A, bool need_B, bool need_bias) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "float scale, float dropout, Tensor? seed, int offset, bool need_x, bool need_A, bool need_B, "
+        "bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)");
   // Several projections of one x (Q/K/V): x read once for all adapters, one dropout mask.
   // An empty (0-element) entry of `biases` means no bias for that projection.
   m.def("lora_linear_multi(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] lora_As, Tensor[] lora_Bs, "
-        "float[] scales, float dropout, int seed, int offset) -> (Tensor[], Tensor)");
+        "float[] scales, float dropout, Tensor? seed, int offset) -> (Tensor[], Tensor)");
   m.def("lora_linear_multi_backward(Tensor[] grad_outs, Tensor x, Tensor[] weights, Tensor[] lora_As, "
-        "Tensor[] lora_Bs, Tensor xa, float[] scales, float dropout, int seed, int offset, bool need_x, bool need_A, "
-        "bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+        "Tensor[] lora_Bs, Tensor xa, float[] scales, float dropout, Tensor? seed, int offset, bool need_x, "
+        "bool need_A, bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
   // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
   m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
 }

@@ -1,7 +1,9 @@
-// CPU kernels of the LoRA family: the dropout passes (at::parallel_for over raw pointers).
+// CPU kernels of the LoRA family (at::parallel_for over raw pointers): the passes of lora.h, one
+// row at a time, the row's mask expanded from Philox bits into per-element multipliers.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc.h"
@@ -9,8 +11,8 @@
 #include "common/philox.h"
 #include "lora/lora.h"
 
-// The Philox draws dominate the dropout passes: compile the batched generator for wide
-// vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
+// The Philox draws and the rows' dot products and axpys are the passes' work: compile them for
+// wide vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLIMTUNE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -21,7 +23,7 @@ namespace slimtune {
 namespace lora {
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 32;  // two AVX-512 vectors of counters: independent chains hide latency
 
 // keep[k] = the 8 keep bits of Philox block b0 + k, k < nblk. Blocks of kLanes counters run
 // side by side (structure of arrays) so the 32x32->64 multiplies of philox::round vectorize.
@@ -99,93 +101,92 @@ class Multipliers {
 
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-// Runs body(i, m) for every row i < rows, m holding row i's multipliers: each chunk of rows draws
-// its Philox rows in order into one buffer.
-template <typename A, typename Body>
-void for_each_masked_row(int64_t rows, int64_t cols, const MaskParams& mp, Body&& body) {
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<A> m(static_cast<size_t>(cols));
-    Multipliers<A> mk(static_cast<A>(mp.mult), mp.thresh, mp.seed, mp.offset);
-    for (int64_t i = begin; i < end; ++i) {
-      mk.row(mp.e_base + i * cols, cols, m.data());
-      body(i, m.data());
+// The passes work on blocks of kRows rows: each row of a (R x K, in L2) is read once per block
+// instead of once per row. Inner loops on contiguous rows, vectorized per clone; the dot
+// products keep 16 independent partial sums per row, so no reassociation is needed.
+constexpr int kRows = 4;
+
+// out[i] = v_i . a for the kRows rows v_i = v + i * n.
+template <typename A>
+inline void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
+  constexpr int L = 16;
+  const A *__restrict__ v0 = v, *__restrict__ v1 = v + n, *__restrict__ v2 = v + 2 * n, *__restrict__ v3 = v + 3 * n;
+  A s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    for (int l = 0; l < L; ++l) {
+      const A aj = a[j + l];
+      s0[l] += v0[j + l] * aj;
+      s1[l] += v1[j + l] * aj;
+      s2[l] += v2[j + l] * aj;
+      s3[l] += v3[j + l] * aj;
     }
-  });
+  }
+  A* sums[kRows] = {s0, s1, s2, s3};
+  for (int i = 0; i < kRows; ++i) {
+    A s = A(0);
+    for (int l = 0; l < L; ++l) s += sums[i][l];
+    for (int64_t k = j; k < n; ++k) s += v[i * n + k] * a[k];
+    out[i] = s;
+  }
+}
+SLIMTUNE_CLONES void dot_rows(const float* v, const float* a, int64_t n, float* out) { dot_rows_impl(v, a, n, out); }
+SLIMTUNE_CLONES void dot_rows(const double* v, const double* a, int64_t n, double* out) {
+  dot_rows_impl(v, a, n, out);
 }
 
-// Calls f(X{}, T{}) with the storage type of x_dtype and the accumulation type of acc_dtype;
-// empty tiles do nothing.
-template <typename F>
-Status dispatch_tile(int64_t rows, int64_t cols, DType x_dtype, DType acc_dtype, F&& f) {
-  if (rows == 0 || cols == 0) return kSuccess;
-  return dispatch_cpu_float(x_dtype, [&](auto x_tag) {
-    return dispatch_acc(acc_dtype, [&](auto t_tag) {
-      f(x_tag, t_tag);
-      return kSuccess;
-    });
-  });
+// y += sum_i g[i] * v_i over the kRows rows v_i = v + i * n.
+template <typename A>
+inline void gather_rows_impl(const A* g, const A* v, int64_t n, A* y) {
+  const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+  for (int64_t j = 0; j < n; ++j) y[j] += g0 * v[j] + g1 * v[n + j] + g2 * v[2 * n + j] + g3 * v[3 * n + j];
+}
+SLIMTUNE_CLONES void gather_rows(const float* g, const float* v, int64_t n, float* y) { gather_rows_impl(g, v, n, y); }
+SLIMTUNE_CLONES void gather_rows(const double* g, const double* v, int64_t n, double* y) {
+  gather_rows_impl(g, v, n, y);
+}
+
+// y_i += g[i] * a for the kRows rows y_i = y + i * n.
+template <typename A>
+inline void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) {
+  const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+  for (int64_t j = 0; j < n; ++j) {
+    const A aj = a[j];
+    y[j] += g0 * aj;
+    y[n + j] += g1 * aj;
+    y[2 * n + j] += g2 * aj;
+    y[3 * n + j] += g3 * aj;
+  }
+}
+SLIMTUNE_CLONES void scatter_rows(const float* g, const float* a, int64_t n, float* y) { scatter_rows_impl(g, a, n, y); }
+SLIMTUNE_CLONES void scatter_rows(const double* g, const double* a, int64_t n, double* y) {
+  scatter_rows_impl(g, a, n, y);
+}
+static_assert(kRows == 4, "gather_rows and scatter_rows take 4 rows");
+
+// v[j] = x[j * cs] * m[j] (m holds keep * mult).
+template <typename X, typename A>
+void masked_row(const X* x, int64_t cs, const A* m, int64_t n, A* v) {
+  if (cs == 1) {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(x[j]) * m[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(x[j * cs]) * m[j];
+  }
+}
+
+template <typename A>
+constexpr DType acc_tag() {
+  return std::is_same<A, double>::value ? DType::Float64 : DType::Float32;
+}
+
+// Token splits of the gradient pass: fixed by T alone (not by the thread count), so the split
+// sums, reduced in order, give the same bits on any machine.
+constexpr int64_t kSplitRows = 256, kMaxSplits = 16;
+int64_t grad_splits(int64_t T) {
+  return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (T + kSplitRows - 1) / kSplitRows));
 }
 
 }  // namespace
-
-Status dropout_scale_cpu(const DropoutScaleParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  return dispatch_tile(rows, cols, p.x_dtype, p.out_dtype, [&](auto x_tag, auto o_tag) {
-    using X = decltype(x_tag);
-    using O = decltype(o_tag);
-    using A = acc_t<O>;
-    const X* xp = static_cast<const X*>(p.x);
-    O* op = static_cast<O*>(p.out);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      const X* xr = xp + i * rs;
-      O* orow = op + i * cols;
-      if (cs == 1) {
-        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j]) * m[j]);
-      } else {
-        for (int64_t j = 0; j < cols; ++j) orow[j] = static_cast<O>(static_cast<A>(xr[j * cs]) * m[j]);
-      }
-    });
-  });
-}
-
-Status masked_add_cpu(const MaskedAddParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols;
-  return dispatch_tile(rows, cols, p.dx_dtype, p.tmp_dtype, [&](auto d_tag, auto t_tag) {
-    using D = decltype(d_tag);
-    using T = decltype(t_tag);
-    using A = acc_t<T>;
-    D* dp = static_cast<D*>(p.dx);
-    const T* tp = static_cast<const T*>(p.tmp);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      D* drow = dp + i * cols;
-      const T* trow = tp + i * cols;
-      for (int64_t j = 0; j < cols; ++j) drow[j] = static_cast<D>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-    });
-  });
-}
-
-Status backward_tile_cpu(const BackwardTileParams& p, void*) {
-  const int64_t rows = p.rows, cols = p.cols, rs = p.x_rs, cs = p.x_cs;
-  return dispatch_tile(rows, cols, p.x_dtype, p.tmp_dtype, [&](auto x_tag, auto t_tag) {
-    using X = decltype(x_tag);
-    using T = decltype(t_tag);
-    using A = acc_t<T>;
-    const X* xp = static_cast<const X*>(p.x);
-    X* dp = static_cast<X*>(p.dx);
-    const T* tp = static_cast<const T*>(p.tmp);
-    T* xdp = static_cast<T*>(p.xd);
-    for_each_masked_row<A>(rows, cols, p.mask, [&](int64_t i, const A* m) {
-      const X* xr = xp + i * rs;
-      X* drow = dp + i * cols;
-      const T* trow = tp + i * cols;
-      T* xdrow = xdp + i * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        drow[j] = static_cast<X>(static_cast<A>(drow[j]) + trow[j] * m[j]);
-        xdrow[j] = static_cast<T>(static_cast<A>(xr[j * cs]) * m[j]);
-      }
-    });
-  });
-}
 
 Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
   const int64_t n = p.n;
@@ -201,6 +202,120 @@ Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
     }
   });
   return kSuccess;
+}
+
+int64_t down_partial_elems_cpu(int64_t, int64_t, int64_t) { return 0; }
+
+int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType, bool need_dA) {
+  const int64_t splits = grad_splits(T);
+  return need_dA && splits > 1 ? splits * R * K : 0;
+}
+
+// Blocks of kRows rows: the masked rows in a buffer (zeros past the last row), then their R dot
+// products with a's rows.
+Status down_cpu(const DownParams& p, void*) {
+  if (p.T == 0 || p.R == 0) return kSuccess;
+  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    using A = acc_t<X>;
+    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    const X* x = static_cast<const X*>(p.x);
+    const A* a = static_cast<const A*>(p.a);
+    A* out = static_cast<A*>(p.out);
+    const int64_t K = p.K, R = p.R, blocks = (p.T + kRows - 1) / kRows;
+    at::parallel_for(0, blocks, row_grain(K * R * kRows / 16 + 1), [&](int64_t begin, int64_t end) {
+      std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
+      Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
+      A dots[kRows];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
+        mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
+        for (int64_t i = 0; i < kRows; ++i) {
+          A* vi = v.data() + i * K;
+          if (i >= nb) {
+            std::fill(vi, vi + K, A(0));
+            continue;
+          }
+          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, vi);
+        }
+        for (int64_t q = 0; q < R; ++q) {
+          dot_rows(v.data(), a + q * K, K, dots);
+          for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
+        }
+      }
+    });
+    return kSuccess;
+  });
+}
+
+// Token splits in parallel, each with its own dA partial (R x K, cache-resident) and dx rows;
+// the partials reduced in split order.
+Status grad_cpu(const GradParams& p, void*) {
+  const bool need_dA = p.dA != nullptr, need_dx = p.dx != nullptr;
+  if (p.K == 0 || p.R == 0 || (!need_dA && !need_dx)) return kSuccess;
+  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+    using X = decltype(x_tag);
+    using A = acc_t<X>;
+    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    const X* x = static_cast<const X*>(p.x);
+    const A* gb = static_cast<const A*>(p.gb);
+    const A* a = static_cast<const A*>(p.a);
+    X* dx = static_cast<X*>(p.dx);
+    const int64_t T = p.T, K = p.K, R = p.R;
+    const int64_t splits = grad_splits(T);
+    A* dA = static_cast<A*>(p.dA);
+    A* part = need_dA ? (splits > 1 ? static_cast<A*>(p.partial) : dA) : nullptr;
+    if (need_dA && splits > 1 && part == nullptr) return kInvalidValue;
+    const int64_t per = (T + splits - 1) / splits;
+    at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
+      Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
+      std::vector<A> gq(static_cast<size_t>(R * kRows));  // gq[q * kRows + i] = gb[t0 + i, q]
+      for (int64_t s = s0; s < s1; ++s) {
+        A* acc = need_dA ? part + s * R * K : nullptr;
+        if (need_dA) std::fill(acc, acc + R * K, A(0));
+        const int64_t t_end = std::min(T, (s + 1) * per);
+        for (int64_t t0 = s * per; t0 < t_end; t0 += kRows) {
+          const int64_t nb = std::min<int64_t>(kRows, t_end - t0);
+          mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
+          for (int64_t i = 0; i < kRows; ++i) {
+            for (int64_t q = 0; q < R; ++q) gq[q * kRows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
+          }
+          if (need_dA) {
+            for (int64_t i = 0; i < kRows; ++i) {
+              A* vi = v.data() + i * K;
+              if (i < nb) {
+                masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, vi);
+              } else {
+                std::fill(vi, vi + K, A(0));
+              }
+            }
+            for (int64_t q = 0; q < R; ++q) gather_rows(gq.data() + q * kRows, v.data(), K, acc + q * K);
+          }
+          if (need_dx) {
+            std::fill(v.begin(), v.end(), A(0));
+            for (int64_t q = 0; q < R; ++q) scatter_rows(gq.data() + q * kRows, a + q * K, K, v.data());
+            for (int64_t i = 0; i < nb; ++i) {
+              X* d = dx + (t0 + i) * K;
+              const A* vi = v.data() + i * K;
+              const A* mi = m.data() + i * K;
+              for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + vi[j] * mi[j]);
+            }
+          }
+        }
+      }
+    });
+    if (need_dA && splits > 1) {
+      at::parallel_for(0, R * K, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          A sum = part[i];
+          for (int64_t s = 1; s < splits; ++s) sum += part[s * R * K + i];
+          dA[i] = sum;
+        }
+      });
+    }
+    return kSuccess;
+  });
 }
 
 }  // namespace lora

@@ -44,7 +44,8 @@ def _each(rule):
     return lambda ts, dtype: [rule(t, dtype) for t in ts]
 
 
-# Op name -> one rule per positional argument (None: passed through untouched).
+# Op name -> one rule per positional argument (None: passed through untouched; so is every
+# argument past the rules, the int64 dropout seed included).
 _RULES: Dict[str, Sequence] = {
     # x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset
     "lora_linear": (_to_compute, _to_compute, _to_compute, _to_adapter, _to_adapter),

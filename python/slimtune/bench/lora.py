@@ -1,5 +1,12 @@
 """LoRA linear fwd+bwd: frozen Linear (the floor), HF PEFT's LoRA layer, an eager 3-matmul LoRA,
-and slimtune's fused op; time and bytes saved for backward (parameters excluded)."""
+the same eager LoRA under torch.compile, and slimtune's fused op; time and bytes saved for
+backward (parameters excluded).
+
+Times are paired: every round runs one step of each provider back to back, in a rotating order,
+and a provider's time is its median over the rounds, so a neighbour's load on a shared machine
+hits every provider alike instead of whichever was being measured then."""
+
+import time
 
 import torch
 from torch import nn
@@ -63,6 +70,7 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
             return reference.lora_linear_naive(x, self.base.weight, self.base.bias, self.A, self.B, scale, p)
 
     mods["eager 3-matmul"] = Eager()
+    mods["compiled eager 3-matmul"] = torch.compile(Eager())
     from slimtune.nn import LoRALinear
 
     ours = LoRALinear(base, r=r, alpha=alpha, dropout=p).train()
@@ -70,6 +78,31 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
         ours.lora_B["default"].normal_(0, 0.01)
     mods["slimtune"] = ours
     return mods, x, grad
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_medians(steps, ctx: Context, rounds=None):
+    """name -> median milliseconds of ``steps[name]()``, measured in interleaved rounds (each
+    round runs every step once, starting from a different provider)."""
+    names = list(steps)
+    for n in names:  # warm-up: first-call allocations, compilation
+        steps[n]()
+        steps[n]()
+    _sync(ctx.device)
+    if rounds is None:
+        rounds = 5 if ctx.quick else 15
+    times = {n: [] for n in names}
+    for k in range(rounds):
+        for n in names[k % len(names) :] + names[: k % len(names)]:
+            t0 = time.perf_counter()
+            steps[n]()
+            _sync(ctx.device)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: torch.tensor(v).median().item() for n, v in times.items()}
 
 
 def _groups(ctx: Context):
@@ -91,13 +124,23 @@ def _groups(ctx: Context):
                 def step(m, x=x, grad=grad):
                     m(x).backward(grad)
 
+                steps = {n: (lambda m=m, step=step: step(m)) for n, m in mods.items()}
+                measured = {}
+
+                def median(name, steps=steps, measured=measured):
+                    if not measured:  # one interleaved measurement serves every provider's row
+                        measured.update(paired_medians(steps, ctx))
+                    return measured[name]
+
                 yield Group(
                     op="lora_linear",
                     mode="fwd+bwd",
                     x_name="shape,r,p",
                     x_value=label,
-                    providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
+                    providers={n: (lambda n=n, median=median: median(n)) for n in mods},
                     baseline="frozen Linear",
+                    metric="time_paired",
+                    unit="ms",
                     config=config,
                 )
                 yield Group(

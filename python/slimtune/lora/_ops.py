@@ -79,20 +79,22 @@ FAKES = {
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset = inputs
     _, xa = output
-    # Only x and the T x r intermediate are activations; weight/A/B are parameters.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-    ctx.args = (scale, dropout, seed, offset)
+    # Only x and the T x r intermediate are activations; weight/A/B are parameters; the seed is
+    # one int64.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.args = (scale, dropout, offset)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, grad_out, _grad_xa):
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    scale, dropout, offset = ctx.args
     need = ctx.needs_input_grad
     need_bias = bool(ctx.has_bias and need[2])
     with torch.no_grad():
         dx, dA, dB, dbias = torch.ops.slimtune.lora_linear_backward(
-            grad_out, x, weight, lora_A, lora_B, xa, *ctx.args, need[0], need[3], need[4], need_bias
+            grad_out, x, weight, lora_A, lora_B, xa, scale, dropout, seed, offset, need[0], need[3], need[4], need_bias
         )
         dweight = None
         if weight is not None and need[1]:
@@ -120,15 +122,16 @@ torch.library.register_autograd(f"{_lib}::lora_linear", _backward, setup_context
 def _multi_setup_context(ctx, inputs, output):
     x, weights, biases, lora_As, lora_Bs, scales, dropout, seed, offset = inputs
     _, xa = output
-    ctx.save_for_backward(x, xa, *weights, *lora_As, *lora_Bs)
+    ctx.save_for_backward(x, xa, seed, *weights, *lora_As, *lora_Bs)
     ctx.n = len(weights)
-    ctx.args = (list(scales), dropout, seed, offset)
+    ctx.args = (list(scales), dropout, offset)
     ctx.has_bias = [b.numel() > 0 for b in biases]
     ctx.mark_non_differentiable(xa)
 
 
 def _multi_backward(ctx, grad_outs, _grad_xa):
-    x, xa, *rest = ctx.saved_tensors
+    x, xa, seed, *rest = ctx.saved_tensors
+    scales, dropout, offset = ctx.args
     n = ctx.n
     weights, lora_As, lora_Bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
@@ -137,7 +140,20 @@ def _multi_backward(ctx, grad_outs, _grad_xa):
     need_bias = [bool(h and nb) for h, nb in zip(ctx.has_bias, need_b)]
     with torch.no_grad():
         dx, dAs, dBs, dbs = torch.ops.slimtune.lora_linear_multi_backward(
-            grads, x, weights, lora_As, lora_Bs, xa, *ctx.args, need_x, any(need_A), any(need_B), need_bias
+            grads,
+            x,
+            weights,
+            lora_As,
+            lora_Bs,
+            xa,
+            scales,
+            dropout,
+            seed,
+            offset,
+            need_x,
+            any(need_A),
+            any(need_B),
+            need_bias,
         )
         dws = [
             g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if nw else None

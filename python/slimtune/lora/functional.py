@@ -1,13 +1,29 @@
 """Functional LoRA: ``lora_linear`` and the dropout mask it uses."""
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
+Seed = Union[int, torch.Tensor, None]
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+
+def draw_seed(device=None) -> torch.Tensor:
+    """A dropout seed: a one-element int64 tensor drawn from torch's generator of ``device``
+    (default CPU), so ``torch.manual_seed`` fixes it. A tensor, not a Python int: under
+    ``torch.compile`` the draw is part of the graph (no ``.item()``, no graph break, no guard on
+    its value), and on CUDA the kernels read it from device memory without a host sync."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _seed_arg(x: torch.Tensor, dropout: float, seed: Seed) -> Optional[torch.Tensor]:
+    """The op's seed argument: None without dropout, else a one-element int64 tensor on x's device."""
+    if dropout <= 0.0:
+        return None
+    if seed is None:
+        return draw_seed(x.device)
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=x.device, dtype=torch.int64).reshape(1)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
 
 
 def lora_linear(
@@ -18,7 +34,7 @@ def lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     dropout: float = 0.0,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     offset: int = 0,
 ) -> torch.Tensor:
     """``x @ weight.T (+ bias) + scale * (dropout(x) @ lora_A.T) @ lora_B.T``.
@@ -26,13 +42,12 @@ def lora_linear(
     ``weight=None`` gives the adapter term (plus ``bias``) alone. The dropout keeps an element
     of ``x`` when its Philox draw under ``(seed, offset)`` passes (see :func:`lora_dropout_mask`)
     and scales kept elements by ``1 / (1 - dropout)``; backward regenerates the mask, so only
-    ``x`` and a tokens x r intermediate are saved. ``seed=None`` draws one from torch's RNG.
+    ``x`` and a tokens x r intermediate are saved. ``seed`` is an int or a one-element int64
+    tensor (the same mask for the same value); ``None`` draws one with :func:`draw_seed`.
     ``lora_A``/``lora_B`` may be float32 over a float16/bfloat16 ``x``.
     """
-    if dropout > 0.0 and seed is None:
-        seed = draw_seed()
     out, _ = torch.ops.slimtune.lora_linear(
-        x, weight, bias, lora_A, lora_B, float(scale), float(dropout), int(seed or 0), int(offset)
+        x, weight, bias, lora_A, lora_B, float(scale), float(dropout), _seed_arg(x, dropout, seed), int(offset)
     )
     return out
 
@@ -45,14 +60,12 @@ def lora_linear_multi(
     lora_Bs: Sequence[torch.Tensor],
     scales: Sequence[float],
     dropout: float = 0.0,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     offset: int = 0,
 ) -> List[torch.Tensor]:
     """``[lora_linear(x, W_i, b_i, A_i, B_i, s_i, dropout) for i]`` for projections sharing one
     ``x`` (Q/K/V, gate/up): the down-projections of all adapters read ``x`` once, and one dropout
     mask (the one :func:`lora_linear` would draw for ``(seed, offset)``) serves every adapter."""
-    if dropout > 0.0 and seed is None:
-        seed = draw_seed()
     biases = [b if b is not None else x.new_empty((0,)) for b in biases]  # empty: no bias
     outs, _ = torch.ops.slimtune.lora_linear_multi(
         x,
@@ -62,12 +75,14 @@ def lora_linear_multi(
         list(lora_Bs),
         [float(s) for s in scales],
         float(dropout),
-        int(seed or 0),
+        _seed_arg(x, dropout, seed),
         int(offset),
     )
     return list(outs)
 
 
-def lora_dropout_mask(like: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
-    """The boolean keep mask ``lora_linear`` applies to an input shaped like ``like`` (tests only)."""
-    return torch.ops.slimtune.lora_dropout_mask(like, float(p), int(seed), int(offset))
+def lora_dropout_mask(like: torch.Tensor, p: float, seed: Seed, offset: int = 0) -> torch.Tensor:
+    """The boolean keep mask ``lora_linear`` applies to an input shaped like ``like`` (tests only;
+    a tensor seed is read with ``.item()``)."""
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    return torch.ops.slimtune.lora_dropout_mask(like, float(p), seed, int(offset))
