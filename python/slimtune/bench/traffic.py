@@ -166,7 +166,8 @@ def lora_forward(T: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, drop
 
     def make(dev):
         x, w, A, B = _lora_inputs(T, d_in, d_out, r, dtype, dev)
-        return lambda: torch.ops.slimtune.lora_linear(x, w, None, A, B, 2.0, dropout, 1, 0)
+        seed = torch.ones(1, dtype=torch.int64, device=dev) if dropout > 0 else None
+        return lambda: torch.ops.slimtune.lora_linear(x, w, None, A, B, 2.0, dropout, seed, 0)
 
     return Row(
         "lora_linear fwd (adapter)", f"T={T} {d_in}x{d_out} r={r} p={dropout:g}", dtype, design, floor, None, make
