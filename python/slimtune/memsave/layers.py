@@ -347,9 +347,18 @@ class MemSaveDropout(nn.Dropout):
 # ----------------------------------------------------------------------------- pooling
 
 
-class _MemSaveMaxPoolMixin:
+class _SpatialDims:
+    """Base of the pooling mixins: the number of spatial dimensions, given as ``class X(..., nd=2)``."""
+
     _nd = 2
 
+    def __init_subclass__(cls, nd=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if nd is not None:
+            cls._nd = nd
+
+
+class _MemSaveMaxPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         if self.return_indices:
@@ -371,27 +380,19 @@ class _MemSaveMaxPoolMixin:
         return out.squeeze(0) if unbatched else out
 
 
-class MemSaveMaxPool1d(_MemSaveMaxPoolMixin, nn.MaxPool1d):
+class MemSaveMaxPool1d(_MemSaveMaxPoolMixin, nn.MaxPool1d, nd=1):
     """nn.MaxPool1d keeping compact within-window argmax offsets."""
 
-    _nd = 1
 
-
-class MemSaveMaxPool2d(_MemSaveMaxPoolMixin, nn.MaxPool2d):
+class MemSaveMaxPool2d(_MemSaveMaxPoolMixin, nn.MaxPool2d, nd=2):
     """nn.MaxPool2d keeping compact within-window argmax offsets."""
 
-    _nd = 2
 
-
-class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d):
+class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d, nd=3):
     """nn.MaxPool3d keeping compact within-window argmax offsets."""
 
-    _nd = 3
 
-
-class _MemSaveAvgPoolMixin:
-    _nd = 2
-
+class _MemSaveAvgPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         if not (torch.is_grad_enabled() and input.requires_grad):
@@ -410,27 +411,19 @@ class _MemSaveAvgPoolMixin:
         )
 
 
-class MemSaveAvgPool1d(_MemSaveAvgPoolMixin, nn.AvgPool1d):
+class MemSaveAvgPool1d(_MemSaveAvgPoolMixin, nn.AvgPool1d, nd=1):
     """nn.AvgPool1d keeping only the input's shape for backward."""
 
-    _nd = 1
 
-
-class MemSaveAvgPool2d(_MemSaveAvgPoolMixin, nn.AvgPool2d):
+class MemSaveAvgPool2d(_MemSaveAvgPoolMixin, nn.AvgPool2d, nd=2):
     """nn.AvgPool2d keeping only the input's shape for backward."""
 
-    _nd = 2
 
-
-class MemSaveAvgPool3d(_MemSaveAvgPoolMixin, nn.AvgPool3d):
+class MemSaveAvgPool3d(_MemSaveAvgPoolMixin, nn.AvgPool3d, nd=3):
     """nn.AvgPool3d keeping only the input's shape for backward."""
 
-    _nd = 3
 
-
-class _MemSaveAdaptiveAvgPoolMixin:
-    _nd = 2
-
+class _MemSaveAdaptiveAvgPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         nd = self._nd
@@ -443,19 +436,13 @@ class _MemSaveAdaptiveAvgPoolMixin:
         return AdaptiveAvgPoolFunction.apply(input, size)
 
 
-class MemSaveAdaptiveAvgPool1d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool1d):
+class MemSaveAdaptiveAvgPool1d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool1d, nd=1):
     """nn.AdaptiveAvgPool1d keeping only the input's shape for backward."""
 
-    _nd = 1
 
-
-class MemSaveAdaptiveAvgPool2d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool2d):
+class MemSaveAdaptiveAvgPool2d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool2d, nd=2):
     """nn.AdaptiveAvgPool2d keeping only the input's shape for backward."""
 
-    _nd = 2
 
-
-class MemSaveAdaptiveAvgPool3d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool3d):
+class MemSaveAdaptiveAvgPool3d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool3d, nd=3):
     """nn.AdaptiveAvgPool3d keeping only the input's shape for backward."""
-
-    _nd = 3
