@@ -158,21 +158,6 @@ struct RowWalk {
   }
 };
 
-// Splits flat (a spatial position of the input plane) into its coordinates.
-__device__ __forceinline__ void split_in(const PoolGeometry& g, int64_t flat, int64_t* c) {
-  int64_t rows, c0;
-  if (g.fast) {
-    rows = g.div_in2.div(static_cast<uint32_t>(flat));
-    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
-  } else {
-    rows = flat / g.in[2];
-    c0 = rows / g.in[1];
-  }
-  c[0] = c0;
-  c[1] = rows - c0 * g.in[1];
-  c[2] = flat - rows * g.in[2];
-}
-
 __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char* __restrict__ offsets, PoolGeometry g,
                                int64_t rows) {
   const RowWalk walk(g.channels);
@@ -185,7 +170,7 @@ __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char*
     walk.run(g.out[2], [&](int64_t o2, int64_t c) {
       const int64_t i = first + o2 * g.channels + c;
       int64_t coord[3];
-      split_in(g, indices[i], coord);
+      split_spatial(g, indices[i], coord);
       const int64_t start[3] = {st[0], st[1], o2 * g.stride[2] - g.padding[2]};
       int64_t off = 0;
       for (int d = 0; d < 3; ++d) {

@@ -296,15 +296,8 @@ void for_each_window(const PoolGeometry& g, const Taps& taps, int64_t begin, int
 inline int64_t window_offset(const PoolGeometry& g, int64_t flat, const int64_t* st) {
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   if (flat < 0 || flat >= in_plane) return -1;
-  int64_t rows, c0;
-  if (g.fast) {
-    rows = g.div_in2.div(static_cast<uint32_t>(flat));
-    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
-  } else {
-    rows = flat / g.in[2];
-    c0 = rows / g.in[1];
-  }
-  const int64_t c[3] = {c0, rows - c0 * g.in[1], flat - rows * g.in[2]};
+  int64_t c[3];
+  split_spatial(g, flat, c);
   int64_t w = 0;
   for (int d = 0; d < 3; ++d) {
     int64_t delta = c[d] - st[d];
