@@ -316,8 +316,7 @@ Status relu_backward_cuda(const ReluBackwardParams& p, void* stream) {
 
 Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
   const PoolGeometry& g = p.g;
-  const int64_t units = g.channels_last ? g.planes / g.channels : g.planes;
-  const int64_t rows = units * g.out[0] * g.out[1];
+  const int64_t rows = pool_units(g) * g.out[0] * g.out[1];
   if (rows == 0 || g.out[2] == 0 || g.channels == 0) return kSuccess;
   const dim3 block = row_block(g.out[2] * g.channels);
   return launch(compact_kernel, dim3(blocks_for(rows, static_cast<int>(block.y))), block, 0,
@@ -326,8 +325,7 @@ Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
 
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream) {
   const PoolGeometry& g = p.g;
-  const int64_t units = g.channels_last ? g.planes / g.channels : g.planes;
-  const int64_t rows = units * g.in[0] * g.in[1];
+  const int64_t rows = pool_units(g) * g.in[0] * g.in[1];
   if (rows == 0 || g.in[2] == 0 || g.channels == 0) return kSuccess;
   const dim3 block = row_block(g.in[2] * g.channels);
   const dim3 grid(blocks_for(rows, static_cast<int>(block.y)));

@@ -53,6 +53,12 @@ struct PoolGeometry {
   int64_t dilation[3];
 };
 
+// The independent units a pool walks: planes, or batch entries when channels-last (each
+// holding every channel of its spatial positions).
+SLIMTUNE_HD int64_t pool_units(const PoolGeometry& g) {
+  return g.channels_last ? g.planes / g.channels : g.planes;
+}
+
 // Splits flat (a spatial position of the input plane, flat < in[0] * in[1] * in[2]) into its
 // coordinates c[0..2], through the fast dividers when the plane allows them.
 SLIMTUNE_HD void split_spatial(const PoolGeometry& g, int64_t flat, int64_t* c) {

@@ -212,8 +212,6 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
 
 namespace {
 
-int64_t units(const PoolGeometry& g) { return g.channels_last ? g.planes / g.channels : g.planes; }
-
 // The taps of one window: per offset w, its displacement from the window's (virtual, possibly
 // padded) corner in the flat input plane and its per-dim distance from the corner; and, where
 // the displacements are distinct and span at most 64K positions, the inverse table
@@ -324,7 +322,7 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   std::atomic<bool> bad{false};
   // The check that each index lies in its window comes with the conversion; the glue names the
   // first bad one when this fails.
-  at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
     bool ok = true;
     for_each_window(g, taps, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner, bool inside) {
       if (inv != nullptr) {
@@ -366,7 +364,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     A* out = static_cast<A*>(p.grad_in);
     // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
     // Each plane is cleared just before its sums land in it, while it is in cache.
-    at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
       bool ok = true;
       for (int64_t unit = begin; unit < end; ++unit) {
         std::fill(out + unit * in_plane * ch, out + (unit + 1) * in_plane * ch, A(0));
