@@ -130,6 +130,14 @@ def tiny_bert_config(**overrides):
     return tf.BertConfig(**{**_TINY_SIZE, **no_dropout, **overrides})
 
 
+def tiny_vit_config(**overrides):
+    """A tiny ``transformers.ViTConfig`` over 16x16 RGB images in 8x8 patches; overrides win."""
+    import transformers as tf
+
+    size = {k: v for k, v in _TINY_SIZE.items() if k != "vocab_size"}
+    return tf.ViTConfig(**{**size, "image_size": 16, "patch_size": 8, "num_channels": 3, **overrides})
+
+
 def tiny_llama():
     """A seeded tiny Llama (MLP 48) in eval mode, the base model of the PEFT checkpoint tests."""
     import transformers as tf
@@ -161,9 +169,7 @@ def tiny_hf(kind: str):
         cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, **no_dropout)
         return tf.GPT2LMHeadModel(cfg)
     if kind == "vit":
-        size = {k: v for k, v in _TINY_SIZE.items() if k != "vocab_size"}
-        cfg = tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, num_labels=3, **size)
-        return tf.ViTForImageClassification(cfg)
+        return tf.ViTForImageClassification(tiny_vit_config(num_labels=3))
     raise ValueError(kind)
 
 

@@ -348,7 +348,8 @@ class MemSaveDropout(nn.Dropout):
 
 
 class _SpatialDims:
-    """Base of the pooling mixins: the number of spatial dimensions, given as ``class X(..., nd=2)``."""
+    """Base of the pooling mixins: the number of spatial dimensions, given as ``class X(..., nd=2)``,
+    and the window it implies."""
 
     _nd = 2
 
@@ -356,6 +357,12 @@ class _SpatialDims:
         super().__init_subclass__(**kwargs)
         if nd is not None:
             cls._nd = nd
+
+    def _window(self):
+        """kernel, stride (the kernel's when unset) and padding, one entry per spatial dimension."""
+        tup = _ntuple(self._nd)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return list(tup(self.kernel_size)), list(tup(stride)), list(tup(self.padding))
 
 
 class _MemSaveMaxPoolMixin(_SpatialDims):
@@ -368,15 +375,11 @@ class _MemSaveMaxPoolMixin(_SpatialDims):
             )
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
-        nd = self._nd
-        tup = _ntuple(nd)
-        kernel = list(tup(self.kernel_size))
-        stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
-        unbatched = input.dim() == nd + 1
+        kernel, stride, padding = self._window()
+        dilation = list(_ntuple(self._nd)(self.dilation))
+        unbatched = input.dim() == self._nd + 1
         x = input.unsqueeze(0) if unbatched else input
-        out = MaxPoolFunction.apply(
-            x, kernel, stride, list(tup(self.padding)), list(tup(self.dilation)), bool(self.ceil_mode)
-        )
+        out = MaxPoolFunction.apply(x, kernel, stride, padding, dilation, bool(self.ceil_mode))
         return out.squeeze(0) if unbatched else out
 
 
@@ -397,14 +400,12 @@ class _MemSaveAvgPoolMixin(_SpatialDims):
     def forward(self, input):
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
-        tup = _ntuple(self._nd)
-        kernel = list(tup(self.kernel_size))
-        stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
+        kernel, stride, padding = self._window()
         return AvgPoolFunction.apply(
             input,
             kernel,
             stride,
-            list(tup(self.padding)),
+            padding,
             bool(self.ceil_mode),
             bool(self.count_include_pad),
             getattr(self, "divisor_override", None),
