@@ -160,18 +160,8 @@ class DoRALinear(_LoRALayer):
 
     # -- adapters ---------------------------------------------------------------------------------
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "kaiming",
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Adds adapter ``name`` with its magnitude set to the row norms of ``W0 + s·B·A``."""
-        LoRAPart.add_adapter(self, name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+    def _adapter_added(self, name: str) -> None:
+        # The magnitude starts at the row norms of W0 + s·B·A: the layer starts as its LoRA adapter.
         A = self.lora_A[name]
         self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(A.dtype))
 

@@ -100,6 +100,10 @@ class LoRAPart:
         self.lora_alpha[name] = float(alpha)
         self.lora_dropout[name] = float(dropout)
         self.use_rslora[name] = bool(rslora)
+        self._adapter_added(name)
+
+    def _adapter_added(self, name: str) -> None:
+        """Called once adapter ``name`` is complete: state a subclass keeps per adapter starts here."""
 
     @torch.no_grad()
     def _init_from_base(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, init: str) -> None:
