@@ -9,8 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-python3}"
-NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-[ -x "$NVCC" ] || { echo "compile_cuda: nvcc not found (set NVCC)"; exit 1; }
+# shellcheck source=/dev/null  # .ci/_common.sh, checked on its own
+source .ci/_common.sh
+find_nvcc compile_cuda
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 n=0

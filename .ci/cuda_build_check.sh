@@ -18,8 +18,9 @@ TORCH_PIN="$(sed -n 's/.*torch==\([0-9][0-9.]*[0-9]\).*/\1/p' README.md | head -
 [ -n "$TORCH_PIN" ] || { echo "cuda_build_check: README.md pins no torch==X.Y.Z"; exit 1; }
 cache="${SLIMTUNE_CI_CACHE:-$HOME/.cache/slimtune-ci}"
 venv="${SLIMTUNE_CUDA_VENV:-$cache/cuda-venv-torch$TORCH_PIN}"
-NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-[ -x "$NVCC" ] || { echo "cuda_build_check: nvcc not found (set NVCC)"; exit 1; }
+# shellcheck source=/dev/null  # .ci/_common.sh, checked on its own
+source .ci/_common.sh
+find_nvcc cuda_build_check
 export CUDACXX="$NVCC"
 nvcc_major="$("$NVCC" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')"
 work="$(mktemp -d)"

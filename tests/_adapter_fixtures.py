@@ -111,27 +111,65 @@ def converted_tiny_lm(method: str, seed=0, **apply_kwargs):
     return model
 
 
+# Two layers of width 32 (4 heads, MLP 64): the size every tiny Hugging Face model starts from.
+_TINY_SIZE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_llama_config(**overrides):
+    """A tiny ``transformers.LlamaConfig`` (2 key/value heads, 64 positions); overrides win."""
+    import transformers as tf
+
+    return tf.LlamaConfig(**{**_TINY_SIZE, "num_key_value_heads": 2, "max_position_embeddings": 64, **overrides})
+
+
+def tiny_bert_config(**overrides):
+    """A tiny ``transformers.BertConfig`` without dropout; overrides win."""
+    import transformers as tf
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tf.BertConfig(**{**_TINY_SIZE, **no_dropout, **overrides})
+
+
+def tiny_vit_config(**overrides):
+    """A tiny ``transformers.ViTConfig`` over 16x16 RGB images in 8x8 patches; overrides win."""
+    import transformers as tf
+
+    size = {k: v for k, v in _TINY_SIZE.items() if k != "vocab_size"}
+    return tf.ViTConfig(**{**size, "image_size": 16, "patch_size": 8, "num_channels": 3, **overrides})
+
+
+def tiny_llama():
+    """A seeded tiny Llama (MLP 48) in eval mode, the base model of the PEFT checkpoint tests."""
+    import transformers as tf
+
+    cfg = tiny_llama_config(intermediate_size=48)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_classifier(num_labels=2):
+    """A seeded tiny BERT sequence classifier."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(tiny_bert_config(num_labels=num_labels))
+
+
 def tiny_hf(kind: str):
     """Small Hugging Face models built from configs (random weights, seeded)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    # Two layers of width 32 (4 heads, MLP 64) in every family.
-    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=64, num_key_value_heads=2, max_position_embeddings=64, **size)
-        return tf.LlamaForCausalLM(cfg)
+        return tf.LlamaForCausalLM(tiny_llama_config())
     if kind == "bert":
-        no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        cfg = tf.BertConfig(vocab_size=64, max_position_embeddings=64, **no_dropout, **size)
-        return tf.BertForMaskedLM(cfg)
+        return tf.BertForMaskedLM(tiny_bert_config(max_position_embeddings=64))
     if kind == "gpt2":
         no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, **no_dropout)
         return tf.GPT2LMHeadModel(cfg)
     if kind == "vit":
-        cfg = tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, num_labels=3, **size)
-        return tf.ViTForImageClassification(cfg)
+        return tf.ViTForImageClassification(tiny_vit_config(num_labels=3))
     raise ValueError(kind)
 
 

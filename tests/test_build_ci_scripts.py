@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = [ROOT / ".ci" / n for n in ("run", "gpu", "cuda_build_check.sh", "wheel_check.sh", "check_linkage.sh")]
+SCRIPTS = [
+    ROOT / ".ci" / n
+    for n in (
+        "run",
+        "gpu",
+        "cuda_build_check.sh",
+        "compile_cuda.sh",
+        "wheel_check.sh",
+        "check_linkage.sh",
+        "_common.sh",
+    )
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

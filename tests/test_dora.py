@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import slimtune
 from slimtune import reference
 from slimtune.lora.functional import draw_seed, lora_dropout_mask
+from slimtune.bench.harness import ProjModel
 from slimtune.nn import DoRALinear
 from slimtune.nn import dora as dora_mod
 
@@ -155,15 +156,6 @@ def test_autocast_bf16(dropout):
 peft = pytest.importorskip("peft")
 
 
-class _One(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.proj = lin
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 class _MaskDropout(nn.Module):
     """PEFT's dropout slot applying slimtune's Philox mask, so both sides drop the same elements."""
 
@@ -186,7 +178,7 @@ def peft_twin(layer, dropout=0.0, rslora=False):
     )
     plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
     plain.load_state_dict(layer.base.state_dict())
-    pl = peft.get_peft_model(_One(plain), cfg).base_model.model.proj
+    pl = peft.get_peft_model(ProjModel(plain), cfg).base_model.model.proj
     A, B, m = params(layer)
     with torch.no_grad():
         pl.lora_A["default"].weight.copy_(A)
@@ -395,19 +387,7 @@ def test_bad_input():
 
 transformers = pytest.importorskip("transformers")
 
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from _adapter_fixtures import tiny_llama  # noqa: E402
 
 
 def peft_dora_checkpoint(path, model):

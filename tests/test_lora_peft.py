@@ -11,19 +11,7 @@ from slimtune.nn import LoRALinear
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from _adapter_fixtures import tiny_llama  # noqa: E402
 
 
 def peft_checkpoint(tmp_path, model, **cfg):

@@ -12,6 +12,8 @@ import slimtune
 import slimtune.nn
 from slimtune.bench.memsave import small_resnet as bench_small_resnet
 
+from _adapter_fixtures import tiny_bert_config, tiny_llama_config, tiny_vit_config
+
 
 def small_resnet(num_classes=10):
     return bench_small_resnet(width=16, num_classes=num_classes, dropout=0.2)
@@ -133,33 +135,19 @@ def _compare_hf(stock, batch, patterns, expect_types, bytes_dtype=None):
     return bytes_s, bytes_o
 
 
+# Two heads, an MLP of width 37 and dropout on: odd sizes and every layer kind for the conversions.
+_ODD = dict(num_attention_heads=2, intermediate_size=37, hidden_dropout_prob=0.1)
+
+
 def test_bert_conversion():
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
+    cfg = tiny_bert_config(vocab_size=100, max_position_embeddings=32, num_labels=3, **_ODD)
     model = transformers.BertForSequenceClassification(cfg)
     batch = dict(input_ids=torch.randint(0, 100, (2, 9)), attention_mask=torch.ones(2, 9, dtype=torch.long))
     _compare_hf(model, batch, ["classifier"], {"MemSaveLayerNorm", "MemSaveDropout"})
 
 
 def test_llama_conversion():
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    cfg = tiny_llama_config(vocab_size=100, intermediate_size=48, max_position_embeddings=32)
     model = transformers.LlamaForCausalLM(cfg)
     batch = dict(input_ids=torch.randint(0, 100, (2, 7)))
     # In float32 the stock RMSNorm graph keeps about what this keeps; in bfloat16 it also
@@ -168,17 +156,7 @@ def test_llama_conversion():
 
 
 def test_vit_conversion():
-    cfg = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=5,
-        hidden_dropout_prob=0.1,
-    )
+    cfg = tiny_vit_config(patch_size=4, num_labels=5, **_ODD)
     model = transformers.ViTForImageClassification(cfg)
     batch = dict(pixel_values=torch.randn(2, 3, 16, 16))
     _compare_hf(model, batch, ["classifier"], {"MemSaveConv2d", "MemSaveLayerNorm"})

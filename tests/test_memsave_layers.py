@@ -352,13 +352,15 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda x, *ps: m(x), (x,) + params), type(m).__name__
 
 
+def _conv_stem():
+    """Conv, BN, ReLU and max-pool at 8 channels: the start of the whole-model tests' CNNs."""
+    return [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)]
+
+
 def test_autocast_cpu_bf16():
     torch.manual_seed(0)
     stock = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_conv_stem(),
         nn.Conv2d(8, 4, 3),
         nn.Flatten(),
         nn.LayerNorm(16),
@@ -389,10 +391,7 @@ def test_autocast_cpu_bf16():
 def test_torch_compile_aot_eager():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_conv_stem(),
         nn.ConvTranspose2d(8, 4, 2, stride=2),
         nn.Flatten(1),
         nn.LayerNorm(256),

@@ -14,22 +14,11 @@ import slimtune  # noqa: E402
 from slimtune import LoraConfig, convert, get_peft_model  # noqa: E402
 from slimtune.nn import LoRALinear  # noqa: E402
 
-from _adapter_fixtures import tiny_hf  # noqa: E402
+from _adapter_fixtures import tiny_classifier, tiny_hf  # noqa: E402
 
 
 def classifier(num_labels=3):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(cfg)
+    return tiny_classifier(num_labels)
 
 
 IDS = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(2))

@@ -15,6 +15,8 @@ pytest.importorskip("accelerate")
 import slimtune  # noqa: E402
 from slimtune import convert  # noqa: E402
 
+from _adapter_fixtures import tiny_classifier  # noqa: E402
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -76,20 +78,6 @@ def test_peft_script_files_load_into_slimtune(tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(ours.merge_and_unload()), _logits(ns["model"]), atol=1e-5, rtol=1e-5)
 
 
-def _tiny_classifier():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(cfg)
-
-
 class _Data(torch.utils.data.Dataset):
     def __init__(self, n=32):
         self.ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(0))
@@ -118,8 +106,8 @@ def _args(out, steps, **extra):
 def test_trainer_matches_peft_from_the_same_weights(tmp_path):
     peft = pytest.importorskip("peft")
     config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
-    theirs = peft.get_peft_model(_tiny_classifier(), peft.LoraConfig(**config))
-    ours = slimtune.get_peft_model(_tiny_classifier(), slimtune.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_classifier(), peft.LoraConfig(**config))
+    ours = slimtune.get_peft_model(tiny_classifier(), slimtune.LoraConfig(**config))
     with torch.no_grad():  # PEFT's initial adapter weights in slimtune's layers
         for name, layer in convert.converted_modules(ours.base_model).items():
             other = theirs.base_model.model.get_submodule(name)
@@ -151,7 +139,7 @@ class _StopAt(transformers.TrainerCallback):
 def test_resume_from_an_adapter_checkpoint_is_exact(tmp_path):
     def run(out, stop=None, resume=None):
         model = slimtune.get_peft_model(
-            _tiny_classifier(), slimtune.LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.1)
+            tiny_classifier(), slimtune.LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.1)
         )
         args = _args(out, 6, save_steps=3, save_strategy="steps")
         callbacks = [slimtune.AdapterCheckpointCallback()] + ([_StopAt(stop)] if stop else [])

@@ -158,21 +158,6 @@ struct RowWalk {
   }
 };
 
-// Splits flat (a spatial position of the input plane) into its coordinates.
-__device__ __forceinline__ void split_in(const PoolGeometry& g, int64_t flat, int64_t* c) {
-  int64_t rows, c0;
-  if (g.fast) {
-    rows = g.div_in2.div(static_cast<uint32_t>(flat));
-    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
-  } else {
-    rows = flat / g.in[2];
-    c0 = rows / g.in[1];
-  }
-  c[0] = c0;
-  c[1] = rows - c0 * g.in[1];
-  c[2] = flat - rows * g.in[2];
-}
-
 __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char* __restrict__ offsets, PoolGeometry g,
                                int64_t rows) {
   const RowWalk walk(g.channels);
@@ -185,7 +170,7 @@ __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char*
     walk.run(g.out[2], [&](int64_t o2, int64_t c) {
       const int64_t i = first + o2 * g.channels + c;
       int64_t coord[3];
-      split_in(g, indices[i], coord);
+      split_spatial(g, indices[i], coord);
       const int64_t start[3] = {st[0], st[1], o2 * g.stride[2] - g.padding[2]};
       int64_t off = 0;
       for (int d = 0; d < 3; ++d) {
@@ -331,8 +316,7 @@ Status relu_backward_cuda(const ReluBackwardParams& p, void* stream) {
 
 Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
   const PoolGeometry& g = p.g;
-  const int64_t units = g.channels_last ? g.planes / g.channels : g.planes;
-  const int64_t rows = units * g.out[0] * g.out[1];
+  const int64_t rows = pool_units(g) * g.out[0] * g.out[1];
   if (rows == 0 || g.out[2] == 0 || g.channels == 0) return kSuccess;
   const dim3 block = row_block(g.out[2] * g.channels);
   return launch(compact_kernel, dim3(blocks_for(rows, static_cast<int>(block.y))), block, 0,
@@ -341,8 +325,7 @@ Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
 
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream) {
   const PoolGeometry& g = p.g;
-  const int64_t units = g.channels_last ? g.planes / g.channels : g.planes;
-  const int64_t rows = units * g.in[0] * g.in[1];
+  const int64_t rows = pool_units(g) * g.in[0] * g.in[1];
   if (rows == 0 || g.in[2] == 0 || g.channels == 0) return kSuccess;
   const dim3 block = row_block(g.in[2] * g.channels);
   const dim3 grid(blocks_for(rows, static_cast<int>(block.y)));

@@ -53,6 +53,28 @@ struct PoolGeometry {
   int64_t dilation[3];
 };
 
+// The independent units a pool walks: planes, or batch entries when channels-last (each
+// holding every channel of its spatial positions).
+SLIMTUNE_HD int64_t pool_units(const PoolGeometry& g) {
+  return g.channels_last ? g.planes / g.channels : g.planes;
+}
+
+// Splits flat (a spatial position of the input plane, flat < in[0] * in[1] * in[2]) into its
+// coordinates c[0..2], through the fast dividers when the plane allows them.
+SLIMTUNE_HD void split_spatial(const PoolGeometry& g, int64_t flat, int64_t* c) {
+  int64_t rows, c0;
+  if (g.fast) {
+    rows = g.div_in2.div(static_cast<uint32_t>(flat));
+    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
+  } else {
+    rows = flat / g.in[2];
+    c0 = rows / g.in[1];
+  }
+  c[0] = c0;
+  c[1] = rows - c0 * g.in[1];
+  c[2] = flat - rows * g.in[2];
+}
+
 // offsets[plane, o] = position of the argmax inside o's window (row-major over the window),
 // from ATen's flat-over-the-plane int64 indices; planes * prod(out) entries each.
 struct MaxpoolCompactParams {

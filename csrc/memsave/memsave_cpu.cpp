@@ -212,8 +212,6 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
 
 namespace {
 
-int64_t units(const PoolGeometry& g) { return g.channels_last ? g.planes / g.channels : g.planes; }
-
 // The taps of one window: per offset w, its displacement from the window's (virtual, possibly
 // padded) corner in the flat input plane and its per-dim distance from the corner; and, where
 // the displacements are distinct and span at most 64K positions, the inverse table
@@ -296,15 +294,8 @@ void for_each_window(const PoolGeometry& g, const Taps& taps, int64_t begin, int
 inline int64_t window_offset(const PoolGeometry& g, int64_t flat, const int64_t* st) {
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   if (flat < 0 || flat >= in_plane) return -1;
-  int64_t rows, c0;
-  if (g.fast) {
-    rows = g.div_in2.div(static_cast<uint32_t>(flat));
-    c0 = g.div_in1.div(static_cast<uint32_t>(rows));
-  } else {
-    rows = flat / g.in[2];
-    c0 = rows / g.in[1];
-  }
-  const int64_t c[3] = {c0, rows - c0 * g.in[1], flat - rows * g.in[2]};
+  int64_t c[3];
+  split_spatial(g, flat, c);
   int64_t w = 0;
   for (int d = 0; d < 3; ++d) {
     int64_t delta = c[d] - st[d];
@@ -331,7 +322,7 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   std::atomic<bool> bad{false};
   // The check that each index lies in its window comes with the conversion; the glue names the
   // first bad one when this fails.
-  at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
     bool ok = true;
     for_each_window(g, taps, begin, end, [&](int64_t i, int64_t, const int64_t* st, int64_t corner, bool inside) {
       if (inv != nullptr) {
@@ -373,7 +364,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     A* out = static_cast<A*>(p.grad_in);
     // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
     // Each plane is cleared just before its sums land in it, while it is in cache.
-    at::parallel_for(0, units(g), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
       bool ok = true;
       for (int64_t unit = begin; unit < end; ++unit) {
         std::fill(out + unit * in_plane * ch, out + (unit + 1) * in_plane * ch, A(0));

@@ -162,63 +162,52 @@ Status merge_cpu(const MergeParams& p, void*) {
   });
 }
 
+namespace {
+
 // Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
 // type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
 // summed from 0 in row-major entry order, then added to the base product and rounded once. Per output element that is
 // the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile size.
-Status spmm_cpu(const SpmmParams& p, void*) {
+// kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's column c
+// into column r); src is T × in_w, base and out T × out_w.
+template <bool kTransposed>
+Status spmm_tiles(const SpmmOperands& p, const void* src, const void* base, void* out) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
+  const int64_t in_w = kTransposed ? rows : cols, out_w = kTransposed ? cols : rows;
   return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
     const int64_t* rp = p.rowptr;
-    const X* xp = static_cast<const X*>(p.x);
-    const A* yp = static_cast<const A*>(p.y);
-    X* outp = static_cast<X*>(p.out);
+    const X* sp = static_cast<const X*>(src);
+    const A* bp = static_cast<const A*>(base);
+    X* outp = static_cast<X*>(out);
     at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<A> xT(static_cast<size_t>(cols * kSpmmTile)), yT(static_cast<size_t>(rows * kSpmmTile));
+      std::vector<A> srcT(static_cast<size_t>(in_w * kSpmmTile)), accT(static_cast<size_t>(out_w * kSpmmTile));
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
-        transpose_to(xp + t0 * cols, tb, cols, xT.data());
-        std::fill(yT.begin(), yT.begin() + rows * tb, A(0));
+        transpose_to(sp + t0 * in_w, tb, in_w, srcT.data());
+        std::fill(accT.begin(), accT.begin() + out_w * tb, A(0));
         for (int64_t r = 0; r < rows; ++r) {
-          A* yr = yT.data() + r * tb;
           for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-            axpy<A>(yr, xT.data() + col_of(idx, k, r, cols) * tb, static_cast<A>(vp[k]), tb);
+            const int64_t c = col_of(idx, k, r, cols);
+            if constexpr (kTransposed) {
+              axpy<A>(accT.data() + c * tb, srcT.data() + r * tb, static_cast<A>(vp[k]), tb);
+            } else {
+              axpy<A>(accT.data() + r * tb, srcT.data() + c * tb, static_cast<A>(vp[k]), tb);
+            }
           }
         }
-        store_transposed(yT.data(), tb, rows, yp + t0 * rows, outp + t0 * rows);
+        store_transposed(accT.data(), tb, out_w, bp + t0 * out_w, outp + t0 * out_w);
       }
     });
   });
 }
 
-Status spmm_t_cpu(const SpmmTParams& p, void*) {
-  const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
-    using X = decltype(x_tag);
-    using A = acc_t<X>;
-    const int64_t* rp = p.rowptr;
-    const X* gp = static_cast<const X*>(p.g);
-    const A* dxp = static_cast<const A*>(p.dx);
-    X* outp = static_cast<X*>(p.out);
-    at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<A> gT(static_cast<size_t>(rows * kSpmmTile)), dxT(static_cast<size_t>(cols * kSpmmTile));
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
-        transpose_to(gp + t0 * rows, tb, rows, gT.data());
-        std::fill(dxT.begin(), dxT.begin() + cols * tb, A(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const A* gr = gT.data() + r * tb;
-          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-            axpy<A>(dxT.data() + col_of(idx, k, r, cols) * tb, gr, static_cast<A>(vp[k]), tb);
-          }
-        }
-        store_transposed(dxT.data(), tb, cols, dxp + t0 * cols, outp + t0 * cols);
-      }
-    });
-  });
-}
+}  // namespace
+
+Status spmm_cpu(const SpmmParams& p, void*) { return spmm_tiles<false>(p, p.x, p.y, p.out); }
+
+Status spmm_t_cpu(const SpmmTParams& p, void*) { return spmm_tiles<true>(p, p.g, p.dx, p.out); }
 
 Status sddmm_cpu(const SddmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols, K = p.K;

@@ -32,6 +32,13 @@ def delta(rows, cols, k, index_dtype, value_dtype):
     return idx, rowptr_for(idx, (rows, cols)), (torch.randn(k, dtype=torch.float64) * 0.5).to(value_dtype)
 
 
+def linear_operands(shape, rows, dtype):
+    """x of ``shape`` and a (rows, in_features) weight scaled to keep y near unit size, drawn in float64."""
+    cols = shape[-1]
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    return x, (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+
+
 MERGE_CASES = [(37, 53, 300), (5, 7, 35), (16, 16, 0)]  # 300 entries: two blocks of 256; all entries; none
 
 
@@ -77,8 +84,7 @@ def test_linear_forward_backward(emu, schedule, dtype, index_dtype, case):
     shape, rows, k = case
     cols = shape[-1]
     for vdtype in value_dtypes(dtype):
-        x = torch.randn(shape, dtype=torch.float64).to(dtype)
-        w = (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+        x, w = linear_operands(shape, rows, dtype)
         b = torch.randn(rows, dtype=torch.float64).to(dtype)
         idx, rp, val = delta(rows, cols, k, index_dtype, vdtype)
         g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)
@@ -129,8 +135,7 @@ def test_spmm_tiles(emu, schedule, dtype, index_dtype, case):
     shape, rows, kind = case
     cols = shape[-1]
     for vdtype in value_dtypes(dtype):
-        x = torch.randn(shape, dtype=torch.float64).to(dtype)
-        w = (torch.randn(rows, cols, dtype=torch.float64) / cols**0.5).to(dtype)
+        x, w = linear_operands(shape, rows, dtype)
         idx, rp = sddmm_delta(rows, cols, kind, index_dtype)
         val = (torch.randn(idx.numel(), dtype=torch.float64) * 0.5).to(vdtype)
         g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_leaves
 
 from slimtune import saved_bytes
 
-from .harness import Context, Group
+from .harness import Context, Group, ProjModel
 
 
 def _shapes(ctx: Context):
@@ -59,20 +59,12 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
     try:
         import peft
 
-        class One(nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.proj = lin
-
-            def forward(self, x):
-                return self.proj(x)
-
         cfg = peft.LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False, use_dora=True
         )
         lin = nn.Linear(d_in, d_out).to(dev, dt)
         lin.load_state_dict(base.state_dict())
-        mods["peft dora"] = peft.get_peft_model(One(lin), cfg).base_model.model.proj.train()
+        mods["peft dora"] = peft.get_peft_model(ProjModel(lin), cfg).base_model.model.proj.train()
     except ImportError:  # pragma: no cover - peft is optional
         pass
     lora = LoRALinear(base, r=r, alpha=alpha, dropout=p).train()
@@ -93,42 +85,34 @@ def _groups(ctx: Context):
                 mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
                 label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
                 config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p}
+                common = dict(op="dora_linear", x_name="shape,r,p", x_value=label, baseline="frozen Linear")
 
                 def step(m, x=x, grad=grad):
                     m(x).backward(grad)
 
                 yield Group(
-                    op="dora_linear",
                     mode="fwd+bwd",
-                    x_name="shape,r,p",
-                    x_value=label,
                     providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
-                    baseline="frozen Linear",
                     config=config,
+                    **common,
                 )
                 yield Group(
-                    op="dora_linear",
                     mode="saved",
-                    x_name="shape,r,p",
-                    x_value=label,
                     providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                    baseline="frozen Linear",
                     metric="saved_bytes",
                     unit="MiB",
                     config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+                    **common,
                 )
                 yield Group(
-                    op="dora_linear",
                     mode="fwd+bwd",
-                    x_name="shape,r,p",
-                    x_value=label,
                     providers={
                         n: (lambda m=m, step=step: largest_allocation(lambda: step(m)) / 2**20) for n, m in mods.items()
                     },
-                    baseline="frozen Linear",
                     metric="largest_tensor",
                     unit="MiB",
                     config={**config, "weight_MiB": d_in * d_out * x.element_size() / 2**20},
+                    **common,
                 )
 
 

@@ -18,6 +18,17 @@ import torch
 import torch.utils.benchmark as tbench
 
 
+class ProjModel(torch.nn.Module):
+    """A model holding one layer as ``proj``: what a PEFT config targets to wrap a single Linear."""
+
+    def __init__(self, lin: torch.nn.Module):
+        super().__init__()
+        self.proj = lin
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 @dataclass
 class Context:
     device: torch.device

@@ -106,14 +106,16 @@ class _Block(nn.Module):
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + idt)
 
 
+def _stem(w):
+    """ResNet's stem: a stride-2 7x7 convolution to ``w`` channels, BN, ReLU and a stride-2 max-pool."""
+    return [nn.Conv2d(3, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+
+
 def small_resnet(width=32, num_classes=10, dropout=0.1):
     """A ResNet-18-style stem and three basic blocks."""
     w = width
     return nn.Sequential(
-        nn.Conv2d(3, w, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(w),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
+        *_stem(w),
         _Block(w, w, 1),
         _Block(w, 2 * w, 2),
         _Block(2 * w, 4 * w, 2),
@@ -133,10 +135,7 @@ def resnet18_like(width=16, num_classes=10):
         stages += [_Block(cin, cout, 1 if i == 0 else 2), _Block(cout, cout, 1)]
         cin = cout
     return nn.Sequential(
-        nn.Conv2d(3, w, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(w),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
+        *_stem(w),
         *stages,
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),

@@ -77,23 +77,20 @@ def _groups(ctx: Context):
 
             cfg = {"T": T, "d_in": din, "d_out": dout, "density": density, "k": k, "bias": False}
             xv = f"{T}x{din}x{dout},{density:g}"
+            common = dict(x_name="T,din,dout,density", x_value=xv, config=cfg)
             step = {"frozen_linear": frozen, "slimtune": slimtune_, "naive_index_add": naive, "full_finetune": full_ft}
             yield Group(
                 op="sparse_delta_linear",
                 mode="fwd+bwd",
-                x_name="T,din,dout,density",
-                x_value=xv,
                 providers=step,
                 baseline="frozen_linear",
-                config=cfg,
+                **common,
             )
             # The same steps timed in interleaved rounds: the ratios the sparse delta is judged by.
             paired = {}
             yield Group(
                 op="sparse_delta_linear",
                 mode="fwd+bwd_paired",
-                x_name="T,din,dout,density",
-                x_value=xv,
                 providers={
                     name: (
                         lambda name=name, step=step, paired=paired: paired.setdefault(
@@ -105,7 +102,7 @@ def _groups(ctx: Context):
                 baseline="frozen_linear",
                 metric="paired_time_ratio",
                 unit="x",
-                config=cfg,
+                **common,
             )
 
             fwd = {
@@ -123,21 +120,17 @@ def _groups(ctx: Context):
             yield Group(
                 op="sparse_delta_linear",
                 mode="saved_for_backward",
-                x_name="T,din,dout,density",
-                x_value=xv,
                 providers=providers,
                 baseline="input_x",
                 metric="saved_bytes",
                 unit="MiB",
-                config=cfg,
+                **common,
             )
 
             xd = x.detach()
             yield Group(
                 op="sparse_delta_sddmm",
                 mode="bwd",
-                x_name="T,din,dout,density",
-                x_value=xv,
                 providers={
                     "dense_gTx_gather": lambda g=g, xd=xd, idx64=idx64: reference.sparse_delta_sddmm_naive(
                         g, xd, idx64
@@ -145,7 +138,7 @@ def _groups(ctx: Context):
                     "slimtune": lambda g=g, xd=xd, idx=idx, rp=rp: sparse_delta_sddmm(g, xd, idx, rp),
                 },
                 baseline="dense_gTx_gather",
-                config=cfg,
+                **common,
             )
 
 

@@ -145,31 +145,26 @@ def _groups(ctx: Context):
     for T, din, dout in shapes:
         cfg = {"T": T, "d_in": din, "d_out": dout, "density": DENSITY, "accumulate_steps": 5}
         xv = f"{T}x{din}x{dout}"
+        common = dict(op="sparse_delta_update", x_name="T,din,dout", x_value=xv, config=cfg)
         weight_mib, mem = _memory(T, din, dout, ctx)
         providers = {"weight": lambda w=weight_mib: w}
         providers.update({k: (lambda v=v: v) for k, v in mem.items()})
         yield Group(
-            op="sparse_delta_update",
             mode="peak_memory",
-            x_name="T,din,dout",
-            x_value=xv,
             providers=providers,
             baseline="weight",
             metric="peak_bytes",
             unit="MiB",
-            config=cfg,
+            **common,
         )
         ov = _overlap(T, din, dout, ctx)
         yield Group(
-            op="sparse_delta_update",
             mode="regrowth_overlap_with_exact",
-            x_name="T,din,dout",
-            x_value=xv,
             providers={k: (lambda v=v: v) for k, v in ov.items()},
             baseline="float32_sums",
             metric="overlap",
             unit="fraction",
-            config=cfg,
+            **common,
         )
         m, opt, sched, xs = _setup(T, din, dout, ctx.device, ctx.dtype)
         _train(m, opt, sched, xs[:1])
@@ -194,17 +189,14 @@ def _groups(ctx: Context):
 
         acc.close()  # time the layer's own fwd+bwd without the observer, then the observer alone
         yield Group(
-            op="sparse_delta_update",
             mode="time",
-            x_name="T,din,dout",
-            x_value=xv,
             providers={
                 "layer_fwd+bwd": fwd_bwd,
                 "observe_one_backward": lambda: acc.observe(m, g, xs[0]),
                 "regrowth_scan": scan,
             },
             baseline="layer_fwd+bwd",
-            config=cfg,
+            **common,
         )
 
 

@@ -136,7 +136,8 @@ def run_demo(
         bad = [m for m in methods if m not in known]
         if bad or not methods:
             raise ValueError(f"--methods: unknown method(s) {bad}; known: {known}")
-    check_settings(
+    # The sizes are checked and reported under the same names.
+    sizes = dict(
         steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -145,8 +146,8 @@ def run_demo(
         image_size=image_size,
         heldout_per_class=heldout_per_class,
         probe_steps=probe_steps,
-        seed=seed,
     )
+    check_settings(**sizes, seed=seed)
     check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size, heldout_per_class)
     if "minilm" in models:
         from .tasks import check_seq_len
@@ -215,14 +216,7 @@ def run_demo(
         f"dropout={LORA['dropout']} (PEFT quicktour), model dropout on",
         "settings": {
             "models": models,
-            "steps": steps,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "vision_steps": vision_steps,
-            "vision_batch_size": vision_batch_size,
-            "image_size": image_size,
-            "heldout_per_class": heldout_per_class,
-            "probe_steps": probe_steps,
+            **sizes,
             "device": str(dev),
             "dtype": dtype_name,
             "seed": seed,

@@ -98,6 +98,52 @@ class TextClassifier(nn.Module):
         return self.head(self.pooled(input_ids, attention_mask))
 
 
+def _classifier_task(
+    kind: str,
+    title: str,
+    description: str,
+    model: nn.Module,
+    train: List[Batch],
+    heldout: List[Batch],
+    *,
+    parts: Tuple[str, str],
+    n_inputs: int,
+    probe_losses: List[float],
+    data: dict,
+) -> Task:
+    """A classification task over batches ``(inputs..., labels)``: the model takes the first
+    ``n_inputs`` tensors, the loss is cross-entropy (in float32) and the metric accuracy;
+    ``parts`` names the model's backbone and head attributes."""
+    backbone, head = parts
+
+    def inputs(b: Batch) -> tuple:
+        return tuple(b[:n_inputs])
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(*inputs(b)).float(), b[-1])
+
+    def set_backbone(m, new):
+        setattr(m, backbone, new)
+
+    return Task(
+        kind,
+        title,
+        description,
+        "accuracy",
+        True,
+        model,
+        train,
+        heldout,
+        loss,
+        lambda m: getattr(m, backbone),
+        lambda m: getattr(m, head),
+        set_backbone,
+        inputs,
+        data=data,
+        probe_losses=probe_losses,
+    )
+
+
 def check_seq_len(seq_len: int) -> None:
     """--seq-len must fit all-MiniLM-L6-v2's position table (read from its config, no model load)."""
     import json
@@ -147,30 +193,19 @@ def text_task(
     probe = _fit_probe(model.head, feats, torch.cat([b[2] for b in probe_set]), probe_steps)
     for p in model.parameters():
         p.requires_grad_(False)
-
-    def loss(m, b):
-        return nn.functional.cross_entropy(m(b[0], b[1]).float(), b[2])
-
-    def set_backbone(m, new):
-        m.encoder = new
-
-    return Task(
+    return _classifier_task(
         "text",
         "all-MiniLM-L6-v2 · which package is this docstring from?",
         f"docstrings of the installed stdlib and torch labelled by package ({len(data.classes)} classes: "
         f"{', '.join(data.classes)}); {n_probe} probe, {len(data.train.texts) - n_probe} training and "
         f"{len(data.heldout.texts)} held-out "
         f"docstrings, held-out files never seen in training; {seq_len} tokens",
-        "accuracy",
-        True,
         model,
         train,
         heldout,
-        loss,
-        lambda m: m.encoder,
-        lambda m: m.head,
-        set_backbone,
-        lambda b: (b[0], b[1]),
+        parts=("encoder", "head"),
+        n_inputs=2,
+        probe_losses=probe,
         data={
             "classes": data.classes,
             "probe": n_probe,
@@ -179,7 +214,6 @@ def text_task(
             "files": {"train": data.files[0], "heldout": data.files[1]},
             "seq_len": seq_len,
         },
-        probe_losses=probe,
     )
 
 
@@ -202,29 +236,18 @@ def vision_task(
     probe = _fit_probe(model.classifier[1], feats, torch.cat([b[1] for b in probe_set]), probe_steps)
     for p in model.parameters():
         p.requires_grad_(False)
-
-    def loss(m, b):
-        return nn.functional.cross_entropy(m(b[0]).float(), b[1])
-
-    def set_backbone(m, new):
-        m.features = new
-
-    return Task(
+    return _classifier_task(
         "vision",
         "MobileNetV2 (ImageNet) · which shape or texture is drawn?",
         f"procedurally drawn images, {n_cls} classes ({', '.join(SHAPE_CLASSES)}), {image_size}x{image_size}; "
         f"{px.shape[0]} probe, {x.shape[0]} training and {hx.shape[0]} held-out images, each split from "
         f"its own seed",
-        "accuracy",
-        True,
         model,
         train,
         heldout,
-        loss,
-        lambda m: m.features,
-        lambda m: m.classifier,
-        set_backbone,
-        lambda b: (b[0],),
+        parts=("features", "classifier"),
+        n_inputs=1,
+        probe_losses=probe,
         data={
             "classes": list(SHAPE_CLASSES),
             "probe": int(px.shape[0]),
@@ -232,7 +255,6 @@ def vision_task(
             "heldout": int(hx.shape[0]),
             "image_size": image_size,
         },
-        probe_losses=probe,
     )
 
 

@@ -347,9 +347,25 @@ class MemSaveDropout(nn.Dropout):
 # ----------------------------------------------------------------------------- pooling
 
 
-class _MemSaveMaxPoolMixin:
+class _SpatialDims:
+    """Base of the pooling mixins: the number of spatial dimensions, given as ``class X(..., nd=2)``,
+    and the window it implies."""
+
     _nd = 2
 
+    def __init_subclass__(cls, nd=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if nd is not None:
+            cls._nd = nd
+
+    def _window(self):
+        """kernel, stride (the kernel's when unset) and padding, one entry per spatial dimension."""
+        tup = _ntuple(self._nd)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return list(tup(self.kernel_size)), list(tup(stride)), list(tup(self.padding))
+
+
+class _MemSaveMaxPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         if self.return_indices:
@@ -359,78 +375,56 @@ class _MemSaveMaxPoolMixin:
             )
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
-        nd = self._nd
-        tup = _ntuple(nd)
-        kernel = list(tup(self.kernel_size))
-        stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
-        unbatched = input.dim() == nd + 1
+        kernel, stride, padding = self._window()
+        dilation = list(_ntuple(self._nd)(self.dilation))
+        unbatched = input.dim() == self._nd + 1
         x = input.unsqueeze(0) if unbatched else input
-        out = MaxPoolFunction.apply(
-            x, kernel, stride, list(tup(self.padding)), list(tup(self.dilation)), bool(self.ceil_mode)
-        )
+        out = MaxPoolFunction.apply(x, kernel, stride, padding, dilation, bool(self.ceil_mode))
         return out.squeeze(0) if unbatched else out
 
 
-class MemSaveMaxPool1d(_MemSaveMaxPoolMixin, nn.MaxPool1d):
+class MemSaveMaxPool1d(_MemSaveMaxPoolMixin, nn.MaxPool1d, nd=1):
     """nn.MaxPool1d keeping compact within-window argmax offsets."""
 
-    _nd = 1
 
-
-class MemSaveMaxPool2d(_MemSaveMaxPoolMixin, nn.MaxPool2d):
+class MemSaveMaxPool2d(_MemSaveMaxPoolMixin, nn.MaxPool2d, nd=2):
     """nn.MaxPool2d keeping compact within-window argmax offsets."""
 
-    _nd = 2
 
-
-class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d):
+class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d, nd=3):
     """nn.MaxPool3d keeping compact within-window argmax offsets."""
 
-    _nd = 3
 
-
-class _MemSaveAvgPoolMixin:
-    _nd = 2
-
+class _MemSaveAvgPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
-        tup = _ntuple(self._nd)
-        kernel = list(tup(self.kernel_size))
-        stride = list(tup(self.stride if self.stride is not None else self.kernel_size))
+        kernel, stride, padding = self._window()
         return AvgPoolFunction.apply(
             input,
             kernel,
             stride,
-            list(tup(self.padding)),
+            padding,
             bool(self.ceil_mode),
             bool(self.count_include_pad),
             getattr(self, "divisor_override", None),
         )
 
 
-class MemSaveAvgPool1d(_MemSaveAvgPoolMixin, nn.AvgPool1d):
+class MemSaveAvgPool1d(_MemSaveAvgPoolMixin, nn.AvgPool1d, nd=1):
     """nn.AvgPool1d keeping only the input's shape for backward."""
 
-    _nd = 1
 
-
-class MemSaveAvgPool2d(_MemSaveAvgPoolMixin, nn.AvgPool2d):
+class MemSaveAvgPool2d(_MemSaveAvgPoolMixin, nn.AvgPool2d, nd=2):
     """nn.AvgPool2d keeping only the input's shape for backward."""
 
-    _nd = 2
 
-
-class MemSaveAvgPool3d(_MemSaveAvgPoolMixin, nn.AvgPool3d):
+class MemSaveAvgPool3d(_MemSaveAvgPoolMixin, nn.AvgPool3d, nd=3):
     """nn.AvgPool3d keeping only the input's shape for backward."""
 
-    _nd = 3
 
-
-class _MemSaveAdaptiveAvgPoolMixin:
-    _nd = 2
-
+class _MemSaveAdaptiveAvgPoolMixin(_SpatialDims):
     @_stock_under_func_transforms
     def forward(self, input):
         nd = self._nd
@@ -443,19 +437,13 @@ class _MemSaveAdaptiveAvgPoolMixin:
         return AdaptiveAvgPoolFunction.apply(input, size)
 
 
-class MemSaveAdaptiveAvgPool1d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool1d):
+class MemSaveAdaptiveAvgPool1d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool1d, nd=1):
     """nn.AdaptiveAvgPool1d keeping only the input's shape for backward."""
 
-    _nd = 1
 
-
-class MemSaveAdaptiveAvgPool2d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool2d):
+class MemSaveAdaptiveAvgPool2d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool2d, nd=2):
     """nn.AdaptiveAvgPool2d keeping only the input's shape for backward."""
 
-    _nd = 2
 
-
-class MemSaveAdaptiveAvgPool3d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool3d):
+class MemSaveAdaptiveAvgPool3d(_MemSaveAdaptiveAvgPoolMixin, nn.AdaptiveAvgPool3d, nd=3):
     """nn.AdaptiveAvgPool3d keeping only the input's shape for backward."""
-
-    _nd = 3

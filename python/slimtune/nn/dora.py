@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from ..lora.functional import draw_seed, lora_dropout_mask, lora_linear
-from .adapter import AdapterLayer
-from .lora import LoRAPart
+from .lora import LoRAPart, _LoRALayer
 
 # At most this many elements of W0 are converted to the accumulation dtype at a time.
 ROW_BLOCK_ELEMENTS = 1 << 20
@@ -111,7 +110,7 @@ class _DroppedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class DoRALinear(LoRAPart, AdapterLayer):
+class DoRALinear(_LoRALayer):
     """PEFT's DoRA for ``nn.Linear``: ``y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b`` with
     ``g = m / ‖W0 + s·B·A‖`` per output row (the norm detached from the gradient).
 
@@ -128,23 +127,10 @@ class DoRALinear(LoRAPart, AdapterLayer):
 
     _merge_parts = (("_merge_dora", "_unmerge_dora"),)
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "kaiming",
-        adapter_name: str = "default",
-        dtype: Optional[torch.dtype] = None,
-    ):
-        AdapterLayer.__init__(self, base)
+    def _init_state(self) -> None:
         self.lora_magnitude_vector = nn.ParameterDict()
         self._base_norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._merge_norms: Dict[str, torch.Tensor] = {}
-        self._init_lora(adapter_name, r, alpha, dropout, rslora, init, dtype)
-        self._freeze_base()
 
     # -- norms ------------------------------------------------------------------------------------
 
@@ -174,18 +160,8 @@ class DoRALinear(LoRAPart, AdapterLayer):
 
     # -- adapters ---------------------------------------------------------------------------------
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "kaiming",
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Adds adapter ``name`` with its magnitude set to the row norms of ``W0 + s·B·A``."""
-        LoRAPart.add_adapter(self, name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+    def _adapter_added(self, name: str) -> None:
+        # The magnitude starts at the row norms of W0 + s·B·A: the layer starts as its LoRA adapter.
         A = self.lora_A[name]
         self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(A.dtype))
 

@@ -100,6 +100,10 @@ class LoRAPart:
         self.lora_alpha[name] = float(alpha)
         self.lora_dropout[name] = float(dropout)
         self.use_rslora[name] = bool(rslora)
+        self._adapter_added(name)
+
+    def _adapter_added(self, name: str) -> None:
+        """Called once adapter ``name`` is complete: state a subclass keeps per adapter starts here."""
 
     @torch.no_grad()
     def _init_from_base(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, init: str) -> None:
@@ -210,19 +214,10 @@ class LoRAPart:
         return f"adapters=[{'; '.join(parts)}], active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class LoRALinear(LoRAPart, AdapterLayer):
-    """``y = base(x) + sum_a s_a * (dropout_a(x) A_a^T) B_a^T`` over the active adapters ``a``.
-
-    ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
-    (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
-    weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
-    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"zeros"``, or
-    ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (PEFT's PiSSA/OLoRA: A and B start as a low-rank
-    part of the base weight and the base weight becomes the residual, see
-    :mod:`slimtune.lora.weight_init`).
-    """
-
-    _merge_parts = (("_merge_lora", "_unmerge_lora"),)
+class _LoRALayer(LoRAPart, AdapterLayer):
+    """An adapter layer made of the LoRA part alone, with its constructor: ``LoRALinear`` and
+    ``DoRALinear`` take the same arguments. A subclass creates the state its adapters need
+    in ``_init_state``, which runs before the first adapter is added."""
 
     def __init__(
         self,
@@ -236,8 +231,27 @@ class LoRALinear(LoRAPart, AdapterLayer):
         dtype: Optional[torch.dtype] = None,
     ):
         AdapterLayer.__init__(self, base)
+        self._init_state()
         self._init_lora(adapter_name, r, alpha, dropout, rslora, init, dtype)
         self._freeze_base()
+
+    def _init_state(self) -> None:
+        pass
+
+
+class LoRALinear(_LoRALayer):
+    """``y = base(x) + sum_a s_a * (dropout_a(x) A_a^T) B_a^T`` over the active adapters ``a``.
+
+    ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Parameters are ``lora_A.<name>``
+    (r x in) and ``lora_B.<name>`` (out x r), float32 over a float16/bfloat16 base. The base
+    weight and bias are frozen. ``init``: ``"kaiming"`` (A kaiming-uniform, B zero, so the
+    module starts equal to ``base``), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"zeros"``, or
+    ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (PEFT's PiSSA/OLoRA: A and B start as a low-rank
+    part of the base weight and the base weight becomes the residual, see
+    :mod:`slimtune.lora.weight_init`).
+    """
+
+    _merge_parts = (("_merge_lora", "_unmerge_lora"),)
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         if adapter_ids is not None:

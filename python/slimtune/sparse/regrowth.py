@@ -13,6 +13,11 @@ def default_score_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
 
 
+def _token_rows(grad: torch.Tensor, x: torch.Tensor):
+    """grad and x as (tokens, features) matrices, x in float32: the operands of one gᵀx block."""
+    return grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+
+
 class GradientAccumulator:
     """Σ over the observed backward passes of a layer's dense weight gradient ``gᵀx`` (signed), or
     of its square (``kind="fisher"``, a diagonal Fisher estimate), in ``dtype``.
@@ -43,8 +48,7 @@ class GradientAccumulator:
 
     @torch.no_grad()
     def observe(self, layer, grad: torch.Tensor, x: torch.Tensor) -> None:
-        g = grad.reshape(-1, grad.shape[-1])
-        xf = x.reshape(-1, x.shape[-1]).float()
+        g, xf = _token_rows(grad, x)
         rows = g.shape[1]
         br = block_rows(xf.shape[1], self.block_bytes)
         for r0 in range(0, rows, br):
@@ -102,8 +106,7 @@ class MomentumApproximation:
 
     @torch.no_grad()
     def observe(self, layer, grad: torch.Tensor, x: torch.Tensor) -> None:
-        g = grad.reshape(-1, grad.shape[-1])
-        xf = x.reshape(-1, x.shape[-1]).float()
+        g, xf = _token_rows(grad, x)
         n_rows = g.shape[1]
         br = block_rows(xf.shape[1], self.block_bytes, bytes_per_element=8)
         new_cols = torch.zeros_like(self.cols)
