@@ -4,13 +4,12 @@ op allocates during the step (views excluded; what happens inside one ATen or sl
 not seen, so this is the largest temporary the Python-level code creates)."""
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from slimtune import saved_bytes
 
-from .harness import Context, Group, ProjModel
+from .harness import Context, Group, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -49,24 +48,12 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
     """name -> module mapping x to y, each over the same frozen base, with trainable adapters."""
     from slimtune.nn import DoRALinear, LoRALinear
 
-    dev, dt = ctx.device, ctx.dtype
-    g = torch.Generator().manual_seed(0)
-    base = nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
-    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
-    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    base, x, grad, _ = linear_inputs(ctx, T, d_in, d_out)
     alpha = 2 * r
     mods = {"frozen Linear": base}
-    try:
-        import peft
-
-        cfg = peft.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False, use_dora=True
-        )
-        lin = nn.Linear(d_in, d_out).to(dev, dt)
-        lin.load_state_dict(base.state_dict())
-        mods["peft dora"] = peft.get_peft_model(ProjModel(lin), cfg).base_model.model.proj.train()
-    except ImportError:  # pragma: no cover - peft is optional
-        pass
+    peft_dora = peft_layer(ctx, d_in, d_out, base, r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True)
+    if peft_dora is not None:
+        mods["peft dora"] = peft_dora
     lora = LoRALinear(base, r=r, alpha=alpha, dropout=p).train()
     dora = DoRALinear(base, r=r, alpha=alpha, dropout=p).train()
     with torch.no_grad():

@@ -13,7 +13,7 @@ from torch import nn
 
 from slimtune import reference, saved_bytes
 
-from .harness import Context, Group
+from .harness import Context, Group, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -31,29 +31,12 @@ def _adapter_dtype(dtype):
 def _providers(ctx: Context, T, d_in, d_out, r, p):
     """name -> (module, x, grad): each module maps x to y with a frozen base and trainable adapters."""
     dev, dt = ctx.device, ctx.dtype
-    g = torch.Generator().manual_seed(0)
-    base = nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
-    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
-    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    base, x, grad, g = linear_inputs(ctx, T, d_in, d_out)
     alpha = 2 * r
     mods = {"frozen Linear": base}
-
-    try:
-        import peft
-
-        class One(nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.proj = lin
-
-            def forward(self, x):
-                return self.proj(x)
-
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False)
-        wrapped = peft.get_peft_model(One(nn.Linear(d_in, d_out).to(dev, dt)), cfg)
-        mods["peft"] = wrapped.base_model.model.proj.train()  # peft.tuners.lora.Linear
-    except ImportError:  # pragma: no cover - peft is optional
-        pass
+    peft_lora = peft_layer(ctx, d_in, d_out, r=r, lora_alpha=alpha, lora_dropout=p)
+    if peft_lora is not None:
+        mods["peft"] = peft_lora  # peft.tuners.lora.Linear
 
     adt = _adapter_dtype(dt)
     A = nn.Parameter(torch.randn(r, d_in, generator=g).to(dev, adt) * d_in**-0.5)
