@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_leaves
 
 from slimtune import saved_bytes
 
-from .harness import Context, Group, linear_inputs, peft_layer
+from .harness import Context, Group, adapter_sweep, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -65,42 +65,38 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
 
 
 def _groups(ctx: Context):
-    ranks = [16] if ctx.quick else [8, 16, 64]
-    for T, d_in, d_out in _shapes(ctx):
-        for r in ranks:
-            for p in (0.0, 0.1):
-                mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
-                label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
-                config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p}
-                common = dict(op="dora_linear", x_name="shape,r,p", x_value=label, baseline="frozen Linear")
+    for T, d_in, d_out, r, p, label in adapter_sweep(ctx, _shapes(ctx)):
+        mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
+        config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p}
+        common = dict(op="dora_linear", x_name="shape,r,p", x_value=label, baseline="frozen Linear")
 
-                def step(m, x=x, grad=grad):
-                    m(x).backward(grad)
+        def step(m, x=x, grad=grad):
+            m(x).backward(grad)
 
-                yield Group(
-                    mode="fwd+bwd",
-                    providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
-                    config=config,
-                    **common,
-                )
-                yield Group(
-                    mode="saved",
-                    providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                    metric="saved_bytes",
-                    unit="MiB",
-                    config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
-                    **common,
-                )
-                yield Group(
-                    mode="fwd+bwd",
-                    providers={
-                        n: (lambda m=m, step=step: largest_allocation(lambda: step(m)) / 2**20) for n, m in mods.items()
-                    },
-                    metric="largest_tensor",
-                    unit="MiB",
-                    config={**config, "weight_MiB": d_in * d_out * x.element_size() / 2**20},
-                    **common,
-                )
+        yield Group(
+            mode="fwd+bwd",
+            providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
+            config=config,
+            **common,
+        )
+        yield Group(
+            mode="saved",
+            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
+            metric="saved_bytes",
+            unit="MiB",
+            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+            **common,
+        )
+        yield Group(
+            mode="fwd+bwd",
+            providers={
+                n: (lambda m=m, step=step: largest_allocation(lambda: step(m)) / 2**20) for n, m in mods.items()
+            },
+            metric="largest_tensor",
+            unit="MiB",
+            config={**config, "weight_MiB": d_in * d_out * x.element_size() / 2**20},
+            **common,
+        )
 
 
 BENCHMARKS = {"dora": _groups}

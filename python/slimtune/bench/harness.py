@@ -41,6 +41,16 @@ def linear_inputs(ctx: "Context", T: int, d_in: int, d_out: int):
     return base, x, grad, g
 
 
+def adapter_sweep(ctx: "Context", shapes):
+    """(T, d_in, d_out, r, p, label) for every shape, rank and dropout rate the LoRA-family
+    benchmarks measure; ``label`` names the case in a row's x value."""
+    ranks = [16] if ctx.quick else [8, 16, 64]
+    for T, d_in, d_out in shapes:
+        for r in ranks:
+            for p in (0.0, 0.1):
+                yield T, d_in, d_out, r, p, f"{T}x{d_in}x{d_out},r={r},p={p:g}"
+
+
 def peft_layer(
     ctx: "Context", d_in: int, d_out: int, like: Optional[torch.nn.Module] = None, **lora_config
 ) -> Optional[torch.nn.Module]:

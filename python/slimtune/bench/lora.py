@@ -13,7 +13,7 @@ from torch import nn
 
 from slimtune import reference, saved_bytes
 
-from .harness import Context, Group, linear_inputs, peft_layer
+from .harness import Context, Group, adapter_sweep, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -89,54 +89,50 @@ def paired_medians(steps, ctx: Context, rounds=None):
 
 
 def _groups(ctx: Context):
-    ranks = [16] if ctx.quick else [8, 16, 64]
-    for T, d_in, d_out in _shapes(ctx):
-        for r in ranks:
-            for p in (0.0, 0.1):
-                mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
-                label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
-                config = {
-                    "T": T,
-                    "d_in": d_in,
-                    "d_out": d_out,
-                    "r": r,
-                    "dropout": p,
-                    "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", ""),
-                }
+    for T, d_in, d_out, r, p, label in adapter_sweep(ctx, _shapes(ctx)):
+        mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
+        config = {
+            "T": T,
+            "d_in": d_in,
+            "d_out": d_out,
+            "r": r,
+            "dropout": p,
+            "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", ""),
+        }
 
-                def step(m, x=x, grad=grad):
-                    m(x).backward(grad)
+        def step(m, x=x, grad=grad):
+            m(x).backward(grad)
 
-                steps = {n: (lambda m=m, step=step: step(m)) for n, m in mods.items()}
-                measured = {}
+        steps = {n: (lambda m=m, step=step: step(m)) for n, m in mods.items()}
+        measured = {}
 
-                def median(name, steps=steps, measured=measured):
-                    if not measured:  # one interleaved measurement serves every provider's row
-                        measured.update(paired_medians(steps, ctx))
-                    return measured[name]
+        def median(name, steps=steps, measured=measured):
+            if not measured:  # one interleaved measurement serves every provider's row
+                measured.update(paired_medians(steps, ctx))
+            return measured[name]
 
-                yield Group(
-                    op="lora_linear",
-                    mode="fwd+bwd",
-                    x_name="shape,r,p",
-                    x_value=label,
-                    providers={n: (lambda n=n, median=median: median(n)) for n in mods},
-                    baseline="frozen Linear",
-                    metric="time_paired",
-                    unit="ms",
-                    config=config,
-                )
-                yield Group(
-                    op="lora_linear",
-                    mode="saved",
-                    x_name="shape,r,p",
-                    x_value=label,
-                    providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                    baseline="frozen Linear",
-                    metric="saved_bytes",
-                    unit="MiB",
-                    config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
-                )
+        yield Group(
+            op="lora_linear",
+            mode="fwd+bwd",
+            x_name="shape,r,p",
+            x_value=label,
+            providers={n: (lambda n=n, median=median: median(n)) for n in mods},
+            baseline="frozen Linear",
+            metric="time_paired",
+            unit="ms",
+            config=config,
+        )
+        yield Group(
+            op="lora_linear",
+            mode="saved",
+            x_name="shape,r,p",
+            x_value=label,
+            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
+            baseline="frozen Linear",
+            metric="saved_bytes",
+            unit="MiB",
+            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+        )
 
 
 BENCHMARKS = {"lora": _groups}
