@@ -106,6 +106,12 @@ inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std
 // products keep 16 independent partial sums per row, so no reassociation is needed.
 constexpr int kRows = 4;
 
+// target_clones takes no templates: each row kernel NAME is written once as the template
+// NAME_impl(p, q, n, out), and this stamps out its cloned float and double overloads.
+#define SLIMTUNE_ROW_CLONES(NAME)                                                                                 \
+  SLIMTUNE_CLONES void NAME(const float* p, const float* q, int64_t n, float* out) { NAME##_impl(p, q, n, out); } \
+  SLIMTUNE_CLONES void NAME(const double* p, const double* q, int64_t n, double* out) { NAME##_impl(p, q, n, out); }
+
 // out[i] = v_i . a for the kRows rows v_i = v + i * n.
 template <typename A>
 inline void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
@@ -130,10 +136,7 @@ inline void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
     out[i] = s;
   }
 }
-SLIMTUNE_CLONES void dot_rows(const float* v, const float* a, int64_t n, float* out) { dot_rows_impl(v, a, n, out); }
-SLIMTUNE_CLONES void dot_rows(const double* v, const double* a, int64_t n, double* out) {
-  dot_rows_impl(v, a, n, out);
-}
+SLIMTUNE_ROW_CLONES(dot_rows)
 
 // y += sum_i g[i] * v_i over the kRows rows v_i = v + i * n.
 template <typename A>
@@ -141,10 +144,7 @@ inline void gather_rows_impl(const A* g, const A* v, int64_t n, A* y) {
   const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
   for (int64_t j = 0; j < n; ++j) y[j] += g0 * v[j] + g1 * v[n + j] + g2 * v[2 * n + j] + g3 * v[3 * n + j];
 }
-SLIMTUNE_CLONES void gather_rows(const float* g, const float* v, int64_t n, float* y) { gather_rows_impl(g, v, n, y); }
-SLIMTUNE_CLONES void gather_rows(const double* g, const double* v, int64_t n, double* y) {
-  gather_rows_impl(g, v, n, y);
-}
+SLIMTUNE_ROW_CLONES(gather_rows)
 
 // y_i += g[i] * a for the kRows rows y_i = y + i * n.
 template <typename A>
@@ -158,10 +158,8 @@ inline void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) {
     y[3 * n + j] += g3 * aj;
   }
 }
-SLIMTUNE_CLONES void scatter_rows(const float* g, const float* a, int64_t n, float* y) { scatter_rows_impl(g, a, n, y); }
-SLIMTUNE_CLONES void scatter_rows(const double* g, const double* a, int64_t n, double* y) {
-  scatter_rows_impl(g, a, n, y);
-}
+SLIMTUNE_ROW_CLONES(scatter_rows)
+#undef SLIMTUNE_ROW_CLONES
 static_assert(kRows == 4, "gather_rows and scatter_rows take 4 rows");
 
 // v[j] = x[j * cs] * m[j] (m holds keep * mult).

@@ -51,6 +51,40 @@ def reference_grads(x, w, b, A, B, scale, p, mask, g):
     return [y, xr.grad, Ar.grad, Br.grad, br.grad if br is not None else None]
 
 
+def run_case(emu, case, dtype, adapter_dtype, scale, seed):
+    """Forward and backward of one case on the emulator and the CPU op, and the float64 reference
+    under the CPU op's keep mask; returns the op arguments too, for a rerun."""
+    x_shape, d_out, r, p, offset = case
+    x, w, b, A, B = make(x_shape, d_out, r, dtype, adapter_dtype)
+    g = torch.randn(*x_shape[:-1], d_out, dtype=torch.float64).to(dtype)
+    args = (x, w, b, A, B, scale, p, seed, offset, g)
+    ours = forward_backward(emu, *args)
+    cpu = forward_backward(CPU, *args)
+    mask = CPU.lora_dropout_mask(x, p, seed, offset) if p > 0 else None
+    ref = reference_grads(x, w, b, A, B, scale, p, mask, g)
+    return args, ours, cpu, ref
+
+
+def assert_multi_equals_cpu(emu, x, args, randn):
+    """lora_linear_multi and its backward on the emulator against the CPU op; ``args`` are the
+    forward's arguments after x, ``randn(shape)`` draws each output's gradient."""
+    outs_e, xa_e = emu.lora_linear_multi(x, *args)
+    outs_c, xa_c = CPU.lora_linear_multi(x, *args)
+    torch.testing.assert_close(xa_e, xa_c, atol=1e-5, rtol=1e-5)
+    for o, c in zip(outs_e, outs_c):
+        torch.testing.assert_close(o, c, atol=1e-5, rtol=1e-5)
+    gs = [randn(o.shape) for o in outs_c]
+    ws, bs, As, Bs, scales, p, seed, offset = args
+    has_bias = [b.numel() > 0 for b in bs]
+    bw = (ws, As, Bs, xa_c, scales, p, seed, offset, True, True, True, has_bias)
+    ge = emu.lora_linear_multi_backward(gs, x, *bw)
+    gc = CPU.lora_linear_multi_backward(gs, x, *bw)
+    torch.testing.assert_close(ge[0], gc[0], atol=1e-5, rtol=1e-5)
+    for le, lc in zip(ge[1:], gc[1:]):
+        for e, c in zip(le, lc):
+            torch.testing.assert_close(e, c, atol=1e-5, rtol=1e-5)
+
+
 def assert_near(ours, cpu, ref, name):
     """Same result as the CPU op (the GEMMs are the same ATen calls; only the dropout kernels differ)
     and an error against the float64 reference no larger than twice the CPU op's."""
@@ -80,13 +114,7 @@ CASES = [
 @pytest.mark.parametrize("dtype,adapter_dtype", PAIRS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward_backward(emu, schedule, dtype, adapter_dtype, case):
-    x_shape, d_out, r, p, offset = case
-    x, w, b, A, B = make(x_shape, d_out, r, dtype, adapter_dtype)
-    g = torch.randn(*x_shape[:-1], d_out, dtype=torch.float64).to(dtype)
-    ours = forward_backward(emu, x, w, b, A, B, 0.7, p, 11, offset, g)
-    cpu = forward_backward(CPU, x, w, b, A, B, 0.7, p, 11, offset, g)
-    mask = CPU.lora_dropout_mask(x, p, 11, offset) if p > 0 else None
-    ref = reference_grads(x, w, b, A, B, 0.7, p, mask, g)
+    _, ours, cpu, ref = run_case(emu, case, dtype, adapter_dtype, 0.7, 11)
     torch.testing.assert_close(ours[1], cpu[1], atol=1e-5, rtol=1e-5, msg="xa")
     for name, o, c, rr in zip(["y", "dx", "dA", "dB", "dbias"], [ours[0]] + ours[2:], [cpu[0]] + cpu[2:], ref):
         assert_near(o, c, rr, name)
@@ -120,19 +148,7 @@ def test_multi(emu, schedule, dtype, adapter_dtype):
     _, w2, _, A2, B2 = make((5, 11), 3, 4, dtype, adapter_dtype)
     empty = torch.empty(0, dtype=dtype)
     args = ([w1, w2], [b1, empty], [A1, A2], [B1, B2], [0.5, 2.0], 0.3, torch.tensor([7]), 1)
-    outs_e, xa_e = emu.lora_linear_multi(x, *args)
-    outs_c, xa_c = CPU.lora_linear_multi(x, *args)
-    torch.testing.assert_close(xa_e, xa_c, atol=1e-5, rtol=1e-5)
-    for o, c in zip(outs_e, outs_c):
-        torch.testing.assert_close(o, c, atol=1e-5, rtol=1e-5)
-    gs = [torch.randn(o.shape, dtype=torch.float64).to(dtype) for o in outs_c]
-    bw = ([w1, w2], [A1, A2], [B1, B2], xa_c, [0.5, 2.0], 0.3, torch.tensor([7]), 1, True, True, True, [True, False])
-    ge = emu.lora_linear_multi_backward(gs, x, *bw)
-    gc = CPU.lora_linear_multi_backward(gs, x, *bw)
-    torch.testing.assert_close(ge[0], gc[0], atol=1e-5, rtol=1e-5)
-    for le, lc in zip(ge[1:], gc[1:]):
-        for e, c in zip(le, lc):
-            torch.testing.assert_close(e, c, atol=1e-5, rtol=1e-5)
+    assert_multi_equals_cpu(emu, x, args, lambda shape: torch.randn(shape, dtype=torch.float64).to(dtype))
 
 
 # Shapes for the fused CUDA passes: token counts that are no multiple of a block's tokens (split
@@ -157,13 +173,7 @@ KERNEL_PAIRS = [
 @pytest.mark.parametrize("dtype,adapter_dtype", KERNEL_PAIRS)
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_fused_passes(emu, schedule, dtype, adapter_dtype, case):
-    x_shape, d_out, r, p, offset = case
-    x, w, b, A, B = make(x_shape, d_out, r, dtype, adapter_dtype)
-    g = torch.randn(*x_shape[:-1], d_out, dtype=torch.float64).to(dtype)
-    ours = forward_backward(emu, x, w, b, A, B, 1.3, p, 5, offset, g)
-    cpu = forward_backward(CPU, x, w, b, A, B, 1.3, p, 5, offset, g)
-    mask = CPU.lora_dropout_mask(x, p, 5, offset) if p > 0 else None
-    ref = reference_grads(x, w, b, A, B, 1.3, p, mask, g)
+    args, ours, cpu, ref = run_case(emu, case, dtype, adapter_dtype, 1.3, 5)
     tight = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours[1], cpu[1], atol=tight, rtol=tight, msg="xa")
     for name, o, c, rr in zip(["y", "dx", "dA", "dB", "dbias"], [ours[0]] + ours[2:], [cpu[0]] + cpu[2:], ref):
@@ -174,7 +184,7 @@ def test_fused_passes(emu, schedule, dtype, adapter_dtype, case):
             torch.testing.assert_close(o, rr.to(o.dtype), atol=tight, rtol=tight, msg=name)
     # Split sums are reduced in a fixed order: every schedule gives the same bits.
     emu._set_schedule("inorder")
-    again = forward_backward(emu, x, w, b, A, B, 1.3, p, 5, offset, g)
+    again = forward_backward(emu, *args)
     for o, a in zip(ours, again):
         assert torch.equal(o, a)
 
@@ -197,19 +207,7 @@ def test_multi_wider_than_one_launch(emu, schedule):
     _, w2, _, A2, B2 = make((9, 16), 3, 80, torch.float32, torch.float32)
     empty = torch.empty(0)
     args = ([w1, w2], [b1, empty], [A1, A2], [B1, B2], [0.5, 2.0], 0.2, torch.tensor([3]), 0)
-    outs_e, xa_e = emu.lora_linear_multi(x, *args)
-    outs_c, xa_c = CPU.lora_linear_multi(x, *args)
-    torch.testing.assert_close(xa_e, xa_c, atol=1e-5, rtol=1e-5)
-    for o, c in zip(outs_e, outs_c):
-        torch.testing.assert_close(o, c, atol=1e-5, rtol=1e-5)
-    gs = [torch.randn(o.shape) for o in outs_c]
-    bw = ([w1, w2], [A1, A2], [B1, B2], xa_c, [0.5, 2.0], 0.2, torch.tensor([3]), 0, True, True, True, [True, False])
-    ge = emu.lora_linear_multi_backward(gs, x, *bw)
-    gc = CPU.lora_linear_multi_backward(gs, x, *bw)
-    torch.testing.assert_close(ge[0], gc[0], atol=1e-5, rtol=1e-5)
-    for le, lc in zip(ge[1:], gc[1:]):
-        for e, c in zip(le, lc):
-            torch.testing.assert_close(e, c, atol=1e-5, rtol=1e-5)
+    assert_multi_equals_cpu(emu, x, args, torch.randn)
 
 
 def test_seed_is_read_from_the_tensor(emu):

@@ -4,13 +4,12 @@ op allocates during the step (views excluded; what happens inside one ATen or sl
 not seen, so this is the largest temporary the Python-level code creates)."""
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from slimtune import saved_bytes
 
-from .harness import Context, Group, ProjModel
+from .harness import Context, Group, adapter_sweep, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -49,24 +48,12 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
     """name -> module mapping x to y, each over the same frozen base, with trainable adapters."""
     from slimtune.nn import DoRALinear, LoRALinear
 
-    dev, dt = ctx.device, ctx.dtype
-    g = torch.Generator().manual_seed(0)
-    base = nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
-    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
-    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    base, x, grad, _ = linear_inputs(ctx, T, d_in, d_out)
     alpha = 2 * r
     mods = {"frozen Linear": base}
-    try:
-        import peft
-
-        cfg = peft.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False, use_dora=True
-        )
-        lin = nn.Linear(d_in, d_out).to(dev, dt)
-        lin.load_state_dict(base.state_dict())
-        mods["peft dora"] = peft.get_peft_model(ProjModel(lin), cfg).base_model.model.proj.train()
-    except ImportError:  # pragma: no cover - peft is optional
-        pass
+    peft_dora = peft_layer(ctx, d_in, d_out, base, r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True)
+    if peft_dora is not None:
+        mods["peft dora"] = peft_dora
     lora = LoRALinear(base, r=r, alpha=alpha, dropout=p).train()
     dora = DoRALinear(base, r=r, alpha=alpha, dropout=p).train()
     with torch.no_grad():
@@ -78,42 +65,38 @@ def _providers(ctx: Context, T, d_in, d_out, r, p):
 
 
 def _groups(ctx: Context):
-    ranks = [16] if ctx.quick else [8, 16, 64]
-    for T, d_in, d_out in _shapes(ctx):
-        for r in ranks:
-            for p in (0.0, 0.1):
-                mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
-                label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
-                config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p}
-                common = dict(op="dora_linear", x_name="shape,r,p", x_value=label, baseline="frozen Linear")
+    for T, d_in, d_out, r, p, label in adapter_sweep(ctx, _shapes(ctx)):
+        mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
+        config = {"T": T, "d_in": d_in, "d_out": d_out, "r": r, "dropout": p}
+        common = dict(op="dora_linear", x_name="shape,r,p", x_value=label, baseline="frozen Linear")
 
-                def step(m, x=x, grad=grad):
-                    m(x).backward(grad)
+        def step(m, x=x, grad=grad):
+            m(x).backward(grad)
 
-                yield Group(
-                    mode="fwd+bwd",
-                    providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
-                    config=config,
-                    **common,
-                )
-                yield Group(
-                    mode="saved",
-                    providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                    metric="saved_bytes",
-                    unit="MiB",
-                    config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
-                    **common,
-                )
-                yield Group(
-                    mode="fwd+bwd",
-                    providers={
-                        n: (lambda m=m, step=step: largest_allocation(lambda: step(m)) / 2**20) for n, m in mods.items()
-                    },
-                    metric="largest_tensor",
-                    unit="MiB",
-                    config={**config, "weight_MiB": d_in * d_out * x.element_size() / 2**20},
-                    **common,
-                )
+        yield Group(
+            mode="fwd+bwd",
+            providers={n: (lambda m=m, step=step: step(m)) for n, m in mods.items()},
+            config=config,
+            **common,
+        )
+        yield Group(
+            mode="saved",
+            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
+            metric="saved_bytes",
+            unit="MiB",
+            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+            **common,
+        )
+        yield Group(
+            mode="fwd+bwd",
+            providers={
+                n: (lambda m=m, step=step: largest_allocation(lambda: step(m)) / 2**20) for n, m in mods.items()
+            },
+            metric="largest_tensor",
+            unit="MiB",
+            config={**config, "weight_MiB": d_in * d_out * x.element_size() / 2**20},
+            **common,
+        )
 
 
 BENCHMARKS = {"dora": _groups}

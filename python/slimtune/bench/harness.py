@@ -29,6 +29,45 @@ class ProjModel(torch.nn.Module):
         return self.proj(x)
 
 
+def linear_inputs(ctx: "Context", T: int, d_in: int, d_out: int):
+    """A frozen ``d_in -> d_out`` Linear, an input of ``T`` tokens that requires grad and an output
+    gradient, the last two drawn from a generator seeded with 0, which is returned too so a caller
+    draws its own tensors after them from the same stream."""
+    dev, dt = ctx.device, ctx.dtype
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
+    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
+    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    return base, x, grad, g
+
+
+def adapter_sweep(ctx: "Context", shapes):
+    """(T, d_in, d_out, r, p, label) for every shape, rank and dropout rate the LoRA-family
+    benchmarks measure; ``label`` names the case in a row's x value."""
+    ranks = [16] if ctx.quick else [8, 16, 64]
+    for T, d_in, d_out in shapes:
+        for r in ranks:
+            for p in (0.0, 0.1):
+                yield T, d_in, d_out, r, p, f"{T}x{d_in}x{d_out},r={r},p={p:g}"
+
+
+def peft_layer(
+    ctx: "Context", d_in: int, d_out: int, like: Optional[torch.nn.Module] = None, **lora_config
+) -> Optional[torch.nn.Module]:
+    """HF PEFT's adapter layer (random adapters, training mode) around a new ``d_in -> d_out``
+    Linear holding ``like``'s weights if given, or None without peft; ``lora_config`` goes to
+    ``peft.LoraConfig``."""
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is optional
+        return None
+    lin = torch.nn.Linear(d_in, d_out).to(ctx.device, ctx.dtype)
+    if like is not None:
+        lin.load_state_dict(like.state_dict())
+    cfg = peft.LoraConfig(target_modules=["proj"], init_lora_weights=False, **lora_config)
+    return peft.get_peft_model(ProjModel(lin), cfg).base_model.model.proj.train()
+
+
 @dataclass
 class Context:
     device: torch.device

@@ -13,7 +13,7 @@ from torch import nn
 
 from slimtune import reference, saved_bytes
 
-from .harness import Context, Group
+from .harness import Context, Group, adapter_sweep, linear_inputs, peft_layer
 
 
 def _shapes(ctx: Context):
@@ -31,29 +31,12 @@ def _adapter_dtype(dtype):
 def _providers(ctx: Context, T, d_in, d_out, r, p):
     """name -> (module, x, grad): each module maps x to y with a frozen base and trainable adapters."""
     dev, dt = ctx.device, ctx.dtype
-    g = torch.Generator().manual_seed(0)
-    base = nn.Linear(d_in, d_out).to(dev, dt).requires_grad_(False)
-    x = torch.randn(T, d_in, generator=g).to(dev, dt).requires_grad_(True)
-    grad = torch.randn(T, d_out, generator=g).to(dev, dt)
+    base, x, grad, g = linear_inputs(ctx, T, d_in, d_out)
     alpha = 2 * r
     mods = {"frozen Linear": base}
-
-    try:
-        import peft
-
-        class One(nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.proj = lin
-
-            def forward(self, x):
-                return self.proj(x)
-
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False)
-        wrapped = peft.get_peft_model(One(nn.Linear(d_in, d_out).to(dev, dt)), cfg)
-        mods["peft"] = wrapped.base_model.model.proj.train()  # peft.tuners.lora.Linear
-    except ImportError:  # pragma: no cover - peft is optional
-        pass
+    peft_lora = peft_layer(ctx, d_in, d_out, r=r, lora_alpha=alpha, lora_dropout=p)
+    if peft_lora is not None:
+        mods["peft"] = peft_lora  # peft.tuners.lora.Linear
 
     adt = _adapter_dtype(dt)
     A = nn.Parameter(torch.randn(r, d_in, generator=g).to(dev, adt) * d_in**-0.5)
@@ -106,54 +89,50 @@ def paired_medians(steps, ctx: Context, rounds=None):
 
 
 def _groups(ctx: Context):
-    ranks = [16] if ctx.quick else [8, 16, 64]
-    for T, d_in, d_out in _shapes(ctx):
-        for r in ranks:
-            for p in (0.0, 0.1):
-                mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
-                label = f"{T}x{d_in}x{d_out},r={r},p={p:g}"
-                config = {
-                    "T": T,
-                    "d_in": d_in,
-                    "d_out": d_out,
-                    "r": r,
-                    "dropout": p,
-                    "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", ""),
-                }
+    for T, d_in, d_out, r, p, label in adapter_sweep(ctx, _shapes(ctx)):
+        mods, x, grad = _providers(ctx, T, d_in, d_out, r, p)
+        config = {
+            "T": T,
+            "d_in": d_in,
+            "d_out": d_out,
+            "r": r,
+            "dropout": p,
+            "adapter_dtype": str(_adapter_dtype(ctx.dtype)).replace("torch.", ""),
+        }
 
-                def step(m, x=x, grad=grad):
-                    m(x).backward(grad)
+        def step(m, x=x, grad=grad):
+            m(x).backward(grad)
 
-                steps = {n: (lambda m=m, step=step: step(m)) for n, m in mods.items()}
-                measured = {}
+        steps = {n: (lambda m=m, step=step: step(m)) for n, m in mods.items()}
+        measured = {}
 
-                def median(name, steps=steps, measured=measured):
-                    if not measured:  # one interleaved measurement serves every provider's row
-                        measured.update(paired_medians(steps, ctx))
-                    return measured[name]
+        def median(name, steps=steps, measured=measured):
+            if not measured:  # one interleaved measurement serves every provider's row
+                measured.update(paired_medians(steps, ctx))
+            return measured[name]
 
-                yield Group(
-                    op="lora_linear",
-                    mode="fwd+bwd",
-                    x_name="shape,r,p",
-                    x_value=label,
-                    providers={n: (lambda n=n, median=median: median(n)) for n in mods},
-                    baseline="frozen Linear",
-                    metric="time_paired",
-                    unit="ms",
-                    config=config,
-                )
-                yield Group(
-                    op="lora_linear",
-                    mode="saved",
-                    x_name="shape,r,p",
-                    x_value=label,
-                    providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
-                    baseline="frozen Linear",
-                    metric="saved_bytes",
-                    unit="MiB",
-                    config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
-                )
+        yield Group(
+            op="lora_linear",
+            mode="fwd+bwd",
+            x_name="shape,r,p",
+            x_value=label,
+            providers={n: (lambda n=n, median=median: median(n)) for n in mods},
+            baseline="frozen Linear",
+            metric="time_paired",
+            unit="ms",
+            config=config,
+        )
+        yield Group(
+            op="lora_linear",
+            mode="saved",
+            x_name="shape,r,p",
+            x_value=label,
+            providers={n: (lambda m=m, x=x: saved_bytes(m, x) / 2**20) for n, m in mods.items()},
+            baseline="frozen Linear",
+            metric="saved_bytes",
+            unit="MiB",
+            config={**config, "input_MiB": x.numel() * x.element_size() / 2**20},
+        )
 
 
 BENCHMARKS = {"lora": _groups}

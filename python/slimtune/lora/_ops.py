@@ -18,26 +18,39 @@ def _compute_dtype(x, lora_A):
     return torch.float64 if torch.float64 in (x.dtype, lora_A.dtype) else torch.float32
 
 
+def _outputs_fake(x, lora_As, lora_Bs):
+    """The forward ops' outputs: one y per adapter, and every adapter's x @ A^T side by side."""
+    tokens = math.prod(x.shape[:-1])
+    outs = [x.new_empty((*x.shape[:-1], B.shape[0])) for B in lora_Bs]
+    xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(x, lora_As[0]))
+    return outs, xa
+
+
+def _grads_fake(x, lora_As, lora_Bs, need_x, need_A, need_B, need_bias):
+    """The backward ops' outputs: dx, then dA, dB and dbias per adapter; what is not needed is one
+    shared empty tensor, as in csrc/lora/lora.cpp."""
+    none = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_x else none,
+        [torch.empty_like(A) if need_A else none for A in lora_As],
+        [torch.empty_like(B) if need_B else none for B in lora_Bs],
+        [x.new_empty((B.shape[0],)) if nb else none for B, nb in zip(lora_Bs, need_bias)],
+    )
+
+
 def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout, seed, offset):
     torch._check(lora_A.dim() == 2 and lora_B.dim() == 2, lambda: "slimtune.lora_linear: lora_A/lora_B must be 2-D")
     torch._check(x.shape[-1] == lora_A.shape[1], lambda: "slimtune.lora_linear: argument 'x' has the wrong features")
     torch._check(lora_B.shape[1] == lora_A.shape[0], lambda: "slimtune.lora_linear: argument 'lora_B' rank mismatch")
-    tokens = math.prod(x.shape[:-1])
-    out = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
-    xa = x.new_empty((tokens, lora_A.shape[0]), dtype=_compute_dtype(x, lora_A))
+    (out,), xa = _outputs_fake(x, [lora_A], [lora_B])
     return out, xa
 
 
 def _lora_linear_backward_fake(
     grad_out, x, weight, lora_A, lora_B, xa, scale, dropout, seed, offset, need_x, need_A, need_B, need_bias
 ):
-    none = x.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else none,
-        torch.empty_like(lora_A) if need_A else none,
-        torch.empty_like(lora_B) if need_B else none,
-        x.new_empty((lora_B.shape[0],)) if need_bias else none,
-    )
+    dx, (dA,), (dB,), (dbias,) = _grads_fake(x, [lora_A], [lora_B], need_x, need_A, need_B, [need_bias])
+    return dx, dA, dB, dbias
 
 
 def _lora_dropout_mask_fake(like, p, seed, offset):
@@ -49,22 +62,13 @@ def _lora_linear_multi_fake(x, weights, biases, lora_As, lora_Bs, scales, dropou
         len(weights) == len(lora_As) == len(lora_Bs) == len(scales) == len(biases) and len(weights) > 0,
         lambda: "slimtune.lora_linear_multi: the argument lists must have one equal, non-zero length",
     )
-    tokens = math.prod(x.shape[:-1])
-    outs = [x.new_empty((*x.shape[:-1], B.shape[0])) for B in lora_Bs]
-    xa = x.new_empty((tokens, sum(A.shape[0] for A in lora_As)), dtype=_compute_dtype(x, lora_As[0]))
-    return outs, xa
+    return _outputs_fake(x, lora_As, lora_Bs)
 
 
 def _lora_linear_multi_backward_fake(
     grad_outs, x, weights, lora_As, lora_Bs, xa, scales, dropout, seed, offset, need_x, need_A, need_B, need_bias
 ):
-    none = x.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else none,
-        [torch.empty_like(A) if need_A else x.new_empty((0,)) for A in lora_As],
-        [torch.empty_like(B) if need_B else x.new_empty((0,)) for B in lora_Bs],
-        [x.new_empty((B.shape[0],)) if nb else x.new_empty((0,)) for B, nb in zip(lora_Bs, need_bias)],
-    )
+    return _grads_fake(x, lora_As, lora_Bs, need_x, need_A, need_B, need_bias)
 
 
 FAKES = {
