@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import slimtune  # noqa: E402
 from slimtune import LoraConfig, convert, get_peft_model  # noqa: E402
 from slimtune.nn import LoRALinear  # noqa: E402
+from slimtune.peft_inject import lora_layers  # noqa: E402
 
 from _adapter_fixtures import tiny_classifier, tiny_hf  # noqa: E402
 
@@ -307,6 +308,22 @@ def test_linear_combination_needs_equal_ranks():
         model.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="not supported"):
         model.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="ties")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True])
+def test_weighted_adapter_refuses_non_finite_weights(bad):
+    model = two_adapters()
+    with pytest.raises(ValueError, match=r"'weights'\[1\] must be a finite number"):
+        model.add_weighted_adapter(["default", "other"], [1.0, bad], "mix", combination_type="cat")
+    assert "mix" not in model.peft_config and all("mix" not in m.lora_A for m in lora_layers(model).values())
+
+
+def test_weighted_adapter_refuses_an_existing_name():
+    model = two_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'adapter_name': adapter 'default' already exists"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "default", combination_type="cat")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_save_and_load_two_adapters(tmp_path):

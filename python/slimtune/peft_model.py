@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -301,12 +302,20 @@ class SlimtuneModel(nn.Module):
         ``"linear"`` (equal ranks; A and B are weighted sums with ``sqrt(|w s|)``, the sign on A),
         ``"cat"`` (the adapters side by side, rank the sum), ``"svd"`` (the rank-``svd_rank``
         truncated SVD of ``sum w_i s_i B_i A_i``; default rank the largest). The new adapter has
-        ``lora_alpha = r`` and is not activated; nothing is added when ``adapter_name`` exists."""
+        ``lora_alpha = r`` and is not activated. Unlike PEFT, which returns without a word, an
+        existing ``adapter_name`` raises (the caller would otherwise use the old adapter unknowingly)."""
         if adapter_name in self.peft_config:
-            return
-        adapters, weights = list(adapters), [float(w) for w in weights]
+            raise ValueError(
+                f"add_weighted_adapter: argument 'adapter_name': adapter {adapter_name!r} already exists "
+                f"(delete_adapter it first or pick another name)"
+            )
+        adapters, weights = list(adapters), list(weights)
         if not adapters or len(adapters) != len(weights):
             raise ValueError("add_weighted_adapter: 'adapters' and 'weights' must be non-empty and of equal length")
+        for i, w in enumerate(weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"add_weighted_adapter: argument 'weights'[{i}] must be a finite number, got {w!r}")
+        weights = [float(w) for w in weights]
         for a in adapters:
             self._check(a)
         if combination_type not in ("linear", "cat", "svd"):
