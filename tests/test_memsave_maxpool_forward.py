@@ -107,6 +107,21 @@ def test_large_plane_takes_the_interior_path():
         assert torch.equal(off.long(), reference.memsave_maxpool_offsets(idx, list(x.shape), *args))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_batch_and_lone_output(channels_last):
+    for shape, k in (((0, 3, 8, 8), 2), ((2, 3, 2, 2), 2)):
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        ours, _ = slimtune.memsave.convert(nn.MaxPool2d(k))
+        out = ours(x)
+        ref = F.max_pool2d(x, k)
+        assert out.shape == ref.shape and torch.equal(out, ref)
+        g = torch.randn(ref.shape)
+        assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
 def test_opcheck_and_errors():
     x = torch.randn(2, 3, 9, 8)
     args = ([3, 2], [2, 2], [1, 1], [1, 1])
