@@ -2,6 +2,7 @@
 // schemas and the registration for every backend. Kernels: memsave_cpu.cpp, memsave.cu.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <ATen/native/Pool.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -395,6 +396,48 @@ struct Bound {
 #ifndef SLIMTUNE_HOST_EMULATION
 const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
                           &maxpool_backward_cpu, &dropout_cpu};
+
+// CPU max pool straight to (out, int8 offsets): no int64 indices written and read back.
+std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "memsave_maxpool_forward";
+  SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
+                     x.scalar_type());
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
+  SLIMTUNE_CHECK_ARG(nd >= 1 && nd <= 3, op, "kernel_size", "must have 1 to 3 entries, got ", kernel_size);
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(stride.size()) == nd, op, "stride", "must have ", nd, " entries");
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(padding.size()) == nd, op, "padding", "must have ", nd, " entries");
+  SLIMTUNE_CHECK_ARG(static_cast<int64_t>(dilation.size()) == nd, op, "dilation", "must have ", nd, " entries");
+  SLIMTUNE_CHECK_ARG(x.dim() > nd, op, "x", "must have more than ", nd, " dims, got shape ", x.sizes());
+  // The pooled sizes by ATen's own rule (ceil_mode included); pool_geometry checks the rest.
+  std::vector<int64_t> out_size(x.sizes().begin(), x.sizes().end());
+  for (int64_t j = 0; j < nd; ++j) {
+    const int64_t in = x.size(x.dim() - nd + j);
+    SLIMTUNE_CHECK_ARG(kernel_size[j] >= 1 && stride[j] >= 1 && dilation[j] >= 1 && padding[j] >= 0, op,
+                       "kernel_size", "stride/dilation must be positive and padding non-negative");
+    SLIMTUNE_CHECK_ARG(kernel_size[j] <= 127 && dilation[j] <= (int64_t{1} << 40), op, "kernel_size",
+                       "window of ", kernel_size, " does not fit int8 offsets (at most 127 elements)");
+    const int64_t span = dilation[j] * (kernel_size[j] - 1);
+    SLIMTUNE_CHECK_ARG(padding[j] <= (span >> 1) + (span & 1), op, "padding", "must be at most half the window (kernel_size ",
+                       kernel_size, ", dilation ", dilation, "), got ", padding);
+    SLIMTUNE_CHECK_ARG(in >= 1 && padding[j] <= (int64_t{1} << 40) && in + 2 * padding[j] > dilation[j] * (kernel_size[j] - 1),
+                       op, "kernel_size", kernel_size, " with dilation ", dilation, " spans more than the padded input ",
+                       x.sizes());
+    out_size[x.dim() - nd + j] =
+        at::native::pooling_output_shape<int64_t>(in, kernel_size[j], padding[j], stride[j], dilation[j], ceil_mode);
+  }
+  const bool cl = is_channels_last(x, nd);
+  const at::Tensor xc = cl ? x : x.contiguous();
+  at::Tensor out = empty_pooled(out_size, cl, xc.options());
+  at::Tensor offsets = empty_pooled(out_size, cl, xc.options().dtype(at::kChar));
+  PoolGeometry g = pool_geometry(op, out, "x", xc.sizes(), kernel_size, stride, padding, dilation);
+  if (cl) set_channels_last(g, xc.sizes());
+  const MaxpoolForwardParams p{xc.const_data_ptr(), to_kernel_dtype(xc.scalar_type()), out.data_ptr(),
+                               static_cast<signed char*>(offsets.data_ptr()), g};
+  check_status(kCpuBackend, maxpool_forward_cpu(p, nullptr), op);
+  return {out, offsets};
+}
 #endif
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cuda, &maxpool_compact_cuda,
@@ -414,6 +457,9 @@ void define_memsave_schemas(torch::Library& m) {
         "int[] dilation) -> Tensor");
   m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation) -> Tensor");
+  // CPU: the max pool and its int8 offsets in one pass (other devices pool with ATen, then compact).
+  m.def("memsave_maxpool_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "bool ceil_mode) -> (Tensor out, Tensor offsets)");
   // Dropout under a Philox mask drawn from `seed` (forward and backward alike).
   m.def("memsave_dropout(Tensor x, float p, int seed) -> Tensor");
 }
@@ -426,7 +472,10 @@ TORCH_LIBRARY_FRAGMENT(slimtune, m) {
   slimtune::define_memsave_schemas(m);
 }
 
-TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m); }
+TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
+  slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m);
+  m.impl("memsave_maxpool_forward", &slimtune::memsave::maxpool_forward_cpu_op);
+}
 
 TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
   slimtune::register_one_device_check(m, {"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",

@@ -83,6 +83,19 @@ struct MaxpoolCompactParams {
   PoolGeometry g;
 };
 
+// CPU: out = the max over each window (taps in row-major window order, padding skipped) and
+// offsets = the position of its argmax inside the window, ATen's CPU max pool's choice: the
+// first tap above all before it, a NaN taking over wherever it lies (so the last NaN wins).
+// Comparisons run in the accumulation type, out is the max rounded back to the storage type.
+// x is laid out as g says (planes-major or channels-last), out and offsets alike.
+struct MaxpoolForwardParams {
+  const void* x;
+  DType dtype;
+  void* out;
+  signed char* offsets;
+  PoolGeometry g;
+};
+
 // grad_in (planes * prod(in) elements of the accumulation type of `dtype`, every one written:
 // zero where no window's argmax lands) = the sum of grad over the windows whose argmax each
 // element is, in ascending window order on every backend (deterministic, no atomics). `dtype`
@@ -117,6 +130,7 @@ struct DropoutParams {
 Status relu_cpu(const ReluParams& p, void* stream);
 Status relu_backward_cpu(const ReluBackwardParams& p, void* stream);
 Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void* stream);
+Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void* stream);
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void* stream);
 Status dropout_cpu(const DropoutParams& p, void* stream);
 

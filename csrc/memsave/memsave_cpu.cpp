@@ -346,6 +346,160 @@ Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void*) {
   return bad.load() ? kInvalidValue : kSuccess;
 }
 
+namespace {
+
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_POOL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SLIMTUNE_POOL_CLONES
+#endif
+
+// One tap over n outputs side by side: v_j = x[j * S] (S the step between neighbouring outputs'
+// windows, 0 for a runtime step), taken where above the running max m_j or NaN, as ATen
+// decides; o_j then becomes w. Written as selects so that it vectorizes.
+template <int S, typename T, typename A>
+inline void tap_step_impl(const T* __restrict__ x, int64_t step, int64_t n, A* __restrict__ m,
+                          signed char* __restrict__ o, signed char w) {
+  const int64_t s = S > 0 ? S : step;
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = static_cast<A>(x[j * s]);
+    const bool take = v > m[j] || v != v;
+    m[j] = take ? v : m[j];
+    o[j] = take ? w : o[j];
+  }
+}
+
+// target_clones takes no templates: the float and double steps of 1 and 2 are stamped out
+// cloned (the common pools), the others use the template as it is.
+#define SLIMTUNE_TAP_CLONES(A, S)                                                                        \
+  SLIMTUNE_POOL_CLONES void tap_step_##S(const A* x, int64_t n, A* m, signed char* o, signed char w) { \
+    tap_step_impl<S>(x, S, n, m, o, w);                                                                \
+  }
+SLIMTUNE_TAP_CLONES(float, 1)
+SLIMTUNE_TAP_CLONES(float, 2)
+SLIMTUNE_TAP_CLONES(double, 1)
+SLIMTUNE_TAP_CLONES(double, 2)
+
+template <typename T, typename A>
+void tap_step(const T* x, int64_t step, int64_t n, A* m, signed char* o, signed char w) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (step == 1) return tap_step_1(x, n, m, o, w);
+    if (step == 2) return tap_step_2(x, n, m, o, w);
+  }
+  tap_step_impl<0>(x, step, n, m, o, w);
+}
+
+// The window at st (storage index of its corner `base`, taps displaced by dc): its max and the
+// offset of its argmax, scalar (windows on the border, or a lone output).
+template <typename T, typename A>
+inline void pool_window(const PoolGeometry& g, const Taps& taps, const T* x, int64_t base, const int64_t* dc,
+                        const int64_t* st, bool inside, T* out, signed char* off) {
+  int64_t first = 0;
+  if (!inside) {
+    while (!taps.lands(g, first, st)) ++first;  // every window holds a tap inside the input
+  }
+  A best = static_cast<A>(x[base + dc[first]]);
+  int64_t arg = first;
+  for (int64_t w = first + 1; w < taps.window; ++w) {
+    if (!inside && !taps.lands(g, w, st)) continue;
+    const A v = static_cast<A>(x[base + dc[w]]);
+    if (v > best || v != v) {
+      best = v;
+      arg = w;
+    }
+  }
+  *out = static_cast<T>(best);
+  *off = static_cast<signed char>(arg);
+}
+
+}  // namespace
+
+Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
+  const PoolGeometry& g = p.g;
+  const Taps taps(g);
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  const int64_t ch = g.channels;
+  const int64_t window = taps.window;
+  std::vector<int64_t> disp_ch(taps.disp);
+  for (int64_t& d : disp_ch) d *= ch;
+  const int64_t* dc = disp_ch.data();
+  // Along dim 2, the windows clear of both borders: [lo2, hi2] (as for_each_window).
+  const int64_t lo2 = (g.padding[2] + g.stride[2] - 1) / g.stride[2];
+  const int64_t far = g.in[2] - 1 - taps.reach[2] + g.padding[2];
+  const int64_t hi2 = far < 0 ? -1 : std::min(far / g.stride[2], g.out[2] - 1);
+  return dispatch_cpu_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+    signed char* off = p.offsets;
+    at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
+      // Running maxima of one row of outputs (planes-major) or of one position's channels.
+      std::vector<A> running(static_cast<size_t>(std::max(ch, g.out[2])));
+      A* m = running.data();
+      if (ch > 1) {
+        // Channels-last: tap by tap over all channels of a position (contiguous in memory).
+        for_each_window(g, taps, begin, end, [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
+          const int64_t base = (u * in_plane + corner) * ch;
+          signed char* o = off + i;
+          int64_t first = 0;
+          if (!inside) {
+            while (!taps.lands(g, first, st)) ++first;
+          }
+          const T* x0 = x + base + dc[first];
+          for (int64_t c = 0; c < ch; ++c) {
+            m[c] = static_cast<A>(x0[c]);
+            o[c] = static_cast<signed char>(first);
+          }
+          for (int64_t w = first + 1; w < window; ++w) {
+            if (!inside && !taps.lands(g, w, st)) continue;
+            tap_step(x + base + dc[w], 1, ch, m, o, static_cast<signed char>(w));
+          }
+          for (int64_t c = 0; c < ch; ++c) out[i + c] = static_cast<T>(m[c]);
+        });
+        return;
+      }
+      // Planes-major: a row of outputs at a time, its interior windows tap by tap side by side
+      // (neighbours' windows stride[2] apart), the border windows one by one.
+      for (int64_t u = begin; u < end; ++u) {
+        int64_t i = u * g.out[0] * g.out[1] * g.out[2];
+        int64_t st[3];
+        for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
+          st[0] = o0 * g.stride[0] - g.padding[0];
+          for (int64_t o1 = 0; o1 < g.out[1]; ++o1, i += g.out[2]) {
+            st[1] = o1 * g.stride[1] - g.padding[1];
+            const bool row_inside = st[0] >= 0 && st[0] + taps.reach[0] < g.in[0] && st[1] >= 0 &&
+                                    st[1] + taps.reach[1] < g.in[1];
+            const int64_t row_base = u * in_plane + (st[0] * g.in[1] + st[1]) * g.in[2];
+            const int64_t a = row_inside ? lo2 : g.out[2], b = row_inside ? hi2 + 1 : g.out[2];
+            for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+              if (o2 == a && b > a) {
+                o2 = b - 1;
+                continue;
+              }
+              st[2] = o2 * g.stride[2] - g.padding[2];
+              pool_window<T, A>(g, taps, x, row_base + st[2], dc, st, false, out + i + o2, off + i + o2);
+            }
+            if (b <= a) continue;
+            const int64_t n = b - a;
+            const T* corner = x + row_base + a * g.stride[2] - g.padding[2];
+            signed char* o = off + i + a;
+            for (int64_t j = 0; j < n; ++j) {
+              m[j] = static_cast<A>(corner[j * g.stride[2]]);
+              o[j] = 0;
+            }
+            for (int64_t w = 1; w < window; ++w) {
+              tap_step(corner + dc[w], g.stride[2], n, m, o, static_cast<signed char>(w));
+            }
+            for (int64_t j = 0; j < n; ++j) out[i + a + j] = static_cast<T>(m[j]);
+          }
+        }
+      }
+    });
+    return kSuccess;
+  });
+}
+
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const PoolGeometry& g = p.g;
   const signed char* off = p.offsets;

@@ -73,6 +73,26 @@ def _maxpool_compact_fake(indices, input_size, kernel_size, stride, padding, dil
     return _pooled_empty(indices.shape, _is_channels_last(indices, len(kernel_size)), indices, torch.int8)
 
 
+def _pooled_size(n, k, p, s, d, ceil_mode):
+    """ATen's pooled length along one dim (ceil mode drops a last window starting in the right padding)."""
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _maxpool_forward_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    nd = len(kernel_size)
+    torch._check(x.dim() > nd, lambda: f"slimtune.memsave_maxpool_forward: argument 'x' must have more than {nd} dims")
+    spatial = [
+        _pooled_size(n, k, p, s, d, ceil_mode)
+        for n, k, p, s, d in zip(x.shape[-nd:], kernel_size, padding, stride, dilation)
+    ]
+    shape = list(x.shape[:-nd]) + spatial
+    cl = _is_channels_last(x, nd)
+    return _pooled_empty(shape, cl, x, x.dtype), _pooled_empty(shape, cl, x, torch.int8)
+
+
 def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, padding, dilation):
     torch._check(
         offsets.dtype == torch.int8,
@@ -95,6 +115,7 @@ FAKES = {
     "memsave_relu_mask": _relu_mask_fake,
     "memsave_relu_backward": _relu_backward_fake,
     "memsave_maxpool_compact": _maxpool_compact_fake,
+    "memsave_maxpool_forward": _maxpool_forward_fake,
     "memsave_maxpool_backward": _maxpool_backward_fake,
     "memsave_dropout": _dropout_fake,
 }

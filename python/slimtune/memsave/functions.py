@@ -294,7 +294,15 @@ class MaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         nd = len(kernel_size)
-        if nd == 1:
+        window = _prod(kernel_size)
+        ctx.format = _channels_last_format(x)
+        if x.device.type == "cpu" and window <= 127:
+            # One pass to the max and its int8 offset: no int64 indices to write and read back.
+            out, offsets = torch.ops.slimtune.memsave_maxpool_forward(
+                x, kernel_size, stride, padding, dilation, ceil_mode
+            )
+            idx = None
+        elif nd == 1:
             out, idx = aten.max_pool2d_with_indices(
                 x.unsqueeze(-2), [1, kernel_size[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]], ceil_mode
             )
@@ -305,11 +313,12 @@ class MaxPoolFunction(torch.autograd.Function):
             out, idx = aten.max_pool3d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
         in_sizes = list(x.shape[-nd:])
         out_sizes = list(out.shape[-nd:])
-        window = _prod(kernel_size)
         ctx.pool = (list(x.shape), in_sizes, out_sizes, kernel_size, stride, padding, dilation, x.dtype)
-        ctx.format = _channels_last_format(x)
+        if idx is None:
+            ctx.save_for_backward(offsets)
+            return out
         if window <= 127:
-            # The common case: one kernel pass to int8 offsets.
+            # Other devices: ATen's int64 indices, then one kernel pass to int8 offsets.
             ctx.save_for_backward(
                 torch.ops.slimtune.memsave_maxpool_compact(idx, list(x.shape), kernel_size, stride, padding, dilation)
             )
