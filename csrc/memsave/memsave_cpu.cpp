@@ -517,14 +517,30 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     const T* gr = static_cast<const T*>(p.grad);
     A* out = static_cast<A*>(p.grad_in);
     // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
-    // Each plane is cleared just before its sums land in it, while it is in cache.
+    // A plane is cleared just before its sums land in it, while it is in cache. A channels-last
+    // batch entry (every channel of every position) is larger than the cache, so it is cleared
+    // input row by input row, up to the last row the next window touches: windows come in row
+    // order, so no cleared position is cleared again and every sum lands on a cleared one.
     at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
       bool ok = true;
       for (int64_t unit = begin; unit < end; ++unit) {
-        std::fill(out + unit * in_plane * ch, out + (unit + 1) * in_plane * ch, A(0));
+        A* plane = out + unit * in_plane * ch;
+        int64_t cleared = 0;  // positions of this plane set to zero
+        const auto clear_to = [&](int64_t pos) {
+          if (pos > cleared) {
+            std::fill(plane + cleared * ch, plane + pos * ch, A(0));
+            cleared = pos;
+          }
+        };
+        if (ch == 1) clear_to(in_plane);
         for_each_window(g, taps, unit, unit + 1,
                         [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
           const int64_t base = (u * in_plane + corner) * ch;
+          if (ch > 1) {
+            const int64_t r0 = std::min(st[0] + taps.reach[0], g.in[0] - 1);
+            const int64_t r1 = std::min(st[1] + taps.reach[1], g.in[1] - 1);
+            clear_to(std::min(in_plane, (r0 * g.in[1] + r1 + 1) * g.in[2]));
+          }
           if (inside && ch == 1) {
             const uint8_t w = static_cast<uint8_t>(off[i]);
             if (w < window) {
@@ -552,6 +568,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
             out[base + dc[w] + c] += static_cast<A>(gr[i + c]);
           }
         });
+        clear_to(in_plane);  // positions no window reaches (a stride wider than the window)
       }
       if (!ok) bad.store(true);
     });
