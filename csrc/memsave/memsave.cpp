@@ -442,6 +442,26 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, a
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cuda, &maxpool_compact_cuda,
                           &maxpool_backward_cuda, &dropout_cuda};
+
+// GPU: ATen's max pool (its CUDA kernel already reads x once), then the compaction kernel; the
+// int64 indices live only until the offsets are written.
+std::tuple<at::Tensor, at::Tensor> maxpool_forward_gpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "memsave_maxpool_forward";
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
+  SLIMTUNE_CHECK_ARG(nd >= 1 && nd <= 3, op, "kernel_size", "must have 1 to 3 entries, got ", kernel_size);
+  SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
+                     x.scalar_type());
+  check_backend(kGpuKernels.backend, op, x, "x");
+  std::tuple<at::Tensor, at::Tensor> pooled =
+      nd == 1   ? at::max_pool1d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+      : nd == 2 ? at::max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+                : at::max_pool3d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode);
+  at::Tensor offsets =
+      maxpool_compact_op(kGpuKernels, std::get<1>(pooled), x.sizes(), kernel_size, stride, padding, dilation);
+  return {std::get<0>(pooled), offsets};
+}
 #endif
 
 }  // namespace
@@ -457,7 +477,7 @@ void define_memsave_schemas(torch::Library& m) {
         "int[] dilation) -> Tensor");
   m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation) -> Tensor");
-  // CPU: the max pool and its int8 offsets in one pass (other devices pool with ATen, then compact).
+  // The max pool and its int8 offsets (CPU: in one pass; GPU: ATen's pool, then the compaction).
   m.def("memsave_maxpool_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode) -> (Tensor out, Tensor offsets)");
   // Dropout under a Philox mask drawn from `seed` (forward and backward alike).
@@ -486,5 +506,6 @@ TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
 #ifdef SLIMTUNE_HAS_GPU
 TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
   slimtune::memsave::Bound<slimtune::memsave::kGpuKernels>::register_all(m);
+  m.impl("memsave_maxpool_forward", &slimtune::memsave::maxpool_forward_gpu_op);
 }
 #endif

@@ -181,3 +181,29 @@ def test_dropout(emu, schedule, dtype, n):
     x = torch.randn(3, 4, 5, 2).contiguous(memory_format=torch.channels_last)
     out = emu.memsave_dropout(x, 0.3, 11)
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, CPU.memsave_dropout(x, 0.3, 11))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", POOLS + CL_POOLS)
+def test_maxpool_forward_op(emu, schedule, dtype, case):
+    """The GPU form of memsave_maxpool_forward (ATen's pool, then the compaction kernel) gives the
+    CPU form's output and offsets bit for bit, layout included."""
+    nd, shape, kernel, stride, padding, dilation, ceil = case
+    x = coarse(shape, dtype)
+    if case in CL_POOLS:
+        x = x.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    args = (kernel, stride, padding, dilation, ceil)
+    out, offsets = emu.memsave_maxpool_forward(x, *args)
+    want_out, want_offsets = CPU.memsave_maxpool_forward(x, *args)
+    assert torch.equal(out, want_out) and torch.equal(offsets, want_offsets)
+    assert offsets.stride() == want_offsets.stride() and out.stride() == want_out.stride()
+    stock, idx = pool(x, nd, kernel, stride, padding, dilation, ceil)
+    assert torch.equal(out, stock)
+    assert torch.equal(offsets.long(), reference.memsave_maxpool_offsets(idx.contiguous(), list(shape), *args[:4]))
+
+
+def test_maxpool_forward_op_bad_input(emu):
+    with pytest.raises(RuntimeError, match="kernel_size"):
+        emu.memsave_maxpool_forward(torch.randn(1, 2, 5, 5), [], [], [], [], False)
+    with pytest.raises(RuntimeError, match="'x'"):
+        emu.memsave_maxpool_forward(torch.ones(1, 2, 5, 5, dtype=torch.int64), [2, 2], [2, 2], [0, 0], [1, 1], False)
