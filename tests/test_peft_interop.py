@@ -194,3 +194,18 @@ def test_every_adapter_of_a_multi_adapter_model_is_exported_in_peft_layout(tmp_p
         torch.testing.assert_close(_logits(fresh, inputs), expected, atol=1e-5, rtol=1e-5, msg=a)
     with pytest.raises(ValueError, match="'fourth'"):
         export_peft_adapter(ours, tmp_path / "none", adapter_name="fourth")
+
+
+def test_a_hand_built_layer_given_a_peft_adapter_is_converted_like_apply_s(tmp_path):
+    """A LoRALinear made by hand that receives a PEFT adapter becomes a converted layer with the
+    same state-dict names as one made by apply_lora (the frozen weight under the layer's own name)."""
+    torch.manual_seed(0)
+    made = slimtune.apply_lora(torch.nn.Sequential(torch.nn.Linear(6, 5)), ["0"], r=2)
+    export_peft_adapter(made, tmp_path)
+    torch.manual_seed(0)
+    hand = torch.nn.Sequential(LoRALinear(torch.nn.Linear(6, 5), r=3, adapter_name="mine"))
+    load_peft_adapter(hand, tmp_path)
+    assert slimtune.convert.is_converted(hand[0])
+    assert hand[0].adapter_names == ["mine", "default"]
+    assert "0.weight" in hand.state_dict() and "0.base.weight" not in hand.state_dict()
+    assert set(made.state_dict()) <= {k.replace(".mine.", ".default.") for k in hand.state_dict()}

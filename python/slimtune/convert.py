@@ -329,6 +329,24 @@ def mark_converted(module: nn.Module, method: str, kwargs: dict, base_type: str 
     module._register_load_state_dict_pre_hook(_base_keys_from_original, with_module=True)
 
 
+def adopt_layer(module: nn.Module, method: str) -> None:
+    """A LoRA-style layer built by hand (``LoRALinear``, ``DoRALinear``) becomes a converted layer,
+    described by its first adapter (its PiSSA/OLoRA initialisation included); no-op when it is one."""
+    if is_converted(module):
+        return
+    first = module.adapter_names[0]
+    init = "zeros" if module.initial_factors(first) is None else module.base_weight_init[first]
+    kwargs = dict(
+        r=module.r[first],
+        alpha=module.lora_alpha[first],
+        dropout=module.lora_dropout[first],
+        rslora=module.use_rslora[first],
+        init=init,
+        adapter_name=first,
+    )
+    mark_converted(module, method, kwargs)
+
+
 # A converted layer's state dict names the frozen weight as the unconverted layer did
 # (``q_proj.weight``, not ``q_proj.base.weight``; a GPT-2 Conv1D's in its (in, out) layout), so a
 # checkpoint written by ``save_pretrained`` of a converted Hugging Face model loads the right base

@@ -128,11 +128,9 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> Dict[str, Di
 
 
 def adopt_loaded_layers(model: nn.Module) -> None:
-    """LoRALinear layers made by ``load_peft_adapter`` become converted layers like ``apply``'s."""
+    """LoRALinear layers made by hand in ``model`` become converted layers like ``apply``'s."""
     from .nn.lora import LoRALinear
 
     for _, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not _cv.is_converted(m):
-            a = m.adapter_names[0]
-            kwargs = dict(r=m.r[a], alpha=m.lora_alpha[a], dropout=m.lora_dropout[a], rslora=m.use_rslora[a])
-            _cv.mark_converted(m, "lora", dict(kwargs, adapter_name=a))
+        if isinstance(m, LoRALinear):
+            _cv.adopt_layer(m, "lora")

@@ -137,27 +137,6 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(id(p) in keep)
 
 
-def _mark_converted(module: nn.Module, method: str) -> None:
-    """A LoRALinear/DoRALinear built by hand becomes a converted layer (``slimtune.save``/``merge``
-    find it), described by its first adapter."""
-    from .. import convert as _cv
-
-    if _cv.is_converted(module):
-        return
-    first = module.adapter_names[0]
-    init = "zeros" if module.initial_factors(first) is None else module.base_weight_init[first]
-    kwargs = dict(
-        r=module.r[first],
-        alpha=module.lora_alpha[first],
-        dropout=module.lora_dropout[first],
-        rslora=module.use_rslora[first],
-        init=init,
-    )
-    setattr(module, _cv._METHOD_ATTR, method)
-    setattr(module, _cv._KWARGS_ATTR, kwargs)
-    setattr(module, _cv._BASE_TYPE_ATTR, "Linear")
-
-
 def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Loads a PEFT LoRA adapter into ``model``: each targeted ``nn.Linear`` or GPT-2 ``Conv1D`` is
     replaced in place by a converted :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear``
@@ -300,7 +279,7 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     for name, (full, module, r, alpha, A, B, M) in plan.items():
         target = built[name]
         if target is module:
-            _mark_converted(target, method)
+            _cv.adopt_layer(target, method)
         else:
             _cv._set_submodule(inner, full, target)
         with torch.no_grad():
