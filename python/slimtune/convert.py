@@ -371,12 +371,15 @@ def _base_keys_from_original(module, state_dict, prefix, *args):
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
-    """Only adapter parameters and those of the modules to save (trained heads) stay trainable."""
+    """Only adapter parameters (of converted layers and of adapter layers built by hand) and those
+    of the modules to save (trained heads) stay trainable, as after PEFT's ``get_peft_model``."""
     from .heads import marked_modules
+    from .nn.adapter import AdapterLayer
 
     adapters = {
         id(p)
-        for m in converted_modules(model).values()
+        for m in model.modules()
+        if isinstance(m, AdapterLayer) or is_converted(m)
         for p in adapter_state(m).values()
         if isinstance(p, nn.Parameter)
     }

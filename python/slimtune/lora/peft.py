@@ -121,22 +121,6 @@ def _features(module: nn.Module) -> Tuple[int, int]:
     return tuple(module.weight.shape)
 
 
-def _freeze_all_but_adapters(model: nn.Module) -> None:
-    """Only adapter parameters stay trainable, as after PEFT's ``get_peft_model``."""
-    from .. import convert as _cv
-    from ..nn.adapter import AdapterLayer
-
-    keep = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, AdapterLayer) or _cv.is_converted(m)
-        for p in _cv.adapter_state(m).values()
-        if isinstance(p, nn.Parameter)
-    }
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-
-
 def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Loads a PEFT LoRA adapter into ``model``: each targeted ``nn.Linear`` or GPT-2 ``Conv1D`` is
     replaced in place by a converted :class:`slimtune.nn.LoRALinear` (an existing ``LoRALinear``
@@ -287,7 +271,7 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
             target.lora_B[adapter_name].copy_(B)
             if M is not None:
                 target.lora_magnitude_vector[adapter_name].copy_(M)
-    _freeze_all_but_adapters(inner)
+    _cv._freeze_all_but_adapters(inner)
     _heads.restore(inner, head_plan)
     return model
 
