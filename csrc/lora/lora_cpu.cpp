@@ -9,9 +9,10 @@
 #include "common/acc.h"
 #include "common/cpu_dispatch.h"
 #include "common/philox.h"
+#include "common/philox_cpu.h"
 #include "lora/lora.h"
 
-// The Philox draws and the rows' dot products and axpys are the passes' work: compile them for
+// The rows' dot products and axpys are the passes' work: compile them for
 // wide vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLIMTUNE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -22,33 +23,6 @@
 namespace slimtune {
 namespace lora {
 namespace {
-
-constexpr int kLanes = 32;  // two AVX-512 vectors of counters: independent chains hide latency
-
-// keep[k] = the 8 keep bits of Philox block b0 + k, k < nblk. Blocks of kLanes counters run
-// side by side (structure of arrays) so the 32x32->64 multiplies of philox::round vectorize.
-SLIMTUNE_CLONES void keep_bytes(uint64_t seed, uint64_t offset, uint64_t b0, int64_t nblk, uint32_t thresh,
-                                uint8_t* keep) {
-  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
-  for (int64_t base = 0; base < nblk; base += kLanes) {
-    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      philox::mask_counter(offset, b0 + static_cast<uint64_t>(base + l), c0[l], c1[l], c2[l], c3[l]);
-    }
-    uint32_t k0 = key0, k1 = key1;
-    for (int r = 0; r < 10; ++r) {
-      for (int l = 0; l < kLanes; ++l) philox::round(c0[l], c1[l], c2[l], c3[l], k0, k1);
-      k0 += philox::kW0;
-      k1 += philox::kW1;
-    }
-    uint8_t bits[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      bits[l] = static_cast<uint8_t>(philox::keep_bits(c0[l], c1[l], c2[l], c3[l], thresh));
-    }
-    const int n = static_cast<int>(std::min<int64_t>(kLanes, nblk - base));
-    for (int l = 0; l < n; ++l) keep[base + l] = bits[l];
-  }
-}
 
 // Expands keep bits to per-element multipliers (mult or 0) through a 256-entry table of
 // 8 values, so a block costs one table copy. One per thread: it owns its scratch.
@@ -75,7 +49,8 @@ class Multipliers {
     constexpr int64_t E = philox::kElemsPerBlock;
     const int64_t b0 = e0 / E, b1 = (e0 + n + E - 1) / E;
     bytes_.resize(static_cast<size_t>(b1 - b0));
-    keep_bytes(seed_, offset_, static_cast<uint64_t>(b0), b1 - b0, thresh_, bytes_.data());
+    philox::keep_bytes(seed_, philox::kMaskStream, offset_ + static_cast<uint64_t>(b0), b1 - b0, thresh_,
+                       bytes_.data());
     const int64_t skip = e0 - b0 * E;  // elements of the first block before e0
     int64_t j = 0;
     for (int64_t k = 0; k < b1 - b0; ++k) {

@@ -12,6 +12,7 @@
 #include "common/acc.h"
 #include "common/cpu_dispatch.h"
 #include "common/philox.h"
+#include "common/philox_cpu.h"
 #include "memsave/memsave.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -579,34 +580,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
 }
 
 namespace {
-
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-#define SLIMTUNE_MEMSAVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SLIMTUNE_MEMSAVE_CLONES
-#endif
-
-constexpr int kBlocks = 16;  // Philox blocks side by side: the 32x32->64 multiplies vectorize
-
-// keep[k] = the 8 keep bits of Philox block b0 + k, k < kBlocks.
-SLIMTUNE_MEMSAVE_CLONES void dropout_keep(uint64_t seed, uint64_t b0, uint32_t thresh, uint8_t* keep) {
-  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
-  for (int l = 0; l < kBlocks; ++l) {
-    const uint64_t b = b0 + static_cast<uint64_t>(l);
-    c0[l] = static_cast<uint32_t>(b);
-    c1[l] = static_cast<uint32_t>(b >> 32);
-    c2[l] = kDropoutStream;
-    c3[l] = 0u;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int l = 0; l < kBlocks; ++l) philox::round(c0[l], c1[l], c2[l], c3[l], k0, k1);
-    k0 += philox::kW0;
-    k1 += philox::kW1;
-  }
-  for (int l = 0; l < kBlocks; ++l) keep[l] = static_cast<uint8_t>(philox::keep_bits(c0[l], c1[l], c2[l], c3[l], thresh));
-}
-
+constexpr int kBlocks = 32;  // Philox blocks per call of philox::keep_bytes (its lane count)
 }  // namespace
 
 Status dropout_cpu(const DropoutParams& p, void*) {
@@ -624,7 +598,7 @@ Status dropout_cpu(const DropoutParams& p, void*) {
       uint8_t keep[kBlocks];
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t b0 = gi * kBlocks;
-        dropout_keep(p.seed, static_cast<uint64_t>(b0), p.threshold, keep);
+        philox::keep_bytes(p.seed, kDropoutStream, static_cast<uint64_t>(b0), kBlocks, p.threshold, keep);
         const int64_t e0 = b0 * 8;
         const int64_t e1 = e0 + kBlocks * 8 < n ? e0 + kBlocks * 8 : n;
         // x times (scale or 0), as stock dropout multiplies by its mask: a dropped NaN stays NaN.
