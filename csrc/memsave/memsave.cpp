@@ -393,14 +393,10 @@ struct Bound {
   }
 };
 
-#ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
-                          &maxpool_backward_cpu, &dropout_cpu};
-
-// CPU max pool straight to (out, int8 offsets): no int64 indices written and read back.
-std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, bool ceil_mode) {
+// The arguments of memsave_maxpool_forward, checked alike on every device; returns the pooled
+// sizes by ATen's own rule (ceil_mode included).
+std::vector<int64_t> check_maxpool_forward(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "memsave_maxpool_forward";
   SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
                      x.scalar_type());
@@ -427,6 +423,20 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, a
     out_size[x.dim() - nd + j] =
         at::native::pooling_output_shape<int64_t>(in, kernel_size[j], padding[j], stride[j], dilation[j], ceil_mode);
   }
+  return out_size;
+}
+
+#ifndef SLIMTUNE_HOST_EMULATION
+const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
+                          &maxpool_backward_cpu, &dropout_cpu};
+
+// CPU max pool straight to (out, int8 offsets): no int64 indices written and read back.
+std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "memsave_maxpool_forward";
+  const std::vector<int64_t> out_size = check_maxpool_forward(x, kernel_size, stride, padding, dilation, ceil_mode);
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
   const bool cl = is_channels_last(x, nd);
   const at::Tensor xc = cl ? x : x.contiguous();
   at::Tensor out = empty_pooled(out_size, cl, xc.options());
@@ -448,12 +458,9 @@ const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cud
 std::tuple<at::Tensor, at::Tensor> maxpool_forward_gpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                                           at::IntArrayRef dilation, bool ceil_mode) {
-  constexpr const char* op = "memsave_maxpool_forward";
+  check_maxpool_forward(x, kernel_size, stride, padding, dilation, ceil_mode);
+  check_backend(kGpuKernels.backend, "memsave_maxpool_forward", x, "x");
   const int64_t nd = static_cast<int64_t>(kernel_size.size());
-  SLIMTUNE_CHECK_ARG(nd >= 1 && nd <= 3, op, "kernel_size", "must have 1 to 3 entries, got ", kernel_size);
-  SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
-                     x.scalar_type());
-  check_backend(kGpuKernels.backend, op, x, "x");
   std::tuple<at::Tensor, at::Tensor> pooled =
       nd == 1   ? at::max_pool1d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
       : nd == 2 ? at::max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)

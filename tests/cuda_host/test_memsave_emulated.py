@@ -207,3 +207,8 @@ def test_maxpool_forward_op_bad_input(emu):
         emu.memsave_maxpool_forward(torch.randn(1, 2, 5, 5), [], [], [], [], False)
     with pytest.raises(RuntimeError, match="'x'"):
         emu.memsave_maxpool_forward(torch.ones(1, 2, 5, 5, dtype=torch.int64), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    # The CPU form's argument checks, on this device too.
+    for bad in ([[2, 2], [2, 2], [2, 2], [1, 1]], [[2, 2], [2], [0, 0], [1, 1]]):
+        for ops in (emu, CPU):
+            with pytest.raises(RuntimeError, match="padding|stride"):
+                ops.memsave_maxpool_forward(torch.randn(1, 2, 8, 8), *bad, False)
