@@ -425,3 +425,9 @@ def test_pissa_olora_save_pretrained_loads_onto_the_original_weights(tmp_path, i
     torch.testing.assert_close(theirs(ids).logits, want, atol=1e-5, rtol=1e-5)
     again = slimtune.SlimtuneModel.from_pretrained(tiny_hf("llama"), tmp_path).eval()
     torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("apply_fn", [slimtune.apply_sparse_delta, slimtune.apply_rosa, slimtune.apply_dora])
+def test_every_apply_keeps_modules_to_save_trainable(apply_fn):
+    model = apply_fn(classifier(), ["query"], modules_to_save=["classifier"])
+    assert model.classifier.weight.requires_grad and not model.bert.embeddings.word_embeddings.weight.requires_grad

@@ -561,12 +561,23 @@ def apply_dora(
     dropout: float = 0.0,
     rslora: bool = False,
     exclude_modules: Optional[TargetSpec] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Add DoRA adapters (``slimtune.nn.DoRALinear``: LoRA plus a per-row magnitude) to the selected
     layers, in place. Arguments as in :func:`apply_lora`. Only the adapter parameters and magnitudes
-    stay trainable. Returns ``model``.
+    (and ``modules_to_save``, see :func:`apply`) stay trainable. Returns ``model``.
     """
-    return apply(model, "dora", target_modules, exclude_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    return apply(
+        model,
+        "dora",
+        target_modules,
+        exclude_modules,
+        modules_to_save,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+    )
 
 
 def summary(model: nn.Module, print_fn: Optional[Callable[[str], None]] = print) -> dict:
