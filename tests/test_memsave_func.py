@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
 import slimtune
@@ -117,3 +118,38 @@ def test_memsave_path_outside_transforms(models):
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     out = ours.features[:3](x)
     assert "ReLUFunction" in type(out.grad_fn).__name__
+
+
+_FUNCTIONAL = [
+    ("relu", lambda x: slimtune.memsave.memsave_relu(x), torch.relu),
+    ("max_pool", lambda x: slimtune.memsave.memsave_max_pool(x, 3, 2, 1), lambda x: F.max_pool2d(x, 3, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("name,ours,stock", _FUNCTIONAL, ids=[c[0] for c in _FUNCTIONAL])
+def test_functional_forms_under_transforms(name, ours, stock):
+    # The functional forms follow the layers: stock's op under vmap, grad, jvp and forward-mode AD.
+    x = torch.randn(3, 2, 4, 7, 7, requires_grad=True)
+    torch.testing.assert_close(vmap(ours)(x), vmap(stock)(x), rtol=0, atol=0)
+    xi, t = x[0].detach(), torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(
+        grad(lambda v: ours(v).square().sum())(xi), grad(lambda v: stock(v).square().sum())(xi), rtol=0, atol=0
+    )
+    torch.testing.assert_close(jvp(ours, (xi,), (t,)), jvp(stock, (xi,), (t,)), rtol=0, atol=0)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(ours(fwAD.make_dual(xi, t)))
+        ref = fwAD.unpack_dual(stock(fwAD.make_dual(xi, t)))
+        torch.testing.assert_close((out.primal, out.tangent), (ref.primal, ref.tangent), rtol=0, atol=0)
+
+
+def test_functional_dropout_under_transforms():
+    # Under a transform memsave_dropout is stock dropout, drawing from torch's generator.
+    xi, t = torch.randn(4, 8), torch.randn(4, 8)
+    results = []
+    for fn in (lambda v: slimtune.memsave.memsave_dropout(v, 0.3), lambda v: F.dropout(v, 0.3)):
+        torch.manual_seed(5)
+        results.append(jvp(fn, (xi,), (t,)))
+        torch.manual_seed(6)
+        results.append(grad(lambda v, fn=fn: fn(v).sum())(xi))
+    torch.testing.assert_close(results[0], results[2], rtol=0, atol=0)
+    torch.testing.assert_close(results[1], results[3], rtol=0, atol=0)

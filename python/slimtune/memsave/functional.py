@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction
+from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction, under_func_transform
 
 _IntOrSeq = Union[int, Sequence[int]]
 
@@ -14,7 +14,7 @@ _IntOrSeq = Union[int, Sequence[int]]
 def memsave_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``F.relu(x)`` (bit-identical) keeping one bit per element for backward
     (``torch.ops.slimtune.memsave_relu``, ``memsave_relu_mask``, ``memsave_relu_backward``)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not (torch.is_grad_enabled() and x.requires_grad) or under_func_transform():
         return F.relu(x, inplace=inplace)
     return ReLUFunction.apply(x, bool(inplace))
 
@@ -25,6 +25,8 @@ def memsave_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"memsave_dropout: argument 'p' must be in [0, 1], got {p}")
     if not training or p == 0.0 or p == 1.0 or not (torch.is_grad_enabled() and x.requires_grad):
+        return F.dropout(x, p, training)
+    if under_func_transform():  # stock dropout there (its own mask from torch's generator)
         return F.dropout(x, p, training)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -62,7 +64,7 @@ def memsave_max_pool(
     kernel = _tuple(kernel_size, nd, "kernel_size")
     stride = kernel if stride is None else _tuple(stride, nd, "stride")
     padding, dilation = _tuple(padding, nd, "padding"), _tuple(dilation, nd, "dilation")
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not (torch.is_grad_enabled() and x.requires_grad) or under_func_transform():
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
         return pool(x, kernel, stride, padding, dilation, ceil_mode)
     return MaxPoolFunction.apply(x, kernel, stride, padding, dilation, bool(ceil_mode))

@@ -26,6 +26,14 @@ def _recording(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def under_func_transform():
+    """True inside torch.func transforms (vmap, grad, jvp, ...) or a forward-mode AD level: the
+    Functions here have no vmap or jvp rules, so their callers run the stock op there."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def _shape_only(shape, like):
     """A stride-0 view of one element: gives ATen a shape and dtype without storing a tensor."""
     return like.new_zeros(()).expand(shape)

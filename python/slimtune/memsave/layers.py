@@ -23,6 +23,7 @@ from .functions import (
     PadFunction,
     ReLUFunction,
     RMSNormFunction,
+    under_func_transform,
 )
 
 __all__ = [
@@ -53,13 +54,6 @@ __all__ = [
 _LOWP = (torch.float16, torch.bfloat16)
 
 
-def _under_func_transform():
-    """True inside torch.func transforms (vmap, grad, jvp, ...) or a forward-mode AD level."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-
-
 def _stock_forward(module):
     """The forward of the torch layer a memsave class derives from."""
     for cls in type(module).__mro__[1:]:
@@ -74,7 +68,7 @@ def _stock_under_func_transforms(forward):
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
-        if _under_func_transform():
+        if under_func_transform():
             return _stock_forward(self)(self, *args, **kwargs)
         return forward(self, *args, **kwargs)
 
