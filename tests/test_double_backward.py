@@ -148,7 +148,7 @@ def test_hf_rmsnorm_converted_model_hvp():
 
 def test_memsave_dropout_double_backward_exact():
     x = torch.randn(4, 6, **D, requires_grad=True)
-    _gradgrad(lambda x: DropoutFunction.apply(x, 0.3, 1234), x)
+    _gradgrad(lambda x: DropoutFunction.apply(x, 0.3, torch.tensor([1234])), x)
 
 
 @pytest.mark.parametrize(

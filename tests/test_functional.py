@@ -125,7 +125,7 @@ def test_memsave_forms_match_torch_and_save_less():
     keep = d != 0
     assert torch.equal(d, torch.where(keep, x * 2, torch.zeros(())))
     assert torch.equal(torch.autograd.grad(d, x, torch.ones_like(d))[0], keep.float() * 2)
-    assert slimtune.saved_bytes(lambda: SF.memsave_dropout(x, 0.5)) == 0
+    assert slimtune.saved_bytes(lambda: SF.memsave_dropout(x, 0.5)) == 8  # its int64 seed
     assert torch.equal(SF.memsave_dropout(x, 0.5, training=False), x)
 
 

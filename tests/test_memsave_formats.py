@@ -16,6 +16,11 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _seed(value):
+    """The op's seed argument: a one-element int64 tensor."""
+    return torch.tensor([value], dtype=torch.int64)
+
+
 def converted(layer):
     ours = layer
     slimtune.memsave.convert(ours)
@@ -194,9 +199,9 @@ def test_maxpool_channels_last_bad_entries_named():
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_op(dtype, layout, p):
     x = stored(torch.randn(3, 4, 5, 7, dtype=torch.float64).to(dtype), layout)
-    out = torch.ops.slimtune.memsave_dropout(x, p, 1234)
-    assert torch.equal(out, torch.ops.slimtune.memsave_dropout(x, p, 1234))  # the seed fixes the mask
-    assert not torch.equal(out, torch.ops.slimtune.memsave_dropout(x, p, 1235))
+    out = torch.ops.slimtune.memsave_dropout(x, p, _seed(1234))
+    assert torch.equal(out, torch.ops.slimtune.memsave_dropout(x, p, _seed(1234)))  # the seed fixes the mask
+    assert not torch.equal(out, torch.ops.slimtune.memsave_dropout(x, p, _seed(1235)))
     if is_dense(x):
         assert same_strides(out, x)
     keep = out != 0
@@ -206,13 +211,16 @@ def test_dropout_op(dtype, layout, p):
     frac = 1 - keep.float().mean().item()
     assert abs(frac - p) < 0.12
     # The mask depends on memory order only: the same bytes give the same mask in any layout.
-    ref = torch.ops.slimtune.memsave_dropout(x.contiguous(), p, 1234)
+    ref = torch.ops.slimtune.memsave_dropout(x.contiguous(), p, _seed(1234))
     if layout != "channels_last":
         assert torch.equal(out, ref)
     with pytest.raises(RuntimeError, match="argument 'p'"):
-        torch.ops.slimtune.memsave_dropout(x, 1.0, 1)
+        torch.ops.slimtune.memsave_dropout(x, 1.0, _seed(1))
     with pytest.raises(RuntimeError, match="argument 'x'"):
-        torch.ops.slimtune.memsave_dropout(torch.ones(3, dtype=torch.int32), 0.5, 1)
+        torch.ops.slimtune.memsave_dropout(torch.ones(3, dtype=torch.int32), 0.5, _seed(1))
+    for bad in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match="argument 'seed' must be a one-element int64 tensor"):
+            torch.ops.slimtune.memsave_dropout(x, p, bad)
 
 
 def test_philox_reference_known_answers():
@@ -229,7 +237,7 @@ def test_dropout_op_matches_reference(dtype, n, seed):
     x = torch.randn(n, dtype=torch.float64).to(dtype)
     x[0] = float("nan")
     for p in (0.0, 0.1, 0.5, 0.93):
-        ours = torch.ops.slimtune.memsave_dropout(x, p, seed)
+        ours = torch.ops.slimtune.memsave_dropout(x, p, _seed(seed))
         assert torch.equal(ours.isnan(), x.isnan())
         expected = reference.memsave_dropout(x, p, seed)
         assert torch.equal(ours.nan_to_num(7.0), expected.nan_to_num(7.0))
@@ -238,11 +246,11 @@ def test_dropout_op_matches_reference(dtype, n, seed):
 def test_dropout_nan_and_sizes():
     for n in (0, 1, 7, 8, 9, 127, 129, 1000):
         x = torch.full((n,), float("nan"))
-        out = torch.ops.slimtune.memsave_dropout(x, 0.5, 7)
+        out = torch.ops.slimtune.memsave_dropout(x, 0.5, _seed(7))
         assert out.isnan().all()  # x times 0 or scale, as stock dropout multiplies
     x = torch.randn(1000)
     for rg in (False, True):
-        torch.library.opcheck(torch.ops.slimtune.memsave_dropout.default, (x.clone().requires_grad_(rg), 0.3, 5))
+        torch.library.opcheck(torch.ops.slimtune.memsave_dropout.default, (x.clone().requires_grad_(rg), 0.3, _seed(5)))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -256,7 +264,7 @@ def test_dropout_layer_keeps_layout_and_gradient(layout):
     keep = out != 0
     assert same_strides(gx, x)
     assert torch.equal(gx, torch.where(keep, g * torch.tensor(1 / 0.7), 0.0))
-    out2 = DropoutFunction.apply(x, 0.3, 99)
+    out2 = DropoutFunction.apply(x, 0.3, _seed(99))
     (gx2,) = torch.autograd.grad(out2.sum(), x)
     assert torch.equal(gx2 != 0, out2 != 0)
 

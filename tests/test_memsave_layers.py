@@ -260,7 +260,7 @@ def test_dropout_saves_only_a_seed(dtype, p):
     slimtune.memsave.convert(ours)
     x = (torch.rand(64, 257) + 0.5).to(dtype).requires_grad_(True)
     out, nbytes = slimtune.saved_bytes(ours, x, with_output=True)
-    assert nbytes == 0
+    assert nbytes == 8  # its one int64 seed
     g = torch.randn(out.shape).to(dtype)
     (gx,) = torch.autograd.grad(out, x, g)
     keep = out != 0

@@ -39,6 +39,10 @@ void check_same_device(const char* op, const at::Tensor& ref, const char* ref_na
 // other devices: ATen reductions with one host sync.
 void check_flat_indices(const char* op, const at::Tensor& indices, const char* name, int64_t numel);
 
+// A dropout seed: a one-element int64 tensor on x's device (so a GPU kernel reads it from device
+// memory, without a host sync); throws naming 'seed' otherwise.
+void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed);
+
 // True when no element is NaN or infinite. CPU: one allocation-free pass; elsewhere one sync.
 bool all_finite(const at::Tensor& t);
 

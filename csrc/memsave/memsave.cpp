@@ -243,11 +243,12 @@ PoolGeometry check_maxpool_backward(const at::Tensor& grad, const at::Tensor& of
   return pool_geometry(op, grad, "grad", input_size, kernel_size, stride, padding, dilation);
 }
 
-void check_dropout(const at::Tensor& x, double p) {
+void check_dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
   constexpr const char* op = "memsave_dropout";
   SLIMTUNE_CHECK_ARG(is_float_dtype(x.scalar_type()), op, "x", "must be float32, float16, bfloat16 or float64, got ",
                      x.scalar_type());
   SLIMTUNE_CHECK_ARG(p >= 0.0 && p < 1.0, op, "p", "must be in [0, 1), got ", p);
+  check_seed_tensor(op, x, seed);
 }
 
 // ---- the kernels of one backend ----
@@ -350,14 +351,22 @@ at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const a
   return buf.to(grad.scalar_type());
 }
 
-at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, int64_t seed) {
-  check_dropout(x, p);
+at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_dropout(x, p, seed);
   check_backend(k.backend, "memsave_dropout", x, "x");
   c10::DeviceGuard guard(x.device());
   const at::Tensor xc = dense(x);
   at::Tensor out = at::empty_like(xc);
-  const DropoutParams prm{xc.data_ptr(),           to_kernel_dtype(xc.scalar_type()), xc.numel(), out.data_ptr(),
-                          static_cast<uint64_t>(seed), philox::threshold(p),            1.0 - p};
+  // The CPU reads the seed here; a GPU kernel reads it from device memory itself.
+  const bool on_cpu = &k.backend == &kCpuBackend;
+  const DropoutParams prm{xc.data_ptr(),
+                          to_kernel_dtype(xc.scalar_type()),
+                          xc.numel(),
+                          out.data_ptr(),
+                          on_cpu ? static_cast<uint64_t>(seed.item<int64_t>()) : 0u,
+                          philox::threshold(p),
+                          1.0 - p,
+                          on_cpu ? nullptr : seed.const_data_ptr<int64_t>()};
   check_status(k.backend, k.dropout(prm, k.backend.stream(xc)), "memsave_dropout");
   return out;
 }
@@ -382,7 +391,7 @@ struct Bound {
                                      at::IntArrayRef dilation) {
     return maxpool_backward_op(K, grad, offsets, input_size, kernel_size, stride, padding, dilation);
   }
-  static at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) { return dropout_op(K, x, p, seed); }
+  static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) { return dropout_op(K, x, p, seed); }
   static void register_all(torch::Library& m) {
     m.impl("memsave_relu", &relu);
     m.impl("memsave_relu_mask", &relu_mask);
@@ -487,8 +496,9 @@ void define_memsave_schemas(torch::Library& m) {
   // The max pool and its int8 offsets (CPU: in one pass; GPU: ATen's pool, then the compaction).
   m.def("memsave_maxpool_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode) -> (Tensor out, Tensor offsets)");
-  // Dropout under a Philox mask drawn from `seed` (forward and backward alike).
-  m.def("memsave_dropout(Tensor x, float p, int seed) -> Tensor");
+  // Dropout under a Philox mask drawn from `seed`, a one-element int64 tensor on x's device
+  // (forward and backward alike).
+  m.def("memsave_dropout(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 }  // namespace slimtune

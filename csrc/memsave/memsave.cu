@@ -243,9 +243,11 @@ __global__ void pool_backward_kernel(const T* __restrict__ grad, const signed ch
 
 // One thread per Philox block: its 8 elements through one vector load and store (when aligned).
 template <typename T>
-__global__ void dropout_kernel(const T* __restrict__ x, int64_t n, T* __restrict__ out, uint64_t seed,
-                               uint32_t thresh, double keep_prob, bool vec) {
+__global__ void dropout_kernel(const T* __restrict__ x, int64_t n, T* __restrict__ out,
+                               const int64_t* __restrict__ seed_ptr, uint64_t seed_value, uint32_t thresh,
+                               double keep_prob, bool vec) {
   using A = acc_t<T>;
+  const uint64_t seed = seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed_value;
   // Stock dropout's mask value: 1 / (1 - p) in the accumulation type, rounded to T.
   const A scale = to_acc(from_acc<T>(A(1) / static_cast<A>(keep_prob)));
   const int64_t nblocks = (n + 7) / 8;
@@ -345,7 +347,8 @@ Status dropout_cuda(const DropoutParams& p, void* stream) {
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch(dropout_kernel<T>, dim3(blocks_for(nblocks, kThreads)), dim3(kThreads), 0, s,
-                  static_cast<const T*>(p.x), p.n, static_cast<T*>(p.out), p.seed, p.threshold, p.keep_prob, vec);
+                  static_cast<const T*>(p.x), p.n, static_cast<T*>(p.out), p.seed_ptr, p.seed, p.threshold,
+                  p.keep_prob, vec);
   });
 }
 

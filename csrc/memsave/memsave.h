@@ -125,6 +125,8 @@ struct DropoutParams {
   uint64_t seed;
   uint32_t threshold;
   double keep_prob;  // 1 - p
+  // A GPU reads the seed here, in device memory (no host sync); null: `seed` holds it.
+  const int64_t* seed_ptr;
 };
 
 Status relu_cpu(const ReluParams& p, void* stream);

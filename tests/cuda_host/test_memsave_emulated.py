@@ -14,6 +14,10 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(3, 5, 7), (2049,), (8,), (0, 4), (1,)]  # odd sizes: a last partial mask byte; 2049: nine blocks
 
 
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_relu(emu, schedule, dtype, shape):
@@ -176,11 +180,13 @@ def test_dropout(emu, schedule, dtype, n):
     base = torch.randn(n + 1, dtype=torch.float64).to(dtype)
     for x in (base[:n], base[1:]):
         for p in (0.0, 0.1, 0.5):
-            ours = emu.memsave_dropout(x, p, 2**40 + 3)
-            assert torch.equal(ours, CPU.memsave_dropout(x, p, 2**40 + 3))
+            ours = emu.memsave_dropout(x, p, _seed(2**40 + 3))
+            assert torch.equal(ours, CPU.memsave_dropout(x, p, _seed(2**40 + 3)))
     x = torch.randn(3, 4, 5, 2).contiguous(memory_format=torch.channels_last)
-    out = emu.memsave_dropout(x, 0.3, 11)
-    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, CPU.memsave_dropout(x, 0.3, 11))
+    out = emu.memsave_dropout(x, 0.3, _seed(11))
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(
+        out, CPU.memsave_dropout(x, 0.3, _seed(11))
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

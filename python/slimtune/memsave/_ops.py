@@ -107,6 +107,10 @@ def _maxpool_backward_fake(grad, offsets, input_size, kernel_size, stride, paddi
 
 def _dropout_fake(x, p, seed):
     torch._check(0.0 <= p < 1.0, lambda: f"slimtune.memsave_dropout: argument 'p' must be in [0, 1), got {p}")
+    torch._check(
+        seed.dtype == torch.int64 and seed.numel() == 1,
+        lambda: "slimtune.memsave_dropout: argument 'seed' must be a one-element int64 tensor",
+    )
     return _dense_like(x)
 
 

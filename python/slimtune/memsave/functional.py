@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction, under_func_transform
+from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction, draw_seed, under_func_transform
 
 _IntOrSeq = Union[int, Sequence[int]]
 
@@ -19,9 +19,12 @@ def memsave_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return ReLUFunction.apply(x, bool(inplace))
 
 
-def memsave_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: Optional[int] = None) -> torch.Tensor:
-    """Dropout keeping only a seed for backward: the mask is drawn again from it. ``seed=None``
-    draws one from torch's default generator (so ``torch.manual_seed`` makes runs repeatable)."""
+def memsave_dropout(
+    x: torch.Tensor, p: float = 0.5, training: bool = True, seed: Union[int, torch.Tensor, None] = None
+) -> torch.Tensor:
+    """Dropout keeping only a seed for backward: the mask is drawn again from it. ``seed``: an int
+    or a one-element integer tensor; ``None`` draws one from torch's generator of x's device (so
+    ``torch.manual_seed`` makes runs repeatable)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"memsave_dropout: argument 'p' must be in [0, 1], got {p}")
     if not training or p == 0.0 or p == 1.0 or not (torch.is_grad_enabled() and x.requires_grad):
@@ -29,8 +32,17 @@ def memsave_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed
     if under_func_transform():  # stock dropout there (its own mask from torch's generator)
         return F.dropout(x, p, training)
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return DropoutFunction.apply(x, float(p), int(seed))
+        seed = draw_seed(x.device)
+    elif isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise ValueError(
+                f"memsave_dropout: argument 'seed' must be an int or a one-element integer tensor, "
+                f"got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        seed = seed.to(device=x.device, dtype=torch.int64).reshape(1)
+    else:
+        seed = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    return DropoutFunction.apply(x, float(p), seed)
 
 
 def _tuple(v: Optional[_IntOrSeq], nd: int, name: str):

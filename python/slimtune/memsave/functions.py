@@ -263,13 +263,21 @@ def _unpack_bits(mask, shape, strides):
     return flat.as_strided(shape, strides)
 
 
+def draw_seed(device) -> torch.Tensor:
+    """A dropout seed from torch's generator of ``device``: a one-element int64 tensor, so under
+    ``torch.compile`` the draw is part of the graph (no ``.item()``, no guard on its value) and a
+    GPU kernel reads it from device memory without a host sync."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
 class DropoutFunction(torch.autograd.Function):
-    """Dropout keeping only the seed of its mask (a Python int, no tensor): forward and backward
-    are one op, ``torch.ops.slimtune.memsave_dropout``, which draws the mask from the seed (Philox)."""
+    """Dropout keeping only the seed of its mask (one int64 element): forward and backward are one
+    op, ``torch.ops.slimtune.memsave_dropout``, which draws the mask from the seed (Philox)."""
 
     @staticmethod
     def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
+        ctx.p = p
+        ctx.save_for_backward(seed)
         out = torch.ops.slimtune.memsave_dropout(x, p, seed)
         ctx.strides = out.stride()
         return out
@@ -279,10 +287,11 @@ class DropoutFunction(torch.autograd.Function):
         # The mask follows the input's memory order: grad is laid out like it first (see ReLU).
         if not _same_layout(grad, ctx.strides):
             grad = torch.empty_strided(grad.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+        (seed,) = ctx.saved_tensors
         if _recording(grad):
             # Linear and diagonal in grad: the same masked product, recorded for a further backward.
-            return DropoutFunction.apply(grad, ctx.p, ctx.seed), None, None
-        return torch.ops.slimtune.memsave_dropout(grad, ctx.p, ctx.seed), None, None
+            return DropoutFunction.apply(grad, ctx.p, seed), None, None
+        return torch.ops.slimtune.memsave_dropout(grad, ctx.p, seed), None, None
 
 
 def _index_dtype(window):

@@ -23,6 +23,7 @@ from .functions import (
     PadFunction,
     ReLUFunction,
     RMSNormFunction,
+    draw_seed,
     under_func_transform,
 )
 
@@ -313,9 +314,11 @@ class MemSaveDropout(nn.Dropout):
     """nn.Dropout keeping only a seed: the mask is regenerated in backward.
 
     The mask has nn.Dropout's distribution but comes from Philox under its own seed
-    (``torch.ops.slimtune.memsave_dropout``), so it is not the mask nn.Dropout would draw. The seed is drawn from torch's default CPU generator on every
-    training call, with or without grad: ``torch.manual_seed`` repeats it, and activation
+    (``torch.ops.slimtune.memsave_dropout``), so it is not the mask nn.Dropout would draw. The
+    seed, a one-element int64 tensor, is drawn from torch's generator of the input's device on
+    every training call, with or without grad: ``torch.manual_seed`` repeats it, and activation
     checkpointing, which restores that generator before recomputing, recomputes the same mask.
+    Under ``torch.compile`` the draw is part of the graph, so compiled models keep only the seed too.
     """
 
     @_stock_under_func_transforms
@@ -329,13 +332,7 @@ class MemSaveDropout(nn.Dropout):
                     "use inplace=False (it saves no mask either way)"
                 )
             return F.dropout(input, self.p, self.training, self.inplace)
-        if torch.compiler.is_compiling():
-            # The seed is a Python int drawn per call, which the compiler would guard on (a
-            # recompile per step); compiled graphs draw the mask with the compiler's own random
-            # numbers, as for nn.Dropout.
-            return F.dropout(input, self.p, self.training)
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        return DropoutFunction.apply(input, float(self.p), seed)
+        return DropoutFunction.apply(input, float(self.p), draw_seed(input.device))
 
 
 # ----------------------------------------------------------------------------- pooling
