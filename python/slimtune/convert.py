@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from .lora.weight_init import is_base_weight_init
+
 __all__ = [
     "register_method",
     "registered_methods",
@@ -306,9 +308,29 @@ def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _build(method: str, name: str, module: nn.Module, kwargs: dict) -> nn.Module:
+class WeightGuard:
+    """Originals of weights a build rewrites in place (PiSSA/OLoRA turn a Linear's weight into the
+    residual): ``restore()`` puts them back bit for bit when a later step fails, so a failed
+    conversion leaves the model as it was."""
+
+    def __init__(self):
+        self._kept: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, weight: torch.Tensor) -> None:
+        self._kept.append((weight, weight.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for weight, original in reversed(self._kept):
+            weight.copy_(original)
+        self._kept.clear()
+
+
+def _build(method: str, name: str, module: nn.Module, kwargs: dict, guard: Optional[WeightGuard] = None) -> nn.Module:
     factory = _METHODS[method]
     base, base_type = _as_linear(module)
+    if guard is not None and base is module and is_base_weight_init(kwargs.get("init")):
+        guard.keep(base.weight)
     new = factory(base, **kwargs)
     if not isinstance(new, nn.Module) or getattr(new, "base", None) is not base:
         raise TypeError(
@@ -425,9 +447,13 @@ def apply(
     return model
 
 
-def apply_to(model: nn.Module, method: str, layer_kwargs: Dict[str, dict]) -> nn.Module:
+def apply_to(
+    model: nn.Module, method: str, layer_kwargs: Dict[str, dict], guard: Optional[WeightGuard] = None
+) -> nn.Module:
     """Convert the layers named in ``layer_kwargs`` (qualified name -> the method's keyword
-    arguments for that layer: per-layer ranks, say) in place; as :func:`apply` otherwise."""
+    arguments for that layer: per-layer ranks, say) in place; as :func:`apply` otherwise.
+    ``guard``: a caller with more steps to take gets the weights PiSSA/OLoRA rewrote kept there, to
+    restore if a later step fails."""
     if method not in _METHODS:
         raise ValueError(f"unknown slimtune method {method!r}; registered: {registered_methods()}")
     given, model = model, _unwrap(model)
@@ -442,9 +468,11 @@ def apply_to(model: nn.Module, method: str, layer_kwargs: Dict[str, dict]) -> nn
         )
     # Build everything before touching the model so that a failing factory leaves it intact.
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    guard = WeightGuard() if guard is None else guard
     try:
-        built = [(n, _build(method, n, model.get_submodule(n), layer_kwargs[n])) for n in names]
+        built = [(n, _build(method, n, model.get_submodule(n), layer_kwargs[n], guard)) for n in names]
     except BaseException:
+        guard.restore()
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
         raise

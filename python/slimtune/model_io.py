@@ -259,6 +259,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
     plan = []  # (name, module to install or None, the module holding the state)
     expected_keys = set()
     grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
+    guard = _cv.WeightGuard()  # PiSSA/OLoRA layers rewrite their base weight while being built
     try:
         for name, entry in layers.items():
             method, kwargs = entry.get("method"), entry.get("kwargs", {})
@@ -293,7 +294,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
                     )
                 holder, new = current, None
             elif _cv._is_linear_like(current):
-                new = _cv._build(method, name, current, kwargs)
+                new = _cv._build(method, name, current, kwargs, guard)
                 holder = new
             else:
                 raise ValueError(f"slimtune.load: layer {name!r} is a {type(current).__name__}, not a Linear layer")
@@ -344,6 +345,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
         if extra:
             raise ValueError(f"slimtune.load: the file holds tensors no layer expects: {extra[:5]}")
     except BaseException:
+        guard.restore()
         for p in inner.parameters():
             p.requires_grad_(grad_flags[id(p)])
         raise

@@ -237,26 +237,23 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     # Every layer is built before the model is changed. PiSSA/OLoRA rewrite a Linear's weight while
     # building (a Conv1D is copied first): the originals are kept until every layer is built.
     grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
-    originals: Dict[str, torch.Tensor] = {}
+    guard = _cv.WeightGuard()
     built: Dict[str, nn.Module] = {}
     try:
         for name, (full, module, r, alpha, A, B, M) in plan.items():
-            if init != "zeros" and not (_cv._conv1d_class() and isinstance(module, _cv._conv1d_class())):
-                weight = module.base.weight if isinstance(module, layer_cls) else module.weight
-                originals[name] = weight.detach().clone()
             if isinstance(module, layer_cls):
+                if is_base_weight_init(init):
+                    guard.keep(module.base.weight)
                 module.add_adapter(adapter_name, r=r, alpha=alpha, **kwargs)
                 built[name] = module
             else:
-                built[name] = _cv._build(method, full, module, dict(r=r, alpha=alpha, **kwargs))
+                built[name] = _cv._build(method, full, module, dict(r=r, alpha=alpha, **kwargs), guard)
     except BaseException:
         with torch.no_grad():
             for name, module in built.items():
                 if module is plan[name][1]:
                     module.delete_adapter(adapter_name)
-            for name, weight in originals.items():
-                module = plan[name][1]
-                (module.base.weight if isinstance(module, layer_cls) else module.weight).copy_(weight)
+        guard.restore()
         for p in inner.parameters():
             p.requires_grad_(grad_flags[id(p)])
         raise
