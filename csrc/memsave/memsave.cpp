@@ -438,13 +438,19 @@ std::vector<int64_t> check_maxpool_forward(const at::Tensor& x, at::IntArrayRef 
 #ifndef SLIMTUNE_HOST_EMULATION
 const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
                           &maxpool_backward_cpu, &dropout_cpu};
+#endif
 
-// CPU max pool straight to (out, int8 offsets): no int64 indices written and read back.
-std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, bool ceil_mode) {
+// The max pool straight to (out, int8 offsets) in one kernel pass on every backend: no int64
+// indices are written and read back. Channels-last x keeps its layout (out and offsets follow).
+std::tuple<at::Tensor, at::Tensor> run_maxpool_forward(const Backend& backend,
+                                                       Status (*kernel)(const MaxpoolForwardParams&, void*),
+                                                       const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                                       at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "memsave_maxpool_forward";
   const std::vector<int64_t> out_size = check_maxpool_forward(x, kernel_size, stride, padding, dilation, ceil_mode);
+  check_backend(backend, op, x, "x");
+  c10::DeviceGuard guard(x.device());
   const int64_t nd = static_cast<int64_t>(kernel_size.size());
   const bool cl = is_channels_last(x, nd);
   const at::Tensor xc = cl ? x : x.contiguous();
@@ -454,29 +460,25 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, a
   if (cl) set_channels_last(g, xc.sizes());
   const MaxpoolForwardParams p{xc.const_data_ptr(), to_kernel_dtype(xc.scalar_type()), out.data_ptr(),
                                static_cast<signed char*>(offsets.data_ptr()), g};
-  check_status(kCpuBackend, maxpool_forward_cpu(p, nullptr), op);
+  check_status(backend, kernel(p, backend.stream(xc)), op);
   return {out, offsets};
+}
+
+#ifndef SLIMTUNE_HOST_EMULATION
+std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode) {
+  return run_maxpool_forward(kCpuBackend, &maxpool_forward_cpu, x, kernel_size, stride, padding, dilation, ceil_mode);
 }
 #endif
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cuda, &maxpool_compact_cuda,
                           &maxpool_backward_cuda, &dropout_cuda};
 
-// GPU: ATen's max pool (its CUDA kernel already reads x once), then the compaction kernel; the
-// int64 indices live only until the offsets are written.
 std::tuple<at::Tensor, at::Tensor> maxpool_forward_gpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                                           at::IntArrayRef dilation, bool ceil_mode) {
-  check_maxpool_forward(x, kernel_size, stride, padding, dilation, ceil_mode);
-  check_backend(kGpuKernels.backend, "memsave_maxpool_forward", x, "x");
-  const int64_t nd = static_cast<int64_t>(kernel_size.size());
-  std::tuple<at::Tensor, at::Tensor> pooled =
-      nd == 1   ? at::max_pool1d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-      : nd == 2 ? at::max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-                : at::max_pool3d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode);
-  at::Tensor offsets =
-      maxpool_compact_op(kGpuKernels, std::get<1>(pooled), x.sizes(), kernel_size, stride, padding, dilation);
-  return {std::get<0>(pooled), offsets};
+  return run_maxpool_forward(kGpuBackend, &maxpool_forward_cuda, x, kernel_size, stride, padding, dilation, ceil_mode);
 }
 #endif
 
@@ -493,7 +495,7 @@ void define_memsave_schemas(torch::Library& m) {
         "int[] dilation) -> Tensor");
   m.def("memsave_maxpool_backward(Tensor grad, Tensor offsets, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation) -> Tensor");
-  // The max pool and its int8 offsets (CPU: in one pass; GPU: ATen's pool, then the compaction).
+  // The max pool and its int8 offsets in one pass (no int64 indices).
   m.def("memsave_maxpool_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "bool ceil_mode) -> (Tensor out, Tensor offsets)");
   // Dropout under a Philox mask drawn from `seed`, a one-element int64 tensor on x's device

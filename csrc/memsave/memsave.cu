@@ -182,6 +182,162 @@ __global__ void compact_kernel(const int64_t* __restrict__ indices, signed char*
   }
 }
 
+// ---- max-pool forward: the max and its int8 window offset in one pass ----
+//
+// One thread per item: V neighbouring channels of one output position (channels-last rows whose
+// channel count allows 16-byte loads), or one output (V = 1). Items run in storage order, so
+// the lanes of a warp take neighbouring channels (channels-last) or neighbouring outputs of a
+// row (planes-major), and item e's outputs and offsets sit at e * V.
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Lanes {
+  T v[V];
+};
+
+template <int V>
+struct alignas(V) OffsetLanes {
+  signed char v[V];
+};
+
+// Item e = ((unit * out0 + o0) * out1 + o1) * out2 + o2) * groups + group.
+struct PoolItems {
+  int64_t groups;  // channels / V: items per output position
+  FastDiv div_groups, div_out2, div_out1, div_out0;
+};
+
+template <bool kFast>
+__device__ __forceinline__ void split_item(const PoolGeometry& g, const PoolItems& it, int64_t e, int64_t* unit,
+                                           int64_t* o, int64_t* group) {
+  int64_t pos, row, plane;
+  if (kFast) {  // every item index below 2^31: multiply-high dividers
+    const uint32_t e32 = static_cast<uint32_t>(e);
+    const uint32_t p32 = it.div_groups.div(e32);
+    const uint32_t r32 = it.div_out2.div(p32);
+    const uint32_t t32 = it.div_out1.div(r32);
+    const uint32_t u32 = it.div_out0.div(t32);
+    pos = p32;
+    row = r32;
+    plane = t32;
+    *unit = u32;
+  } else {
+    pos = e / it.groups;
+    row = pos / g.out[2];
+    plane = row / g.out[1];
+    *unit = plane / g.out[0];
+  }
+  *group = e - pos * it.groups;
+  o[2] = pos - row * g.out[2];
+  o[1] = row - plane * g.out[1];
+  o[0] = plane - *unit * g.out[0];
+}
+
+// The max as the CPU form stores it (through the accumulation type with c10's conversions): the
+// element itself, but a 16-bit NaN in canonical form (half: 0x7E00 with its sign; bfloat16:
+// 0x7FC0), so that outputs agree bit for bit whatever NaN payload the input held.
+template <typename T>
+__device__ __forceinline__ T stored_max(T v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half stored_max<__half>(__half v) {
+  __half_raw r = v;
+  if ((r.x & 0x7fffu) > 0x7c00u) r.x = static_cast<unsigned short>((r.x & 0x8000u) | 0x7e00u);
+  return __half(r);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 stored_max<__nv_bfloat16>(__nv_bfloat16 v) {
+  __nv_bfloat16_raw r = v;
+  if ((r.x & 0x7fffu) > 0x7f80u) r.x = 0x7fc0u;
+  return __nv_bfloat16(r);
+}
+
+// Taps in row-major window order, padding skipped; a tap is taken where its value (in the
+// accumulation type) is above the running max or NaN, ATen's rule: the first max wins a tie,
+// the last NaN wins. The output is the taken element itself (stored_max), not rounded back from float.
+template <bool kFast, int V, typename T>
+__global__ void pool_forward_kernel(const T* __restrict__ x, T* __restrict__ out, signed char* __restrict__ offsets,
+                                    PoolGeometry g, PoolItems it, int64_t items) {
+  using A = acc_t<T>;
+  using L = Lanes<T, V>;
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < items; e += step) {
+    int64_t unit, o[3], group;
+    split_item<kFast>(g, it, e, &unit, o, &group);
+    // Per dim, the window's start and its first tap inside the input (a division only on the
+    // padded border with dilation).
+    int64_t st[3];
+    int lo[3];
+    for (int d = 0; d < 3; ++d) {
+      st[d] = o[d] * g.stride[d] - g.padding[d];
+      const int64_t skip = st[d] >= 0 ? 0 : (g.dilation[d] == 1 ? -st[d] : (g.dilation[d] - 1 - st[d]) / g.dilation[d]);
+      lo[d] = static_cast<int>(skip);
+    }
+    // Position p of this unit's plane holds this item's channels at xs[p * groups].
+    const L* xs = reinterpret_cast<const L*>(x) + unit * in_plane * it.groups + group;
+    const int64_t first = ((st[0] + lo[0] * g.dilation[0]) * g.in[1] + st[1] + lo[1] * g.dilation[1]) * g.in[2] +
+                          st[2] + lo[2] * g.dilation[2];
+    L top = xs[first * it.groups];
+    A best[V];
+    OffsetLanes<V> arg;
+    const int k1n = static_cast<int>(g.kernel[1]), k2n = static_cast<int>(g.kernel[2]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      best[j] = to_acc(top.v[j]);
+      arg.v[j] = static_cast<signed char>((lo[0] * k1n + lo[1]) * k2n + lo[2]);
+    }
+    // The first tap is compared again: a NaN there takes itself, anything else is no change.
+    for (int k0 = lo[0]; k0 < g.kernel[0]; ++k0) {
+      const int64_t i0 = st[0] + k0 * g.dilation[0];
+      if (i0 >= g.in[0]) break;
+      for (int k1 = lo[1]; k1 < k1n; ++k1) {
+        const int64_t i1 = st[1] + k1 * g.dilation[1];
+        if (i1 >= g.in[1]) break;
+        const int64_t row = (i0 * g.in[1] + i1) * g.in[2];
+        const int w_row = (k0 * k1n + k1) * k2n;
+        for (int k2 = lo[2]; k2 < k2n; ++k2) {
+          const int64_t i2 = st[2] + k2 * g.dilation[2];
+          if (i2 >= g.in[2]) break;
+          const L v = xs[(row + i2) * it.groups];
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const A a = to_acc(v.v[j]);
+            if (a > best[j] || a != a) {
+              best[j] = a;
+              top.v[j] = v.v[j];
+              arg.v[j] = static_cast<signed char>(w_row + k2);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) top.v[j] = stored_max(top.v[j]);
+    reinterpret_cast<L*>(out)[e] = top;
+    reinterpret_cast<OffsetLanes<V>*>(offsets)[e] = arg;
+  }
+}
+
+// Items of V channels each, through fast dividers when every item index fits 31 bits.
+template <int V, typename T>
+Status launch_pool_forward(const MaxpoolForwardParams& p, int64_t positions, cudaStream_t s) {
+  const PoolGeometry& g = p.g;
+  PoolItems it{};
+  it.groups = g.channels / V;
+  const int64_t items = positions * it.groups;
+  const dim3 grid(blocks_for(items, kThreads));
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  if (items >= (int64_t{1} << 31)) {
+    return launch(pool_forward_kernel<false, V, T>, grid, dim3(kThreads), 0, s, x, out, p.offsets, g, it, items);
+  }
+  it.div_groups = FastDiv(static_cast<uint32_t>(it.groups));
+  it.div_out2 = FastDiv(static_cast<uint32_t>(g.out[2]));
+  it.div_out1 = FastDiv(static_cast<uint32_t>(g.out[1]));
+  it.div_out0 = FastDiv(static_cast<uint32_t>(g.out[0]));
+  return launch(pool_forward_kernel<true, V, T>, grid, dim3(kThreads), 0, s, x, out, p.offsets, g, it, items);
+}
+
 // The windows along dim d whose taps cover input coordinate c: o in [*lo, *hi].
 __device__ __forceinline__ void windows_covering(const PoolGeometry& g, int d, int64_t c, int64_t* lo, int64_t* hi) {
   const int64_t top = c + g.padding[d];  // >= 0
@@ -323,6 +479,21 @@ Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream) {
   const dim3 block = row_block(g.out[2] * g.channels);
   return launch(compact_kernel, dim3(blocks_for(rows, static_cast<int>(block.y))), block, 0,
                 static_cast<cudaStream_t>(stream), p.indices, p.offsets, g, rows);
+}
+
+Status maxpool_forward_cuda(const MaxpoolForwardParams& p, void* stream) {
+  const PoolGeometry& g = p.g;
+  const int64_t positions = pool_units(g) * g.out[0] * g.out[1] * g.out[2];
+  if (positions == 0 || g.channels == 0) return kSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // 16 bytes of channels per load and store where channels-last rows split into such vectors.
+    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    const bool vec = g.channels_last && g.channels % kVec == 0 && aligned(p.x, 16) && aligned(p.out, 16) &&
+                     aligned(p.offsets, kVec);
+    return vec ? launch_pool_forward<kVec, T>(p, positions, s) : launch_pool_forward<1, T>(p, positions, s);
+  });
 }
 
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream) {

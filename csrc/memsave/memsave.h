@@ -83,10 +83,11 @@ struct MaxpoolCompactParams {
   PoolGeometry g;
 };
 
-// CPU: out = the max over each window (taps in row-major window order, padding skipped) and
-// offsets = the position of its argmax inside the window, ATen's CPU max pool's choice: the
-// first tap above all before it, a NaN taking over wherever it lies (so the last NaN wins).
-// Comparisons run in the accumulation type, out is the max rounded back to the storage type.
+// out = the max over each window (taps in row-major window order, padding skipped) and
+// offsets = the position of its argmax inside the window, ATen's max pool's choice on CPU and
+// CUDA: the first tap above all before it, a NaN taking over wherever it lies (so the last NaN
+// wins). Comparisons run in the accumulation type, out is the max in the storage type. One
+// pass on every backend: no int64 indices are written.
 // x is laid out as g says (planes-major or channels-last), out and offsets alike.
 struct MaxpoolForwardParams {
   const void* x;
@@ -139,6 +140,7 @@ Status dropout_cpu(const DropoutParams& p, void* stream);
 Status relu_cuda(const ReluParams& p, void* stream);
 Status relu_backward_cuda(const ReluBackwardParams& p, void* stream);
 Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream);
+Status maxpool_forward_cuda(const MaxpoolForwardParams& p, void* stream);
 Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream);
 Status dropout_cuda(const DropoutParams& p, void* stream);
 

@@ -192,8 +192,8 @@ def test_dropout(emu, schedule, dtype, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", POOLS + CL_POOLS)
 def test_maxpool_forward_op(emu, schedule, dtype, case):
-    """The GPU form of memsave_maxpool_forward (ATen's pool, then the compaction kernel) gives the
-    CPU form's output and offsets bit for bit, layout included."""
+    """The GPU form of memsave_maxpool_forward (one pass, no int64 indices) gives the CPU form's
+    output and offsets bit for bit, layout included."""
     nd, shape, kernel, stride, padding, dilation, ceil = case
     x = coarse(shape, dtype)
     if case in CL_POOLS:
