@@ -62,9 +62,10 @@ def memsave_max_pool(
     nd: Optional[int] = None,
 ) -> torch.Tensor:
     """``F.max_pool{nd}d`` (bit-identical output) keeping, per output element, the argmax's offset
-    inside its window (``torch.ops.slimtune.memsave_maxpool_forward`` on CPU, else ATen's pool and
-    ``memsave_maxpool_compact``; ``memsave_maxpool_backward``) instead of the input and int64 indices. ``nd``: spatial dims (1, 2 or 3); by default the
-    length of ``kernel_size``, else 2. Batched input only."""
+    inside its window (``torch.ops.slimtune.memsave_maxpool_forward`` on CPU and CUDA, elsewhere ATen's
+    pool and ``memsave_maxpool_compact``; ``memsave_maxpool_backward``) instead of the input and int64
+    indices. ``nd``: spatial dims (1, 2 or 3); by default the length of ``kernel_size``, else 2.
+    Batched input only."""
     if nd is None:
         nd = 2 if isinstance(kernel_size, int) else len(kernel_size)
     if nd not in (1, 2, 3):

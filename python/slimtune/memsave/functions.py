@@ -313,8 +313,9 @@ class MaxPoolFunction(torch.autograd.Function):
         nd = len(kernel_size)
         window = _prod(kernel_size)
         ctx.format = _channels_last_format(x)
-        if x.device.type == "cpu" and window <= 127:
-            # One pass to the max and its int8 offset: no int64 indices to write and read back.
+        if x.device.type in ("cpu", "cuda") and window <= 127:
+            # One pass to the max and its int8 offset (a kernel on CPU and CUDA): no int64 indices
+            # to write and read back.
             out, offsets = torch.ops.slimtune.memsave_maxpool_forward(
                 x, kernel_size, stride, padding, dilation, ceil_mode
             )
@@ -335,7 +336,7 @@ class MaxPoolFunction(torch.autograd.Function):
             ctx.save_for_backward(offsets)
             return out
         if window <= 127:
-            # Other devices: ATen's int64 indices, then one kernel pass to int8 offsets.
+            # Other devices (meta, say): ATen's int64 indices, then one pass to int8 offsets.
             ctx.save_for_backward(
                 torch.ops.slimtune.memsave_maxpool_compact(idx, list(x.shape), kernel_size, stride, padding, dilation)
             )
