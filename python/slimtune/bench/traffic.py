@@ -204,20 +204,25 @@ def relu(n: int, dtype: torch.dtype) -> List[Row]:
 
 
 def max_pool(planes: int, h: int, w: int, k: int, s: int, p: int, dtype: torch.dtype) -> List[Row]:
-    """memsave max-pool (2-D): forward is ATen's pool with int64 indices, then a pass keeping each
-    argmax as an int8 offset in its window; the floor writes the int8 offsets directly. Backward
+    """memsave max-pool (2-D): the forward kernel reads x once (overlapping windows hit L1/L2) and
+    writes the output and each argmax as an int8 offset in its window: the floor. Backward
     zero-fills a float32 input-sized accumulation, adds g at each argmax (read, write), then
     rounds to a low-precision dx; the floor reads g and the offsets and writes dx once."""
     e, a = elt(dtype), acc_bytes(dtype)
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     n_in, n_out = planes * h * w, planes * ho * wo
     fwd_floor = n_in * e + n_out * e + n_out
-    fwd = n_in * e + n_out * e + n_out * 8 + n_out * 8 + n_out
+    fwd = fwd_floor
     bwd_floor = n_out * e + n_out + n_in * e
     bwd = n_in * a + n_out * e + n_out + 2 * n_in * a + (n_in * (a + e) if a != e else 0)
     shape = f"{planes}x{h}x{w} k{k} s{s} p{p}"
+
+    def make(dev):
+        x = torch.randn(1, planes, h, w, device=dev).to(dtype)
+        return lambda: torch.ops.slimtune.memsave_maxpool_forward(x, [k, k], [s, s], [p, p], [1, 1], False)
+
     return [
-        Row("memsave_max_pool fwd", shape, dtype, fwd, fwd_floor),
+        Row("memsave_max_pool fwd", shape, dtype, fwd, fwd_floor, None, make),
         Row("memsave_max_pool bwd", shape, dtype, bwd, bwd_floor),
     ]
 
