@@ -94,30 +94,20 @@ bool has_avx512() {
 // one k-register per vector, stored as 8/16/32 bits (whole mask bytes).
 template <typename U>
 struct Lanes;
-template <>
-struct Lanes<uint16_t> {
-  using K = __mmask32;
-  SLIMTUNE_AVX512 static __m512i set1(uint16_t v) { return _mm512_set1_epi16(static_cast<short>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi16_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi16_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi16(k, v); }
-};
-template <>
-struct Lanes<uint32_t> {
-  using K = __mmask16;
-  SLIMTUNE_AVX512 static __m512i set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi32_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi32(k, v); }
-};
-template <>
-struct Lanes<uint64_t> {
-  using K = __mmask8;
-  SLIMTUNE_AVX512 static __m512i set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi64_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi64_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi64(k, v); }
-};
+// The widths differ only in the intrinsics' lane suffix, the mask type and the signed scalar.
+#define SLIMTUNE_LANES(U, MASK, SUFFIX, SCALAR)                                                                        \
+  template <>                                                                                                          \
+  struct Lanes<U> {                                                                                                    \
+    using K = MASK;                                                                                                    \
+    SLIMTUNE_AVX512 static __m512i set1(U v) { return _mm512_set1_##SUFFIX(static_cast<SCALAR>(v)); }                  \
+    SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_##SUFFIX##_mask(a, b); }                   \
+    SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_##SUFFIX##_mask(a, b); }                   \
+    SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_##SUFFIX(k, v); }                    \
+  };
+SLIMTUNE_LANES(uint16_t, __mmask32, epi16, short)
+SLIMTUNE_LANES(uint32_t, __mmask16, epi32, int)
+SLIMTUNE_LANES(uint64_t, __mmask8, epi64, long long)
+#undef SLIMTUNE_LANES
 
 // Elements [first, first + count) (count a multiple of the lane count, first of 8); returns
 // nothing, the scalar loop takes what is left.
