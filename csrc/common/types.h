@@ -11,6 +11,12 @@
 #define SLIMTUNE_HD inline
 #endif
 
+// Declares a kernel entry point's two forms, name##_cpu and name##_cuda: one params struct,
+// a stream (a cudaStream_t; ignored on the CPU), a Status back.
+#define SLIMTUNE_KERNEL_ENTRY(name, Params)          \
+  Status name##_cpu(const Params& p, void* stream);  \
+  Status name##_cuda(const Params& p, void* stream)
+
 namespace slimtune {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };

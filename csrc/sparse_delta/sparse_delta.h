@@ -106,15 +106,13 @@ Status dispatch_delta(DType dtype, IndexType index_type, DType value_dtype, F&& 
   });
 }
 
-Status merge_cpu(const MergeParams& p, void* stream);
-Status spmm_cpu(const SpmmParams& p, void* stream);
+SLIMTUNE_KERNEL_ENTRY(merge, MergeParams);
+SLIMTUNE_KERNEL_ENTRY(spmm, SpmmParams);
+SLIMTUNE_KERNEL_ENTRY(sddmm, SddmmParams);
+// CPU only (the GPU runs spmm over the transposed delta).
 Status spmm_t_cpu(const SpmmTParams& p, void* stream);
-Status sddmm_cpu(const SddmmParams& p, void* stream);
-
+// CUDA only (the CPU scans the indices on the host).
 Status validate_cuda(const ValidateParams& p, void* stream);
-Status merge_cuda(const MergeParams& p, void* stream);
-Status spmm_cuda(const SpmmParams& p, void* stream);
-Status sddmm_cuda(const SddmmParams& p, void* stream);
 
 }  // namespace sparse_delta
 }  // namespace slimtune
