@@ -143,6 +143,12 @@ SLIMTUNE_AVX512 void relu_backward_vec(const U* g, const uint8_t* m, U* out, int
     _mm512_storeu_si512(out + i, L::keep(k, _mm512_loadu_si512(g + i)));
   }
 }
+#else
+// Without AVX-512 whole vectors cover no element (vector_elements is 0): never called.
+template <typename T>
+void relu_vec(const Bits<T>*, Bits<T>*, uint8_t*, int64_t, int64_t) {}
+template <typename U>
+void relu_backward_vec(const U*, const uint8_t*, U*, int64_t, int64_t) {}
 #endif
 
 // The elements of mask bytes [begin, end) that whole vectors cover (0 without AVX-512).
@@ -159,6 +165,18 @@ int64_t vector_elements(int64_t n, int64_t begin, int64_t end) {
 #endif
 }
 
+// Runs over n elements in chunks of whole mask bytes, so that no two tasks write one mask byte:
+// per chunk, vec(first, count) over the elements whole vectors cover, then bytes(begin, end) over
+// the mask bytes left.
+template <typename U, typename Vec, typename Bytes>
+void over_mask_bytes(int64_t n, const Vec& vec, const Bytes& bytes) {
+  at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
+    const int64_t count = vector_elements<U>(n, begin, end);
+    if (count > 0) vec(begin * 8, count);
+    bytes(begin + count / 8, end);
+  });
+}
+
 }  // namespace
 
 Status relu_cpu(const ReluParams& p, void*) {
@@ -170,14 +188,9 @@ Status relu_cpu(const ReluParams& p, void*) {
     U* o = static_cast<U*>(p.out);
     uint8_t* m = p.mask;
     const int64_t n = p.n;
-    // Chunks of whole bytes: no two tasks write the same mask byte.
-    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
-      const int64_t vec = vector_elements<U>(n, begin, end);
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-      if (vec > 0) relu_vec<T>(x, o, m, begin * 8, vec);
-#endif
-      relu_bytes<T>(x, o, m, n, begin + vec / 8, end);
-    });
+    over_mask_bytes<U>(
+        n, [&](int64_t first, int64_t count) { relu_vec<T>(x, o, m, first, count); },
+        [&](int64_t begin, int64_t end) { relu_bytes<T>(x, o, m, n, begin, end); });
     return kSuccess;
   });
 }
@@ -190,13 +203,9 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
     using U = Bits<decltype(tag)>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
-    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
-      const int64_t vec = vector_elements<U>(n, begin, end);
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-      if (vec > 0) relu_backward_vec<U>(g, m, out, begin * 8, vec);
-#endif
-      relu_backward_bytes<U>(g, m, out, n, begin + vec / 8, end);
-    });
+    over_mask_bytes<U>(
+        n, [&](int64_t first, int64_t count) { relu_backward_vec<U>(g, m, out, first, count); },
+        [&](int64_t begin, int64_t end) { relu_backward_bytes<U>(g, m, out, n, begin, end); });
     return kSuccess;
   });
 }
