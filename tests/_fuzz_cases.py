@@ -9,6 +9,7 @@ Run as ``python _fuzz_cases.py BATCH [SKIP...]``: prints ``START name`` before a
 after each case, so that a crash names the case it happened in.
 """
 
+import functools
 import json
 import random
 import re
@@ -42,6 +43,20 @@ def case(batch, name, match, errors=ERRORS, accept=None):
 
     def register(build):
         CASES[name] = (batch, build, match, errors, accept)
+        return build
+
+    return register
+
+
+def defect_cases(batch, op, matches, suffix=""):
+    """One case per defect of ``matches`` (defect -> the pattern its message must match), named
+    ``op-defect`` plus ``suffix``, built by ``build(defect)``. Where the defect is a meta ``x``
+    (``"x-meta"``), a meta result is accepted too."""
+
+    def register(build):
+        for defect, match in matches.items():
+            accept = _meta_result if defect == "x-meta" else None
+            case(batch, f"{op}-{defect}{suffix}", match, accept=accept)(functools.partial(build, defect))
         return build
 
     return register
@@ -112,81 +127,78 @@ def _model():
 
 
 for dtype in (torch.float32, torch.bfloat16):
-    for defect in ("index", "values-nan", "alpha-nan", "values-len", "index-dtype", "meta", "weight-int", "noncontig"):
 
-        @case(
-            0,
-            f"sparse_delta_merge_-{defect}-{str(dtype)[6:]}",
-            {
-                "index": "indices",
-                "values-nan": "values",
-                "alpha-nan": "alpha",
-                "values-len": "values",
-                "index-dtype": "indices",
-                "meta": "weight|device|meta",
-                "weight-int": "weight",
-                "noncontig": "weight",
-            }[defect],
-        )
-        def _merge(defect=defect, dtype=dtype):
-            w = torch.randn(6, 7, dtype=dtype)
-            idx = torch.tensor(sorted(RNG.sample(range(42), 5)), dtype=torch.int32)
-            vals, alpha = torch.randn(5), 1.0
-            if defect == "index":
-                idx, _ = _bad_index(5, 42)
-            elif defect == "values-nan":
-                vals = _nan_at(5)
-            elif defect == "alpha-nan":
-                alpha = RNG.choice([float("nan"), float("inf")])
-            elif defect == "values-len":
-                vals = torch.randn(RNG.choice([0, 4, 6, 50]))
-            elif defect == "index-dtype":
-                idx = idx.to(RNG.choice([torch.float32, torch.int16, torch.uint8]))
-            elif defect == "meta":
-                vals = vals.to("meta")
-            elif defect == "weight-int":
-                w = torch.randint(0, 5, (6, 7))
-            else:
-                w = torch.randn(7, 6, dtype=dtype).t()
-            return (lambda: slimtune.functional.sparse_delta_merge_(w, idx, vals, alpha)), _tensor_state(w)
-
-
-for defect in ("x-features", "x-dtype", "rowptr-len", "values-len", "index", "x-meta", "weight-1d"):
-
-    @case(
+    @defect_cases(
         0,
-        f"sparse_delta_linear-{defect}",
-        accept=_meta_result if defect == "x-meta" else None,
-        match={
-            "x-features": "x|in_features|shape",
-            "x-dtype": "x|dtype",
-            "rowptr-len": "rowptr",
+        "sparse_delta_merge_",
+        {
+            "index": "indices",
+            "values-nan": "values",
+            "alpha-nan": "alpha",
             "values-len": "values",
-            "index": "indices|rowptr",
-            "x-meta": "x|device|meta",
-            "weight-1d": "weight",
-        }[defect],
+            "index-dtype": "indices",
+            "meta": "weight|device|meta",
+            "weight-int": "weight",
+            "noncontig": "weight",
+        },
+        suffix=f"-{str(dtype)[6:]}",
     )
-    def _sdl(defect=defect):
-        w = torch.randn(6, 8)
-        idx = torch.tensor(sorted(RNG.sample(range(48), 7)), dtype=torch.int32)
-        rowptr, vals = rowptr_for(idx, w.shape), torch.randn(7, requires_grad=True)
-        x = torch.randn(3, 8)
-        if defect == "x-features":
-            x = torch.randn(3, RNG.choice([1, 7, 9]))
-        elif defect == "x-dtype":
-            x = x.to(RNG.choice([torch.float64, torch.int64]))
-        elif defect == "rowptr-len":
-            rowptr = rowptr[:-2]
+    def _merge(defect, dtype=dtype):
+        w = torch.randn(6, 7, dtype=dtype)
+        idx = torch.tensor(sorted(RNG.sample(range(42), 5)), dtype=torch.int32)
+        vals, alpha = torch.randn(5), 1.0
+        if defect == "index":
+            idx, _ = _bad_index(5, 42)
+        elif defect == "values-nan":
+            vals = _nan_at(5)
+        elif defect == "alpha-nan":
+            alpha = RNG.choice([float("nan"), float("inf")])
         elif defect == "values-len":
-            vals = torch.randn(6, requires_grad=True)
-        elif defect == "index":
-            idx = idx.flip(0).contiguous()
-        elif defect == "x-meta":
-            x = x.to("meta")
+            vals = torch.randn(RNG.choice([0, 4, 6, 50]))
+        elif defect == "index-dtype":
+            idx = idx.to(RNG.choice([torch.float32, torch.int16, torch.uint8]))
+        elif defect == "meta":
+            vals = vals.to("meta")
+        elif defect == "weight-int":
+            w = torch.randint(0, 5, (6, 7))
         else:
-            w = torch.randn(48)
-        return (lambda: sparse_delta_linear(x, w, None, idx, rowptr, vals)), _tensor_state(w, vals)
+            w = torch.randn(7, 6, dtype=dtype).t()
+        return (lambda: slimtune.functional.sparse_delta_merge_(w, idx, vals, alpha)), _tensor_state(w)
+
+
+@defect_cases(
+    0,
+    "sparse_delta_linear",
+    {
+        "x-features": "x|in_features|shape",
+        "x-dtype": "x|dtype",
+        "rowptr-len": "rowptr",
+        "values-len": "values",
+        "index": "indices|rowptr",
+        "x-meta": "x|device|meta",
+        "weight-1d": "weight",
+    },
+)
+def _sdl(defect):
+    w = torch.randn(6, 8)
+    idx = torch.tensor(sorted(RNG.sample(range(48), 7)), dtype=torch.int32)
+    rowptr, vals = rowptr_for(idx, w.shape), torch.randn(7, requires_grad=True)
+    x = torch.randn(3, 8)
+    if defect == "x-features":
+        x = torch.randn(3, RNG.choice([1, 7, 9]))
+    elif defect == "x-dtype":
+        x = x.to(RNG.choice([torch.float64, torch.int64]))
+    elif defect == "rowptr-len":
+        rowptr = rowptr[:-2]
+    elif defect == "values-len":
+        vals = torch.randn(6, requires_grad=True)
+    elif defect == "index":
+        idx = idx.flip(0).contiguous()
+    elif defect == "x-meta":
+        x = x.to("meta")
+    else:
+        w = torch.randn(48)
+    return (lambda: sparse_delta_linear(x, w, None, idx, rowptr, vals)), _tensor_state(w, vals)
 
 
 for defect in ("rowptr-end", "rowptr-stale"):
@@ -233,41 +245,38 @@ for defect in ("a-shape", "index-len", "rowptr-short", "b-dtype"):
         return (lambda: sparse_delta_sddmm(a, b, idx, rowptr)), _tensor_state(a, b)
 
 
-for defect in ("x-features", "A-rank", "dropout-high", "dropout-negative", "x-meta", "B-dtype", "scale-nan"):
-
-    @case(
-        0,
-        f"lora_linear-{defect}",
-        accept=_meta_result if defect == "x-meta" else None,
-        match={
-            "x-features": "x|lora_A|features",
-            "A-rank": "lora_B|rank|lora_A",
-            "dropout-high": "dropout",
-            "dropout-negative": "dropout",
-            "x-meta": "x|device|meta",
-            "B-dtype": "lora_B|dtype",
-            "scale-nan": "scale",
-        }[defect],
-    )
-    def _lora(defect=defect):
-        x, w = torch.randn(3, 8), torch.randn(6, 8)
-        A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
-        p, s = 0.0, 2.0
-        if defect == "x-features":
-            x = torch.randn(3, 5)
-        elif defect == "A-rank":
-            B = torch.randn(6, 3, requires_grad=True)
-        elif defect == "dropout-high":
-            p = RNG.choice([1.0, 1.5, 100.0])
-        elif defect == "dropout-negative":
-            p = -RNG.random()
-        elif defect == "x-meta":
-            x = x.to("meta")
-        elif defect == "B-dtype":
-            B = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
-        else:
-            s = float("nan")
-        return (lambda: lora_linear(x, w, None, A, B, s, p, seed=1)), _tensor_state(w, A, B)
+@defect_cases(
+    0,
+    "lora_linear",
+    {
+        "x-features": "x|lora_A|features",
+        "A-rank": "lora_B|rank|lora_A",
+        "dropout-high": "dropout",
+        "dropout-negative": "dropout",
+        "x-meta": "x|device|meta",
+        "B-dtype": "lora_B|dtype",
+        "scale-nan": "scale",
+    },
+)
+def _lora(defect):
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    p, s = 0.0, 2.0
+    if defect == "x-features":
+        x = torch.randn(3, 5)
+    elif defect == "A-rank":
+        B = torch.randn(6, 3, requires_grad=True)
+    elif defect == "dropout-high":
+        p = RNG.choice([1.0, 1.5, 100.0])
+    elif defect == "dropout-negative":
+        p = -RNG.random()
+    elif defect == "x-meta":
+        x = x.to("meta")
+    elif defect == "B-dtype":
+        B = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    else:
+        s = float("nan")
+    return (lambda: lora_linear(x, w, None, A, B, s, p, seed=1)), _tensor_state(w, A, B)
 
 
 for defect in ("mask-dtype", "mask-len"):
@@ -363,36 +372,34 @@ for defect in ("x-features", "x-meta", "x-int"):
             return (lambda: layer(x)), _module_state(layer)
 
 
-for defect in ("index", "values-nan", "values-len", "values-int", "merged"):
-
-    @case(
-        1,
-        f"set_delta-{defect}",
-        {
-            "index": "indices",
-            "values-nan": "values",
-            "values-len": "values",
-            "values-int": "values",
-            "merged": "merged",
-        }[defect],
-    )
-    def _set_delta(defect=defect):
-        layer = slimtune.nn.SparseDeltaLinear(_lin(), k=6)
-        with torch.no_grad():
-            layer.values.normal_()
-        idx = torch.tensor(sorted(RNG.sample(range(48), 6)), dtype=torch.int32)
-        vals = torch.randn(6)
-        if defect == "index":
-            idx, _ = _bad_index(6, 48)
-        elif defect == "values-nan":
-            vals = _nan_at(6)
-        elif defect == "values-len":
-            vals = torch.randn(RNG.choice([5, 7]))
-        elif defect == "values-int":
-            vals = torch.ones(6, dtype=torch.int64)
-        else:
-            layer.merge()
-        return (lambda: layer.set_delta(idx, vals)), _module_state(layer)
+@defect_cases(
+    1,
+    "set_delta",
+    {
+        "index": "indices",
+        "values-nan": "values",
+        "values-len": "values",
+        "values-int": "values",
+        "merged": "merged",
+    },
+)
+def _set_delta(defect):
+    layer = slimtune.nn.SparseDeltaLinear(_lin(), k=6)
+    with torch.no_grad():
+        layer.values.normal_()
+    idx = torch.tensor(sorted(RNG.sample(range(48), 6)), dtype=torch.int32)
+    vals = torch.randn(6)
+    if defect == "index":
+        idx, _ = _bad_index(6, 48)
+    elif defect == "values-nan":
+        vals = _nan_at(6)
+    elif defect == "values-len":
+        vals = torch.randn(RNG.choice([5, 7]))
+    elif defect == "values-int":
+        vals = torch.ones(6, dtype=torch.int64)
+    else:
+        layer.merge()
+    return (lambda: layer.set_delta(idx, vals)), _module_state(layer)
 
 
 for defect in ("not-module", "layers-type"):
@@ -527,31 +534,29 @@ def _load_delta_dict():
     return (lambda: slimtune.load_delta(model, delta)), _module_state(model)
 
 
-for defect in ("weights-len", "weights-nan", "corrupt", "not-a-list"):
-
-    @case(
-        2,
-        f"compose-{defect}",
-        {
-            "weights-len": "weights",
-            "weights-nan": "weights",
-            "corrupt": "safetensors|corrupt|format",
-            "not-a-list": "deltas",
-        }[defect],
-    )
-    def _compose(defect=defect):
-        _, path = _delta_file()
-        target = nn.Sequential(_lin(8, 8))
-        deltas, weights = [path, path], [1.0, 0.5]
-        if defect == "weights-len":
-            weights = [1.0]
-        elif defect == "weights-nan":
-            weights = [1.0, RNG.choice([float("nan"), float("inf")])]
-        elif defect == "corrupt":
-            _corrupt(path)
-        else:
-            deltas = path
-        return (lambda: slimtune.compose(target, deltas, weights)), _module_state(target)
+@defect_cases(
+    2,
+    "compose",
+    {
+        "weights-len": "weights",
+        "weights-nan": "weights",
+        "corrupt": "safetensors|corrupt|format",
+        "not-a-list": "deltas",
+    },
+)
+def _compose(defect):
+    _, path = _delta_file()
+    target = nn.Sequential(_lin(8, 8))
+    deltas, weights = [path, path], [1.0, 0.5]
+    if defect == "weights-len":
+        weights = [1.0]
+    elif defect == "weights-nan":
+        weights = [1.0, RNG.choice([float("nan"), float("inf")])]
+    elif defect == "corrupt":
+        _corrupt(path)
+    else:
+        deltas = path
+    return (lambda: slimtune.compose(target, deltas, weights)), _module_state(target)
 
 
 def _peft_dir():
@@ -562,45 +567,43 @@ def _peft_dir():
     return d
 
 
-for defect in ("weights-corrupt", "config-garbage", "r-mismatch", "nan", "dropout", "pattern-regex"):
+@defect_cases(
+    2,
+    "load_peft_adapter",
+    {
+        "weights-corrupt": "safetensors",
+        "config-garbage": "JSON|object",
+        "r-mismatch": "rank",
+        "nan": "NaN",
+        "dropout": "lora_dropout",
+        "pattern-regex": "regular expression",
+    },
+)
+def _peft(defect):
+    d = _peft_dir()
+    cfg_path = d / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if defect == "weights-corrupt":
+        _corrupt(d / "adapter_model.safetensors")
+    elif defect == "config-garbage":
+        cfg_path.write_text(RNG.choice(["{", "[1, 2]", "null"]))
+    elif defect == "r-mismatch":
+        cfg["r"] = 3
+    elif defect == "dropout":
+        cfg["lora_dropout"] = 7
+    elif defect == "pattern-regex":
+        cfg["rank_pattern"] = {"(": 2}
+    else:
+        from safetensors.torch import load_file, save_file
 
-    @case(
-        2,
-        f"load_peft_adapter-{defect}",
-        {
-            "weights-corrupt": "safetensors",
-            "config-garbage": "JSON|object",
-            "r-mismatch": "rank",
-            "nan": "NaN",
-            "dropout": "lora_dropout",
-            "pattern-regex": "regular expression",
-        }[defect],
-    )
-    def _peft(defect=defect):
-        d = _peft_dir()
-        cfg_path = d / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        if defect == "weights-corrupt":
-            _corrupt(d / "adapter_model.safetensors")
-        elif defect == "config-garbage":
-            cfg_path.write_text(RNG.choice(["{", "[1, 2]", "null"]))
-        elif defect == "r-mismatch":
-            cfg["r"] = 3
-        elif defect == "dropout":
-            cfg["lora_dropout"] = 7
-        elif defect == "pattern-regex":
-            cfg["rank_pattern"] = {"(": 2}
-        else:
-            from safetensors.torch import load_file, save_file
-
-            t = load_file(str(d / "adapter_model.safetensors"))
-            key = sorted(t)[RNG.randrange(len(t))]
-            t[key].view(-1)[0] = float("nan")
-            save_file(t, str(d / "adapter_model.safetensors"))
-        if defect not in ("config-garbage", "weights-corrupt", "nan"):
-            cfg_path.write_text(json.dumps(cfg))
-        model = _model()
-        return (lambda: load_peft_adapter(model, d)), lambda: [snapshot(model), files(d)]
+        t = load_file(str(d / "adapter_model.safetensors"))
+        key = sorted(t)[RNG.randrange(len(t))]
+        t[key].view(-1)[0] = float("nan")
+        save_file(t, str(d / "adapter_model.safetensors"))
+    if defect not in ("config-garbage", "weights-corrupt", "nan"):
+        cfg_path.write_text(json.dumps(cfg))
+    model = _model()
+    return (lambda: load_peft_adapter(model, d)), lambda: [snapshot(model), files(d)]
 
 
 # ------------------------------------------------------------------ runner

@@ -98,7 +98,7 @@ void one_device_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet ks, tor
 
 }  // namespace
 
-void register_one_device_check(torch::Library& m, std::initializer_list<const char*> ops) {
+void register_one_device_check(torch::Library& m, c10::ArrayRef<const char*> ops) {
   for (const char* name : ops) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&one_device_boxed>());
 }
 

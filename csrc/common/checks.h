@@ -29,7 +29,7 @@ at::ScalarType acc_scalar_type(at::ScalarType storage);
 // and throws naming the argument unless every tensor argument (lists and optionals included) is
 // on one device. Without it a meta tensor among CPU arguments would send the whole call to the
 // meta (fake) kernel, which returns uninitialized memory or silently does nothing.
-void register_one_device_check(torch::Library& m, std::initializer_list<const char*> ops);
+void register_one_device_check(torch::Library& m, c10::ArrayRef<const char*> ops);
 
 void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                        const char* name);

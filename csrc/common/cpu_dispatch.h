@@ -7,25 +7,22 @@
 
 namespace slimtune {
 
+// The CPU's 16-bit storage types, for dispatch_storage (common/types.h).
+struct CpuFloats {
+  using Half = c10::Half;
+  using BFloat16 = c10::BFloat16;
+};
+
 // Calls f(T{}) with the CPU storage type that `dtype` names.
 template <typename F>
 Status dispatch_cpu_float(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(c10::Half{});
-    case DType::BFloat16: return f(c10::BFloat16{});
-    case DType::Float64: return f(double{});
-  }
-  return kInvalidValue;
+  return dispatch_storage<CpuFloats>(dtype, static_cast<F&&>(f));
 }
 
+// Index types are the same on every backend.
 template <typename F>
 Status dispatch_cpu_index(IndexType itype, F&& f) {
-  switch (itype) {
-    case IndexType::Int32: return f(int32_t{});
-    case IndexType::Int64: return f(int64_t{});
-  }
-  return kInvalidValue;
+  return dispatch_index(itype, static_cast<F&&>(f));
 }
 
 }  // namespace slimtune

@@ -43,25 +43,16 @@ inline unsigned int blocks_for(int64_t n, int threads, unsigned int cap = 65535u
   return static_cast<unsigned int>(b > cap ? cap : b);
 }
 
+// The GPU's 16-bit storage types, for dispatch_storage (common/types.h).
+struct CudaFloats {
+  using Half = __half;
+  using BFloat16 = __nv_bfloat16;
+};
+
 // Calls f(T{}) with the storage type that `dtype` names.
 template <typename F>
 Status dispatch_float(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(__half{});
-    case DType::BFloat16: return f(__nv_bfloat16{});
-    case DType::Float64: return f(double{});
-  }
-  return kInvalidValue;
-}
-
-template <typename F>
-Status dispatch_index(IndexType itype, F&& f) {
-  switch (itype) {
-    case IndexType::Int32: return f(int32_t{});
-    case IndexType::Int64: return f(int64_t{});
-  }
-  return kInvalidValue;
+  return dispatch_storage<CudaFloats>(dtype, static_cast<F&&>(f));
 }
 
 }  // namespace slimtune

@@ -79,13 +79,9 @@ int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType acc_dtype,
 int64_t down_partial_elems_cuda(int64_t T, int64_t K, int64_t R);
 int64_t grad_partial_elems_cuda(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA);
 
-Status down_cpu(const DownParams& p, void* stream);
-Status grad_cpu(const GradParams& p, void* stream);
-Status dropout_mask_cpu(const DropoutMaskParams& p, void* stream);
-
-Status down_cuda(const DownParams& p, void* stream);
-Status grad_cuda(const GradParams& p, void* stream);
-Status dropout_mask_cuda(const DropoutMaskParams& p, void* stream);
+SLIMTUNE_KERNEL_ENTRY(down, DownParams);
+SLIMTUNE_KERNEL_ENTRY(grad, GradParams);
+SLIMTUNE_KERNEL_ENTRY(dropout_mask, DropoutMaskParams);
 
 }  // namespace lora
 }  // namespace slimtune

@@ -5,12 +5,14 @@
 #include <ATen/native/Pool.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
 #include "common/backend.h"
 #include "common/checks.h"
 #include "common/philox.h"
+#include "common/register.h"
 #include "common/schemas.h"
 #include "memsave/memsave.h"
 
@@ -373,6 +375,10 @@ at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, const at:
 
 // ---- registration ----
 
+// The ops every backend registers through Bound (memsave_maxpool_forward has its own per device).
+constexpr std::array<const char*, 6> kOps{"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
+                                          "memsave_maxpool_compact", "memsave_maxpool_backward", "memsave_dropout"};
+
 // Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
 template <const Kernels& K>
 struct Bound {
@@ -393,12 +399,7 @@ struct Bound {
   }
   static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) { return dropout_op(K, x, p, seed); }
   static void register_all(torch::Library& m) {
-    m.impl("memsave_relu", &relu);
-    m.impl("memsave_relu_mask", &relu_mask);
-    m.impl("memsave_relu_backward", &relu_backward);
-    m.impl("memsave_maxpool_compact", &maxpool_compact);
-    m.impl("memsave_maxpool_backward", &maxpool_backward);
-    m.impl("memsave_dropout", &dropout);
+    impl_ops(m, kOps, &relu, &relu_mask, &relu_backward, &maxpool_compact, &maxpool_backward, &dropout);
   }
 };
 
@@ -506,19 +507,11 @@ void define_memsave_schemas(torch::Library& m) {
 }  // namespace slimtune
 
 #ifndef SLIMTUNE_HOST_EMULATION
-TORCH_LIBRARY_FRAGMENT(slimtune, m) {
-  m.set_python_module("slimtune.ops");
-  slimtune::define_memsave_schemas(m);
-}
+SLIMTUNE_DEFINE_FAMILY(slimtune::define_memsave_schemas, slimtune::memsave::kOps)
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
   slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m);
   m.impl("memsave_maxpool_forward", &slimtune::memsave::maxpool_forward_cpu_op);
-}
-
-TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
-  slimtune::register_one_device_check(m, {"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
-                                          "memsave_maxpool_compact", "memsave_maxpool_backward", "memsave_dropout"});
 }
 #endif
 

@@ -130,19 +130,12 @@ struct DropoutParams {
   const int64_t* seed_ptr;
 };
 
-Status relu_cpu(const ReluParams& p, void* stream);
-Status relu_backward_cpu(const ReluBackwardParams& p, void* stream);
-Status maxpool_compact_cpu(const MaxpoolCompactParams& p, void* stream);
-Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void* stream);
-Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void* stream);
-Status dropout_cpu(const DropoutParams& p, void* stream);
-
-Status relu_cuda(const ReluParams& p, void* stream);
-Status relu_backward_cuda(const ReluBackwardParams& p, void* stream);
-Status maxpool_compact_cuda(const MaxpoolCompactParams& p, void* stream);
-Status maxpool_forward_cuda(const MaxpoolForwardParams& p, void* stream);
-Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream);
-Status dropout_cuda(const DropoutParams& p, void* stream);
+SLIMTUNE_KERNEL_ENTRY(relu, ReluParams);
+SLIMTUNE_KERNEL_ENTRY(relu_backward, ReluBackwardParams);
+SLIMTUNE_KERNEL_ENTRY(maxpool_compact, MaxpoolCompactParams);
+SLIMTUNE_KERNEL_ENTRY(maxpool_backward, MaxpoolBackwardParams);
+SLIMTUNE_KERNEL_ENTRY(dropout, DropoutParams);
+SLIMTUNE_KERNEL_ENTRY(maxpool_forward, MaxpoolForwardParams);
 
 }  // namespace memsave
 }  // namespace slimtune

@@ -94,30 +94,20 @@ bool has_avx512() {
 // one k-register per vector, stored as 8/16/32 bits (whole mask bytes).
 template <typename U>
 struct Lanes;
-template <>
-struct Lanes<uint16_t> {
-  using K = __mmask32;
-  SLIMTUNE_AVX512 static __m512i set1(uint16_t v) { return _mm512_set1_epi16(static_cast<short>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi16_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi16_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi16(k, v); }
-};
-template <>
-struct Lanes<uint32_t> {
-  using K = __mmask16;
-  SLIMTUNE_AVX512 static __m512i set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi32_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi32(k, v); }
-};
-template <>
-struct Lanes<uint64_t> {
-  using K = __mmask8;
-  SLIMTUNE_AVX512 static __m512i set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
-  SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_epi64_mask(a, b); }
-  SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_epi64_mask(a, b); }
-  SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_epi64(k, v); }
-};
+// The widths differ only in the intrinsics' lane suffix, the mask type and the signed scalar.
+#define SLIMTUNE_LANES(U, MASK, SUFFIX, SCALAR)                                                                        \
+  template <>                                                                                                          \
+  struct Lanes<U> {                                                                                                    \
+    using K = MASK;                                                                                                    \
+    SLIMTUNE_AVX512 static __m512i set1(U v) { return _mm512_set1_##SUFFIX(static_cast<SCALAR>(v)); }                  \
+    SLIMTUNE_AVX512 static K gt(__m512i a, __m512i b) { return _mm512_cmpgt_##SUFFIX##_mask(a, b); }                   \
+    SLIMTUNE_AVX512 static K eq(__m512i a, __m512i b) { return _mm512_cmpeq_##SUFFIX##_mask(a, b); }                   \
+    SLIMTUNE_AVX512 static __m512i keep(K k, __m512i v) { return _mm512_maskz_mov_##SUFFIX(k, v); }                    \
+  };
+SLIMTUNE_LANES(uint16_t, __mmask32, epi16, short)
+SLIMTUNE_LANES(uint32_t, __mmask16, epi32, int)
+SLIMTUNE_LANES(uint64_t, __mmask8, epi64, long long)
+#undef SLIMTUNE_LANES
 
 // Elements [first, first + count) (count a multiple of the lane count, first of 8); returns
 // nothing, the scalar loop takes what is left.
@@ -153,6 +143,12 @@ SLIMTUNE_AVX512 void relu_backward_vec(const U* g, const uint8_t* m, U* out, int
     _mm512_storeu_si512(out + i, L::keep(k, _mm512_loadu_si512(g + i)));
   }
 }
+#else
+// Without AVX-512 whole vectors cover no element (vector_elements is 0): never called.
+template <typename T>
+void relu_vec(const Bits<T>*, Bits<T>*, uint8_t*, int64_t, int64_t) {}
+template <typename U>
+void relu_backward_vec(const U*, const uint8_t*, U*, int64_t, int64_t) {}
 #endif
 
 // The elements of mask bytes [begin, end) that whole vectors cover (0 without AVX-512).
@@ -169,6 +165,18 @@ int64_t vector_elements(int64_t n, int64_t begin, int64_t end) {
 #endif
 }
 
+// Runs over n elements in chunks of whole mask bytes, so that no two tasks write one mask byte:
+// per chunk, vec(first, count) over the elements whole vectors cover, then bytes(begin, end) over
+// the mask bytes left.
+template <typename U, typename Vec, typename Bytes>
+void over_mask_bytes(int64_t n, const Vec& vec, const Bytes& bytes) {
+  at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
+    const int64_t count = vector_elements<U>(n, begin, end);
+    if (count > 0) vec(begin * 8, count);
+    bytes(begin + count / 8, end);
+  });
+}
+
 }  // namespace
 
 Status relu_cpu(const ReluParams& p, void*) {
@@ -180,14 +188,9 @@ Status relu_cpu(const ReluParams& p, void*) {
     U* o = static_cast<U*>(p.out);
     uint8_t* m = p.mask;
     const int64_t n = p.n;
-    // Chunks of whole bytes: no two tasks write the same mask byte.
-    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
-      const int64_t vec = vector_elements<U>(n, begin, end);
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-      if (vec > 0) relu_vec<T>(x, o, m, begin * 8, vec);
-#endif
-      relu_bytes<T>(x, o, m, n, begin + vec / 8, end);
-    });
+    over_mask_bytes<U>(
+        n, [&](int64_t first, int64_t count) { relu_vec<T>(x, o, m, first, count); },
+        [&](int64_t begin, int64_t end) { relu_bytes<T>(x, o, m, n, begin, end); });
     return kSuccess;
   });
 }
@@ -200,13 +203,9 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
     using U = Bits<decltype(tag)>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
-    at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
-      const int64_t vec = vector_elements<U>(n, begin, end);
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-      if (vec > 0) relu_backward_vec<U>(g, m, out, begin * 8, vec);
-#endif
-      relu_backward_bytes<U>(g, m, out, n, begin + vec / 8, end);
-    });
+    over_mask_bytes<U>(
+        n, [&](int64_t first, int64_t count) { relu_backward_vec<U>(g, m, out, first, count); },
+        [&](int64_t begin, int64_t end) { relu_backward_bytes<U>(g, m, out, n, begin, end); });
     return kSuccess;
   });
 }

@@ -14,6 +14,7 @@
 
 #include "common/backend.h"
 #include "common/checks.h"
+#include "common/register.h"
 #include "common/schemas.h"
 #include "sparse_delta/sparse_delta.h"
 
@@ -335,6 +336,10 @@ at::Tensor sddmm_op(const Kernels& k, const at::Tensor& a, const at::Tensor& b, 
 // ---- registration ----
 
 // Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
+// The family's ops, each registered by every backend through Bound.
+constexpr std::array<const char*, 4> kOps{"sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_linear_backward",
+                                          "sparse_delta_sddmm"};
+
 template <const Kernels& K>
 struct Bound {
   static void merge(at::Tensor weight, const at::Tensor& indices, const at::Tensor& values, double alpha) {
@@ -356,12 +361,7 @@ struct Bound {
                           const at::Tensor& rowptr) {
     return sddmm_op(K, a, b, indices, rowptr);
   }
-  static void register_all(torch::Library& m) {
-    m.impl("sparse_delta_merge_", &merge);
-    m.impl("sparse_delta_linear", &linear);
-    m.impl("sparse_delta_linear_backward", &linear_backward);
-    m.impl("sparse_delta_sddmm", &sddmm);
-  }
+  static void register_all(torch::Library& m) { impl_ops(m, kOps, &merge, &linear, &linear_backward, &sddmm); }
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
@@ -390,18 +390,10 @@ void define_sparse_delta_schemas(torch::Library& m) {
 }  // namespace slimtune
 
 #ifndef SLIMTUNE_HOST_EMULATION
-TORCH_LIBRARY_FRAGMENT(slimtune, m) {
-  m.set_python_module("slimtune.ops");
-  slimtune::define_sparse_delta_schemas(m);
-}
+SLIMTUNE_DEFINE_FAMILY(slimtune::define_sparse_delta_schemas, slimtune::sparse_delta::kOps)
 
 TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
   slimtune::sparse_delta::Bound<slimtune::sparse_delta::kCpuKernels>::register_all(m);
-}
-
-TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
-  slimtune::register_one_device_check(m, {"sparse_delta_merge_", "sparse_delta_linear", "sparse_delta_linear_backward",
-                                          "sparse_delta_sddmm"});
 }
 #endif
 

@@ -281,38 +281,31 @@ Status merge_cuda(const MergeParams& p, void* stream) {
   if (p.n == 0) return kSuccess;
   const dim3 grid(blocks_for(p.n, kThreads));
   auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(p.weight_dtype, [&](auto w_tag) {
+  const DType w = p.weight_dtype;
+  return dispatch_delta<CudaFloats>(w, p.index_type, p.value_dtype, [&](auto w_tag, auto i_tag, auto v_tag) {
     using W = decltype(w_tag);
-    return dispatch_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<W>(p.value_dtype, p.weight_dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        return launch(merge_kernel<W, V, I>, grid, dim3(kThreads), 0, s, static_cast<W*>(p.weight),
-                      static_cast<const I*>(p.indices), static_cast<const V*>(p.values), p.n, p.alpha);
-      });
-    });
+    using I = decltype(i_tag);
+    using V = decltype(v_tag);
+    return launch(merge_kernel<W, V, I>, grid, dim3(kThreads), 0, s, static_cast<W*>(p.weight),
+                  static_cast<const I*>(p.indices), static_cast<const V*>(p.values), p.n, p.alpha);
   });
 }
 
 Status spmm_cuda(const SpmmParams& p, void* stream) {
   if (p.T == 0 || p.rows == 0) return kSuccess;
   auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_float(p.dtype, [&](auto x_tag) {
+  return dispatch_delta<CudaFloats>(p.dtype, p.index_type, p.value_dtype, [&](auto x_tag, auto i_tag, auto v_tag) {
     using X = decltype(x_tag);
+    using I = decltype(i_tag);
+    using V = decltype(v_tag);
     using Tile = SpmmTile<X>;
     const int64_t groups = (p.rows + Tile::kRows - 1) / Tile::kRows;
     const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
     if (groups > 0x7fffffff) return kInvalidValue;
     const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
-    return dispatch_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        return launch(spmm_tile_kernel<X, V, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
-                      static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
-                      static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
-      });
-    });
+    return launch(spmm_tile_kernel<X, V, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
+                  static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
+                  static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
   });
 }
 

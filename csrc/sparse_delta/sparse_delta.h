@@ -95,15 +95,24 @@ Status dispatch_values(DType value_dtype, DType dtype, F&& f) {
   return kInvalidValue;
 }
 
-Status merge_cpu(const MergeParams& p, void* stream);
-Status spmm_cpu(const SpmmParams& p, void* stream);
-Status spmm_t_cpu(const SpmmTParams& p, void* stream);
-Status sddmm_cpu(const SddmmParams& p, void* stream);
+// Calls f(X{}, I{}, V{}) with a delta's three types: the dense storage type X that `dtype` names
+// (Floats: the backend's 16-bit types, see dispatch_storage), the index type and the values' V.
+template <typename Floats, typename F>
+Status dispatch_delta(DType dtype, IndexType index_type, DType value_dtype, F&& f) {
+  return dispatch_storage<Floats>(dtype, [&](auto x_tag) {
+    return dispatch_index(index_type, [&](auto i_tag) {
+      return dispatch_values<decltype(x_tag)>(value_dtype, dtype, [&](auto v_tag) { return f(x_tag, i_tag, v_tag); });
+    });
+  });
+}
 
+SLIMTUNE_KERNEL_ENTRY(merge, MergeParams);
+SLIMTUNE_KERNEL_ENTRY(spmm, SpmmParams);
+SLIMTUNE_KERNEL_ENTRY(sddmm, SddmmParams);
+// CPU only (the GPU runs spmm over the transposed delta).
+Status spmm_t_cpu(const SpmmTParams& p, void* stream);
+// CUDA only (the CPU scans the indices on the host).
 Status validate_cuda(const ValidateParams& p, void* stream);
-Status merge_cuda(const MergeParams& p, void* stream);
-Status spmm_cuda(const SpmmParams& p, void* stream);
-Status sddmm_cuda(const SddmmParams& p, void* stream);
 
 }  // namespace sparse_delta
 }  // namespace slimtune

@@ -121,16 +121,9 @@ void store_transposed(const A* src, int64_t m, int64_t n, const A* y, X* out) {
 template <typename F>
 Status dispatch_spmm(const SpmmOperands& p, F&& f) {
   if (p.T == 0) return kSuccess;
-  return dispatch_cpu_float(p.dtype, [&](auto x_tag) {
-    using X = decltype(x_tag);
-    return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<X>(p.value_dtype, p.dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        f(x_tag, static_cast<const I*>(p.indices), static_cast<const V*>(p.values));
-        return kSuccess;
-      });
-    });
+  return dispatch_delta<CpuFloats>(p.dtype, p.index_type, p.value_dtype, [&](auto x_tag, auto i_tag, auto v_tag) {
+    f(x_tag, static_cast<const decltype(i_tag)*>(p.indices), static_cast<const decltype(v_tag)*>(p.values));
+    return kSuccess;
   });
 }
 
@@ -138,27 +131,22 @@ Status dispatch_spmm(const SpmmOperands& p, F&& f) {
 
 Status merge_cpu(const MergeParams& p, void*) {
   if (p.n == 0) return kSuccess;
-  return dispatch_cpu_float(p.weight_dtype, [&](auto w_tag) {
+  const DType w = p.weight_dtype;
+  return dispatch_delta<CpuFloats>(w, p.index_type, p.value_dtype, [&](auto w_tag, auto i_tag, auto v_tag) {
     using W = decltype(w_tag);
     using A = acc_t<W>;
-    return dispatch_cpu_index(p.index_type, [&](auto i_tag) {
-      using I = decltype(i_tag);
-      return dispatch_values<W>(p.value_dtype, p.weight_dtype, [&](auto v_tag) {
-        using V = decltype(v_tag);
-        W* weight = static_cast<W*>(p.weight);
-        const I* indices = static_cast<const I*>(p.indices);
-        const V* values = static_cast<const V*>(p.values);
-        const A a = static_cast<A>(p.alpha);
-        // Indices are unique, so chunks never write the same element.
-        at::parallel_for(0, p.n, 16384, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) {
-            W& w = weight[indices[k]];
-            w = static_cast<W>(static_cast<A>(w) + a * static_cast<A>(values[k]));
-          }
-        });
-        return kSuccess;
-      });
+    W* weight = static_cast<W*>(p.weight);
+    const auto* indices = static_cast<const decltype(i_tag)*>(p.indices);
+    const auto* values = static_cast<const decltype(v_tag)*>(p.values);
+    const A a = static_cast<A>(p.alpha);
+    // Indices are unique, so chunks never write the same element.
+    at::parallel_for(0, p.n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        W& w = weight[indices[k]];
+        w = static_cast<W>(static_cast<A>(w) + a * static_cast<A>(values[k]));
+      }
     });
+    return kSuccess;
   });
 }
 

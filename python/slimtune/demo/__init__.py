@@ -123,6 +123,8 @@ def run_demo(
     quiet: bool = False,
 ) -> dict:
     """Run the comparison and return a JSON-ready dict (settings, one entry per task, environment)."""
+    # The size flags are the parameters DEFAULTS names; they are checked and reported as such.
+    sizes = {name: value for name, value in locals().items() if name in DEFAULTS}
     from . import methods as M
     from .run import run_task, time_reference
     from .tasks import llama_task, text_task, vision_task
@@ -136,17 +138,6 @@ def run_demo(
         bad = [m for m in methods if m not in known]
         if bad or not methods:
             raise ValueError(f"--methods: unknown method(s) {bad}; known: {known}")
-    # The sizes are checked and reported under the same names.
-    sizes = dict(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        vision_steps=vision_steps,
-        vision_batch_size=vision_batch_size,
-        image_size=image_size,
-        heldout_per_class=heldout_per_class,
-        probe_steps=probe_steps,
-    )
     check_settings(**sizes, seed=seed)
     check_data_size(models, steps, batch_size, seq_len, vision_steps, vision_batch_size, image_size, heldout_per_class)
     if "minilm" in models:

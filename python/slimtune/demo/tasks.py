@@ -80,6 +80,17 @@ def _features(fn, batches: List[Batch]) -> torch.Tensor:
     return torch.cat([fn(b) for b in batches])
 
 
+def _probe_then_freeze(model: nn.Module, head: nn.Linear, pooled, probe_set: List[Batch], steps: int) -> List[float]:
+    """Fit ``head`` on the pooled features of the probe batches (labels last in each batch), with
+    the model in eval mode, then freeze every parameter: the start every method copies. Returns
+    the probe's losses."""
+    model.eval()
+    losses = _fit_probe(head, _features(pooled, probe_set), torch.cat([b[-1] for b in probe_set]), steps)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
 # ----------------------------------------------------------------------------------------- text
 class TextClassifier(nn.Module):
     """Sentence embedding as all-MiniLM-L6-v2 makes it (mean of token states) + a linear head."""
@@ -188,11 +199,7 @@ def text_task(
     train = _batches((ids[n_probe:], att[n_probe:], data.train.labels[n_probe:]), batch_size, device)
     hid, hatt = encode(data.heldout.texts)
     heldout = _batches((hid, hatt, data.heldout.labels), 32, device)
-    model.eval()
-    feats = _features(lambda b: model.pooled(b[0], b[1]), probe_set)
-    probe = _fit_probe(model.head, feats, torch.cat([b[2] for b in probe_set]), probe_steps)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    probe = _probe_then_freeze(model, model.head, lambda b: model.pooled(b[0], b[1]), probe_set, probe_steps)
     return _classifier_task(
         "text",
         "all-MiniLM-L6-v2 · which package is this docstring from?",
@@ -231,11 +238,7 @@ def vision_task(
     heldout = _batches((hx.to(dtype), hy), 32, device)
     px, py = shape_dataset(PROBE_PER_CLASS * n_cls, image_size, seed=3)
     probe_set = _batches((px.to(dtype), py), 32, device)
-    model.eval()
-    feats = _features(lambda b: model.pooled(b[0]), probe_set)
-    probe = _fit_probe(model.classifier[1], feats, torch.cat([b[1] for b in probe_set]), probe_steps)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    probe = _probe_then_freeze(model, model.classifier[1], lambda b: model.pooled(b[0]), probe_set, probe_steps)
     return _classifier_task(
         "vision",
         "MobileNetV2 (ImageNet) · which shape or texture is drawn?",

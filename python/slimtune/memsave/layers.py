@@ -356,17 +356,30 @@ class _SpatialDims:
         return list(tup(self.kernel_size)), list(tup(stride)), list(tup(self.padding))
 
 
-class _MemSaveMaxPoolMixin(_SpatialDims):
+class _WindowPool(_SpatialDims):
+    """Base of the mixins of pools over kernel windows: the stock layer when no gradient is needed,
+    else ``_pool(input, kernel, stride, padding)``, after ``_check_options``."""
+
     @_stock_under_func_transforms
     def forward(self, input):
+        self._check_options()
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        return self._pool(input, *self._window())
+
+    def _check_options(self) -> None:
+        pass
+
+
+class _MemSaveMaxPoolMixin(_WindowPool):
+    def _check_options(self) -> None:
         if self.return_indices:
             raise ValueError(
                 f"{type(self).__name__}: return_indices=True needs int64 indices, which this layer "
                 "exists to avoid; use torch.nn.{} instead".format(type(self).__name__[7:])
             )
-        if not (torch.is_grad_enabled() and input.requires_grad):
-            return super().forward(input)
-        kernel, stride, padding = self._window()
+
+    def _pool(self, input, kernel, stride, padding):
         dilation = list(_ntuple(self._nd)(self.dilation))
         unbatched = input.dim() == self._nd + 1
         x = input.unsqueeze(0) if unbatched else input
@@ -386,12 +399,8 @@ class MemSaveMaxPool3d(_MemSaveMaxPoolMixin, nn.MaxPool3d, nd=3):
     """nn.MaxPool3d keeping compact within-window argmax offsets."""
 
 
-class _MemSaveAvgPoolMixin(_SpatialDims):
-    @_stock_under_func_transforms
-    def forward(self, input):
-        if not (torch.is_grad_enabled() and input.requires_grad):
-            return super().forward(input)
-        kernel, stride, padding = self._window()
+class _MemSaveAvgPoolMixin(_WindowPool):
+    def _pool(self, input, kernel, stride, padding):
         return AvgPoolFunction.apply(
             input,
             kernel,
