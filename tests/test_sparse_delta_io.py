@@ -144,3 +144,49 @@ def test_compose_adds_weighted_deltas(tmp_path):
     assert not torch.equal(target[0].base.weight, before["0.base.weight"])
     with pytest.raises(ValueError, match="weights"):
         slimtune.compose(target, [pa, pb], weights=[1.0])
+
+
+def _block_model(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 12))
+    # 16x16 tiles cut at the weight's edges: how many entries a layer holds depends on which tiles
+    # were drawn.
+    slimtune.apply_sparse_delta(model, density=0.3, structure="blocks")
+    return model
+
+
+def test_block_delta_state_dict_loads_into_a_freshly_built_model():
+    src = _block_model(0)
+    with torch.no_grad():
+        for m in src:
+            m.values.normal_()
+    dst = _block_model(1)
+    assert any(a.values.shape != b.values.shape for a, b in zip(src, dst))
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 20)
+    assert torch.equal(dst(x), src(x))
+    for a, b in zip(src, dst):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.rowptr, b.rowptr)
+        assert b.values.requires_grad and isinstance(b.values, nn.Parameter)
+
+
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (lambda sd: sd.__setitem__("0.indices", sd["0.indices"].flip(0)), "sorted and unique"),
+        (lambda sd: sd.__setitem__("0.values", sd["0.values"][:-1]), "0.values has shape"),
+        (lambda sd: sd.__setitem__("0.rowptr", torch.zeros_like(sd["0.rowptr"])), "0.rowptr does not match"),
+        (lambda sd: sd.__setitem__("0.indices", sd["0.indices"] + 10_000), "out of range"),
+    ],
+)
+def test_block_delta_state_dict_of_another_size_is_checked_first(corrupt, match):
+    src, dst = _block_model(0), _block_model(1)
+    if src[0].indices.shape == dst[0].indices.shape:
+        pytest.skip("the two draws gave layer 0 the same entry count")
+    sd = src.state_dict()
+    corrupt(sd)
+    before = {k: v.clone() for k, v in dst[0].state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        dst.load_state_dict(sd)
+    for k, v in dst[0].state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -125,6 +125,41 @@ class SparseDeltaPart:
         else:
             self.values.data = values.clone()
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The entry count is not fixed by the layer's shape (block tiles cut at the weight's edge
+        # hold fewer entries), so a state dict may hold another count than a freshly built layer:
+        # the delta takes the incoming size once the incoming delta is checked whole. A bad one is
+        # reported as torch reports a size mismatch (in error_msgs) and this layer is left as it was.
+        idx, vals = state_dict.get(prefix + "indices"), state_dict.get(prefix + "values")
+        if isinstance(idx, torch.Tensor) and isinstance(vals, torch.Tensor) and idx.shape != self.indices.shape:
+            problem = self._incoming_delta_problem(idx, vals, state_dict.get(prefix + "rowptr"), prefix)
+            if problem is not None:
+                error_msgs.append(problem)
+                return
+            with torch.no_grad():
+                self.indices = torch.empty(idx.shape, dtype=self.indices.dtype, device=self.indices.device)
+                self.values.data = torch.empty(idx.shape, dtype=self.values.dtype, device=self.values.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _incoming_delta_problem(self, idx, vals, rowptr, prefix) -> Optional[str]:
+        w = self.base.weight
+        try:
+            validate_indices(idx, w.numel(), name=f"{prefix}indices")
+        except ValueError as e:
+            return str(e)
+        if vals.shape != idx.shape:
+            return f"{prefix}values has shape {tuple(vals.shape)} but {prefix}indices has {tuple(idx.shape)}"
+        expected = rowptr_for(idx, w.shape).to("cpu", torch.int64)
+        if isinstance(rowptr, torch.Tensor) and not torch.equal(rowptr.to("cpu", torch.int64), expected):
+            return f"{prefix}rowptr does not match {prefix}indices"
+        if self.merged:
+            return f"{prefix[:-1] or 'the layer'} is merged: unmerge() it before loading a delta of another size"
+        return None
+
     def _merge_sparse_delta(self) -> None:
         """W0 += Δ in place. The W0 entries it overwrites are kept (K elements), so unmerging
         restores W0 bit for bit; the op checks its input before it writes, so it applies all or nothing."""
