@@ -605,10 +605,11 @@ int64_t gather_portable(const T* __restrict__ gr, const signed char* __restrict_
       const signed char t = win.tap[j];
       int64_t hits = 0;
       for (int64_t c = 0; c < nc; ++c) {
-        const bool hit = oj[c] == t;
         // Adding +0.0 leaves a sum that started at +0.0 unchanged: the same bits as adding only
-        // the matches, without a branch.
-        acc[c] += hit ? static_cast<A>(gj[c]) : A(0);
+        // the matches, and without a branch (or a conditional load) the loop vectorizes.
+        const A v = static_cast<A>(gj[c]);
+        const bool hit = oj[c] == t;
+        acc[c] += hit ? v : A(0);
         hits += hit;
       }
       matches += hits;
