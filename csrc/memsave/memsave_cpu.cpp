@@ -588,6 +588,22 @@ struct RowCover {
 // Channel block of the portable gather: small enough to stay in registers and L1.
 constexpr int64_t kGatherBlock = 64;
 
+// a when it is a NaN, else b. A sum that is a NaN stays that NaN: the compiler may put either
+// operand of an addition first and x86 returns the first of two NaNs, where the vector path's
+// masked add keeps the sum's. Decided on the bits, as a compare would stop the loop vectorizing.
+template <typename A>
+inline A nan_or(A a, A b) {
+  using U = Bits<A>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(A));
+  std::memcpy(&ub, &b, sizeof(A));
+  const U nan = static_cast<U>(-static_cast<U>((ua & ~kSign<U>) > kInfBits<A>));
+  const U r = ub ^ ((ua ^ ub) & nan);
+  A out;
+  std::memcpy(&out, &r, sizeof(A));
+  return out;
+}
+
 // grad_in[c] for c < ch at one position: sum over its windows of (offset == tap ? grad : 0).
 // Returns how many (window, channel) offsets matched (each valid offset matches exactly once
 // over the whole gather, an invalid one never: the count checks them all).
@@ -609,7 +625,7 @@ int64_t gather_portable(const T* __restrict__ gr, const signed char* __restrict_
         // the matches, and without a branch (or a conditional load) the loop vectorizes.
         const A v = static_cast<A>(gj[c]);
         const bool hit = oj[c] == t;
-        acc[c] += hit ? v : A(0);
+        acc[c] = nan_or(acc[c], acc[c] + (hit ? v : A(0)));
         hits += hit;
       }
       matches += hits;
