@@ -746,52 +746,83 @@ struct GatherVec<c10::Half> {
   }
 };
 
+// Which of kL channels' offsets at o (those of `lanes` when not kFull) equal tap: each offset
+// widened to the accumulator's lane, so the compare gives the add's mask directly.
+template <int kL, bool kFull>
+SLIMTUNE_AVX512_GATHER inline __mmask16 tap_hits(const signed char* o, __mmask16 lanes, signed char tap) {
+  if constexpr (kL == 16) {
+    const __m128i b = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(o))
+                            : _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes, o));
+    return _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_cvtepi8_epi32(b), _mm512_set1_epi32(tap));
+  } else {
+    const __m128i b = kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(o))
+                            : _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes, o));
+    return _mm512_mask_cmpeq_epi64_mask(static_cast<__mmask8>(lanes), _mm512_cvtepi8_epi64(b), _mm512_set1_epi64(tap));
+  }
+}
+
+// The matches of the vector gather, counted per lane and summed every kFlush blocks of 64
+// channels (a block adds at most 127 to a lane: no lane overflows).
+struct MatchCount {
+  static constexpr int kFlush = 1 << 20;
+  __m512i lanes;
+  int blocks = 0;
+  int64_t total = 0;
+  SLIMTUNE_AVX512_GATHER MatchCount() : lanes(_mm512_setzero_si512()) {}
+  SLIMTUNE_AVX512_GATHER void add(__mmask16 hit) { lanes = _mm512_mask_sub_epi32(lanes, hit, lanes, _mm512_set1_epi32(-1)); }
+  SLIMTUNE_AVX512_GATHER void block_done() {
+    if (++blocks == kFlush) flush();
+  }
+  SLIMTUNE_AVX512_GATHER int64_t flush() {
+    total += _mm512_reduce_add_epi32(lanes);
+    lanes = _mm512_setzero_si512();
+    blocks = 0;
+    return total;
+  }
+};
+
 // Channels [c0, c0 + 64) (those of `live` when not kFull) of gather_portable, the same sums in
 // the same order: a lane without a match adds nothing, without a branch.
 template <typename T, bool kFull>
-SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline int64_t gather_block(const T* gr, const signed char* off,
-                                                                                 const Windows& win, int64_t c0,
-                                                                                 uint64_t live, T* out) {
+SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline void gather_block(const T* gr, const signed char* off,
+                                                                              const Windows& win, int64_t c0,
+                                                                              uint64_t live, T* out,
+                                                                              MatchCount& count) {
   using Vec = GatherVec<T>;
   constexpr int kL = Vec::kLanes, kVecs = 64 / kL;
   constexpr uint64_t kLaneMask = (uint64_t{1} << kL) - 1;
-  int64_t matches = 0;
   typename Vec::V acc[kVecs];
   for (int v = 0; v < kVecs; ++v) acc[v] = Vec::zero();
   for (int j = 0; j < win.n; ++j) {
     const int64_t at = win.at[j] + c0;
-    const __m512i o = kFull ? _mm512_loadu_si512(off + at) : _mm512_maskz_loadu_epi8(live, off + at);
-    const uint64_t hit = _mm512_mask_cmpeq_epi8_mask(live, o, _mm512_set1_epi8(win.tap[j]));
-    matches += __builtin_popcountll(hit);
     for (int v = 0; v < kVecs; ++v) {
       const __mmask16 lanes = static_cast<__mmask16>((live >> (v * kL)) & kLaneMask);
-      acc[v] = Vec::add(acc[v], static_cast<__mmask16>((hit >> (v * kL)) & kLaneMask),
-                        Vec::template load<kFull>(gr + at + v * kL, lanes));
+      const __mmask16 hit = tap_hits<kL, kFull>(off + at + v * kL, lanes, win.tap[j]);
+      acc[v] = Vec::add(acc[v], hit, Vec::template load<kFull>(gr + at + v * kL, lanes));
+      count.add(hit);
     }
   }
+  count.block_done();
   for (int v = 0; v < kVecs; ++v) {
     Vec::template store<kFull>(out + c0 + v * kL, static_cast<__mmask16>((live >> (v * kL)) & kLaneMask), acc[v]);
   }
-  return matches;
 }
 
-// gather_portable through AVX-512, 64 channels per compare.
+// gather_portable through AVX-512, 64 channels per block.
 template <typename T>
-SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline int64_t gather_avx512(const T* gr, const signed char* off,
-                                                                                  const Windows& win, int64_t ch,
-                                                                                  T* out) {
-  int64_t matches = 0;
+SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline void gather_avx512(const T* gr, const signed char* off,
+                                                                               const Windows& win, int64_t ch, T* out,
+                                                                               MatchCount& count) {
   int64_t c0 = 0;
-  for (; c0 + 64 <= ch; c0 += 64) matches += gather_block<T, true>(gr, off, win, c0, ~uint64_t{0}, out);
-  if (c0 < ch) matches += gather_block<T, false>(gr, off, win, c0, (uint64_t{1} << (ch - c0)) - 1, out);
-  return matches;
+  for (; c0 + 64 <= ch; c0 += 64) gather_block<T, true>(gr, off, win, c0, ~uint64_t{0}, out, count);
+  if (c0 < ch) gather_block<T, false>(gr, off, win, c0, (uint64_t{1} << (ch - c0)) - 1, out, count);
 }
 
 template <typename T>
 SLIMTUNE_AVX512_GATHER int64_t gather_rows_avx512(const PoolGeometry& g, const T* gr, const signed char* off, T* out,
                                                   int64_t begin, int64_t end, const Cover& cover2) {
   const int64_t ch = g.channels;
-  int64_t matches = 0;
+  MatchCount count;
   RowCover rc;
   Windows win;
   for (int64_t row = begin; row < end; ++row) {
@@ -799,10 +830,10 @@ SLIMTUNE_AVX512_GATHER int64_t gather_rows_avx512(const PoolGeometry& g, const T
     T* dst = out + row * g.in[2] * ch;
     for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
       rc.windows(g, cover2, c2, win);
-      matches += gather_avx512<T>(gr, off, win, ch, dst);
+      gather_avx512<T>(gr, off, win, ch, dst, count);
     }
   }
-  return matches;
+  return count.flush();
 }
 #endif
 
