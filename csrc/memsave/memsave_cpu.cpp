@@ -608,8 +608,9 @@ inline A nan_or(A a, A b) {
 // Returns how many (window, channel) offsets matched (each valid offset matches exactly once
 // over the whole gather, an invalid one never: the count checks them all).
 template <typename T, typename A>
-int64_t gather_portable(const T* __restrict__ gr, const signed char* __restrict__ off, const Windows& win, int64_t ch,
-                        T* __restrict__ out) {
+__attribute__((always_inline)) inline int64_t gather_portable(const T* __restrict__ gr,
+                                                              const signed char* __restrict__ off, const Windows& win,
+                                                              int64_t ch, T* __restrict__ out) {
   int64_t matches = 0;
   for (int64_t c0 = 0; c0 < ch; c0 += kGatherBlock) {
     const int64_t nc = std::min(kGatherBlock, ch - c0);
@@ -637,6 +638,12 @@ int64_t gather_portable(const T* __restrict__ gr, const signed char* __restrict_
 
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 #define SLIMTUNE_AVX512_GATHER __attribute__((target("avx512f,avx512bw,popcnt")))
+// GCC's intrinsic headers fill the unused lanes of widening and casting moves with a
+// self-initialized "undefined" vector, which its uninitialized-use analysis reports once
+// inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // The loads, masked adds and rounding stores of the gather, per storage type: 64 channels are
 // 64 offset bytes (one compare) and kVecs accumulators of kLanes. A whole block of channels
@@ -769,7 +776,9 @@ struct MatchCount {
   int blocks = 0;
   int64_t total = 0;
   SLIMTUNE_AVX512_GATHER MatchCount() : lanes(_mm512_setzero_si512()) {}
-  SLIMTUNE_AVX512_GATHER void add(__mmask16 hit) { lanes = _mm512_mask_sub_epi32(lanes, hit, lanes, _mm512_set1_epi32(-1)); }
+  SLIMTUNE_AVX512_GATHER void add(__mmask16 hit) {
+    lanes = _mm512_mask_sub_epi32(lanes, hit, lanes, _mm512_set1_epi32(-1));
+  }
   SLIMTUNE_AVX512_GATHER void block_done() {
     if (++blocks == kFlush) flush();
   }
@@ -835,16 +844,13 @@ SLIMTUNE_AVX512_GATHER int64_t gather_rows_avx512(const PoolGeometry& g, const T
   }
   return count.flush();
 }
+#pragma GCC diagnostic pop
 #endif
 
-// The channels-last gather over input rows [begin, end); returns the offsets that matched.
 template <typename T, typename A>
-int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, T* out, int64_t begin, int64_t end,
-                    const Cover& cover2, bool vec) {
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-  if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
-#endif
-  (void)vec;
+__attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeometry& g, const T* gr,
+                                                                   const signed char* off, T* out, int64_t begin,
+                                                                   int64_t end, const Cover& cover2) {
   const int64_t ch = g.channels;
   int64_t matches = 0;
   RowCover rc;
@@ -858,6 +864,37 @@ int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, 
     }
   }
   return matches;
+}
+
+// The portable gather compiled for AVX2 too (never AVX-512: that is the other path, and
+// SLIMTUNE_CPU_NO_AVX512 must reach this one). target_clones takes no templates: one per type.
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_PORTABLE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SLIMTUNE_PORTABLE_CLONES
+#endif
+#define SLIMTUNE_GATHER_ROWS(T, NAME)                                                                      \
+  SLIMTUNE_PORTABLE_CLONES int64_t NAME(const PoolGeometry& g, const T* gr, const signed char* off, T* out, \
+                                        int64_t begin, int64_t end, const Cover& cover2) {                  \
+    return gather_rows_portable<T, acc_t<T>>(g, gr, off, out, begin, end, cover2);                        \
+  }
+SLIMTUNE_GATHER_ROWS(float, gather_rows_float)
+SLIMTUNE_GATHER_ROWS(double, gather_rows_double)
+SLIMTUNE_GATHER_ROWS(c10::BFloat16, gather_rows_bfloat16)
+SLIMTUNE_GATHER_ROWS(c10::Half, gather_rows_half)
+
+// The channels-last gather over input rows [begin, end); returns the offsets that matched.
+template <typename T>
+int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, T* out, int64_t begin, int64_t end,
+                    const Cover& cover2, bool vec) {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+  if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
+#endif
+  (void)vec;
+  if constexpr (std::is_same_v<T, float>) return gather_rows_float(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, double>) return gather_rows_double(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return gather_rows_bfloat16(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, c10::Half>) return gather_rows_half(g, gr, off, out, begin, end, cover2);
 }
 
 // The planes-major scatter over planes [begin, end) into `acc` (in_plane elements of A per
@@ -923,7 +960,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.in[2] * ch));
     std::atomic<int64_t> matches{0};
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      matches += gather_rows<T, A>(g, gr, off, out, begin, end, cover2, vec);
+      matches += gather_rows<T>(g, gr, off, out, begin, end, cover2, vec);
     });
     // Every valid offset matches once: fewer matches than outputs means an offset outside its
     // window or on padding (the glue names the first).
