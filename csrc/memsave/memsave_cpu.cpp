@@ -527,13 +527,13 @@ void for_each_cover(const PoolGeometry& g, int d, int64_t c, F&& f) {
   }
 }
 
-// The windows along one dim covering each coordinate: those of c are entries
+// The windows along dim d covering each input coordinate: those of c are entries
 // [first[c], first[c + 1]) of o and k (at most kernel[d] each).
 struct Cover {
   std::vector<int64_t> first, o, k;
-  Cover(const PoolGeometry& g, int d, int64_t from, int64_t to) {
+  Cover(const PoolGeometry& g, int d) {
     first.push_back(0);
-    for (int64_t c = from; c < to; ++c) {
+    for (int64_t c = 0; c < g.in[d]; ++c) {
       for_each_cover(g, d, c, [&](int64_t w, int64_t t) {
         o.push_back(w);
         k.push_back(t);
@@ -950,7 +950,7 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
       return kSuccess;
     }
     // Channels-last: input rows are independent (each position is written by its own gather).
-    const Cover cover2(g, 2, 0, g.in[2]);
+    const Cover cover2(g, 2);
 #ifdef SLIMTUNE_MEMSAVE_AVX512
     const bool vec = has_avx512();
 #else
