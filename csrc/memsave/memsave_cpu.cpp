@@ -604,35 +604,48 @@ inline A nan_or(A a, A b) {
   return out;
 }
 
-// grad_in[c] for c < ch at one position: sum over its windows of (offset == tap ? grad : 0).
-// Returns how many (window, channel) offsets matched (each valid offset matches exactly once
-// over the whole gather, an invalid one never: the count checks them all).
-template <typename T, typename A>
-__attribute__((always_inline)) inline int64_t gather_portable(const T* __restrict__ gr,
-                                                              const signed char* __restrict__ off, const Windows& win,
-                                                              int64_t ch, T* __restrict__ out) {
+// grad_in[c0 + c] for c < n (kN when not 0, a whole block known at compile time, so the
+// accumulators can stay in registers) at one position: the sum over its windows of
+// (offset == tap ? grad : 0). Returns how many (window, channel) offsets matched (each valid
+// offset matches exactly once over the whole gather, an invalid one never: the count checks
+// them all).
+template <typename T, typename A, int64_t kN>
+__attribute__((always_inline)) inline int64_t gather_portable_block(const T* __restrict__ gr,
+                                                                    const signed char* __restrict__ off,
+                                                                    const Windows& win, int64_t c0, int64_t n,
+                                                                    T* __restrict__ out) {
+  const int64_t nc = kN > 0 ? kN : n;
   int64_t matches = 0;
-  for (int64_t c0 = 0; c0 < ch; c0 += kGatherBlock) {
-    const int64_t nc = std::min(kGatherBlock, ch - c0);
-    A acc[kGatherBlock];
-    for (int64_t c = 0; c < nc; ++c) acc[c] = A(0);
-    for (int j = 0; j < win.n; ++j) {
-      const T* gj = gr + win.at[j] + c0;
-      const signed char* oj = off + win.at[j] + c0;
-      const signed char t = win.tap[j];
-      int64_t hits = 0;
-      for (int64_t c = 0; c < nc; ++c) {
-        // Adding +0.0 leaves a sum that started at +0.0 unchanged: the same bits as adding only
-        // the matches, and without a branch (or a conditional load) the loop vectorizes.
-        const A v = static_cast<A>(gj[c]);
-        const bool hit = oj[c] == t;
-        acc[c] = nan_or(acc[c], acc[c] + (hit ? v : A(0)));
-        hits += hit;
-      }
-      matches += hits;
+  A acc[kGatherBlock];
+  for (int64_t c = 0; c < nc; ++c) acc[c] = A(0);
+  for (int j = 0; j < win.n; ++j) {
+    const T* gj = gr + win.at[j] + c0;
+    const signed char* oj = off + win.at[j] + c0;
+    const signed char t = win.tap[j];
+    int32_t hits = 0;  // the width of a float lane: the count vectorizes alongside the sums
+    for (int64_t c = 0; c < nc; ++c) {
+      // Adding +0.0 leaves a sum that started at +0.0 unchanged: the same bits as adding only
+      // the matches, and without a branch (or a conditional load) the loop vectorizes.
+      const A v = static_cast<A>(gj[c]);
+      const bool hit = oj[c] == t;
+      acc[c] = nan_or(acc[c], acc[c] + (hit ? v : A(0)));
+      hits += hit;
     }
-    for (int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<T>(acc[c]);
+    matches += hits;
   }
+  for (int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<T>(acc[c]);
+  return matches;
+}
+
+template <typename T, typename A>
+__attribute__((always_inline)) inline int64_t gather_portable(const T* gr, const signed char* off, const Windows& win,
+                                                              int64_t ch, T* out) {
+  int64_t matches = 0;
+  int64_t c0 = 0;
+  for (; c0 + kGatherBlock <= ch; c0 += kGatherBlock) {
+    matches += gather_portable_block<T, A, kGatherBlock>(gr, off, win, c0, kGatherBlock, out);
+  }
+  if (c0 < ch) matches += gather_portable_block<T, A, 0>(gr, off, win, c0, ch - c0, out);
   return matches;
 }
 
