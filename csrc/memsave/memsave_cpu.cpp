@@ -658,10 +658,10 @@ __attribute__((always_inline)) inline int64_t gather_portable(const T* gr, const
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// The loads, masked adds and rounding stores of the gather, per storage type: 64 channels are
-// 64 offset bytes (one compare) and kVecs accumulators of kLanes. A whole block of channels
-// loads and stores without masks (masked moves cost more, a masked store onto a page not yet
-// touched most); only the last, partial block is masked.
+// The loads, masked adds and rounding stores of the gather, per storage type: a block of 64
+// channels is kVecs accumulators of kLanes. A whole block loads and stores without masks
+// (masked moves cost more, a masked store onto a page not yet touched most); only the last,
+// partial block is masked.
 template <typename T>
 struct GatherVec;
 template <>
@@ -910,8 +910,9 @@ int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, 
   if constexpr (std::is_same_v<T, c10::Half>) return gather_rows_half(g, gr, off, out, begin, end, cover2);
 }
 
-// The planes-major scatter over planes [begin, end) into `acc` (in_plane elements of A per
-// plane when T is A; one plane's scratch, rounded into grad_in plane by plane, otherwise).
+// The planes-major scatter over planes [begin, end): straight into grad_in when T is A, else
+// into `scratch` (one plane of A) rounded into grad_in plane by plane. Returns false when an
+// offset leaves its window.
 template <typename T, typename A>
 bool scatter_planes(const PoolGeometry& g, const Taps& taps, const T* gr, const signed char* off, T* out, A* scratch,
                     int64_t begin, int64_t end) {
