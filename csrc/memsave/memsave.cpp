@@ -342,15 +342,16 @@ at::Tensor maxpool_backward_op(const Kernels& k, const at::Tensor& grad, const a
   } else if (offsets.strides() != grad.strides()) {
     oc = empty_pooled(offsets.sizes(), true, offsets.options()).copy_(offsets);
   }
-  // Every element is written by the kernel (zero where no window's argmax lands).
-  at::Tensor buf = empty_pooled(input_size, cl, grad.options().dtype(acc_scalar_type(grad.scalar_type())));
+  // Every element is written by the kernel (zero where no window's argmax lands), in grad's
+  // dtype: the sums are rounded once as they are stored, no accumulation-type copy.
+  at::Tensor grad_in = empty_pooled(input_size, cl, grad.options());
   const MaxpoolBackwardParams p{gc.data_ptr(), to_kernel_dtype(gc.scalar_type()),
-                                static_cast<const signed char*>(oc.data_ptr()), buf.data_ptr(), g};
+                                static_cast<const signed char*>(oc.data_ptr()), grad_in.data_ptr(), g};
   const Status st = k.maxpool_backward(p, k.backend.stream(gc));
   // The CPU kernel skips (and reports) offsets that leave their window; the scan names the first.
   if (st != kSuccess && oc.is_cpu()) scan_backward_cpu("memsave_maxpool_backward", oc, g);
   check_status(k.backend, st, "memsave_maxpool_backward");
-  return buf.to(grad.scalar_type());
+  return grad_in;
 }
 
 at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, const at::Tensor& seed) {

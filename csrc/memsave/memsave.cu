@@ -359,7 +359,7 @@ __device__ __forceinline__ int64_t tap_of(const PoolGeometry& g, int d, int64_t 
 // and the result is the same whatever order threads run in: deterministic, bitwise equal to CPU.
 template <typename T>
 __global__ void pool_backward_kernel(const T* __restrict__ grad, const signed char* __restrict__ offsets,
-                                     acc_t<T>* __restrict__ grad_in, PoolGeometry g, int64_t rows) {
+                                     T* __restrict__ grad_in, PoolGeometry g, int64_t rows) {
   const RowWalk walk(g.channels);
   const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -389,8 +389,8 @@ __global__ void pool_backward_kernel(const T* __restrict__ grad, const signed ch
           }
         }
       }
-      const int64_t e = first + c2 * g.channels + c;
-      grad_in[e] = sum;
+      // Rounded once, as stored: the CPU kernel's bits, with no accumulation-type pass after.
+      grad_in[first + c2 * g.channels + c] = from_acc<T>(sum);
     });
   }
 }
@@ -506,7 +506,7 @@ Status maxpool_backward_cuda(const MaxpoolBackwardParams& p, void* stream) {
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch(pool_backward_kernel<T>, grid, block, 0, s, static_cast<const T*>(p.grad), p.offsets,
-                  static_cast<acc_t<T>*>(p.grad_in), g, rows);
+                  static_cast<T*>(p.grad_in), g, rows);
   });
 }
 

@@ -97,10 +97,10 @@ struct MaxpoolForwardParams {
   PoolGeometry g;
 };
 
-// grad_in (planes * prod(in) elements of the accumulation type of `dtype`, every one written:
-// zero where no window's argmax lands) = the sum of grad over the windows whose argmax each
-// element is, in ascending window order on every backend (deterministic, no atomics). `dtype`
-// is grad's.
+// grad_in (planes * prod(in) elements of `dtype`, grad's, every one written: zero where no
+// window's argmax lands) = the sum of grad over the windows whose argmax each element is, added
+// in the accumulation type from zero in ascending window order and rounded once, on every
+// backend (deterministic, no atomics). Laid out as grad (g.channels_last).
 struct MaxpoolBackwardParams {
   const void* grad;
   DType dtype;

@@ -500,78 +500,484 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
   });
 }
 
+namespace {
+
+// ---- max-pool backward ----
+//
+// Channels-last: a gather. Each input position sums, over the windows covering it in ascending
+// window order, the gradients of those whose argmax it is, and is written once (no clearing,
+// no read-modify-write); the compares run over channels side by side. Planes-major: a scatter
+// into the plane, which is cleared just before while in cache. Both add in the accumulation
+// type from zero in ascending window order and round once on store, so every layout, path and
+// backend gives the same bits.
+
+// Calls f(o, k) for the windows o along dim d whose taps land on input coordinate c, in
+// ascending order, k the tap of o that does (a window reached only between its dilated taps is
+// left out).
+template <typename F>
+void for_each_cover(const PoolGeometry& g, int d, int64_t c, F&& f) {
+  const int64_t top = c + g.padding[d];
+  const int64_t bottom = top - (g.kernel[d] - 1) * g.dilation[d];
+  const int64_t hi = std::min(top / g.stride[d], g.out[d] - 1);
+  const int64_t lo = bottom <= 0 ? 0 : (bottom + g.stride[d] - 1) / g.stride[d];
+  for (int64_t w = lo; w <= hi; ++w) {
+    const int64_t delta = top - w * g.stride[d];
+    if (delta % g.dilation[d] == 0) f(w, delta / g.dilation[d]);
+  }
+}
+
+// The windows along dim d covering each input coordinate: those of c are entries
+// [first[c], first[c + 1]) of o and k (at most kernel[d] each).
+struct Cover {
+  std::vector<int64_t> first, o, k;
+  Cover(const PoolGeometry& g, int d) {
+    first.push_back(0);
+    for (int64_t c = 0; c < g.in[d]; ++c) {
+      for_each_cover(g, d, c, [&](int64_t w, int64_t t) {
+        o.push_back(w);
+        k.push_back(t);
+      });
+      first.push_back(static_cast<int64_t>(o.size()));
+    }
+  }
+};
+
+// The windows covering one input position: the storage index of each one's channel 0 in grad
+// and offsets, and the tap that lands on the position; at most 127 (one per tap).
+struct Windows {
+  int n = 0;
+  int64_t at[128];
+  signed char tap[128];
+};
+
+// The windows covering the positions of one input row (a batch entry's positions (s0, s1, *)).
+struct RowCover {
+  int n01 = 0;
+  int64_t o01[128], k01[128];  // along dims 0 and 1, ascending: first output and tap of each
+
+  // Row `row` = (unit * in[0] + s0) * in[1] + s1.
+  void set(const PoolGeometry& g, int64_t row) {
+    const int64_t c1 = row % g.in[1], t = row / g.in[1];
+    const int64_t c0 = t % g.in[0], unit = t / g.in[0];
+    const int64_t per_plane = g.out[0] * g.out[1] * g.out[2];
+    n01 = 0;
+    for_each_cover(g, 0, c0, [&](int64_t w0, int64_t k0) {
+      for_each_cover(g, 1, c1, [&](int64_t w1, int64_t k1) {
+        o01[n01] = (unit * per_plane + (w0 * g.out[1] + w1) * g.out[2]) * g.channels;
+        k01[n01] = (k0 * g.kernel[1] + k1) * g.kernel[2];
+        ++n01;
+      });
+    });
+  }
+
+  // The windows covering position c2 of the row, in ascending window order.
+  void windows(const PoolGeometry& g, const Cover& cover2, int64_t c2, Windows& win) const {
+    const int64_t e0 = cover2.first[static_cast<size_t>(c2)], e1 = cover2.first[static_cast<size_t>(c2) + 1];
+    win.n = 0;
+    for (int a = 0; a < n01; ++a) {
+      for (int64_t e = e0; e < e1; ++e) {
+        win.at[win.n] = o01[a] + cover2.o[static_cast<size_t>(e)] * g.channels;
+        win.tap[win.n] = static_cast<signed char>(k01[a] + cover2.k[static_cast<size_t>(e)]);
+        ++win.n;
+      }
+    }
+  }
+};
+
+// Channel block of the portable gather: small enough to stay in registers and L1.
+constexpr int64_t kGatherBlock = 64;
+
+// a when it is a NaN, else b. A sum that is a NaN stays that NaN: the compiler may put either
+// operand of an addition first and x86 returns the first of two NaNs, where the vector path's
+// masked add keeps the sum's. Decided on the bits, as a compare would stop the loop vectorizing.
+template <typename A>
+inline A nan_or(A a, A b) {
+  using U = Bits<A>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(A));
+  std::memcpy(&ub, &b, sizeof(A));
+  const U nan = static_cast<U>(-static_cast<U>((ua & ~kSign<U>) > kInfBits<A>));
+  const U r = ub ^ ((ua ^ ub) & nan);
+  A out;
+  std::memcpy(&out, &r, sizeof(A));
+  return out;
+}
+
+// grad_in[c0 + c] for c < n (kN when not 0, a whole block known at compile time, so the
+// accumulators can stay in registers) at one position: the sum over its windows of
+// (offset == tap ? grad : 0). Returns how many (window, channel) offsets matched (each valid
+// offset matches exactly once over the whole gather, an invalid one never: the count checks
+// them all).
+template <typename T, typename A, int64_t kN>
+__attribute__((always_inline)) inline int64_t gather_portable_block(const T* __restrict__ gr,
+                                                                    const signed char* __restrict__ off,
+                                                                    const Windows& win, int64_t c0, int64_t n,
+                                                                    T* __restrict__ out) {
+  const int64_t nc = kN > 0 ? kN : n;
+  int64_t matches = 0;
+  A acc[kGatherBlock];
+  for (int64_t c = 0; c < nc; ++c) acc[c] = A(0);
+  for (int j = 0; j < win.n; ++j) {
+    const T* gj = gr + win.at[j] + c0;
+    const signed char* oj = off + win.at[j] + c0;
+    const signed char t = win.tap[j];
+    int32_t hits = 0;  // the width of a float lane: the count vectorizes alongside the sums
+    for (int64_t c = 0; c < nc; ++c) {
+      // Adding +0.0 leaves a sum that started at +0.0 unchanged: the same bits as adding only
+      // the matches, and without a branch (or a conditional load) the loop vectorizes.
+      const A v = static_cast<A>(gj[c]);
+      const bool hit = oj[c] == t;
+      acc[c] = nan_or(acc[c], acc[c] + (hit ? v : A(0)));
+      hits += hit;
+    }
+    matches += hits;
+  }
+  for (int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<T>(acc[c]);
+  return matches;
+}
+
+template <typename T, typename A>
+__attribute__((always_inline)) inline int64_t gather_portable(const T* gr, const signed char* off, const Windows& win,
+                                                              int64_t ch, T* out) {
+  int64_t matches = 0;
+  int64_t c0 = 0;
+  for (; c0 + kGatherBlock <= ch; c0 += kGatherBlock) {
+    matches += gather_portable_block<T, A, kGatherBlock>(gr, off, win, c0, kGatherBlock, out);
+  }
+  if (c0 < ch) matches += gather_portable_block<T, A, 0>(gr, off, win, c0, ch - c0, out);
+  return matches;
+}
+
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_AVX512_GATHER __attribute__((target("avx512f,avx512bw,popcnt")))
+// GCC's intrinsic headers fill the unused lanes of widening and casting moves with a
+// self-initialized "undefined" vector, which its uninitialized-use analysis reports once
+// inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// The loads, masked adds and rounding stores of the gather, per storage type: a block of 64
+// channels is kVecs accumulators of kLanes. A whole block loads and stores without masks
+// (masked moves cost more, a masked store onto a page not yet touched most); only the last,
+// partial block is masked.
+template <typename T>
+struct GatherVec;
+template <>
+struct GatherVec<float> {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static V load(const float* p, __mmask16 m) {
+    return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+  }
+  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static void store(float* p, __mmask16 m, V v) {
+    if (kFull) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, m, v);
+    }
+  }
+};
+template <>
+struct GatherVec<double> {
+  static constexpr int kLanes = 8;
+  using V = __m512d;
+  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_pd(); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static V load(const double* p, __mmask16 m) {
+    return kFull ? _mm512_loadu_pd(p) : _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p);
+  }
+  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) {
+    return _mm512_mask_add_pd(acc, static_cast<__mmask8>(k), acc, v);
+  }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static void store(double* p, __mmask16 m, V v) {
+    if (kFull) {
+      _mm512_storeu_pd(p, v);
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v);
+    }
+  }
+};
+
+// 16 lanes of 16 bits, through 512-bit masked moves when partial (AVX-512 BW; the 256-bit
+// forms need VL).
+template <bool kFull>
+SLIMTUNE_AVX512_GATHER inline __m256i load16(const void* p, __mmask16 m) {
+  if (kFull) return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p));
+}
+// The low 16 bits of each 32-bit lane of r.
+template <bool kFull>
+SLIMTUNE_AVX512_GATHER inline void store16(void* p, __mmask16 m, __m512i r) {
+  const __m256i h = _mm512_cvtepi32_epi16(r);
+  if (kFull) {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), h);
+  } else {
+    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(h));
+  }
+}
+
+// 16-bit types accumulate in float and round once as c10's conversions do (bfloat16: to
+// nearest even, NaN as 0x7fc0; half: to nearest even, NaN as sign | 0x7e00), so this path and
+// the portable one store the same bits.
+template <>
+struct GatherVec<c10::BFloat16> {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static V load(const c10::BFloat16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16<kFull>(p, m)), 16));
+  }
+  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static void store(c10::BFloat16* p, __mmask16 m, V v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+    store16<kFull>(p, m, r);
+  }
+};
+template <>
+struct GatherVec<c10::Half> {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static V load(const c10::Half* p, __mmask16 m) {
+    return _mm512_cvtph_ps(load16<kFull>(p, m));
+  }
+  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
+  template <bool kFull>
+  SLIMTUNE_AVX512_GATHER static void store(c10::Half* p, __mmask16 m, V v) {
+    __m512i r = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512i nan = _mm512_or_si512(
+        _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000)),
+        _mm512_set1_epi32(0x7e00));
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, nan);
+    store16<kFull>(p, m, r);
+  }
+};
+
+// Which of kL channels' offsets at o (those of `lanes` when not kFull) equal tap: each offset
+// widened to the accumulator's lane, so the compare gives the add's mask directly.
+template <int kL, bool kFull>
+SLIMTUNE_AVX512_GATHER inline __mmask16 tap_hits(const signed char* o, __mmask16 lanes, signed char tap) {
+  if constexpr (kL == 16) {
+    const __m128i b = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(o))
+                            : _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes, o));
+    return _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_cvtepi8_epi32(b), _mm512_set1_epi32(tap));
+  } else {
+    const __m128i b = kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(o))
+                            : _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes, o));
+    return _mm512_mask_cmpeq_epi64_mask(static_cast<__mmask8>(lanes), _mm512_cvtepi8_epi64(b), _mm512_set1_epi64(tap));
+  }
+}
+
+// The matches of the vector gather, counted per lane and summed every kFlush blocks of 64
+// channels (a block adds at most 127 to a lane: no lane overflows).
+struct MatchCount {
+  static constexpr int kFlush = 1 << 20;
+  __m512i lanes;
+  int blocks = 0;
+  int64_t total = 0;
+  SLIMTUNE_AVX512_GATHER MatchCount() : lanes(_mm512_setzero_si512()) {}
+  SLIMTUNE_AVX512_GATHER void add(__mmask16 hit) {
+    lanes = _mm512_mask_sub_epi32(lanes, hit, lanes, _mm512_set1_epi32(-1));
+  }
+  SLIMTUNE_AVX512_GATHER void block_done() {
+    if (++blocks == kFlush) flush();
+  }
+  SLIMTUNE_AVX512_GATHER int64_t flush() {
+    total += _mm512_reduce_add_epi32(lanes);
+    lanes = _mm512_setzero_si512();
+    blocks = 0;
+    return total;
+  }
+};
+
+// Channels [c0, c0 + 64) (those of `live` when not kFull) of gather_portable, the same sums in
+// the same order: a lane without a match adds nothing, without a branch.
+template <typename T, bool kFull>
+SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline void gather_block(const T* gr, const signed char* off,
+                                                                              const Windows& win, int64_t c0,
+                                                                              uint64_t live, T* out,
+                                                                              MatchCount& count) {
+  using Vec = GatherVec<T>;
+  constexpr int kL = Vec::kLanes, kVecs = 64 / kL;
+  constexpr uint64_t kLaneMask = (uint64_t{1} << kL) - 1;
+  typename Vec::V acc[kVecs];
+  for (int v = 0; v < kVecs; ++v) acc[v] = Vec::zero();
+  for (int j = 0; j < win.n; ++j) {
+    const int64_t at = win.at[j] + c0;
+    for (int v = 0; v < kVecs; ++v) {
+      const __mmask16 lanes = static_cast<__mmask16>((live >> (v * kL)) & kLaneMask);
+      const __mmask16 hit = tap_hits<kL, kFull>(off + at + v * kL, lanes, win.tap[j]);
+      acc[v] = Vec::add(acc[v], hit, Vec::template load<kFull>(gr + at + v * kL, lanes));
+      count.add(hit);
+    }
+  }
+  count.block_done();
+  for (int v = 0; v < kVecs; ++v) {
+    Vec::template store<kFull>(out + c0 + v * kL, static_cast<__mmask16>((live >> (v * kL)) & kLaneMask), acc[v]);
+  }
+}
+
+// gather_portable through AVX-512, 64 channels per block.
+template <typename T>
+SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline void gather_avx512(const T* gr, const signed char* off,
+                                                                               const Windows& win, int64_t ch, T* out,
+                                                                               MatchCount& count) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= ch; c0 += 64) gather_block<T, true>(gr, off, win, c0, ~uint64_t{0}, out, count);
+  if (c0 < ch) gather_block<T, false>(gr, off, win, c0, (uint64_t{1} << (ch - c0)) - 1, out, count);
+}
+
+template <typename T>
+SLIMTUNE_AVX512_GATHER int64_t gather_rows_avx512(const PoolGeometry& g, const T* gr, const signed char* off, T* out,
+                                                  int64_t begin, int64_t end, const Cover& cover2) {
+  const int64_t ch = g.channels;
+  MatchCount count;
+  RowCover rc;
+  Windows win;
+  for (int64_t row = begin; row < end; ++row) {
+    rc.set(g, row);
+    T* dst = out + row * g.in[2] * ch;
+    for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
+      rc.windows(g, cover2, c2, win);
+      gather_avx512<T>(gr, off, win, ch, dst, count);
+    }
+  }
+  return count.flush();
+}
+#pragma GCC diagnostic pop
+#endif
+
+template <typename T, typename A>
+__attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeometry& g, const T* gr,
+                                                                   const signed char* off, T* out, int64_t begin,
+                                                                   int64_t end, const Cover& cover2) {
+  const int64_t ch = g.channels;
+  int64_t matches = 0;
+  RowCover rc;
+  Windows win;
+  for (int64_t row = begin; row < end; ++row) {
+    rc.set(g, row);
+    T* dst = out + row * g.in[2] * ch;
+    for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
+      rc.windows(g, cover2, c2, win);
+      matches += gather_portable<T, A>(gr, off, win, ch, dst);
+    }
+  }
+  return matches;
+}
+
+// The portable gather compiled for AVX2 too (never AVX-512: that is the other path, and
+// SLIMTUNE_CPU_NO_AVX512 must reach this one). target_clones takes no templates: one per type.
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+#define SLIMTUNE_PORTABLE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SLIMTUNE_PORTABLE_CLONES
+#endif
+#define SLIMTUNE_GATHER_ROWS(T, NAME)                                                                      \
+  SLIMTUNE_PORTABLE_CLONES int64_t NAME(const PoolGeometry& g, const T* gr, const signed char* off, T* out, \
+                                        int64_t begin, int64_t end, const Cover& cover2) {                  \
+    return gather_rows_portable<T, acc_t<T>>(g, gr, off, out, begin, end, cover2);                        \
+  }
+SLIMTUNE_GATHER_ROWS(float, gather_rows_float)
+SLIMTUNE_GATHER_ROWS(double, gather_rows_double)
+SLIMTUNE_GATHER_ROWS(c10::BFloat16, gather_rows_bfloat16)
+SLIMTUNE_GATHER_ROWS(c10::Half, gather_rows_half)
+
+// The channels-last gather over input rows [begin, end); returns the offsets that matched.
+template <typename T>
+int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, T* out, int64_t begin, int64_t end,
+                    const Cover& cover2, bool vec) {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+  if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
+#endif
+  (void)vec;
+  if constexpr (std::is_same_v<T, float>) return gather_rows_float(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, double>) return gather_rows_double(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return gather_rows_bfloat16(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, c10::Half>) return gather_rows_half(g, gr, off, out, begin, end, cover2);
+}
+
+// The planes-major scatter over planes [begin, end): straight into grad_in when T is A, else
+// into `scratch` (one plane of A) rounded into grad_in plane by plane. Returns false when an
+// offset leaves its window.
+template <typename T, typename A>
+bool scatter_planes(const PoolGeometry& g, const Taps& taps, const T* gr, const signed char* off, T* out, A* scratch,
+                    int64_t begin, int64_t end) {
+  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+  const int64_t window = taps.window;  // at most 127: offsets compare as unsigned bytes
+  const int64_t* disp = taps.disp.data();
+  bool ok = true;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    A* plane = std::is_same_v<T, A> ? reinterpret_cast<A*>(out + unit * in_plane) : scratch;
+    std::fill(plane, plane + in_plane, A(0));
+    for_each_window(g, taps, unit, unit + 1, [&](int64_t i, int64_t, const int64_t* st, int64_t corner, bool inside) {
+      const uint8_t w = static_cast<uint8_t>(off[i]);
+      // An offset outside the window or onto padding would write out of bounds: the op fails
+      // (the glue names it).
+      if (w >= window || (!inside && !taps.lands(g, w, st))) {
+        ok = false;
+        return;
+      }
+      plane[corner + disp[w]] += static_cast<A>(gr[i]);
+    });
+    if constexpr (!std::is_same_v<T, A>) {
+      T* dst = out + unit * in_plane;
+      for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<T>(plane[e]);
+    }
+  }
+  return ok;
+}
+
+}  // namespace
+
 Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
   const PoolGeometry& g = p.g;
   const signed char* off = p.offsets;
-  const Taps taps(g);
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   const int64_t ch = g.channels;
-  const int64_t window = taps.window;  // at most 127: offsets compare as unsigned bytes
-  std::vector<int64_t> disp_ch(taps.disp);
-  for (int64_t& d : disp_ch) d *= ch;
-  const int64_t* dc = disp_ch.data();
   std::atomic<bool> bad{false};
   const Status st = dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const T* gr = static_cast<const T*>(p.grad);
-    A* out = static_cast<A*>(p.grad_in);
-    // One plane (or batch entry) per task: overlapping windows accumulate in order, no races.
-    // A plane is cleared just before its sums land in it, while it is in cache. A channels-last
-    // batch entry (every channel of every position) is larger than the cache, so it is cleared
-    // input row by input row, up to the last row the next window touches: windows come in row
-    // order, so no cleared position is cleared again and every sum lands on a cleared one.
-    at::parallel_for(0, pool_units(g), 1, [&](int64_t begin, int64_t end) {
-      bool ok = true;
-      for (int64_t unit = begin; unit < end; ++unit) {
-        A* plane = out + unit * in_plane * ch;
-        int64_t cleared = 0;  // positions of this plane set to zero
-        const auto clear_to = [&](int64_t pos) {
-          if (pos > cleared) {
-            std::fill(plane + cleared * ch, plane + pos * ch, A(0));
-            cleared = pos;
-          }
-        };
-        if (ch == 1) clear_to(in_plane);
-        for_each_window(g, taps, unit, unit + 1,
-                        [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
-          const int64_t base = (u * in_plane + corner) * ch;
-          if (ch > 1) {
-            const int64_t r0 = std::min(st[0] + taps.reach[0], g.in[0] - 1);
-            const int64_t r1 = std::min(st[1] + taps.reach[1], g.in[1] - 1);
-            clear_to(std::min(in_plane, (r0 * g.in[1] + r1 + 1) * g.in[2]));
-          }
-          if (inside && ch == 1) {
-            const uint8_t w = static_cast<uint8_t>(off[i]);
-            if (w < window) {
-              out[base + dc[w]] += static_cast<A>(gr[i]);
-              return;
-            }
-          } else if (inside) {
-            // The common case: a window clear of the border, so an offset only has to be below the
-            // window size; checked for all channels first (a vector compare), then a lean loop.
-            bool in_range = true;
-            for (int64_t c = 0; c < ch; ++c) in_range &= static_cast<uint8_t>(off[i + c]) < window;
-            if (in_range) {
-              for (int64_t c = 0; c < ch; ++c) out[base + dc[off[i + c]] + c] += static_cast<A>(gr[i + c]);
-              return;
-            }
-          }
-          // An offset outside the window or onto padding would write out of bounds: the op fails
-          // (the glue names it), so the rest of this position is left.
-          for (int64_t c = 0; c < ch; ++c) {
-            const uint8_t w = static_cast<uint8_t>(off[i + c]);
-            if (w >= window || !taps.lands(g, w, st)) {
-              ok = false;
-              return;
-            }
-            out[base + dc[w] + c] += static_cast<A>(gr[i + c]);
-          }
-        });
-        clear_to(in_plane);  // positions no window reaches (a stride wider than the window)
-      }
-      if (!ok) bad.store(true);
+    T* out = static_cast<T*>(p.grad_in);
+    if (!g.channels_last) {
+      // One plane per task: overlapping windows accumulate in order, no races.
+      const Taps taps(g);
+      at::parallel_for(0, g.planes, 1, [&](int64_t begin, int64_t end) {
+        std::vector<A> scratch(std::is_same_v<T, A> ? 0 : static_cast<size_t>(in_plane));
+        if (!scatter_planes<T, A>(g, taps, gr, off, out, scratch.data(), begin, end)) bad.store(true);
+      });
+      return kSuccess;
+    }
+    // Channels-last: input rows are independent (each position is written by its own gather).
+    const Cover cover2(g, 2);
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+    const bool vec = has_avx512();
+#else
+    const bool vec = false;
+#endif
+    const int64_t rows = pool_units(g) * g.in[0] * g.in[1];
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.in[2] * ch));
+    std::atomic<int64_t> matches{0};
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      matches += gather_rows<T>(g, gr, off, out, begin, end, cover2, vec);
     });
+    // Every valid offset matches once: fewer matches than outputs means an offset outside its
+    // window or on padding (the glue names the first).
+    if (matches.load() != g.planes * g.out[0] * g.out[1] * g.out[2]) bad.store(true);
     return kSuccess;
   });
   if (st != kSuccess) return st;
