@@ -38,6 +38,18 @@ def test_sparse_forward_and_lora_bytes_by_hand():
     assert fwd.design == 480 + 8 * 2 * 4 + 2 * 8 * 4 * 2 == 672
 
 
+def test_max_pool_bytes_by_hand_and_its_ops_run():
+    # 3 planes of 8x8, k3 s2 p1 -> 4x4 outputs, bf16: x read once, output and int8 offsets written
+    # (forward); g and offsets read, dx written once (backward, a gather in dx's dtype).
+    fwd, bwd = traffic.max_pool(3, 8, 8, 3, 2, 1, torch.bfloat16)
+    assert fwd.design == fwd.floor == 3 * 64 * 2 + 3 * 16 * 2 + 3 * 16 == 528
+    assert bwd.design == bwd.floor == 3 * 16 * 2 + 3 * 16 + 3 * 64 * 2 == 528
+    out, offsets = fwd.make(torch.device("cpu"))()
+    assert out.shape == offsets.shape == (1, 3, 4, 4) and offsets.dtype == torch.int8
+    dx = bwd.make(torch.device("cpu"))()
+    assert dx.shape == (1, 3, 8, 8) and dx.dtype == torch.bfloat16
+
+
 def test_every_row_is_consistent():
     for row in traffic.rows():
         assert row.design >= row.floor > 0, row

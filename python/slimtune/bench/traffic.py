@@ -205,25 +205,34 @@ def relu(n: int, dtype: torch.dtype) -> List[Row]:
 
 def max_pool(planes: int, h: int, w: int, k: int, s: int, p: int, dtype: torch.dtype) -> List[Row]:
     """memsave max-pool (2-D): the forward kernel reads x once (overlapping windows hit L1/L2) and
-    writes the output and each argmax as an int8 offset in its window: the floor. Backward
-    zero-fills a float32 input-sized accumulation, adds g at each argmax (read, write), then
-    rounds to a low-precision dx; the floor reads g and the offsets and writes dx once."""
-    e, a = elt(dtype), acc_bytes(dtype)
+    writes the output and each argmax as an int8 offset in its window: the floor. Backward is a
+    gather, one thread per input element summing (float32) the windows whose argmax it is and
+    storing dx once in its own dtype; g and the offsets are read once from DRAM (neighbouring
+    inputs share windows through L1/L2): the floor too."""
+    e = elt(dtype)
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     n_in, n_out = planes * h * w, planes * ho * wo
     fwd_floor = n_in * e + n_out * e + n_out
     fwd = fwd_floor
     bwd_floor = n_out * e + n_out + n_in * e
-    bwd = n_in * a + n_out * e + n_out + 2 * n_in * a + (n_in * (a + e) if a != e else 0)
+    bwd = bwd_floor
     shape = f"{planes}x{h}x{w} k{k} s{s} p{p}"
 
-    def make(dev):
+    pool = ([k, k], [s, s], [p, p], [1, 1])
+
+    def make_fwd(dev):
         x = torch.randn(1, planes, h, w, device=dev).to(dtype)
-        return lambda: torch.ops.slimtune.memsave_maxpool_forward(x, [k, k], [s, s], [p, p], [1, 1], False)
+        return lambda: torch.ops.slimtune.memsave_maxpool_forward(x, *pool, False)
+
+    def make_bwd(dev):
+        x = torch.randn(1, planes, h, w, device=dev).to(dtype)
+        out, offsets = torch.ops.slimtune.memsave_maxpool_forward(x, *pool, False)
+        g = torch.randn_like(out)
+        return lambda: torch.ops.slimtune.memsave_maxpool_backward(g, offsets, list(x.shape), *pool)
 
     return [
-        Row("memsave_max_pool fwd", shape, dtype, fwd, fwd_floor, None, make),
-        Row("memsave_max_pool bwd", shape, dtype, bwd, bwd_floor),
+        Row("memsave_max_pool fwd", shape, dtype, fwd, fwd_floor, None, make_fwd),
+        Row("memsave_max_pool bwd", shape, dtype, bwd, bwd_floor, None, make_bwd),
     ]
 
 
