@@ -170,7 +170,7 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
   }
 }
 
-// *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) +=
+// *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) =
 // keep * mult * (gb a), one pass over src; gb T x R with unit column stride; either output may be null.
 void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, const at::Tensor* a, at::Tensor* dx,
                at::Tensor* dA, const Mask& m, const char* op) {
@@ -192,6 +192,7 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
                        a ? a->narrow(0, q0, n).data_ptr() : nullptr,
                        acc,
                        dx ? dx->data_ptr() : nullptr,
+                       q0 > 0,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
                        elems > 0 ? part.data_ptr() : nullptr,
                        m.params()};
@@ -249,19 +250,24 @@ at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& l
   return xa;
 }
 
-// *dx += scale * (gB A) * mask / (1 - p) and *dA = scale * gB^T (x2 * mask / (1 - p)) (accumulation
-// dtype), the mask regenerated from (seed, offset), one pass over x2; either pointer may be null.
+// *dx = scale * (gB A) * mask / (1 - p) (allocated in x2's dtype; the caller adds the base GEMM into
+// it, so dx is read and written once less) and *dA = scale * gB^T (x2 * mask / (1 - p))
+// (accumulation dtype), the mask regenerated from (seed, offset), one pass over x2; either
+// pointer may be null.
 void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
                         double scale, double p, const Mask& m, at::Tensor* dx, at::Tensor* dA, const char* op) {
   if (!dx && !dA) return;
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
+  if (dx) *dx = at::empty({x2.size(0), x2.size(1)}, x2.options());  // written whole
   if (direct(x2, lora_A, p)) {
-    if (dx) dx->addmm_(gB, Ac, 1.0, scale);
-    if (dA) *dA = at::mm(gB.t(), x2).mul_(scale);
+    const at::Tensor gs = gB * scale;  // T x r: the scale folded in before the T x d_in product
+    if (dx) at::mm_out(*dx, gs, Ac);
+    if (dA) *dA = at::mm(gs.t(), x2);
     return;
   }
   if (dA) *dA = at::empty({lora_A.size(0), lora_A.size(1)}, x2.options().dtype(cdt));  // written whole
+  if (dx && lora_A.size(0) == 0) dx->zero_();  // no pass runs
   grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
 }
 
@@ -279,19 +285,15 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
   const at::Tensor x2 = x.reshape({-1, d_in});
   const int64_t T = x2.size(0);
 
-  at::Tensor out;
-  if (weight) {
-    out = bias ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
-  } else {
-    out = bias ? bias->unsqueeze(0).expand({T, d_out}).contiguous() : at::zeros({T, d_out}, x.options());
-  }
-
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
-  // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
+  // The up-projection (and bias) first, the base GEMM accumulated into it: y is written by the
+  // small GEMM and read back inside the big one's tiles, no separate pass over y. B^T is made
   // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
-  const auto odt = out.scalar_type();
-  out.addmm_(xa.to(odt), lora_B.t().to(odt).contiguous());
+  const auto odt = x.scalar_type();
+  const at::Tensor up = xa.to(odt), Bt = lora_B.t().to(odt).contiguous();
+  at::Tensor out = bias ? at::addmm(*bias, up, Bt) : at::mm(up, Bt);
+  if (weight) out.addmm_(x2, weight->t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d_out;
   return {out.view(shape), xa};
@@ -324,9 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   grad_out_terms(k, g2, Bt, xa, need_B, need_bias, &terms, op);
 
   at::Tensor dx = none, dA = none;
-  if (need_x) dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
   lora_dropout_grads(k, x2, terms.gB, lora_A, scale, p, make_mask(k, scale, p, seed, offset),
                      need_x ? &dx : nullptr, need_A ? &dA : nullptr, op);
+  if (need_x && weight) dx.addmm_(g2, *weight);
   if (need_x) dx = dx.view(x.sizes());
   if (need_A) dA = dA.to(lora_A.scalar_type());
   const at::Tensor dB = need_B ? terms.dBt.t().to(lora_B.scalar_type()).contiguous() : none;
@@ -381,11 +383,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   const at::Tensor xa = lora_down(k, x2, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), kMultiOp);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
+    // As in forward_op: the up-projection (and bias) first, the base GEMM accumulated into it.
     const std::optional<at::Tensor> b = bias_at(biases, i);
-    at::Tensor out = b ? at::addmm(*b, x2, weights[i].t()) : at::mm(x2, weights[i].t());
-    const auto odt = out.scalar_type();
-    // B^T contiguous: BLAS is far slower on the (d_out x r)^T layout for small r.
-    out.addmm_(xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt), lora_Bs[i].t().to(odt).contiguous());
+    const auto odt = x.scalar_type();
+    const at::Tensor up = xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt);
+    const at::Tensor Bt = lora_Bs[i].t().to(odt).contiguous();
+    at::Tensor out = b ? at::addmm(*b, up, Bt) : at::mm(up, Bt);
+    out.addmm_(x2, weights[i].t());
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = weights[i].size(0);
     outs.push_back(out.view(shape));
@@ -441,12 +445,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   }
 
   at::Tensor dx = none, dA = none;
-  if (need_x) {
-    dx = at::mm(grad_outs[0].reshape({-1, lora_Bs[0].size(0)}), weights[0]);
-    for (size_t i = 1; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
-  }
   lora_dropout_grads(k, x2, gB, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), need_x ? &dx : nullptr,
                      need_A ? &dA : nullptr, kMultiOp);
+  if (need_x) {
+    for (size_t i = 0; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
+  }
   std::vector<at::Tensor> dAs;
   for (size_t i = 0; i < n; ++i) {
     dAs.push_back(need_A ? (dA.narrow(0, offs[i], lora_As[i].size(0)) * scales[i]).to(lora_As[i].scalar_type())

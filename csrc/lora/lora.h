@@ -44,8 +44,9 @@ struct DownParams {
 
 // Gradient pass over x (one read, one mask for both terms):
 // dA[q * K + c] = sum_t gb[t * gb_ld + q] * keep(t, c) * mult * x[t, c]   (when dA is set)
-// dx[t * K + c] += keep(t, c) * mult * sum_q gb[t * gb_ld + q] * a[q * K + c]   (when dx is set)
-// gb, a, dA in the acc dtype; dx contiguous in x's dtype. The sum over t is split and the
+// dx[t * K + c] (+)= keep(t, c) * mult * sum_q gb[t * gb_ld + q] * a[q * K + c]   (when dx is set)
+// dx is overwritten, or added to when dx_accumulate (a second pass of a stack wider than
+// kMaxRank). gb, a, dA in the acc dtype; dx contiguous in x's dtype. The sum over t is split and the
 // partial sums reduced in a fixed order: deterministic. `partial`: grad_partial_elems_*(...).
 struct GradParams {
   const void* x;
@@ -57,6 +58,7 @@ struct GradParams {
   const void* a;
   DType acc_dtype;
   void* dx;
+  bool dx_accumulate;
   void* dA;
   void* partial;
   MaskParams mask;

@@ -272,7 +272,11 @@ Status grad_cpu(const GradParams& p, void*) {
               X* d = dx + (t0 + i) * K;
               const A* vi = v.data() + i * K;
               const A* mi = m.data() + i * K;
-              for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + vi[j] * mi[j]);
+              if (p.dx_accumulate) {
+                for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(static_cast<A>(d[j]) + vi[j] * mi[j]);
+              } else {
+                for (int64_t j = 0; j < K; ++j) d[j] = static_cast<X>(vi[j] * mi[j]);
+              }
             }
           }
         }
