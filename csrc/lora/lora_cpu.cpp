@@ -16,8 +16,10 @@
 // wide vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLIMTUNE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SLIMTUNE_INLINE __attribute__((always_inline)) inline
 #else
 #define SLIMTUNE_CLONES
+#define SLIMTUNE_INLINE inline
 #endif
 
 namespace slimtune {
@@ -82,14 +84,15 @@ inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std
 constexpr int kRows = 4;
 
 // target_clones takes no templates: each row kernel NAME is written once as the template
-// NAME_impl(p, q, n, out), and this stamps out its cloned float and double overloads.
+// NAME_impl(p, q, n, out), and this stamps out its cloned float and double overloads. The impls
+// must be inlined into the clones: a call out of line runs the baseline (SSE2) code.
 #define SLIMTUNE_ROW_CLONES(NAME)                                                                                 \
   SLIMTUNE_CLONES void NAME(const float* p, const float* q, int64_t n, float* out) { NAME##_impl(p, q, n, out); } \
   SLIMTUNE_CLONES void NAME(const double* p, const double* q, int64_t n, double* out) { NAME##_impl(p, q, n, out); }
 
 // out[i] = v_i . a for the kRows rows v_i = v + i * n.
 template <typename A>
-inline void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
+SLIMTUNE_INLINE void dot_rows_impl(const A* v, const A* a, int64_t n, A* out) {
   constexpr int L = 16;
   const A *__restrict__ v0 = v, *__restrict__ v1 = v + n, *__restrict__ v2 = v + 2 * n, *__restrict__ v3 = v + 3 * n;
   A s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};
@@ -115,7 +118,7 @@ SLIMTUNE_ROW_CLONES(dot_rows)
 
 // y += sum_i g[i] * v_i over the kRows rows v_i = v + i * n.
 template <typename A>
-inline void gather_rows_impl(const A* g, const A* v, int64_t n, A* y) {
+SLIMTUNE_INLINE void gather_rows_impl(const A* g, const A* v, int64_t n, A* y) {
   const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
   for (int64_t j = 0; j < n; ++j) y[j] += g0 * v[j] + g1 * v[n + j] + g2 * v[2 * n + j] + g3 * v[3 * n + j];
 }
@@ -123,7 +126,7 @@ SLIMTUNE_ROW_CLONES(gather_rows)
 
 // y_i += g[i] * a for the kRows rows y_i = y + i * n.
 template <typename A>
-inline void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) {
+SLIMTUNE_INLINE void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) {
   const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
   for (int64_t j = 0; j < n; ++j) {
     const A aj = a[j];
