@@ -11,6 +11,7 @@
 #include "common/philox.h"
 #include "common/philox_cpu.h"
 #include "lora/lora.h"
+#include "lora/lora_cpu_avx512.h"
 
 // The rows' dot products and axpys are the passes' work: compile them for
 // wide vector units too and let the loader pick (GCC ifunc clones; other compilers get one copy).
@@ -42,6 +43,17 @@ class Multipliers {
     }
   }
 
+  // The keep bits of elements e0 .. e0 + n - 1 (bit e - e0 for element e; e0 on a block
+  // boundary), valid until the next call. Needs thresh != 0.
+  const uint8_t* keep(int64_t e0, int64_t n) {
+    constexpr int64_t E = philox::kElemsPerBlock;
+    const int64_t b0 = e0 / E, b1 = (e0 + n + E - 1) / E;
+    bytes_.resize(static_cast<size_t>(b1 - b0));
+    philox::keep_bytes(seed_, philox::kMaskStream, offset_ + static_cast<uint64_t>(b0), b1 - b0, thresh_,
+                       bytes_.data());
+    return bytes_.data();
+  }
+
   // out[j] = keep(e0 + j) ? mult : 0 for j < n.
   void row(int64_t e0, int64_t n, A* out) {
     if (thresh_ == 0) {
@@ -50,9 +62,7 @@ class Multipliers {
     }
     constexpr int64_t E = philox::kElemsPerBlock;
     const int64_t b0 = e0 / E, b1 = (e0 + n + E - 1) / E;
-    bytes_.resize(static_cast<size_t>(b1 - b0));
-    philox::keep_bytes(seed_, philox::kMaskStream, offset_ + static_cast<uint64_t>(b0), b1 - b0, thresh_,
-                       bytes_.data());
+    keep(b0 * E, e0 + n - b0 * E);
     const int64_t skip = e0 - b0 * E;  // elements of the first block before e0
     int64_t j = 0;
     for (int64_t k = 0; k < b1 - b0; ++k) {
@@ -138,7 +148,7 @@ SLIMTUNE_INLINE void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) 
 }
 SLIMTUNE_ROW_CLONES(scatter_rows)
 #undef SLIMTUNE_ROW_CLONES
-static_assert(kRows == 4, "gather_rows and scatter_rows take 4 rows");
+static_assert(kRows == 4, "gather_rows, scatter_rows and the AVX-512 row work take 4 rows");
 
 // v[j] = x[j * cs] * m[j] (m holds keep * mult).
 template <typename X, typename A>
@@ -148,6 +158,19 @@ void masked_row(const X* x, int64_t cs, const A* m, int64_t n, A* v) {
   } else {
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(x[j * cs]) * m[j];
   }
+}
+
+// The AVX-512 row work applies: float32 x and accumulators, unit column stride, rows starting on
+// a mask byte, and a mask to apply.
+template <typename X, typename A>
+bool avx512_rows(int64_t x_cs, int64_t K, uint32_t thresh) {
+#ifdef SLIMTUNE_LORA_AVX512
+  return std::is_same<X, float>::value && std::is_same<A, float>::value && x_cs == 1 && K % 8 == 0 && thresh != 0 &&
+         avx512::avx512_usable();
+#else
+  (void)x_cs, (void)K, (void)thresh;
+  return false;
+#endif
 }
 
 template <typename A>
@@ -203,17 +226,25 @@ Status down_cpu(const DownParams& p, void*) {
       std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
       A dots[kRows];
+      const bool wide = avx512_rows<X, A>(p.x_cs, K, p.mask.thresh);
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
-        mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
-        for (int64_t i = 0; i < kRows; ++i) {
-          A* vi = v.data() + i * K;
-          if (i >= nb) {
-            std::fill(vi, vi + K, A(0));
+        std::fill(v.begin() + nb * K, v.end(), A(0));
+#ifdef SLIMTUNE_LORA_AVX512
+        if constexpr (std::is_same<X, float>::value && std::is_same<A, float>::value) {
+          if (wide) {
+            avx512::masked_rows(x + t0 * p.x_rs, p.x_rs, nb, K, mk.keep(t0 * K, nb * K),
+                                static_cast<float>(p.mask.mult), v.data());
+            for (int64_t q = 0; q < R; ++q) {
+              avx512::dot4(v.data(), a + q * K, K, dots);
+              for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
+            }
             continue;
           }
-          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, vi);
         }
+#endif
+        mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
+        for (int64_t i = 0; i < nb; ++i) masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, v.data() + i * K);
         for (int64_t q = 0; q < R; ++q) {
           dot_rows(v.data(), a + q * K, K, dots);
           for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
@@ -247,16 +278,26 @@ Status grad_cpu(const GradParams& p, void*) {
       std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
       std::vector<A> gq(static_cast<size_t>(R * kRows));  // gq[q * kRows + i] = gb[t0 + i, q]
+      const bool wide = avx512_rows<X, A>(p.x_cs, K, p.mask.thresh);
       for (int64_t s = s0; s < s1; ++s) {
         A* acc = need_dA ? part + s * R * K : nullptr;
         if (need_dA) std::fill(acc, acc + R * K, A(0));
         const int64_t t_end = std::min(T, (s + 1) * per);
         for (int64_t t0 = s * per; t0 < t_end; t0 += kRows) {
           const int64_t nb = std::min<int64_t>(kRows, t_end - t0);
-          mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
           for (int64_t i = 0; i < kRows; ++i) {
             for (int64_t q = 0; q < R; ++q) gq[q * kRows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
           }
+#ifdef SLIMTUNE_LORA_AVX512
+          if constexpr (std::is_same<X, float>::value && std::is_same<A, float>::value) {
+            if (wide) {
+              avx512::grad4(x + t0 * p.x_rs, p.x_rs, nb, K, R, gq.data(), a, mk.keep(t0 * K, nb * K),
+                            static_cast<float>(p.mask.mult), acc, need_dx ? dx + t0 * K : nullptr, p.dx_accumulate);
+              continue;
+            }
+          }
+#endif
+          mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
           if (need_dA) {
             for (int64_t i = 0; i < kRows; ++i) {
               A* vi = v.data() + i * K;
