@@ -178,6 +178,17 @@ constexpr DType acc_tag() {
   return std::is_same<A, double>::value ? DType::Float64 : DType::Float32;
 }
 
+// Calls f(X{}, A{}) with x's storage type X and its accumulation type A, which the params'
+// acc dtype must name.
+template <typename F>
+Status dispatch_pass(DType x_dtype, DType acc_dtype, F&& f) {
+  return dispatch_cpu_float(x_dtype, [&](auto x_tag) {
+    using A = acc_t<decltype(x_tag)>;
+    if (acc_tag<A>() != acc_dtype) return kInvalidValue;
+    return f(x_tag, A{});
+  });
+}
+
 // Token splits of the gradient pass: fixed by T alone (not by the thread count), so the split
 // sums, reduced in order, give the same bits on any machine.
 constexpr int64_t kSplitRows = 256, kMaxSplits = 16;
@@ -214,10 +225,9 @@ int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType, bool need
 // products with a's rows.
 Status down_cpu(const DownParams& p, void*) {
   if (p.T == 0 || p.R == 0) return kSuccess;
-  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+  return dispatch_pass(p.x_dtype, p.acc_dtype, [&](auto x_tag, auto a_tag) {
     using X = decltype(x_tag);
-    using A = acc_t<X>;
-    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    using A = decltype(a_tag);
     const X* x = static_cast<const X*>(p.x);
     const A* a = static_cast<const A*>(p.a);
     A* out = static_cast<A*>(p.out);
@@ -260,10 +270,9 @@ Status down_cpu(const DownParams& p, void*) {
 Status grad_cpu(const GradParams& p, void*) {
   const bool need_dA = p.dA != nullptr, need_dx = p.dx != nullptr;
   if (p.K == 0 || p.R == 0 || (!need_dA && !need_dx)) return kSuccess;
-  return dispatch_cpu_float(p.x_dtype, [&](auto x_tag) {
+  return dispatch_pass(p.x_dtype, p.acc_dtype, [&](auto x_tag, auto a_tag) {
     using X = decltype(x_tag);
-    using A = acc_t<X>;
-    if (acc_tag<A>() != p.acc_dtype) return kInvalidValue;
+    using A = decltype(a_tag);
     const X* x = static_cast<const X*>(p.x);
     const A* gb = static_cast<const A*>(p.gb);
     const A* a = static_cast<const A*>(p.a);
