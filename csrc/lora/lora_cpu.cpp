@@ -148,7 +148,7 @@ SLIMTUNE_INLINE void scatter_rows_impl(const A* g, const A* a, int64_t n, A* y) 
 }
 SLIMTUNE_ROW_CLONES(scatter_rows)
 #undef SLIMTUNE_ROW_CLONES
-static_assert(kRows == 4, "gather_rows, scatter_rows and the AVX-512 row work take 4 rows");
+static_assert(kRows == 4, "gather_rows and scatter_rows take 4 rows");
 
 // v[j] = x[j * cs] * m[j] (m holds keep * mult).
 template <typename X, typename A>
@@ -196,6 +196,33 @@ int64_t grad_splits(int64_t T) {
   return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (T + kSplitRows - 1) / kSplitRows));
 }
 
+#ifdef SLIMTUNE_LORA_AVX512
+// down_cpu's float32 work with a mask on AVX-512: blocks of kWideRows masked rows in a buffer
+// (zeros past the last row), then their dot products with a's rows.
+void down_avx512(const DownParams& p) {
+  constexpr int N = avx512::kWideRows;
+  const float* x = static_cast<const float*>(p.x);
+  const float* a = static_cast<const float*>(p.a);
+  float* out = static_cast<float*>(p.out);
+  const int64_t K = p.K, R = p.R, blocks = (p.T + N - 1) / N;
+  const float mult = static_cast<float>(p.mask.mult);
+  at::parallel_for(0, blocks, row_grain(K * R * N / 16 + 1), [&](int64_t begin, int64_t end) {
+    std::vector<float> v(static_cast<size_t>(N * K));
+    Multipliers<float> mk(mult, p.mask.thresh, p.mask.seed, p.mask.offset);
+    float d[N];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * N, nb = std::min<int64_t>(N, p.T - t0);
+      std::fill(v.begin() + nb * K, v.end(), 0.0f);
+      avx512::masked_rows(x + t0 * p.x_rs, p.x_rs, nb, K, mk.keep(t0 * K, nb * K), mult, v.data());
+      for (int64_t q = 0; q < R; ++q) {
+        avx512::dots<N>(v.data(), a + q * K, K, d);
+        for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = d[i];
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
@@ -228,6 +255,14 @@ Status down_cpu(const DownParams& p, void*) {
   return dispatch_pass(p.x_dtype, p.acc_dtype, [&](auto x_tag, auto a_tag) {
     using X = decltype(x_tag);
     using A = decltype(a_tag);
+#ifdef SLIMTUNE_LORA_AVX512
+    if constexpr (std::is_same<X, float>::value) {
+      if (avx512_rows<X, A>(p.x_cs, p.K, p.mask.thresh)) {
+        down_avx512(p);
+        return kSuccess;
+      }
+    }
+#endif
     const X* x = static_cast<const X*>(p.x);
     const A* a = static_cast<const A*>(p.a);
     A* out = static_cast<A*>(p.out);
@@ -236,23 +271,9 @@ Status down_cpu(const DownParams& p, void*) {
       std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
       A dots[kRows];
-      const bool wide = avx512_rows<X, A>(p.x_cs, K, p.mask.thresh);
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
         std::fill(v.begin() + nb * K, v.end(), A(0));
-#ifdef SLIMTUNE_LORA_AVX512
-        if constexpr (std::is_same<X, float>::value && std::is_same<A, float>::value) {
-          if (wide) {
-            avx512::masked_rows(x + t0 * p.x_rs, p.x_rs, nb, K, mk.keep(t0 * K, nb * K),
-                                static_cast<float>(p.mask.mult), v.data());
-            for (int64_t q = 0; q < R; ++q) {
-              avx512::dot4(v.data(), a + q * K, K, dots);
-              for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
-            }
-            continue;
-          }
-        }
-#endif
         mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
         for (int64_t i = 0; i < nb; ++i) masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, v.data() + i * K);
         for (int64_t q = 0; q < R; ++q) {
@@ -286,22 +307,28 @@ Status grad_cpu(const GradParams& p, void*) {
     at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
       std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
-      std::vector<A> gq(static_cast<size_t>(R * kRows));  // gq[q * kRows + i] = gb[t0 + i, q]
       const bool wide = avx512_rows<X, A>(p.x_cs, K, p.mask.thresh);
+#ifdef SLIMTUNE_LORA_AVX512
+      const int64_t rows = wide ? avx512::kWideRows : kRows;
+#else
+      const int64_t rows = kRows;
+#endif
+      std::vector<A> gq(static_cast<size_t>(R * rows));  // gq[q * rows + i] = gb[t0 + i, q]
       for (int64_t s = s0; s < s1; ++s) {
         A* acc = need_dA ? part + s * R * K : nullptr;
         if (need_dA) std::fill(acc, acc + R * K, A(0));
         const int64_t t_end = std::min(T, (s + 1) * per);
-        for (int64_t t0 = s * per; t0 < t_end; t0 += kRows) {
-          const int64_t nb = std::min<int64_t>(kRows, t_end - t0);
-          for (int64_t i = 0; i < kRows; ++i) {
-            for (int64_t q = 0; q < R; ++q) gq[q * kRows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
+        for (int64_t t0 = s * per; t0 < t_end; t0 += rows) {
+          const int64_t nb = std::min<int64_t>(rows, t_end - t0);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t q = 0; q < R; ++q) gq[q * rows + i] = i < nb ? gb[(t0 + i) * p.gb_ld + q] : A(0);
           }
 #ifdef SLIMTUNE_LORA_AVX512
           if constexpr (std::is_same<X, float>::value && std::is_same<A, float>::value) {
             if (wide) {
-              avx512::grad4(x + t0 * p.x_rs, p.x_rs, nb, K, R, gq.data(), a, mk.keep(t0 * K, nb * K),
-                            static_cast<float>(p.mask.mult), acc, need_dx ? dx + t0 * K : nullptr, p.dx_accumulate);
+              avx512::grad_rows<avx512::kWideRows>(x + t0 * p.x_rs, p.x_rs, nb, K, R, gq.data(), a,
+                                                   mk.keep(t0 * K, nb * K), static_cast<float>(p.mask.mult), acc,
+                                                   need_dx ? dx + t0 * K : nullptr, p.dx_accumulate);
               continue;
             }
           }
