@@ -113,6 +113,9 @@ struct Kernels {
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
   // A GPU: the kernels read the seed from device memory (no host read of it).
   bool gpu;
+  // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride);
+  // null: never.
+  bool (*grad_beats_blas)(DType, int64_t, int64_t);
 };
 
 // One call's mask: seed (a value, or on a GPU a pointer to it in device memory), offset,
@@ -260,7 +263,9 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
   if (dx) *dx = at::empty({x2.size(0), x2.size(1)}, x2.options());  // written whole
-  if (direct(x2, lora_A, p)) {
+  const bool fused = k.grad_beats_blas != nullptr &&
+                     k.grad_beats_blas(to_kernel_dtype(x2.scalar_type()), x2.size(1), x2.stride(1));
+  if (direct(x2, lora_A, p) && !fused) {
     const at::Tensor gs = gB * scale;  // T x r: the scale folded in before the T x d_in product
     if (dx) at::mm_out(*dx, gs, Ac);
     if (dA) *dA = at::mm(gs.t(), x2);
@@ -521,12 +526,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu,
-                          &grad_partial_elems_cpu, &dropout_mask_cpu, false};
+const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu, &grad_partial_elems_cpu,
+                          &dropout_mask_cpu, false, &grad_beats_blas_cpu};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend, &down_cuda, &grad_cuda, &down_partial_elems_cuda,
-                          &grad_partial_elems_cuda, &dropout_mask_cuda, true};
+                          &grad_partial_elems_cuda, &dropout_mask_cuda, true, nullptr};
 #endif
 
 }  // namespace

@@ -44,10 +44,14 @@ class Multipliers {
   }
 
   // The keep bits of elements e0 .. e0 + n - 1 (bit e - e0 for element e; e0 on a block
-  // boundary), valid until the next call. Needs thresh != 0.
+  // boundary), valid until the next call.
   const uint8_t* keep(int64_t e0, int64_t n) {
     constexpr int64_t E = philox::kElemsPerBlock;
     const int64_t b0 = e0 / E, b1 = (e0 + n + E - 1) / E;
+    if (thresh_ == 0) {  // every element kept: no draws
+      bytes_.assign(static_cast<size_t>(b1 - b0), uint8_t{0xFF});
+      return bytes_.data();
+    }
     bytes_.resize(static_cast<size_t>(b1 - b0));
     philox::keep_bytes(seed_, philox::kMaskStream, offset_ + static_cast<uint64_t>(b0), b1 - b0, thresh_,
                        bytes_.data());
@@ -161,14 +165,14 @@ void masked_row(const X* x, int64_t cs, const A* m, int64_t n, A* v) {
 }
 
 // The AVX-512 row work applies: float32 x and accumulators, unit column stride, rows starting on
-// a mask byte, and a mask to apply.
+// a mask byte.
 template <typename X, typename A>
-bool avx512_rows(int64_t x_cs, int64_t K, uint32_t thresh) {
+bool avx512_rows(int64_t x_cs, int64_t K) {
 #ifdef SLIMTUNE_LORA_AVX512
-  return std::is_same<X, float>::value && std::is_same<A, float>::value && x_cs == 1 && K % 8 == 0 && thresh != 0 &&
+  return std::is_same<X, float>::value && std::is_same<A, float>::value && x_cs == 1 && K % 8 == 0 &&
          avx512::avx512_usable();
 #else
-  (void)x_cs, (void)K, (void)thresh;
+  (void)x_cs, (void)K;
   return false;
 #endif
 }
@@ -241,6 +245,10 @@ Status dropout_mask_cpu(const DropoutMaskParams& p, void*) {
   return kSuccess;
 }
 
+bool grad_beats_blas_cpu(DType x_dtype, int64_t K, int64_t x_cs) {
+  return x_dtype == DType::Float32 && avx512_rows<float, float>(x_cs, K);
+}
+
 int64_t down_partial_elems_cpu(int64_t, int64_t, int64_t) { return 0; }
 
 int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType, bool need_dA) {
@@ -257,7 +265,7 @@ Status down_cpu(const DownParams& p, void*) {
     using A = decltype(a_tag);
 #ifdef SLIMTUNE_LORA_AVX512
     if constexpr (std::is_same<X, float>::value) {
-      if (avx512_rows<X, A>(p.x_cs, p.K, p.mask.thresh)) {
+      if (avx512_rows<X, A>(p.x_cs, p.K)) {
         down_avx512(p);
         return kSuccess;
       }
@@ -307,7 +315,7 @@ Status grad_cpu(const GradParams& p, void*) {
     at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
       std::vector<A> m(static_cast<size_t>(kRows * K)), v(static_cast<size_t>(kRows * K));
       Multipliers<A> mk(static_cast<A>(p.mask.mult), p.mask.thresh, p.mask.seed, p.mask.offset);
-      const bool wide = avx512_rows<X, A>(p.x_cs, K, p.mask.thresh);
+      const bool wide = avx512_rows<X, A>(p.x_cs, K);
 #ifdef SLIMTUNE_LORA_AVX512
       const int64_t rows = wide ? avx512::kWideRows : kRows;
 #else
