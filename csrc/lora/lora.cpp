@@ -215,11 +215,14 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
   const auto opts = g2.options().dtype(xa.scalar_type());
   if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
     at::mm_out(res->gB, g2, Bt.t());
-    if (need_B) at::mm_out(res->dBt, xa.t(), g2);
-    if (need_bias) at::sum_out(res->dbias, g2, 0);
-    return;
+    if (!k.grad_beats_blas || !k.grad_beats_blas(to_kernel_dtype(g2.scalar_type()), d_out, g2.stride(1))) {
+      if (need_B) at::mm_out(res->dBt, xa.t(), g2);
+      if (need_bias) at::sum_out(res->dbias, g2, 0);
+      return;
+    }
+  } else {
+    down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   }
-  down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   if (!need_B && !need_bias) return;
   // A column of ones after xa makes the bias gradient the last row of the same pass.
   const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
