@@ -279,6 +279,25 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
   grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
 }
 
+// y (T x d_out, dtype odt) = xa B^T (+ bias), y written once: by the gradient pass (its dx term,
+// every element kept, the bias as one more rank) where that beats BLAS, else by a GEMM with B^T
+// made contiguous (r x d_out, small: BLAS is far slower on the (d_out x r)^T layout for small r).
+at::Tensor up_projection(const Kernels& k, const at::Tensor& xa, const at::Tensor& lora_B,
+                         const std::optional<at::Tensor>& bias, at::ScalarType odt, const char* op) {
+  const int64_t T = xa.size(0), d_out = lora_B.size(0);
+  if (k.grad_beats_blas && xa.scalar_type() == odt && k.grad_beats_blas(to_kernel_dtype(odt), d_out, 1)) {
+    const at::Tensor gb = bias ? at::cat({xa, at::ones({T, 1}, xa.options())}, 1) : xa.contiguous();
+    const at::Tensor a =
+        bias ? at::cat({lora_B.t().to(odt), bias->unsqueeze(0)}, 0) : lora_B.t().to(odt).contiguous();
+    at::Tensor y = at::empty({T, d_out}, xa.options());
+    if (gb.size(1) == 0) return y.zero_();  // rank 0, no bias: no pass runs
+    grad_pass(k, y, gb, &a, &y, nullptr, plain_mask(1.0), op);  // without dA no x is read: y gives the shape
+    return y;
+  }
+  const at::Tensor up = xa.to(odt), Bt = lora_B.t().to(odt).contiguous();
+  return bias ? at::addmm(*bias, up, Bt) : at::mm(up, Bt);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor& x,
                                               const std::optional<at::Tensor>& weight,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -295,12 +314,9 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
 
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
-  // The up-projection (and bias) first, the base GEMM accumulated into it: y is written by the
-  // small GEMM and read back inside the big one's tiles, no separate pass over y. B^T is made
-  // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
-  const auto odt = x.scalar_type();
-  const at::Tensor up = xa.to(odt), Bt = lora_B.t().to(odt).contiguous();
-  at::Tensor out = bias ? at::addmm(*bias, up, Bt) : at::mm(up, Bt);
+  // The up-projection (and bias) first, the base GEMM accumulated into it: y is written once
+  // and read back inside the big GEMM's tiles, no separate pass over y.
+  at::Tensor out = up_projection(k, xa, lora_B, bias, x.scalar_type(), op);
   if (weight) out.addmm_(x2, weight->t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d_out;
@@ -392,11 +408,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
     // As in forward_op: the up-projection (and bias) first, the base GEMM accumulated into it.
-    const std::optional<at::Tensor> b = bias_at(biases, i);
-    const auto odt = x.scalar_type();
-    const at::Tensor up = xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt);
-    const at::Tensor Bt = lora_Bs[i].t().to(odt).contiguous();
-    at::Tensor out = b ? at::addmm(*b, up, Bt) : at::mm(up, Bt);
+    at::Tensor out = up_projection(k, xa.narrow(1, offs[i], lora_As[i].size(0)), lora_Bs[i], bias_at(biases, i),
+                                   x.scalar_type(), kMultiOp);
     out.addmm_(x2, weights[i].t());
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = weights[i].size(0);
