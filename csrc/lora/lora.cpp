@@ -113,9 +113,9 @@ struct Kernels {
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
   // A GPU: the kernels read the seed from device memory (no host read of it).
   bool gpu;
-  // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride);
-  // null: never.
-  bool (*grad_beats_blas)(DType, int64_t, int64_t);
+  // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride,
+  // rank); null: never.
+  bool (*grad_beats_blas)(DType, int64_t, int64_t, int64_t);
 };
 
 // One call's mask: seed (a value, or on a GPU a pointer to it in device memory), offset,
@@ -203,6 +203,12 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
   }
 }
 
+// Whether the gradient pass over a (T x K, column stride cs) tensor of this dtype with rank r
+// beats BLAS without a mask.
+bool beats_blas(const Kernels& k, at::ScalarType dtype, int64_t K, int64_t cs, int64_t r) {
+  return k.grad_beats_blas != nullptr && k.grad_beats_blas(to_kernel_dtype(dtype), K, cs, r);
+}
+
 // gB = g B (T x R) and, when wanted, dB^T = xa^T g (R x d_out) and the bias gradient (d_out),
 // each from one pass over g (no converted copy of g).
 struct GradOutTerms {
@@ -215,7 +221,7 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
   const auto opts = g2.options().dtype(xa.scalar_type());
   if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
     at::mm_out(res->gB, g2, Bt.t());
-    if (!k.grad_beats_blas || !k.grad_beats_blas(to_kernel_dtype(g2.scalar_type()), d_out, g2.stride(1))) {
+    if (!beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r)) {
       if (need_B) at::mm_out(res->dBt, xa.t(), g2);
       if (need_bias) at::sum_out(res->dbias, g2, 0);
       return;
@@ -266,9 +272,7 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
   if (dx) *dx = at::empty({x2.size(0), x2.size(1)}, x2.options());  // written whole
-  const bool fused = k.grad_beats_blas != nullptr &&
-                     k.grad_beats_blas(to_kernel_dtype(x2.scalar_type()), x2.size(1), x2.stride(1));
-  if (direct(x2, lora_A, p) && !fused) {
+  if (direct(x2, lora_A, p) && !beats_blas(k, x2.scalar_type(), x2.size(1), x2.stride(1), lora_A.size(0))) {
     const at::Tensor gs = gB * scale;  // T x r: the scale folded in before the T x d_in product
     if (dx) at::mm_out(*dx, gs, Ac);
     if (dA) *dA = at::mm(gs.t(), x2);
@@ -285,7 +289,7 @@ void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor
 at::Tensor up_projection(const Kernels& k, const at::Tensor& xa, const at::Tensor& lora_B,
                          const std::optional<at::Tensor>& bias, at::ScalarType odt, const char* op) {
   const int64_t T = xa.size(0), d_out = lora_B.size(0);
-  if (k.grad_beats_blas && xa.scalar_type() == odt && k.grad_beats_blas(to_kernel_dtype(odt), d_out, 1)) {
+  if (xa.scalar_type() == odt && beats_blas(k, odt, d_out, 1, xa.size(1))) {
     const at::Tensor gb = bias ? at::cat({xa, at::ones({T, 1}, xa.options())}, 1) : xa.contiguous();
     const at::Tensor a =
         bias ? at::cat({lora_B.t().to(odt), bias->unsqueeze(0)}, 0) : lora_B.t().to(odt).contiguous();
