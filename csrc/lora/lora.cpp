@@ -314,8 +314,6 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
-  const int64_t T = x2.size(0);
-
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
   // The up-projection (and bias) first, the base GEMM accumulated into it: y is written once
@@ -343,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
-  // B^T (r x d_out) contiguous: see forward_op.
+  // B^T (r x d_out) contiguous: see up_projection.
   const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
 

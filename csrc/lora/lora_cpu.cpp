@@ -1,5 +1,6 @@
 // CPU kernels of the LoRA family (at::parallel_for over raw pointers): the passes of lora.h, one
-// row at a time, the row's mask expanded from Philox bits into per-element multipliers.
+// row at a time, the row's mask expanded from Philox bits into per-element multipliers; float32
+// on AVX-512 takes the row work of lora_cpu_avx512.h, which applies the bits as vector masks.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -286,7 +287,9 @@ Status down_cpu(const DownParams& p, void*) {
         const int64_t t0 = blk * kRows, nb = std::min<int64_t>(kRows, p.T - t0);
         std::fill(v.begin() + nb * K, v.end(), A(0));
         mk.row(t0 * K, nb * K, m.data());  // the block's rows are consecutive mask elements
-        for (int64_t i = 0; i < nb; ++i) masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, v.data() + i * K);
+        for (int64_t i = 0; i < nb; ++i) {
+          masked_row(x + (t0 + i) * p.x_rs, p.x_cs, m.data() + i * K, K, v.data() + i * K);
+        }
         for (int64_t q = 0; q < R; ++q) {
           dot_rows(v.data(), a + q * K, K, dots);
           for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = dots[i];
