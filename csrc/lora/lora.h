@@ -75,16 +75,15 @@ struct DropoutMaskParams {
 
 // The widest R one pass takes (the glue splits wider stacks of adapters).
 constexpr int64_t kMaxRank = 128;
+// Whether the CPU gradient pass without a mask (dropout 0) beats BLAS's GEMMs for dA and dx
+// on an x of this dtype, K features and column stride x_cs, at rank R (the AVX-512 float32 row
+// work does up to rank 16).
+bool grad_beats_blas_cpu(DType x_dtype, int64_t K, int64_t x_cs, int64_t R);
 // Scratch (acc elements) the passes need for their split sums; 0: none.
 int64_t down_partial_elems_cpu(int64_t T, int64_t K, int64_t R);
 int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA);
 int64_t down_partial_elems_cuda(int64_t T, int64_t K, int64_t R);
 int64_t grad_partial_elems_cuda(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA);
-
-// Whether the CPU gradient pass without a mask (dropout 0) beats BLAS's GEMMs for dA and dx
-// on an x of this dtype, K features and column stride x_cs, at rank R (the AVX-512 float32 row
-// work does up to rank 16).
-bool grad_beats_blas_cpu(DType x_dtype, int64_t K, int64_t x_cs, int64_t R);
 
 Status down_cpu(const DownParams& p, void* stream);
 Status grad_cpu(const GradParams& p, void* stream);
