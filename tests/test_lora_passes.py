@@ -66,6 +66,29 @@ def test_strided_x_and_ranks_past_one_pass():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("p", [0.3, 0.0])
+@pytest.mark.parametrize("T,d_in,r", [(37, 24, 3), (530, 64, 16), (5, 40, 150)])
+def test_float32_against_reference(T, d_in, r, p):
+    """float32 with d_in a multiple of 8 takes the vector-mask row work (without dropout too, for
+    the gradient, and for dB and the bias gradient over grad_out's 16 features): rows ending in
+    half a vector, a partial last block of rows, rows further apart than d_in, and ranks past one
+    pass (the second adds to dx)."""
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(T, d_in + 8, generator=g)[:, :d_in]  # rows d_in + 8 apart
+    w, b = torch.randn(16, d_in, generator=g), torch.randn(16, generator=g)
+    A, B = torch.randn(r, d_in, generator=g) * d_in**-0.5, torch.randn(16, r, generator=g)
+    gy = torch.randn(T, 16, generator=g, dtype=torch.float64)
+    mask = lora_dropout_mask(x, p, 21, 8) if p > 0 else None
+    ours, refs = _leaves(x, b, A, B), _leaves(*(t.double() for t in (x, b, A, B)))
+    y = lora_linear(ours[0], w, ours[1], ours[2], ours[3], 0.7, p, seed=21, offset=8)
+    y_ref = reference.lora_linear(refs[0], w.double(), refs[1], refs[2], refs[3], 0.7, mask, p)
+    y.backward(gy.float())
+    y_ref.backward(gy)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=1e-4, rtol=1e-4)
+    for name, o, rr in zip(["dx", "dbias", "dA", "dB"], ours, refs):
+        torch.testing.assert_close(o.grad.double(), rr.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_same_bits_for_any_thread_count():
     """The token splits are fixed by the shape, not by the threads: sums in one order."""
     g = torch.Generator().manual_seed(1)

@@ -113,6 +113,9 @@ struct Kernels {
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
   // A GPU: the kernels read the seed from device memory (no host read of it).
   bool gpu;
+  // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride,
+  // rank); null: never.
+  bool (*grad_beats_blas)(DType, int64_t, int64_t, int64_t);
 };
 
 // One call's mask: seed (a value, or on a GPU a pointer to it in device memory), offset,
@@ -170,7 +173,7 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
   }
 }
 
-// *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) +=
+// *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) =
 // keep * mult * (gb a), one pass over src; gb T x R with unit column stride; either output may be null.
 void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, const at::Tensor* a, at::Tensor* dx,
                at::Tensor* dA, const Mask& m, const char* op) {
@@ -192,11 +195,18 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
                        a ? a->narrow(0, q0, n).data_ptr() : nullptr,
                        acc,
                        dx ? dx->data_ptr() : nullptr,
+                       q0 > 0,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
                        elems > 0 ? part.data_ptr() : nullptr,
                        m.params()};
     check_status(k.backend, k.grad(p, k.backend.stream(src)), op);
   }
+}
+
+// Whether the gradient pass over a (T x K, column stride cs) tensor of this dtype with rank r
+// beats BLAS without a mask.
+bool beats_blas(const Kernels& k, at::ScalarType dtype, int64_t K, int64_t cs, int64_t r) {
+  return k.grad_beats_blas != nullptr && k.grad_beats_blas(to_kernel_dtype(dtype), K, cs, r);
 }
 
 // gB = g B (T x R) and, when wanted, dB^T = xa^T g (R x d_out) and the bias gradient (d_out),
@@ -211,11 +221,14 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
   const auto opts = g2.options().dtype(xa.scalar_type());
   if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
     at::mm_out(res->gB, g2, Bt.t());
-    if (need_B) at::mm_out(res->dBt, xa.t(), g2);
-    if (need_bias) at::sum_out(res->dbias, g2, 0);
-    return;
+    if (!beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r)) {
+      if (need_B) at::mm_out(res->dBt, xa.t(), g2);
+      if (need_bias) at::sum_out(res->dbias, g2, 0);
+      return;
+    }
+  } else {
+    down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   }
-  down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   if (!need_B && !need_bias) return;
   // A column of ones after xa makes the bias gradient the last row of the same pass.
   const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
@@ -249,20 +262,44 @@ at::Tensor lora_down(const Kernels& k, const at::Tensor& x2, const at::Tensor& l
   return xa;
 }
 
-// *dx += scale * (gB A) * mask / (1 - p) and *dA = scale * gB^T (x2 * mask / (1 - p)) (accumulation
-// dtype), the mask regenerated from (seed, offset), one pass over x2; either pointer may be null.
+// *dx = scale * (gB A) * mask / (1 - p) (allocated in x2's dtype; the caller adds the base GEMM into
+// it, so dx is read and written once less) and *dA = scale * gB^T (x2 * mask / (1 - p))
+// (accumulation dtype), the mask regenerated from (seed, offset), one pass over x2; either
+// pointer may be null.
 void lora_dropout_grads(const Kernels& k, const at::Tensor& x2, const at::Tensor& gB, const at::Tensor& lora_A,
                         double scale, double p, const Mask& m, at::Tensor* dx, at::Tensor* dA, const char* op) {
   if (!dx && !dA) return;
   const auto cdt = compute_dtype(x2, lora_A);
   const at::Tensor Ac = lora_A.to(cdt).contiguous();
-  if (direct(x2, lora_A, p)) {
-    if (dx) dx->addmm_(gB, Ac, 1.0, scale);
-    if (dA) *dA = at::mm(gB.t(), x2).mul_(scale);
+  if (dx) *dx = at::empty({x2.size(0), x2.size(1)}, x2.options());  // written whole
+  if (direct(x2, lora_A, p) && !beats_blas(k, x2.scalar_type(), x2.size(1), x2.stride(1), lora_A.size(0))) {
+    const at::Tensor gs = gB * scale;  // T x r: the scale folded in before the T x d_in product
+    if (dx) at::mm_out(*dx, gs, Ac);
+    if (dA) *dA = at::mm(gs.t(), x2);
     return;
   }
   if (dA) *dA = at::empty({lora_A.size(0), lora_A.size(1)}, x2.options().dtype(cdt));  // written whole
+  if (dx && lora_A.size(0) == 0) dx->zero_();  // no pass runs
   grad_pass(k, x2, gB, &Ac, dx, dA, m, op);
+}
+
+// y (T x d_out, dtype odt) = xa B^T (+ bias), y written once: by the gradient pass (its dx term,
+// every element kept, the bias as one more rank) where that beats BLAS, else by a GEMM with B^T
+// made contiguous (r x d_out, small: BLAS is far slower on the (d_out x r)^T layout for small r).
+at::Tensor up_projection(const Kernels& k, const at::Tensor& xa, const at::Tensor& lora_B,
+                         const std::optional<at::Tensor>& bias, at::ScalarType odt, const char* op) {
+  const int64_t T = xa.size(0), d_out = lora_B.size(0);
+  if (xa.scalar_type() == odt && beats_blas(k, odt, d_out, 1, xa.size(1))) {
+    const at::Tensor gb = bias ? at::cat({xa, at::ones({T, 1}, xa.options())}, 1) : xa.contiguous();
+    const at::Tensor a =
+        bias ? at::cat({lora_B.t().to(odt), bias->unsqueeze(0)}, 0) : lora_B.t().to(odt).contiguous();
+    at::Tensor y = at::empty({T, d_out}, xa.options());
+    if (gb.size(1) == 0) return y.zero_();  // rank 0, no bias: no pass runs
+    grad_pass(k, y, gb, &a, &y, nullptr, plain_mask(1.0), op);  // without dA no x is read: y gives the shape
+    return y;
+  }
+  const at::Tensor up = xa.to(odt), Bt = lora_B.t().to(odt).contiguous();
+  return bias ? at::addmm(*bias, up, Bt) : at::mm(up, Bt);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor& x,
@@ -277,21 +314,12 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
   const at::Tensor x2 = x.reshape({-1, d_in});
-  const int64_t T = x2.size(0);
-
-  at::Tensor out;
-  if (weight) {
-    out = bias ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
-  } else {
-    out = bias ? bias->unsqueeze(0).expand({T, d_out}).contiguous() : at::zeros({T, d_out}, x.options());
-  }
-
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
-  // Up-projection accumulated into the base output: no T x d_out temporary. B^T is made
-  // contiguous (r x d_out, small): BLAS is far slower on the (d_out x r)^T layout for small r.
-  const auto odt = out.scalar_type();
-  out.addmm_(xa.to(odt), lora_B.t().to(odt).contiguous());
+  // The up-projection (and bias) first, the base GEMM accumulated into it: y is written once
+  // and read back inside the big GEMM's tiles, no separate pass over y.
+  at::Tensor out = up_projection(k, xa, lora_B, bias, x.scalar_type(), op);
+  if (weight) out.addmm_(x2, weight->t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = d_out;
   return {out.view(shape), xa};
@@ -313,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const at::Tensor g2 = grad_out.reshape({-1, d_out});
-  // B^T (r x d_out) contiguous: see forward_op.
+  // B^T (r x d_out) contiguous: see up_projection.
   const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
 
@@ -324,9 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   grad_out_terms(k, g2, Bt, xa, need_B, need_bias, &terms, op);
 
   at::Tensor dx = none, dA = none;
-  if (need_x) dx = weight ? at::mm(g2, *weight) : at::zeros({T, d_in}, x.options());
   lora_dropout_grads(k, x2, terms.gB, lora_A, scale, p, make_mask(k, scale, p, seed, offset),
                      need_x ? &dx : nullptr, need_A ? &dA : nullptr, op);
+  if (need_x && weight) dx.addmm_(g2, *weight);
   if (need_x) dx = dx.view(x.sizes());
   if (need_A) dA = dA.to(lora_A.scalar_type());
   const at::Tensor dB = need_B ? terms.dBt.t().to(lora_B.scalar_type()).contiguous() : none;
@@ -381,11 +409,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   const at::Tensor xa = lora_down(k, x2, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), kMultiOp);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
-    const std::optional<at::Tensor> b = bias_at(biases, i);
-    at::Tensor out = b ? at::addmm(*b, x2, weights[i].t()) : at::mm(x2, weights[i].t());
-    const auto odt = out.scalar_type();
-    // B^T contiguous: BLAS is far slower on the (d_out x r)^T layout for small r.
-    out.addmm_(xa.narrow(1, offs[i], lora_As[i].size(0)).to(odt), lora_Bs[i].t().to(odt).contiguous());
+    // As in forward_op: the up-projection (and bias) first, the base GEMM accumulated into it.
+    at::Tensor out = up_projection(k, xa.narrow(1, offs[i], lora_As[i].size(0)), lora_Bs[i], bias_at(biases, i),
+                                   x.scalar_type(), kMultiOp);
+    out.addmm_(x2, weights[i].t());
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = weights[i].size(0);
     outs.push_back(out.view(shape));
@@ -441,12 +468,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   }
 
   at::Tensor dx = none, dA = none;
-  if (need_x) {
-    dx = at::mm(grad_outs[0].reshape({-1, lora_Bs[0].size(0)}), weights[0]);
-    for (size_t i = 1; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
-  }
   lora_dropout_grads(k, x2, gB, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), need_x ? &dx : nullptr,
                      need_A ? &dA : nullptr, kMultiOp);
+  if (need_x) {
+    for (size_t i = 0; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
+  }
   std::vector<at::Tensor> dAs;
   for (size_t i = 0; i < n; ++i) {
     dAs.push_back(need_A ? (dA.narrow(0, offs[i], lora_As[i].size(0)) * scales[i]).to(lora_As[i].scalar_type())
@@ -518,12 +544,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu,
-                          &grad_partial_elems_cpu, &dropout_mask_cpu, false};
+const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu, &grad_partial_elems_cpu,
+                          &dropout_mask_cpu, false, &grad_beats_blas_cpu};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend, &down_cuda, &grad_cuda, &down_partial_elems_cuda,
-                          &grad_partial_elems_cuda, &dropout_mask_cuda, true};
+                          &grad_partial_elems_cuda, &dropout_mask_cuda, true, nullptr};
 #endif
 
 }  // namespace

@@ -280,11 +280,12 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
         X* d = dx + t * K + col;
         const bool vec = dx_vec && n == kChunk;
         alignas(16) X raw[kChunk];
-        load_chunk(d, 1, n, vec, raw);
+        if (p.dx_accumulate) load_chunk(d, 1, n, vec, raw);
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
           const A keep = ((bits >> e) & 1u) != 0u ? mult : A(0);
-          if (e < n) raw[e] = from_acc<X>(static_cast<A>(to_acc(raw[e])) + s[e] * keep);
+          const A prev = p.dx_accumulate ? static_cast<A>(to_acc(raw[e])) : A(0);
+          if (e < n) raw[e] = from_acc<X>(prev + s[e] * keep);
         }
         store_chunk(d, n, vec, raw);
       }

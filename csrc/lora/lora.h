@@ -44,8 +44,9 @@ struct DownParams {
 
 // Gradient pass over x (one read, one mask for both terms):
 // dA[q * K + c] = sum_t gb[t * gb_ld + q] * keep(t, c) * mult * x[t, c]   (when dA is set)
-// dx[t * K + c] += keep(t, c) * mult * sum_q gb[t * gb_ld + q] * a[q * K + c]   (when dx is set)
-// gb, a, dA in the acc dtype; dx contiguous in x's dtype. The sum over t is split and the
+// dx[t * K + c] (+)= keep(t, c) * mult * sum_q gb[t * gb_ld + q] * a[q * K + c]   (when dx is set)
+// dx is overwritten, or added to when dx_accumulate (a second pass of a stack wider than
+// kMaxRank). gb, a, dA in the acc dtype; dx contiguous in x's dtype. The sum over t is split and the
 // partial sums reduced in a fixed order: deterministic. `partial`: grad_partial_elems_*(...).
 struct GradParams {
   const void* x;
@@ -57,6 +58,7 @@ struct GradParams {
   const void* a;
   DType acc_dtype;
   void* dx;
+  bool dx_accumulate;
   void* dA;
   void* partial;
   MaskParams mask;
@@ -73,6 +75,10 @@ struct DropoutMaskParams {
 
 // The widest R one pass takes (the glue splits wider stacks of adapters).
 constexpr int64_t kMaxRank = 128;
+// Whether the CPU gradient pass without a mask (dropout 0) beats BLAS's GEMMs for dA and dx
+// on an x of this dtype, K features and column stride x_cs, at rank R (the AVX-512 float32 row
+// work does up to rank 16).
+bool grad_beats_blas_cpu(DType x_dtype, int64_t K, int64_t x_cs, int64_t R);
 // Scratch (acc elements) the passes need for their split sums; 0: none.
 int64_t down_partial_elems_cpu(int64_t T, int64_t K, int64_t R);
 int64_t grad_partial_elems_cpu(int64_t T, int64_t K, int64_t R, DType acc_dtype, bool need_dA);
