@@ -11,21 +11,21 @@ import torch._inductor.config
 from torch import nn
 
 import slimtune
-from slimtune.nn import LoRALinear
+from slimtune.nn import DoRALinear, LoRALinear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _model(device):
+def _model(device, layer=LoRALinear):
     torch.manual_seed(0)
     model = nn.Sequential(
-        LoRALinear(nn.Linear(24, 32), r=4, alpha=8, dropout=0.1),
+        layer(nn.Linear(24, 32), r=4, alpha=8, dropout=0.1),
         nn.ReLU(),
-        LoRALinear(nn.Linear(32, 8), r=2, alpha=4, dropout=0.1),
+        layer(nn.Linear(32, 8), r=2, alpha=4, dropout=0.1),
     ).to(device)
     with torch.no_grad():
         for m in model:
-            if isinstance(m, LoRALinear):
+            if isinstance(m, layer):
                 m.lora_B["default"].normal_()  # B = 0 would hide the adapter's input gradient
     return model.train()
 
@@ -53,8 +53,9 @@ def _steps(fn, model, xs):
     ],
 )
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_training_step_with_dropout_compiles_fullgraph_without_recompiles(device, backend):
-    eager_model = _model(device)
+@pytest.mark.parametrize("layer", [LoRALinear, DoRALinear], ids=["lora", "dora"])
+def test_training_step_with_dropout_compiles_fullgraph_without_recompiles(device, backend, layer):
+    eager_model = _model(device, layer)
     compiled_model = copy.deepcopy(eager_model)
     xs = [torch.randn(5, 7, 24, device=device) for _ in range(3)]
     want_out, want_grads = _steps(eager_model, eager_model, xs)
@@ -104,3 +105,17 @@ def test_functional_with_seed_tensor_compiles_without_recompiles(device):
         seed = torch.tensor([s], device=device)
         torch.testing.assert_close(compiled(x, A, seed), f(x, A, seed))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1, 2]), torch.tensor([1.0]), torch.tensor([True]), 1.5, None])
+def test_dropout_mask_seed_must_be_one_integer(bad):
+    with pytest.raises(ValueError, match="argument 'seed' must be an int or a one-element integer tensor"):
+        slimtune.lora.lora_dropout_mask(torch.empty(3, 4), 0.3, bad)
+
+
+def test_dropout_mask_op_names_a_bad_seed():
+    like = torch.empty(3, 4)
+    with pytest.raises(RuntimeError, match="argument 'seed' must be a one-element int64 tensor"):
+        torch.ops.slimtune.lora_dropout_mask(like, 0.3, torch.tensor([1], dtype=torch.int32), 0)
+    with pytest.raises(RuntimeError, match="argument 'seed' is on meta but 'like' is on cpu"):
+        torch.ops.slimtune.lora_dropout_mask(like, 0.3, torch.tensor([1], device="meta"), 0)

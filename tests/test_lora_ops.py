@@ -253,7 +253,7 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.slimtune.lora_linear_backward, (g, x, w, A, B, xa, 0.5, 0.2, seed, 0, True, True, True, True)
     )
-    torch.library.opcheck(torch.ops.slimtune.lora_dropout_mask, (x, 0.3, 1, 2))
+    torch.library.opcheck(torch.ops.slimtune.lora_dropout_mask, (x, 0.3, torch.tensor([1]), 2))
 
 
 def test_torch_compile_fullgraph_smoke():

@@ -135,10 +135,10 @@ void check_same_device(const char* op, const at::Tensor& ref, const char* ref_na
                      ref.device());
 }
 
-void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed) {
+void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed, const char* x_name) {
   SLIMTUNE_CHECK_ARG(seed.scalar_type() == at::kLong && seed.numel() == 1, op, "seed",
                      "must be a one-element int64 tensor, got ", seed.scalar_type(), " of shape ", seed.sizes());
-  check_same_device(op, x, "x", seed, "seed");
+  check_same_device(op, x, x_name, seed, "seed");
 }
 
 void check_flat_indices(const char* op, const at::Tensor& indices, const char* name, int64_t numel) {

@@ -41,7 +41,7 @@ void check_flat_indices(const char* op, const at::Tensor& indices, const char* n
 
 // A dropout seed: a one-element int64 tensor on x's device (so a GPU kernel reads it from device
 // memory, without a host sync); throws naming 'seed' otherwise.
-void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed);
+void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed, const char* x_name = "x");
 
 // True when no element is NaN or infinite. CPU: one allocation-free pass; elsewhere one sync.
 bool all_finite(const at::Tensor& t);

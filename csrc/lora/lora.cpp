@@ -67,12 +67,10 @@ void check_lora(const char* op, const at::Tensor& x, const std::optional<at::Ten
 
 // The seed: a one-element int64 tensor on x's device (so CUDA reads it in the kernel, without a
 // host sync, and torch.compile traces it as a tensor); required when dropout > 0.
-void check_seed(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& seed, double p) {
+void check_seed(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& seed, double p,
+                const char* x_name = "x") {
   SLIMTUNE_CHECK_ARG(seed || p == 0.0, op, "seed", "must be given when dropout > 0 (got dropout ", p, ")");
-  if (!seed) return;
-  SLIMTUNE_CHECK_ARG(seed->scalar_type() == at::kLong && seed->numel() == 1, op, "seed",
-                     "must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
-  check_same_device(op, x, "x", *seed, "seed");
+  if (seed) check_seed_tensor(op, x, *seed, x_name);
 }
 
 void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, int64_t T,
@@ -485,14 +483,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 }
 
 // The keep mask (bool, shape of `like`) the ops above use.
-at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, int64_t seed, int64_t offset) {
+at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, const at::Tensor& seed,
+                           int64_t offset) {
   constexpr const char* op = "lora_dropout_mask";
   check_dropout_p(op, p);
   check_backend(k.backend, op, like, "like");
+  check_seed(op, like, seed, p, "like");
   c10::DeviceGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kBool));
-  const DropoutMaskParams params{out.data_ptr<bool>(), out.numel(), p > 0.0 ? philox::threshold(p) : 0u,
-                                 static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
+  const Mask m = make_mask(k, 1.0, p, seed, offset);
+  const DropoutMaskParams params{out.data_ptr<bool>(), out.numel(), m.thresh, m.seed, m.offset, m.seed_ptr};
   check_status(k.backend, k.dropout_mask(params, k.backend.stream(out)), op);
   return out;
 }
@@ -531,7 +531,7 @@ struct Bound {
     return multi_backward_op(K, grad_outs, x, weights, lora_As, lora_Bs, xa, scales, p, seed, offset, need_x, need_A,
                              need_B, need_bias);
   }
-  static at::Tensor dropout_mask(const at::Tensor& like, double p, int64_t seed, int64_t offset) {
+  static at::Tensor dropout_mask(const at::Tensor& like, double p, const at::Tensor& seed, int64_t offset) {
     return dropout_mask_op(K, like, p, seed, offset);
   }
   static void register_all(torch::Library& m) {
@@ -573,7 +573,7 @@ void define_lora_schemas(torch::Library& m) {
         "Tensor[] lora_Bs, Tensor xa, float[] scales, float dropout, Tensor? seed, int offset, bool need_x, "
         "bool need_A, bool need_B, bool[] need_bias) -> (Tensor, Tensor[], Tensor[], Tensor[])");
   // The keep mask (bool, shape of `like`) lora_linear uses; for tests and inspection only.
-  m.def("lora_dropout_mask(Tensor like, float p, int seed, int offset) -> Tensor");
+  m.def("lora_dropout_mask(Tensor like, float p, Tensor seed, int offset) -> Tensor");
 }
 
 }  // namespace slimtune

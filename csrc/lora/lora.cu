@@ -334,8 +334,9 @@ Status dispatch_x(DType x_dtype, DType acc_dtype, F&& f) {
   return dispatch_float(x_dtype, std::forward<F>(f));
 }
 
-__global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, uint32_t thresh, uint64_t seed,
-                            uint64_t offset) {
+__global__ void mask_kernel(bool* __restrict__ out, int64_t n, int64_t nblocks, uint32_t thresh,
+                            const int64_t* __restrict__ seed_ptr, uint64_t seed_value, uint64_t offset) {
+  const uint64_t seed = seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed_value;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nblocks;
        b += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const uint32_t bits = thresh == 0u ? 0xFFu : philox::keep_bits(philox::block(seed, offset, b), thresh);
@@ -411,7 +412,7 @@ Status dropout_mask_cuda(const DropoutMaskParams& p, void* stream) {
   if (p.n == 0) return kSuccess;
   const int64_t nb = ceil_div(p.n, kChunk);
   return launch(mask_kernel, dim3(blocks_for(nb, kThreads)), dim3(kThreads), 0, static_cast<cudaStream_t>(stream),
-                p.out, p.n, nb, p.thresh, p.seed, p.offset);
+                p.out, p.n, nb, p.thresh, p.seed_ptr, p.seed, p.offset);
 }
 
 }  // namespace lora

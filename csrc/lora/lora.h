@@ -71,6 +71,8 @@ struct DropoutMaskParams {
   uint32_t thresh;
   uint64_t seed;
   uint64_t offset;
+  // A GPU reads the seed here, in device memory (no host sync); null: `seed` holds it.
+  const int64_t* seed_ptr;
 };
 
 // The widest R one pass takes (the glue splits wider stacks of adapters).

@@ -60,7 +60,7 @@ def run_case(emu, case, dtype, adapter_dtype, scale, seed):
     args = (x, w, b, A, B, scale, p, seed, offset, g)
     ours = forward_backward(emu, *args)
     cpu = forward_backward(CPU, *args)
-    mask = CPU.lora_dropout_mask(x, p, seed, offset) if p > 0 else None
+    mask = CPU.lora_dropout_mask(x, p, torch.tensor([seed]), offset) if p > 0 else None
     ref = reference_grads(x, w, b, A, B, scale, p, mask, g)
     return args, ours, cpu, ref
 
@@ -139,7 +139,10 @@ def test_noncontiguous_x(emu, schedule):
 )
 def test_dropout_mask_equals_cpu(emu, schedule, shape, p, offset):
     like = torch.empty(shape)
-    assert torch.equal(emu.lora_dropout_mask(like, p, 99, offset), CPU.lora_dropout_mask(like, p, 99, offset))
+    assert torch.equal(
+        emu.lora_dropout_mask(like, p, torch.tensor([99]), offset),
+        CPU.lora_dropout_mask(like, p, torch.tensor([99]), offset),
+    )
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", PAIRS)

@@ -4,15 +4,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .._seed import as_seed_tensor, draw_seed
+
 Seed = Union[int, torch.Tensor, None]
-
-
-def draw_seed(device=None) -> torch.Tensor:
-    """A dropout seed: a one-element int64 tensor drawn from torch's generator of ``device``
-    (default CPU), so ``torch.manual_seed`` fixes it. A tensor, not a Python int: under
-    ``torch.compile`` the draw is part of the graph (no ``.item()``, no graph break, no guard on
-    its value), and on CUDA the kernels read it from device memory without a host sync."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def _seed_arg(x: torch.Tensor, dropout: float, seed: Seed) -> Optional[torch.Tensor]:
@@ -21,9 +15,7 @@ def _seed_arg(x: torch.Tensor, dropout: float, seed: Seed) -> Optional[torch.Ten
         return None
     if seed is None:
         return draw_seed(x.device)
-    if isinstance(seed, torch.Tensor):
-        return seed.to(device=x.device, dtype=torch.int64).reshape(1)
-    return torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    return as_seed_tensor(seed, x.device, "lora_linear")
 
 
 def lora_linear(
@@ -81,8 +73,8 @@ def lora_linear_multi(
     return list(outs)
 
 
-def lora_dropout_mask(like: torch.Tensor, p: float, seed: Seed, offset: int = 0) -> torch.Tensor:
-    """The boolean keep mask ``lora_linear`` applies to an input shaped like ``like`` (tests only;
-    a tensor seed is read with ``.item()``)."""
-    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+def lora_dropout_mask(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor], offset: int = 0) -> torch.Tensor:
+    """The boolean keep mask ``lora_linear`` applies to an input shaped like ``like``; ``seed`` an
+    int or a one-element integer tensor (on CUDA read in the kernel: no host sync)."""
+    seed = as_seed_tensor(seed, like.device, "lora_dropout_mask")
     return torch.ops.slimtune.lora_dropout_mask(like, float(p), seed, int(offset))

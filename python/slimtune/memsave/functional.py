@@ -6,7 +6,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction, draw_seed, under_func_transform
+from .._seed import as_seed_tensor, draw_seed
+from .functions import DropoutFunction, MaxPoolFunction, ReLUFunction, under_func_transform
 
 _IntOrSeq = Union[int, Sequence[int]]
 
@@ -31,17 +32,7 @@ def memsave_dropout(
         return F.dropout(x, p, training)
     if under_func_transform():  # stock dropout there (its own mask from torch's generator)
         return F.dropout(x, p, training)
-    if seed is None:
-        seed = draw_seed(x.device)
-    elif isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise ValueError(
-                f"memsave_dropout: argument 'seed' must be an int or a one-element integer tensor, "
-                f"got {seed.dtype} of shape {tuple(seed.shape)}"
-            )
-        seed = seed.to(device=x.device, dtype=torch.int64).reshape(1)
-    else:
-        seed = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    seed = draw_seed(x.device) if seed is None else as_seed_tensor(seed, x.device, "memsave_dropout")
     return DropoutFunction.apply(x, float(p), seed)
 
 

@@ -263,13 +263,6 @@ def _unpack_bits(mask, shape, strides):
     return flat.as_strided(shape, strides)
 
 
-def draw_seed(device) -> torch.Tensor:
-    """A dropout seed from torch's generator of ``device``: a one-element int64 tensor, so under
-    ``torch.compile`` the draw is part of the graph (no ``.item()``, no guard on its value) and a
-    GPU kernel reads it from device memory without a host sync."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
 class DropoutFunction(torch.autograd.Function):
     """Dropout keeping only the seed of its mask (one int64 element): forward and backward are one
     op, ``torch.ops.slimtune.memsave_dropout``, which draws the mask from the seed (Philox)."""

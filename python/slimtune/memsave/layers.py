@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
+from .._seed import draw_seed
 from .avg_pool import AdaptiveAvgPoolFunction, AvgPoolFunction
 from .functions import (
     BatchNormEvalFunction,
@@ -23,7 +24,6 @@ from .functions import (
     PadFunction,
     ReLUFunction,
     RMSNormFunction,
-    draw_seed,
     under_func_transform,
 )
 

@@ -91,15 +91,15 @@ class _DroppedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p, seed):
         keep = lora_dropout_mask(x, p, seed)
-        ctx.save_for_backward(x, weight)
-        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(x, weight, seed)
+        ctx.p = p
         return torch.nn.functional.linear(x * keep / (1.0 - p), weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        keep = lora_dropout_mask(x, ctx.p, ctx.seed)
+        x, weight, seed = ctx.saved_tensors
+        keep = lora_dropout_mask(x, ctx.p, seed)
         grad = grad.to(weight.dtype)  # under autocast the output (and so grad) was bf16/fp16
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -136,6 +136,10 @@ class DoRALinear(_LoRALayer):
 
     def _base_norm_sq(self) -> torch.Tensor:
         w = self.base.weight
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot key a cache on storage addresses: it forms the norms itself
+            # (one read of W0, as the base GEMM makes anyway).
+            return base_row_norm_sq(w)
         # _version counts in-place writes; the storage address catches a replaced tensor.
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self._base_norm_cache is None or self._base_norm_cache[0] != key:
@@ -221,7 +225,7 @@ class DoRALinear(_LoRALayer):
             z = lora_linear(x, W0, None, A, B, s)
             y = (z * g).to(z.dtype)
             return y if bias is None else y + bias.to(y.dtype)
-        seed = draw_seed()
+        seed = draw_seed(x.device)
         adapter = lora_linear(x, None, None, A, B, s, p, seed=seed)
         dropped_base = _DroppedLinear.apply(x, W0, p, seed)
         base = torch.nn.functional.linear(x, W0, bias)
