@@ -26,3 +26,21 @@ def saved_tensors(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, saved
+
+
+def on_both_cpu_paths(script):
+    """Runs ``script`` (it saves one tensor to the path in ``sys.argv[1]``) in a fresh process as it
+    is and with ``SLIMTUNE_CPU_NO_AVX512`` (the portable path every machine without AVX-512 runs);
+    returns both tensors."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for env in ({}, {"SLIMTUNE_CPU_NO_AVX512": "1"}):
+            path = os.path.join(d, f"{len(env)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env})
+            results.append(torch.load(path))
+    return results

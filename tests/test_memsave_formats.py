@@ -12,6 +12,8 @@ import slimtune
 from slimtune import reference
 from slimtune.memsave.functions import DropoutFunction, is_dense
 
+from memsave_helpers import on_both_cpu_paths
+
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -321,9 +323,6 @@ def test_batchnorm_eval_backward_one_pass(dtype, layout):
 def test_relu_portable_path_matches_the_vector_path():
     """SLIMTUNE_CPU_NO_AVX512 forces the path machines without AVX-512 run; it must give the same
     bits as the vector path (and the reference) for every dtype, size around the vector width and layout."""
-    import subprocess
-    import sys
-
     script = r"""
 import sys, torch, slimtune
 from slimtune import reference
@@ -346,13 +345,5 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     out.append(m.flatten().double())
 torch.save(torch.cat(out), sys.argv[1])
 """
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        results = []
-        for env in ({}, {"SLIMTUNE_CPU_NO_AVX512": "1"}):
-            path = os.path.join(d, f"{len(env)}.pt")
-            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env})
-            results.append(torch.load(path))
-        assert torch.equal(results[0], results[1])
+    results = on_both_cpu_paths(script)
+    assert torch.equal(results[0], results[1])

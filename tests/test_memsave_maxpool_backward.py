@@ -3,16 +3,13 @@ vector path runs 64 channels at a time, so channel counts around that block, its
 (SLIMTUNE_CPU_NO_AVX512) and the one rounding into grad's dtype are checked here bit for bit
 against stock max pooling."""
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import slimtune  # noqa: F401  (registers the ops)
+
+from memsave_helpers import on_both_cpu_paths
 
 OPS = torch.ops.slimtune
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -106,13 +103,8 @@ def test_portable_path_matches_the_vector_path():
     """SLIMTUNE_CPU_NO_AVX512 forces the portable gather machines without AVX-512 run: the same
     bits as the vector path (NaN payloads, infinities, overflow and half rounding included), over
     channel counts around its blocks."""
-    with tempfile.TemporaryDirectory() as d:
-        results = []
-        for env in ({}, {"SLIMTUNE_CPU_NO_AVX512": "1"}):
-            path = os.path.join(d, f"{len(env)}.pt")
-            subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, path], check=True, env={**os.environ, **env})
-            results.append(torch.load(path))
-        assert results[0].numel() > 0 and torch.equal(results[0], results[1])
+    results = on_both_cpu_paths(_PATHS_SCRIPT)
+    assert results[0].numel() > 0 and torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
