@@ -663,46 +663,32 @@ __attribute__((always_inline)) inline int64_t gather_portable(const T* gr, const
 // partial block is masked.
 template <typename T>
 struct GatherVec;
-template <>
-struct GatherVec<float> {
-  static constexpr int kLanes = 16;
-  using V = __m512;
-  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
-  template <bool kFull>
-  SLIMTUNE_AVX512_GATHER static V load(const float* p, __mmask16 m) {
-    return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-  }
-  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
-  template <bool kFull>
-  SLIMTUNE_AVX512_GATHER static void store(float* p, __mmask16 m, V v) {
-    if (kFull) {
-      _mm512_storeu_ps(p, v);
-    } else {
-      _mm512_mask_storeu_ps(p, m, v);
-    }
-  }
-};
-template <>
-struct GatherVec<double> {
-  static constexpr int kLanes = 8;
-  using V = __m512d;
-  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_pd(); }
-  template <bool kFull>
-  SLIMTUNE_AVX512_GATHER static V load(const double* p, __mmask16 m) {
-    return kFull ? _mm512_loadu_pd(p) : _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p);
-  }
-  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) {
-    return _mm512_mask_add_pd(acc, static_cast<__mmask8>(k), acc, v);
-  }
-  template <bool kFull>
-  SLIMTUNE_AVX512_GATHER static void store(double* p, __mmask16 m, V v) {
-    if (kFull) {
-      _mm512_storeu_pd(p, v);
-    } else {
-      _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v);
-    }
-  }
-};
+// float and double: their own lanes, differing only in the intrinsics' suffix and mask width.
+#define SLIMTUNE_GATHER_VEC(T, LANES, VEC, SFX, MASK)                                            \
+  template <>                                                                                    \
+  struct GatherVec<T> {                                                                          \
+    static constexpr int kLanes = LANES;                                                         \
+    using V = VEC;                                                                               \
+    SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_##SFX(); }                    \
+    template <bool kFull>                                                                        \
+    SLIMTUNE_AVX512_GATHER static V load(const T* p, __mmask16 m) {                              \
+      return kFull ? _mm512_loadu_##SFX(p) : _mm512_maskz_loadu_##SFX(static_cast<MASK>(m), p); \
+    }                                                                                            \
+    SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) {                               \
+      return _mm512_mask_add_##SFX(acc, static_cast<MASK>(k), acc, v);                           \
+    }                                                                                            \
+    template <bool kFull>                                                                        \
+    SLIMTUNE_AVX512_GATHER static void store(T* p, __mmask16 m, V v) {                           \
+      if (kFull) {                                                                               \
+        _mm512_storeu_##SFX(p, v);                                                               \
+      } else {                                                                                   \
+        _mm512_mask_storeu_##SFX(p, static_cast<MASK>(m), v);                                    \
+      }                                                                                          \
+    }                                                                                            \
+  };
+SLIMTUNE_GATHER_VEC(float, 16, __m512, ps, __mmask16)
+SLIMTUNE_GATHER_VEC(double, 8, __m512d, pd, __mmask8)
+#undef SLIMTUNE_GATHER_VEC
 
 // 16 lanes of 16 bits, through 512-bit masked moves when partial (AVX-512 BW; the 256-bit
 // forms need VL).
