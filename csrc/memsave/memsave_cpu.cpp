@@ -711,16 +711,18 @@ SLIMTUNE_AVX512_GATHER inline void store16(void* p, __mmask16 m, __m512i r) {
 // 16-bit types accumulate in float and round once as c10's conversions do (bfloat16: to
 // nearest even, NaN as 0x7fc0; half: to nearest even, NaN as sign | 0x7e00), so this path and
 // the portable one store the same bits.
-template <>
-struct GatherVec<c10::BFloat16> {
+struct FloatSums {  // 16 float32 lanes: the sums of the 16-bit types
   static constexpr int kLanes = 16;
   using V = __m512;
   SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
+  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
+};
+template <>
+struct GatherVec<c10::BFloat16> : FloatSums {
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static V load(const c10::BFloat16* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16<kFull>(p, m)), 16));
   }
-  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static void store(c10::BFloat16* p, __mmask16 m, V v) {
     const __m512i u = _mm512_castps_si512(v);
@@ -731,15 +733,11 @@ struct GatherVec<c10::BFloat16> {
   }
 };
 template <>
-struct GatherVec<c10::Half> {
-  static constexpr int kLanes = 16;
-  using V = __m512;
-  SLIMTUNE_AVX512_GATHER static V zero() { return _mm512_setzero_ps(); }
+struct GatherVec<c10::Half> : FloatSums {
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static V load(const c10::Half* p, __mmask16 m) {
     return _mm512_cvtph_ps(load16<kFull>(p, m));
   }
-  SLIMTUNE_AVX512_GATHER static V add(V acc, __mmask16 k, V v) { return _mm512_mask_add_ps(acc, k, acc, v); }
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static void store(c10::Half* p, __mmask16 m, V v) {
     __m512i r = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
