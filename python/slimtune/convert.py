@@ -311,13 +311,14 @@ def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 class WeightGuard:
     """Originals of weights a build rewrites in place (PiSSA/OLoRA turn a Linear's weight into the
     residual): ``restore()`` puts them back bit for bit when a later step fails, so a failed
-    conversion leaves the model as it was."""
+    conversion leaves the model as it was. The originals wait in host memory, so converting a
+    model that fills its accelerator does not need room for a second copy of its weights there."""
 
     def __init__(self):
         self._kept: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(self, weight: torch.Tensor) -> None:
-        self._kept.append((weight, weight.detach().clone()))
+        self._kept.append((weight, weight.detach().to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
