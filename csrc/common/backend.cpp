@@ -40,6 +40,11 @@ void check_backend(const Backend& backend, const char* op, const at::Tensor& t, 
               ", which the ", backend.name, " kernels cannot read");
 }
 
+SeedArg seed_arg(const Backend& backend, const at::Tensor& seed) {
+  if (&backend == &kCpuBackend) return {static_cast<uint64_t>(seed.item<int64_t>()), nullptr};
+  return {0, seed.const_data_ptr<int64_t>()};
+}
+
 void check_status(const Backend& backend, Status status, const char* op) {
   TORCH_CHECK(status == kSuccess, "slimtune.", op, ": ", backend.name, " kernel failed: ",
               backend.error_string(status));

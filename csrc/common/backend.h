@@ -55,4 +55,12 @@ void check_backend(const Backend& backend, const char* op, const at::Tensor& t, 
 // Throws naming the op when a kernel entry point reports an error.
 void check_status(const Backend& backend, Status status, const char* op);
 
+// A dropout seed (a one-element int64 tensor) as a backend's kernels take it: the CPU reads its
+// value here; GPU kernels read it from device memory themselves through `ptr` (no host sync).
+struct SeedArg {
+  uint64_t value;
+  const int64_t* ptr;
+};
+SeedArg seed_arg(const Backend& backend, const at::Tensor& seed);
+
 }  // namespace slimtune

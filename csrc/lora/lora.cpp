@@ -109,8 +109,6 @@ struct Kernels {
   int64_t (*down_partial)(int64_t, int64_t, int64_t);
   int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
   Status (*dropout_mask)(const DropoutMaskParams&, void*);
-  // A GPU: the kernels read the seed from device memory (no host read of it).
-  bool gpu;
   // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride,
   // rank); null: never.
   bool (*grad_beats_blas)(DType, int64_t, int64_t, int64_t);
@@ -126,15 +124,12 @@ struct Mask {
   MaskParams params() const { return MaskParams{mult, thresh, seed, offset, seed_ptr}; }
 };
 
-// The CPU reads the seed here; a GPU kernel reads it from device memory itself.
 Mask make_mask(const Kernels& k, double scale, double p, const std::optional<at::Tensor>& seed, int64_t offset) {
   Mask m{0, static_cast<uint64_t>(offset), p > 0.0 ? philox::threshold(p) : 0u, scale / (1.0 - p), nullptr};
   if (p > 0.0 && seed) {
-    if (k.gpu) {
-      m.seed_ptr = seed->data_ptr<int64_t>();
-    } else {
-      m.seed = static_cast<uint64_t>(seed->item<int64_t>());
-    }
+    const SeedArg s = seed_arg(k.backend, *seed);
+    m.seed = s.value;
+    m.seed_ptr = s.ptr;
   }
   return m;
 }
@@ -545,11 +540,11 @@ struct Bound {
 
 #ifndef SLIMTUNE_HOST_EMULATION
 const Kernels kCpuKernels{kCpuBackend, &down_cpu, &grad_cpu, &down_partial_elems_cpu, &grad_partial_elems_cpu,
-                          &dropout_mask_cpu, false, &grad_beats_blas_cpu};
+                          &dropout_mask_cpu, &grad_beats_blas_cpu};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
 const Kernels kGpuKernels{kGpuBackend, &down_cuda, &grad_cuda, &down_partial_elems_cuda,
-                          &grad_partial_elems_cuda, &dropout_mask_cuda, true, nullptr};
+                          &grad_partial_elems_cuda, &dropout_mask_cuda, nullptr};
 #endif
 
 }  // namespace

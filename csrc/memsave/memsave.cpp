@@ -360,16 +360,9 @@ at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, const at:
   c10::DeviceGuard guard(x.device());
   const at::Tensor xc = dense(x);
   at::Tensor out = at::empty_like(xc);
-  // The CPU reads the seed here; a GPU kernel reads it from device memory itself.
-  const bool on_cpu = &k.backend == &kCpuBackend;
-  const DropoutParams prm{xc.data_ptr(),
-                          to_kernel_dtype(xc.scalar_type()),
-                          xc.numel(),
-                          out.data_ptr(),
-                          on_cpu ? static_cast<uint64_t>(seed.item<int64_t>()) : 0u,
-                          philox::threshold(p),
-                          1.0 - p,
-                          on_cpu ? nullptr : seed.const_data_ptr<int64_t>()};
+  const SeedArg s = seed_arg(k.backend, seed);
+  const DropoutParams prm{xc.data_ptr(),        to_kernel_dtype(xc.scalar_type()), xc.numel(), out.data_ptr(), s.value,
+                          philox::threshold(p), 1.0 - p,                           s.ptr};
   check_status(k.backend, k.dropout(prm, k.backend.stream(xc)), "memsave_dropout");
   return out;
 }
