@@ -308,30 +308,39 @@ def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-class WeightGuard:
-    """Originals of weights a build rewrites in place (PiSSA/OLoRA turn a Linear's weight into the
-    residual): ``restore()`` puts them back bit for bit when a later step fails, so a failed
-    conversion leaves the model as it was. The originals wait in host memory, so converting a
-    model that fills its accelerator does not need room for a second copy of its weights there."""
+class ConversionGuard:
+    """What a conversion changes before it can still fail: the model's ``requires_grad`` flags
+    (``flags``, by parameter id, as they were) and weights a build rewrites in place (PiSSA/OLoRA turn
+    a Linear's weight into the residual). ``restore()`` puts both back bit for bit, so a failed
+    conversion leaves the model as it was. Kept weights wait in host memory, so converting a model
+    that fills its accelerator does not need room for a second copy of its weights there."""
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
+        self._params = list(model.parameters())
+        self.flags = {id(p): p.requires_grad for p in self._params}
         self._kept: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
-    def keep(self, weight: torch.Tensor) -> None:
-        self._kept.append((weight, weight.detach().to("cpu", copy=True)))
+    def keep_if_rewritten(self, weight: torch.Tensor, init) -> None:
+        """Keeps ``weight`` when a layer initialised with ``init`` rewrites it."""
+        if is_base_weight_init(init):
+            self._kept.append((weight, weight.detach().to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
         for weight, original in reversed(self._kept):
             weight.copy_(original)
         self._kept.clear()
+        for p in self._params:
+            p.requires_grad_(self.flags[id(p)])
 
 
-def _build(method: str, name: str, module: nn.Module, kwargs: dict, guard: Optional[WeightGuard] = None) -> nn.Module:
+def _build(
+    method: str, name: str, module: nn.Module, kwargs: dict, guard: Optional[ConversionGuard] = None
+) -> nn.Module:
     factory = _METHODS[method]
     base, base_type = _as_linear(module)
-    if guard is not None and base is module and is_base_weight_init(kwargs.get("init")):
-        guard.keep(base.weight)
+    if guard is not None and base is module:  # a Conv1D is copied into a new Linear: nothing to keep
+        guard.keep_if_rewritten(base.weight, kwargs.get("init"))
     new = factory(base, **kwargs)
     if not isinstance(new, nn.Module) or getattr(new, "base", None) is not base:
         raise TypeError(
@@ -449,7 +458,7 @@ def apply(
 
 
 def apply_to(
-    model: nn.Module, method: str, layer_kwargs: Dict[str, dict], guard: Optional[WeightGuard] = None
+    model: nn.Module, method: str, layer_kwargs: Dict[str, dict], guard: Optional[ConversionGuard] = None
 ) -> nn.Module:
     """Convert the layers named in ``layer_kwargs`` (qualified name -> the method's keyword
     arguments for that layer: per-layer ranks, say) in place; as :func:`apply` otherwise.
@@ -468,14 +477,11 @@ def apply_to(
             f"target_modules / exclude_modules"
         )
     # Build everything before touching the model so that a failing factory leaves it intact.
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    guard = WeightGuard() if guard is None else guard
+    guard = ConversionGuard(model) if guard is None else guard
     try:
         built = [(n, _build(method, n, model.get_submodule(n), layer_kwargs[n], guard)) for n in names]
     except BaseException:
         guard.restore()
-        for p in model.parameters():
-            p.requires_grad_(grad_flags[id(p)])
         raise
     for n, new in built:
         _set_submodule(model, n, new)

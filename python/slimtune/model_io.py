@@ -258,8 +258,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
 
     plan = []  # (name, module to install or None, the module holding the state)
     expected_keys = set()
-    grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
-    guard = _cv.WeightGuard()  # PiSSA/OLoRA layers rewrite their base weight while being built
+    guard = _cv.ConversionGuard(inner)  # PiSSA/OLoRA layers rewrite their base weight while being built
     try:
         for name, entry in layers.items():
             method, kwargs = entry.get("method"), entry.get("kwargs", {})
@@ -346,8 +345,6 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_kwargs: bool = 
             raise ValueError(f"slimtune.load: the file holds tensors no layer expects: {extra[:5]}")
     except BaseException:
         guard.restore()
-        for p in inner.parameters():
-            p.requires_grad_(grad_flags[id(p)])
         raise
 
     with torch.no_grad():

@@ -13,7 +13,6 @@ from . import convert as _cv
 from . import heads as _heads
 from . import model_io as _io
 from .config import DEFAULT_TARGETS, LoraConfig, layer_index_allowed
-from .lora.weight_init import is_base_weight_init
 
 
 def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -106,28 +105,25 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> Dict[str, Di
         if _io._is_merged(module):
             raise ValueError(f"layer {n!r} is merged; unmerge_adapter() before adding an adapter")
         existing[n] = kwargs
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     originals = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in heads.items()}
     unconverted = {n: model.get_submodule(n) for n in new}
-    guard, added = _cv.WeightGuard(), []
+    guard, added = _cv.ConversionGuard(model), []
+    flags = guard.flags
     try:
         _cv.apply_to(model, method, new, guard=guard)
         for n, kwargs in existing.items():
             kw = {k: v for k, v in kwargs.items() if k != "adapter_name"}
             layer = model.get_submodule(n)
-            if is_base_weight_init(kw.get("init")):
-                guard.keep(layer.base.weight)
+            guard.keep_if_rewritten(layer.base.weight, kw.get("init"))
             layer.add_adapter(adapter_name, **kw)
             added.append(layer)
     except BaseException:
         # All or nothing: the adapters added so far go, the layers converted here are put back.
         for layer in added:
             layer.delete_adapter(adapter_name)
-        guard.restore()
         for n, module in unconverted.items():
             _cv._set_submodule(model, n, module)
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+        guard.restore()
         raise
     _heads.mark(heads)
     # Adapters that were there keep their flags (an inactive or inference-mode adapter stays frozen).

@@ -236,14 +236,12 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
     kwargs["init"] = init
     # Every layer is built before the model is changed. PiSSA/OLoRA rewrite a Linear's weight while
     # building (a Conv1D is copied first): the originals are kept until every layer is built.
-    grad_flags = {id(p): p.requires_grad for p in inner.parameters()}
-    guard = _cv.WeightGuard()
+    guard = _cv.ConversionGuard(inner)
     built: Dict[str, nn.Module] = {}
     try:
         for name, (full, module, r, alpha, A, B, M) in plan.items():
             if isinstance(module, layer_cls):
-                if is_base_weight_init(init):
-                    guard.keep(module.base.weight)
+                guard.keep_if_rewritten(module.base.weight, init)
                 module.add_adapter(adapter_name, r=r, alpha=alpha, **kwargs)
                 built[name] = module
             else:
@@ -254,8 +252,6 @@ def load_peft_adapter(model: nn.Module, directory, adapter_name: str = "default"
                 if module is plan[name][1]:
                     module.delete_adapter(adapter_name)
         guard.restore()
-        for p in inner.parameters():
-            p.requires_grad_(grad_flags[id(p)])
         raise
     for name, (full, module, r, alpha, A, B, M) in plan.items():
         target = built[name]
