@@ -163,6 +163,27 @@ def test_small_float32_deltas_are_not_rounded_away(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_and_float32_deltas_round_once(device, dtype):
+    """bias + x·Δᵀ (float32 values) is rounded once, then the base GEMM adds x·W0ᵀ into it: with
+    W0 of ones and rows of x that sum to 0 the base adds exactly 0, so y must be within one rounding
+    of the float64 product (a bias or delta rounded on its own first would not be). More than one
+    token tile and a strided bias."""
+    dout, din, T = 130, 64, 70
+    gen = torch.Generator().manual_seed(2)
+    half = torch.randint(-3, 4, (T, din // 2), generator=gen, dtype=torch.float64)
+    x = torch.cat([half, -half], dim=1)
+    w = torch.ones(dout, din, dtype=dtype, device=device)
+    b = torch.randn(2 * dout, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)[::2]
+    idx, rp, vals = make_delta(dout, din, 0.1, device)
+    y = linear_op(x.to(device=device, dtype=dtype), w, b, idx, rp, vals)
+    ref = reference.sparse_delta_linear(x, w.double().cpu(), b.double().cpu(), idx.cpu(), vals.double().cpu())
+    # One rounding to nearest: half a unit in the last place, 2^-8 (bf16) or 2^-11 (fp16) relative.
+    close = {"atol": 1e-5, "rtol": 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11}
+    torch.testing.assert_close(y.double().cpu(), ref, **close)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_sddmm_matches_dense_gather(device, index_dtype):
     a = torch.randn(300, 33, device=device)  # more than one token tile

@@ -203,16 +203,6 @@ void run_merge(const Kernels& k, at::Tensor& weight, const at::Tensor& idx, cons
   check_status(k.backend, k.merge(p, k.backend.stream(weight)), op);
 }
 
-// a·b in the accumulation type (float32 for bf16/fp16, else the operands' own): the base product
-// the delta is added to before the one rounding. CUDA GEMMs write float32 for bf16/fp16 operands
-// themselves; the CPU GEMM cannot, so it multiplies float32 copies (exact: a widening).
-at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
-  const at::ScalarType acc = acc_scalar_type(a.scalar_type());
-  if (acc == a.scalar_type()) return at::mm(a, b);
-  if (a.is_cuda()) return at::mm(a, b, acc);
-  return at::mm(a.to(acc), b.to(acc));
-}
-
 // The delta of a rows×cols weight as the CSR delta of its transpose (cols×rows): entries sorted by
 // column, then row, so spmm over it adds each dx element's entries in the order spmm_t does.
 struct TransposedDelta {
@@ -266,18 +256,25 @@ at::Tensor linear_op(const Kernels& k, const at::Tensor& x, const at::Tensor& we
   const at::Tensor idx = indices.contiguous(), rp = rowptr.contiguous(), val = values.contiguous();
   const int64_t rows = weight.size(0), cols = weight.size(1);
   validate_layout(k, op, rows, cols, idx, rp);
-  // x·W0ᵀ (+ bias) in the accumulation type, the delta added into it, then one rounding: a token's
-  // output does not depend on how many tokens share the call, and float32 master values are not
-  // rounded to a low-precision weight first.
-  const bool exact_dtype = acc_scalar_type(x2.scalar_type()) == x2.scalar_type();
-  at::Tensor y = exact_dtype && bias.has_value() ? at::addmm(*bias, x2, weight.t()) : mm_acc(x2, weight.t());
-  if (!exact_dtype && bias.has_value()) y.add_(*bias);
-  // The SpMM rounds every element (rows without entries too) into the output.
-  at::Tensor out = exact_dtype ? y : at::empty(y.sizes(), x2.options());
-  if (x2.size(0) > 0) {
-    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, y.data_ptr(), x2.data_ptr(), out.data_ptr()};
+  // bf16/fp16: the delta term x·Δᵀ + bias rounded once into the output, then x·W0ᵀ added into it by
+  // a GEMM with beta 1 in the operands' dtype (cuBLAS and ATen's CPU GEMM add C in float32 and round
+  // once): no T×rows float32 intermediate, and float32 master values are never rounded to a
+  // low-precision weight. float32/float64: x·W0ᵀ + bias first, then the SpMM adds the delta's sum
+  // into it once. A BLAS may add C into a partial product (MKL's sgemm below 4 rows), which would make
+  // a token's bits depend on its batch; here the product is no wider than the output, so writing it
+  // first moves the same bytes as beta 1 would.
+  const int64_t T = x2.size(0);
+  const bool lowp = acc_scalar_type(x2.scalar_type()) != x2.scalar_type();
+  const at::Tensor b = lowp && bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = lowp               ? at::empty({T, rows}, x2.options())
+                   : bias.has_value() ? at::addmm(*bias, x2, weight.t())
+                                      : at::mm(x2, weight.t());
+  if (T > 0) {
+    const SpmmParams p{{spmm_operands(x2, idx, rp, val, rows, cols)}, b.defined() ? b.data_ptr() : nullptr,
+                       x2.data_ptr(), out.data_ptr(), !lowp};
     check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
   }
+  if (lowp) out.addmm_(x2, weight.t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = rows;
   return out.view(shape);
@@ -296,22 +293,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
   validate_layout(k, op, weight.size(0), weight.size(1), idx, rp);
   at::Tensor dx, dv, db;
   if (mask[0]) {
-    // g·W0 in the accumulation type plus g·Δ, rounded once (as the forward).
+    // g·W0 and g·Δ, added as in the forward.
     const int64_t rows = weight.size(0), cols = weight.size(1);
-    const at::Tensor acc = mm_acc(g2, weight);
-    dx = acc.scalar_type() == g2.scalar_type() ? acc : at::empty(acc.sizes(), g2.options());
+    const bool lowp = acc_scalar_type(g2.scalar_type()) != g2.scalar_type();
+    dx = lowp ? at::empty({g2.size(0), cols}, g2.options()) : at::mm(g2, weight);
     if (g2.size(0) > 0) {
       if (k.spmm_t != nullptr) {
-        const SpmmTParams p{
-            {spmm_operands(g2, idx, rp, val, rows, cols)}, acc.data_ptr(), g2.data_ptr(), dx.data_ptr()};
+        const SpmmTParams p{{spmm_operands(g2, idx, rp, val, rows, cols)}, g2.data_ptr(), dx.data_ptr(), !lowp};
         check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
       } else {
         const TransposedDelta t = transposed(idx, val, rows, cols);
-        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, acc.data_ptr(),
-                           g2.data_ptr(), dx.data_ptr()};
+        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, nullptr, g2.data_ptr(),
+                           dx.data_ptr(), !lowp};
         check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
       }
     }
+    if (lowp) dx.addmm_(g2, weight);
     dx = dx.view(x.sizes());
   } else {
     dx = at::empty({0}, x.options());

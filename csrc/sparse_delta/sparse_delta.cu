@@ -1,4 +1,6 @@
 // CUDA kernels of the sparse-delta family (torch-free; launched through common/launch.cuh).
+#include <type_traits>
+
 #include "common/device.cuh"
 #include "sparse_delta/sparse_delta.h"
 
@@ -38,10 +40,11 @@ struct SpmmTile {
   static constexpr int kPad = 4 / static_cast<int>(sizeof(X)) > 0 ? 4 / static_cast<int>(sizeof(X)) : 1;
 };
 
-// out[t, r] = y[t, r] + Σ_{k in row r} values[k]·x[t, col_k], rounded once. Per output the entries
-// are added from 0 in row order (column tiles ascend) and the sum is added to y once, as on the CPU.
-template <typename X, typename V, typename I>
-__global__ void spmm_tile_kernel(const acc_t<X>* y, const X* __restrict__ x, const I* __restrict__ indices,
+// out[t, r] = base + bias[r] + Σ_{k in row r} values[k]·x[t, col_k] (bias may be null; base: out's own
+// value where kAccumulate, else 0), rounded once. Per output the entries are added from 0 in row
+// order (column tiles ascend), then the bias and the base once, as on the CPU.
+template <typename X, typename V, typename I, bool kAccumulate>
+__global__ void spmm_tile_kernel(const X* __restrict__ bias, const X* __restrict__ x, const I* __restrict__ indices,
                                  const int64_t* __restrict__ rowptr, const V* __restrict__ values, int64_t T,
                                  int64_t rows, int64_t cols, X* out) {
   using A = acc_t<X>;
@@ -106,7 +109,12 @@ __global__ void spmm_tile_kernel(const acc_t<X>* y, const X* __restrict__ x, con
       const int t = i / R, rr = i - t * R;
       if (rr < nr) {
         const int64_t o = (t0 + t) * rows + r0 + rr;
-        out[o] = from_acc<X>(y[o] + out_s[rr][t]);
+        const A term = bias == nullptr ? out_s[rr][t] : out_s[rr][t] + to_acc(bias[r0 + rr]);
+        if constexpr (kAccumulate) {
+          out[o] += term;
+        } else {
+          out[o] = from_acc<X>(term);
+        }
       }
     }
   }
@@ -303,9 +311,18 @@ Status spmm_cuda(const SpmmParams& p, void* stream) {
     const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
     if (groups > 0x7fffffff) return kInvalidValue;
     const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
-    return launch(spmm_tile_kernel<X, V, I>, grid, dim3(Tile::kThreads), 0, s, static_cast<const acc_t<X>*>(p.y),
-                  static_cast<const X*>(p.x), static_cast<const I*>(p.indices), p.rowptr,
-                  static_cast<const V*>(p.values), p.T, p.rows, p.cols, static_cast<X*>(p.out));
+    const auto run = [&](auto kernel) {
+      return launch(kernel, grid, dim3(Tile::kThreads), 0, s, static_cast<const X*>(p.bias), static_cast<const X*>(p.x),
+                    static_cast<const I*>(p.indices), p.rowptr, static_cast<const V*>(p.values), p.T, p.rows, p.cols,
+                    static_cast<X*>(p.out));
+    };
+    if (!p.accumulate) return run(spmm_tile_kernel<X, V, I, false>);
+    // A base in out is only ever the accumulation type's: a rounded one would round twice.
+    if constexpr (std::is_same<acc_t<X>, X>::value) {
+      return run(spmm_tile_kernel<X, V, I, true>);
+    } else {
+      return kInvalidValue;
+    }
   });
 }
 

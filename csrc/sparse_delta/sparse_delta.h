@@ -36,26 +36,29 @@ struct SpmmOperands {
   int64_t T, rows, cols;
 };
 
-// out[t, r] = y[t, r] + Σ_{k in row r} values[k] · x[t, col_k] for t < T, rounded once to dtype
-// (x, out: dtype; y: T×rows in the accumulation type, acc_t of dtype, holding the base product
-// x·W0ᵀ; out may alias y when dtype is the accumulation type). Per (t, r) the entries are summed
-// from 0 in row order and the sum is added to y once, whatever T is, so a token's result does not
-// depend on its batch.
+// The delta term of the forward: out[t, r] = base + bias[r] + Σ_{k in row r} values[k] · x[t, col_k]
+// for t < T, rounded once to dtype (x, bias, out: dtype; bias may be null). Per (t, r) the entries are
+// summed in the accumulation type from 0 in row order, then the bias and the base are added once,
+// whatever T is, so a token's result does not depend on its batch. Every element is written (rows
+// without entries too). base: out's own value where `accumulate` (out then holds x·W0ᵀ; only where
+// dtype is its own accumulation type, float32/float64), else 0: a bf16/fp16 output holds the delta
+// term alone, and the glue adds x·W0ᵀ into it by a GEMM with beta 1, which adds out in float32 and
+// rounds once (no T×rows float32 intermediate).
 struct SpmmParams : SpmmOperands {
-  const void* y;
+  const void* bias;
   const void* x;
   void* out;
+  bool accumulate;
 };
 
-// out[t, c] = dx[t, c] + Σ_{k with col_k = c} values[k] · g[t, row_k] (g: T×rows and out: T×cols in
-// dtype, dx: T×cols in the accumulation type, holding g·W0; out may alias dx as above), per (t, c)
-// summed from 0 in ascending row order and added once: the order of spmm over the transposed
-// delta, so both directions give the same bits on every backend up to the compiler's contraction
-// of a·b + c.
+// The delta term of dx: out[t, c] = base + Σ_{k with col_k = c} values[k] · g[t, row_k] (g: T×rows and
+// out: T×cols in dtype; base as in SpmmParams, without a bias), per (t, c) summed from 0 in ascending
+// row order and rounded once: the order of spmm over the transposed delta, so both directions give
+// the same bits on every backend up to the compiler's contraction of a·b + c.
 struct SpmmTParams : SpmmOperands {
-  const void* dx;
   const void* g;
   void* out;
+  bool accumulate;
 };
 
 // out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the

@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc.h"
@@ -102,15 +103,23 @@ void transpose(const X* src, int64_t m, int64_t n, X* dst) {
   transpose_to<X, X>(src, m, n, dst);
 }
 
-// out (m × n) = y + srcᵀ for src (n × m), rounded once to X; out may alias y (same element type).
-template <typename A, typename X>
-void store_transposed(const A* src, int64_t m, int64_t n, const A* y, X* out) {
+// out (m × n) = base + srcᵀ (+ bias[j] on column j) for src (n × m), rounded once to X; base is out's
+// own value where kAccumulate (then A is X), else 0; bias may be null.
+template <bool kAccumulate, typename A, typename X>
+void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out) {
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
       for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = j0; j < j1; ++j) out[i * n + j] = static_cast<X>(y[i * n + j] + src[j * m + i]);
+        for (int64_t j = j0; j < j1; ++j) {
+          const A term = bias == nullptr ? src[j * m + i] : src[j * m + i] + bias[j];
+          if constexpr (kAccumulate) {
+            out[i * n + j] += term;
+          } else {
+            out[i * n + j] = static_cast<X>(term);
+          }
+        }
       }
     }
   }
@@ -122,8 +131,7 @@ template <typename F>
 Status dispatch_spmm(const SpmmOperands& p, F&& f) {
   if (p.T == 0) return kSuccess;
   return dispatch_delta<CpuFloats>(p.dtype, p.index_type, p.value_dtype, [&](auto x_tag, auto i_tag, auto v_tag) {
-    f(x_tag, static_cast<const decltype(i_tag)*>(p.indices), static_cast<const decltype(v_tag)*>(p.values));
-    return kSuccess;
+    return f(x_tag, static_cast<const decltype(i_tag)*>(p.indices), static_cast<const decltype(v_tag)*>(p.values));
   });
 }
 
@@ -154,21 +162,28 @@ namespace {
 
 // Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
 // type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
-// summed from 0 in row-major entry order, then added to the base product and rounded once. Per output element that is
-// the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile size.
-// kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's column c
-// into column r); src is T × in_w, base and out T × out_w.
+// summed from 0 in row-major entry order, then the bias and base added and rounded once. Per output element
+// that is the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile
+// size. kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's
+// column c into column r); src is T × in_w, out T × out_w, bias (out_w, may be null) in X, the base
+// out's own value where `accumulate`.
 template <bool kTransposed>
-Status spmm_tiles(const SpmmOperands& p, const void* src, const void* base, void* out) {
+Status spmm_tiles(const SpmmOperands& p, const void* src, const void* bias, void* out, bool accumulate) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols;
   const int64_t in_w = kTransposed ? rows : cols, out_w = kTransposed ? cols : rows;
   return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
     using X = decltype(x_tag);
     using A = acc_t<X>;
+    if (accumulate && !std::is_same_v<A, X>) return kInvalidValue;  // a rounded base: never
     const int64_t* rp = p.rowptr;
     const X* sp = static_cast<const X*>(src);
-    const A* bp = static_cast<const A*>(base);
     X* outp = static_cast<X*>(out);
+    std::vector<A> bias_acc;
+    if (bias != nullptr) {
+      const X* b = static_cast<const X*>(bias);
+      bias_acc.assign(b, b + out_w);
+    }
+    const A* bp = bias == nullptr ? nullptr : bias_acc.data();
     at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
       std::vector<A> srcT(static_cast<size_t>(in_w * kSpmmTile)), accT(static_cast<size_t>(out_w * kSpmmTile));
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -185,17 +200,24 @@ Status spmm_tiles(const SpmmOperands& p, const void* src, const void* base, void
             }
           }
         }
-        store_transposed(accT.data(), tb, out_w, bp + t0 * out_w, outp + t0 * out_w);
+        if constexpr (std::is_same_v<A, X>) {
+          if (accumulate) {
+            store_transposed<true>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
+            continue;
+          }
+        }
+        store_transposed<false>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
       }
     });
+    return kSuccess;
   });
 }
 
 }  // namespace
 
-Status spmm_cpu(const SpmmParams& p, void*) { return spmm_tiles<false>(p, p.x, p.y, p.out); }
+Status spmm_cpu(const SpmmParams& p, void*) { return spmm_tiles<false>(p, p.x, p.bias, p.out, p.accumulate); }
 
-Status spmm_t_cpu(const SpmmTParams& p, void*) { return spmm_tiles<true>(p, p.g, p.dx, p.out); }
+Status spmm_t_cpu(const SpmmTParams& p, void*) { return spmm_tiles<true>(p, p.g, nullptr, p.out, p.accumulate); }
 
 Status sddmm_cpu(const SddmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols, K = p.K;

@@ -131,25 +131,56 @@ SPMM_TILE_CASES = [
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("index_dtype", INDEX)
 @pytest.mark.parametrize("case", SPMM_TILE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
-def test_spmm_tiles(emu, schedule, dtype, index_dtype, case):
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_spmm_tiles(emu, schedule, dtype, index_dtype, case, bias):
     shape, rows, kind = case
     cols = shape[-1]
     for vdtype in value_dtypes(dtype):
         x, w = linear_operands(shape, rows, dtype)
+        b = torch.randn(rows, dtype=torch.float64).to(dtype) if bias else None
         idx, rp = sddmm_delta(rows, cols, kind, index_dtype)
         val = (torch.randn(idx.numel(), dtype=torch.float64) * 0.5).to(vdtype)
         g = torch.randn(*shape[:-1], rows, dtype=torch.float64).to(dtype)
-        y = emu.sparse_delta_linear(x, w, None, idx, rp, val)
+        y = emu.sparse_delta_linear(x, w, b, idx, rp, val)
         dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
         xr = x.to(torch.float64).requires_grad_()
-        yr = reference.sparse_delta_linear(xr, w.to(torch.float64), None, idx, val.to(torch.float64))
+        br = None if b is None else b.to(torch.float64)
+        yr = reference.sparse_delta_linear(xr, w.to(torch.float64), br, idx, val.to(torch.float64))
         yr.backward(g.to(torch.float64))
-        cpu_y = torch.ops.slimtune.sparse_delta_linear(x, w, None, idx, rp, val)
+        cpu_y = torch.ops.slimtune.sparse_delta_linear(x, w, b, idx, rp, val)
         cpu_dx = torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
         for name, o, c, r in (("y", y, cpu_y, yr), ("dx", dx, cpu_dx, xr.grad)):
             assert o.dtype == dtype and o.shape == c.shape, name
             torch.testing.assert_close(o, c, **tol(dtype), msg=name)
             torch.testing.assert_close(o.to(torch.float64), r, **tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_bias_and_float32_values_round_once(emu, schedule, dtype):
+    """A bf16/fp16 output holds bias + x·Δᵀ (float32 values) rounded once before the base GEMM adds
+    x·W0ᵀ into it: with W0 of ones and rows of x that sum to 0 the base adds exactly 0, so y must be
+    within one rounding of the float64 product, over two row groups and two token tiles, with a
+    strided bias; and dx (no bias) too. CPU and the CUDA kernels alike."""
+    rows, cols, T = 130, 80, 70
+    gen = torch.Generator().manual_seed(1)
+    half = torch.randint(-3, 4, (T, cols // 2), generator=gen, dtype=torch.float64)
+    x = torch.cat([half, -half], dim=1)
+    w = torch.ones(rows, cols, dtype=dtype)
+    b = torch.randn(2 * rows, generator=gen, dtype=torch.float64).to(dtype)[::2]
+    idx, rp = sddmm_delta(rows, cols, 900, torch.int32)
+    val = torch.randn(idx.numel(), generator=gen) * 0.5
+    half = torch.randint(-3, 4, (T, rows // 2), generator=gen, dtype=torch.float64)
+    g = torch.cat([half, -half], dim=1)  # g·W0 adds 0 too
+    ref = reference.sparse_delta_linear(x, w.double(), b.double(), idx, val.double())
+    xr = x.clone().requires_grad_()
+    reference.sparse_delta_linear(xr, w.double(), None, idx, val.double()).backward(g)
+    # One rounding (2^-8 relative for bf16, 2^-11 for fp16) beyond float32 sums of a few terms.
+    close = {"atol": 1e-5, "rtol": 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11}
+    for op in (emu, torch.ops.slimtune):
+        y = op.sparse_delta_linear(x.to(dtype), w, b, idx, rp, val)
+        dx = op.sparse_delta_linear_backward(g.to(dtype), x.to(dtype), w, idx, rp, val, [True, False, False])[0]
+        torch.testing.assert_close(y.double(), ref, **close)
+        torch.testing.assert_close(dx.double(), xr.grad, **close)
 
 
 def sddmm_delta(rows, cols, kind, index_dtype):
