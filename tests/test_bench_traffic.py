@@ -29,9 +29,9 @@ def test_sparse_forward_and_lora_bytes_by_hand():
     assert row.floor == 8 * 16 * 4 + 4 * 16 * 4 + csr + 8 * 4 * 4 == 1064
     # GEMM (x, W0 read, y written) + SpMM (x read, y read, the output written: y itself in float32).
     assert row.design == (512 + 256 + 128) + (512 + csr + 128 + 128) == 1832
-    # bf16: the GEMM writes a float32 y, which the SpMM reads before writing the bf16 output.
+    # bf16: the SpMM (x read) writes the bf16 delta term, the GEMM (x, W0 read) reads it and writes y.
     lowp = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.bfloat16)
-    assert lowp.design == (256 + 128 + 8 * 4 * 4) + (256 + csr + 8 * 4 * 4 + 8 * 4 * 2) == 1128
+    assert lowp.design == (256 + csr + 8 * 4 * 2) + (256 + 128 + 2 * 8 * 4 * 2) == 1000
     # LoRA r=2 over 8 tokens, 16 -> 4, bf16: x read once, the 8x2 float32 intermediate written, adapters.
     fwd = traffic.lora_forward(8, 16, 4, 2, torch.bfloat16)
     assert fwd.floor == 8 * 16 * 2 + 8 * 2 * 4 + 2 * 20 * 4 == 480

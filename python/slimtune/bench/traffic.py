@@ -101,18 +101,28 @@ def _spmm_rereads(T: int, out_rows: int, dense: int, csr: int, e: int) -> int:
     return (groups - 1) * dense + (token_tiles - 1) * csr
 
 
+def _spmm_then_gemm(x: int, w0: int, csr: int, out: int, exact: bool) -> int:
+    """Bytes of an SpMM (reads the tokens x and the CSR delta) and the base GEMM (reads x and W0)
+    sharing one output of `out` bytes. bf16/fp16: the SpMM writes the delta term in the output dtype
+    and the GEMM reads it back and writes the sum (beta 1). float32/float64 (`exact`): the GEMM writes
+    the base product and the SpMM reads it back and writes the sum. Three passes over the output
+    either way, no wider intermediate."""
+    spmm = x + csr + (2 * out if exact else out)
+    gemm = x + w0 + (out if exact else 2 * out)
+    return spmm + gemm
+
+
 def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
-    """y = x·W0ᵀ + x·Δᵀ: the floor reads x, W0 and the CSR delta once and writes y. The design's GEMM
-    writes y in the accumulation type (float32 for bf16), and the SpMM reads x again, reads that
-    accumulation and writes the rounded y. From L2 the SpMM reads x once per group of 128 rows and
-    the CSR delta once per token tile (128 bytes of tokens)."""
-    e, a = elt(dtype), acc_bytes(dtype)
+    """y = x·W0ᵀ + x·Δᵀ: the floor reads x, W0 and the CSR delta once and writes y. The design reads x
+    twice (SpMM and GEMM) and moves y three times in its own dtype (see _spmm_then_gemm). From L2 the
+    SpMM reads x once per group of 128 rows and the CSR delta once per token tile (128 bytes of
+    tokens)."""
+    e = elt(dtype)
     K = max(1, int(rows * cols * density))
     csr = K * (index_bytes + 4) + (rows + 1) * 8
     floor = T * cols * e + rows * cols * e + csr + T * rows * e
-    gemm = T * cols * e + rows * cols * e + T * rows * a
-    spmm = T * cols * e + csr + T * rows * (a + e)
-    design = gemm + spmm
+    exact = acc_bytes(dtype) == e
+    design = _spmm_then_gemm(T * cols * e, rows * cols * e, csr, T * rows * e, exact)
     l2 = design + _spmm_rereads(T, rows, T * cols * e, csr, e)
 
     def make(dev):
@@ -124,17 +134,17 @@ def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dt
 
 
 def sparse_dx(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
-    """dx = g·W0 + g·Δ: as the forward, plus the transposed CSR the CUDA SpMM needs (int64 keys
-    written, sorted once, gathered with the values; counted as single passes)."""
-    e, a = elt(dtype), acc_bytes(dtype)
+    """dx = g·W0 + g·Δ: as the forward (g read twice, dx moved three times in its own dtype), plus the
+    transposed CSR the CUDA SpMM needs (int64 keys written, sorted once, gathered with the values;
+    counted as single passes)."""
+    e = elt(dtype)
     K = max(1, int(rows * cols * density))
     csr = K * (index_bytes + 4) + (rows + 1) * 8
     csr_t = K * (8 + 4) + (cols + 1) * 8
     transpose = K * index_bytes + K * 8 + 2 * K * 16 + 2 * K * (8 + 4) + (cols + 1) * 8
     floor = T * rows * e + rows * cols * e + csr + T * cols * e
-    gemm = T * rows * e + rows * cols * e + T * cols * a
-    spmm = T * rows * e + csr_t + T * cols * (a + e)
-    design = gemm + transpose + spmm
+    exact = acc_bytes(dtype) == e
+    design = transpose + _spmm_then_gemm(T * rows * e, rows * cols * e, csr_t, T * cols * e, exact)
     l2 = design + _spmm_rereads(T, cols, T * rows * e, csr_t, e)
 
     def make(dev):
