@@ -139,6 +139,19 @@ Mask plain_mask(double mult) { return Mask{0, 0, 0u, mult, nullptr}; }
 
 // ---- the passes over x and grad_out ----
 
+// The operand of a pass over src (T x K, any strides) with rows q0 .. q0 + n of a (null: none).
+XOperand x_operand(const at::Tensor& src, const at::Tensor* a, int64_t q0, int64_t n, DType acc) {
+  return XOperand{src.data_ptr(),
+                  to_kernel_dtype(src.scalar_type()),
+                  src.stride(0),
+                  src.stride(1),
+                  src.size(0),
+                  src.size(1),
+                  n,
+                  a ? a->narrow(0, q0, n).data_ptr() : nullptr,
+                  acc};
+}
+
 // out (T x R, acc dtype, unit column stride) = (keep * mult * src) a^T, src T x K (any strides),
 // a R x K contiguous; kMaxRank rows of a per launch.
 void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, const Mask& m, const at::Tensor& out,
@@ -149,19 +162,8 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
     const int64_t n = std::min(kMaxRank, R - q0);
     const int64_t elems = k.down_partial(T, K, n);
     const at::Tensor part = at::empty({elems}, out.options());
-    const DownParams p{src.data_ptr(),
-                       to_kernel_dtype(src.scalar_type()),
-                       src.stride(0),
-                       src.stride(1),
-                       T,
-                       K,
-                       n,
-                       a.narrow(0, q0, n).data_ptr(),
-                       acc,
-                       out.narrow(1, q0, n).data_ptr(),
-                       out.stride(0),
-                       elems > 0 ? part.data_ptr() : nullptr,
-                       m.params()};
+    const DownParams p{x_operand(src, &a, q0, n, acc), out.narrow(1, q0, n).data_ptr(), out.stride(0),
+                       elems > 0 ? part.data_ptr() : nullptr, m.params()};
     check_status(k.backend, k.down(p, k.backend.stream(src)), op);
   }
 }
@@ -176,17 +178,9 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
     const int64_t n = std::min(kMaxRank, R - q0);
     const int64_t elems = k.grad_partial(T, K, n, acc, dA != nullptr);
     const at::Tensor part = at::empty({elems}, gb.options());
-    const GradParams p{src.data_ptr(),
-                       to_kernel_dtype(src.scalar_type()),
-                       src.stride(0),
-                       src.stride(1),
-                       T,
-                       K,
-                       n,
+    const GradParams p{x_operand(src, a, q0, n, acc),
                        gb.narrow(1, q0, n).data_ptr(),
                        gb.stride(0),
-                       a ? a->narrow(0, q0, n).data_ptr() : nullptr,
-                       acc,
                        dx ? dx->data_ptr() : nullptr,
                        q0 > 0,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
