@@ -187,42 +187,48 @@ int64_t first_bad_window(const PoolGeometry& g, F&& ok) {
   return bad;
 }
 
-// CPU only (no host sync), run when the kernel found a bad entry, to name the first one:
-// each argmax index lies inside its own window.
-void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+// CPU only (no host sync), run when the kernel found a bad entry, to name the first one. Entry i
+// of `entries` (T: int64 argmax indices, int8 window offsets) is a flat position in a grid of
+// `extent` per dimension (the last fastest); it is good when it lies in that grid and each of its
+// coordinates passes coord_ok(d, coordinate, start of output i's window in dimension d).
+template <typename T, typename F>
+void scan_entries_cpu(const char* op, const at::Tensor& entries, const char* name, const PoolGeometry& g,
+                      const int64_t (&extent)[3], F&& coord_ok, const char* what) {
+  const T* p = entries.const_data_ptr<T>();
+  const int64_t size = extent[0] * extent[1] * extent[2];
   const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
     int64_t v = p[storage_index(g, i)];
-    bool ok = v >= 0 && v < in_plane;
+    bool ok = v >= 0 && v < size;
     for (int d = 2; ok && d >= 0; --d) {
-      const int64_t delta = v % g.in[d] - start[d];
-      v /= g.in[d];
-      ok = delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
+      ok = coord_ok(d, v % extent[d], start[d]);
+      v /= extent[d];
     }
     return ok;
   });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[storage_index(g, bad)], " at position ", bad,
-                     ", outside the pooling window of that output");
+  SLIMTUNE_CHECK_ARG(bad < 0, op, name, "holds ", bad < 0 ? 0 : static_cast<int64_t>(p[storage_index(g, bad)]),
+                     " at position ", bad, what);
 }
 
-// CPU only, as above: each offset lies in its window and points at an input element, not at padding.
+// Each argmax index lies inside its own window.
+void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
+  scan_entries_cpu<int64_t>(
+      op, idx, "indices", g, g.in,
+      [&](int d, int64_t coord, int64_t start) {
+        const int64_t delta = coord - start;
+        return delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
+      },
+      ", outside the pooling window of that output");
+}
+
+// Each offset lies in its window and points at an input element, not at padding.
 void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeometry& g) {
-  const int8_t* p = offsets.const_data_ptr<int8_t>();
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
-  const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
-    int64_t w = p[storage_index(g, i)];
-    bool ok = w >= 0 && w < window;
-    for (int d = 2; ok && d >= 0; --d) {
-      const int64_t c = start[d] + (w % g.kernel[d]) * g.dilation[d];
-      w /= g.kernel[d];
-      ok = c >= 0 && c < g.in[d];
-    }
-    return ok;
-  });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[storage_index(g, bad)]),
-                     " at position ", bad,
-                     ", outside its window or in the padding");
+  scan_entries_cpu<int8_t>(
+      op, offsets, "offsets", g, g.kernel,
+      [&](int d, int64_t k, int64_t start) {
+        const int64_t c = start + k * g.dilation[d];
+        return c >= 0 && c < g.in[d];
+      },
+      ", outside its window or in the padding");
 }
 
 PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
