@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -18,6 +19,7 @@
 #include "common/backend.h"
 #include "common/checks.h"
 #include "common/philox.h"
+#include "common/register.h"
 #include "common/schemas.h"
 #include "lora/lora.h"
 
@@ -488,6 +490,9 @@ at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, c
 
 // ---- registration ----
 
+constexpr std::array<const char*, 5> kOps{"lora_linear", "lora_linear_backward", "lora_linear_multi",
+                                          "lora_linear_multi_backward", "lora_dropout_mask"};
+
 // Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
 template <const Kernels& K>
 struct Bound {
@@ -524,11 +529,7 @@ struct Bound {
     return dropout_mask_op(K, like, p, seed, offset);
   }
   static void register_all(torch::Library& m) {
-    m.impl("lora_linear", &forward);
-    m.impl("lora_linear_backward", &backward);
-    m.impl("lora_linear_multi", &multi_forward);
-    m.impl("lora_linear_multi_backward", &multi_backward);
-    m.impl("lora_dropout_mask", &dropout_mask);
+    impl_ops(m, kOps, &forward, &backward, &multi_forward, &multi_backward, &dropout_mask);
   }
 };
 
@@ -567,22 +568,4 @@ void define_lora_schemas(torch::Library& m) {
 
 }  // namespace slimtune
 
-#ifndef SLIMTUNE_HOST_EMULATION
-TORCH_LIBRARY_FRAGMENT(slimtune, m) {
-  m.set_python_module("slimtune.ops");
-  slimtune::define_lora_schemas(m);
-}
-
-TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::lora::Bound<slimtune::lora::kCpuKernels>::register_all(m); }
-
-TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
-  slimtune::register_one_device_check(m, {"lora_linear", "lora_linear_backward", "lora_linear_multi",
-                                          "lora_linear_multi_backward", "lora_dropout_mask"});
-}
-#endif
-
-#ifdef SLIMTUNE_HAS_GPU
-TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
-  slimtune::lora::Bound<slimtune::lora::kGpuKernels>::register_all(m);
-}
-#endif
+SLIMTUNE_REGISTER_FAMILY(slimtune::define_lora_schemas, slimtune::lora)
