@@ -106,11 +106,11 @@ void check_dropout_p(const char* op, double p) {
 struct Kernels {
   const Backend& backend;
   // The passes over x and grad_out, and the scratch their split sums need.
-  Status (*down)(const DownParams&, void*);
-  Status (*grad)(const GradParams&, void*);
+  KernelEntry<DownParams> down;
+  KernelEntry<GradParams> grad;
   int64_t (*down_partial)(int64_t, int64_t, int64_t);
   int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
-  Status (*dropout_mask)(const DropoutMaskParams&, void*);
+  KernelEntry<DropoutMaskParams> dropout_mask;
   // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride,
   // rank); null: never.
   bool (*grad_beats_blas)(DType, int64_t, int64_t, int64_t);

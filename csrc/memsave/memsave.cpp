@@ -263,12 +263,12 @@ void check_dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
 
 struct Kernels {
   const Backend& backend;
-  Status (*relu)(const ReluParams&, void*);
-  Status (*relu_backward)(const ReluBackwardParams&, void*);
-  Status (*maxpool_compact)(const MaxpoolCompactParams&, void*);
-  Status (*maxpool_backward)(const MaxpoolBackwardParams&, void*);
-  Status (*dropout)(const DropoutParams&, void*);
-  Status (*maxpool_forward)(const MaxpoolForwardParams&, void*);
+  KernelEntry<ReluParams> relu;
+  KernelEntry<ReluBackwardParams> relu_backward;
+  KernelEntry<MaxpoolCompactParams> maxpool_compact;
+  KernelEntry<MaxpoolBackwardParams> maxpool_backward;
+  KernelEntry<DropoutParams> dropout;
+  KernelEntry<MaxpoolForwardParams> maxpool_forward;
 };
 
 // ---- the drivers (one per op, every backend) ----
