@@ -60,28 +60,17 @@ __device__ __forceinline__ uint32_t chunk_bits(const DeviceMask& m, int64_t e0) 
   return ((lo | (hi << 8)) >> shift) & 0xFFu;
 }
 
-// raw[e] = src[e * cs] for e < n: 16-byte loads when vec (then n == kChunk and cs == 1).
+// dst[e] = src[e * cs] for e < n, a chunk into or out of registers: 16-byte moves when vec (then
+// n == kChunk, cs == 1 and both sides 16-byte aligned).
 template <typename X>
-__device__ __forceinline__ void load_chunk(const X* src, int64_t cs, int n, bool vec, X* raw) {
+__device__ __forceinline__ void copy_chunk(const X* src, int64_t cs, int n, bool vec, X* dst) {
   if (vec) {
     const uint4* s = reinterpret_cast<const uint4*>(src);
-    uint4* d = reinterpret_cast<uint4*>(raw);
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(kChunk * sizeof(X) / 16); ++i) d[i] = s[i];
-  } else {
-    for (int e = 0; e < n; ++e) raw[e] = src[e * cs];
-  }
-}
-
-template <typename X>
-__device__ __forceinline__ void store_chunk(X* dst, int n, bool vec, const X* raw) {
-  if (vec) {
-    const uint4* s = reinterpret_cast<const uint4*>(raw);
     uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
     for (int i = 0; i < static_cast<int>(kChunk * sizeof(X) / 16); ++i) d[i] = s[i];
   } else {
-    for (int e = 0; e < n; ++e) dst[e] = raw[e];
+    for (int e = 0; e < n; ++e) dst[e] = src[e * cs];
   }
 }
 
@@ -89,7 +78,7 @@ __device__ __forceinline__ void store_chunk(X* dst, int n, bool vec, const X* ra
 template <typename X, typename A>
 __device__ __forceinline__ void masked_chunk(const X* src, int64_t cs, int n, bool vec, uint32_t bits, A mult, A* v) {
   alignas(16) X raw[kChunk];
-  if (n > 0) load_chunk(src, cs, n, vec, raw);
+  if (n > 0) copy_chunk(src, cs, n, vec, raw);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) v[e] = (e < n && ((bits >> e) & 1u) != 0u) ? to_acc(raw[e]) * mult : A(0);
 }
@@ -287,14 +276,14 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
         X* d = dx + t * K + col;
         const bool vec = dx_vec && n == kChunk;
         alignas(16) X raw[kChunk];
-        if (p.dx_accumulate) load_chunk(d, 1, n, vec, raw);
+        if (p.dx_accumulate) copy_chunk(d, 1, n, vec, raw);
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
           const A keep = ((bits >> e) & 1u) != 0u ? mult : A(0);
           const A prev = p.dx_accumulate ? static_cast<A>(to_acc(raw[e])) : A(0);
           if (e < n) raw[e] = from_acc<X>(prev + s[e] * keep);
         }
-        store_chunk(d, n, vec, raw);
+        copy_chunk(raw, 1, n, vec, d);
       }
     }
     __syncthreads();
