@@ -11,8 +11,8 @@
 //   tensors with a null stream. The emulator defines the library itself:
 //   TORCH_LIBRARY(slimtune_emu, m) { slimtune::define_all_schemas(m); } (common/schemas.h).
 // - CPU-only build: the CPU backend only.
-// Each family writes its schemas once (define_<family>_schemas) and registers a backend with
-//   TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) under #ifdef SLIMTUNE_HAS_GPU.
+// Each family writes its schemas once (define_<family>_schemas) and registers everything with
+//   SLIMTUNE_REGISTER_FAMILY (common/register.h), which follows this contract.
 #pragma once
 #include <ATen/core/Tensor.h>
 

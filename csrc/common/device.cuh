@@ -13,28 +13,28 @@ namespace slimtune {
 
 static_assert(kInvalidValue == static_cast<Status>(cudaErrorInvalidValue), "Status codes are cudaError_t values");
 
+// A storage type's trip to and from its accumulator (common/acc.h): a plain cast, but for the
+// 16-bit types, which have their own intrinsics (rounding to nearest even on the way back).
 template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+struct AccConv {
+  static __device__ __forceinline__ acc_t<T> to(T v) { return static_cast<acc_t<T>>(v); }
+  static __device__ __forceinline__ T from(acc_t<T> v) { return static_cast<T>(v); }
+};
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+struct AccConv<__half> {
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+struct AccConv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
+__device__ __forceinline__ acc_t<T> to_acc(T v) { return AccConv<T>::to(v); }
 template <typename T>
-__device__ __forceinline__ acc_t<T> to_acc(T v) { return to_float(v); }
-template <>
-__device__ __forceinline__ double to_acc<double>(double v) { return v; }
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> v) { return from_float<T>(v); }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+__device__ __forceinline__ T from_acc(acc_t<T> v) { return AccConv<T>::from(v); }
 
 // Blocks for a grid-stride loop over n items, capped (the loops cover the rest).
 inline unsigned int blocks_for(int64_t n, int threads, unsigned int cap = 65535u * 32u) {

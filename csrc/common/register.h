@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 
+#include "common/backend.h"
 #include "common/checks.h"
 
 namespace slimtune {
@@ -28,3 +29,26 @@ void impl_ops(torch::Library& m, const std::array<const char*, N>& names, Kernel
     define_schemas(m);                              \
   }                                                 \
   TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) { slimtune::register_one_device_check(m, ops); }
+
+// Every registration of a family, for the backends this build has (common/backend.h): the
+// schemas, the one-device check and the CPU kernels in the `slimtune` library (none of these in
+// a host-emulation build), and the GPU kernels where a GPU backend is built. `ns` is the family's
+// namespace, holding its op list kOps, Bound<kernels>::register_all and kCpuKernels/kGpuKernels.
+#define SLIMTUNE_REGISTER_FAMILY(define_schemas, ns) \
+  SLIMTUNE_REGISTER_CPU_(define_schemas, ns)          \
+  SLIMTUNE_REGISTER_GPU_(ns)
+
+#ifndef SLIMTUNE_HOST_EMULATION
+#define SLIMTUNE_REGISTER_CPU_(define_schemas, ns) \
+  SLIMTUNE_DEFINE_FAMILY(define_schemas, ns::kOps) \
+  TORCH_LIBRARY_IMPL(slimtune, CPU, m) { ns::Bound<ns::kCpuKernels>::register_all(m); }
+#else
+#define SLIMTUNE_REGISTER_CPU_(define_schemas, ns)
+#endif
+
+#ifdef SLIMTUNE_HAS_GPU
+#define SLIMTUNE_REGISTER_GPU_(ns) \
+  TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) { ns::Bound<ns::kGpuKernels>::register_all(m); }
+#else
+#define SLIMTUNE_REGISTER_GPU_(ns)
+#endif

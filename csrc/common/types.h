@@ -28,6 +28,11 @@ constexpr Status kSuccess = 0;
 // A parameter a kernel cannot handle (equal to cudaErrorInvalidValue).
 constexpr Status kInvalidValue = 1;
 
+// A kernel entry point (SLIMTUNE_KERNEL_ENTRY) as a value, for the glue's table of one
+// backend's kernels.
+template <typename Params>
+using KernelEntry = Status (*)(const Params&, void*);
+
 // cudaGetErrorString, reachable from code that does not include CUDA headers (common/errors.cu).
 const char* error_string(Status status);
 

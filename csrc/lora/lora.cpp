@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -18,6 +19,7 @@
 #include "common/backend.h"
 #include "common/checks.h"
 #include "common/philox.h"
+#include "common/register.h"
 #include "common/schemas.h"
 #include "lora/lora.h"
 
@@ -104,11 +106,11 @@ void check_dropout_p(const char* op, double p) {
 struct Kernels {
   const Backend& backend;
   // The passes over x and grad_out, and the scratch their split sums need.
-  Status (*down)(const DownParams&, void*);
-  Status (*grad)(const GradParams&, void*);
+  KernelEntry<DownParams> down;
+  KernelEntry<GradParams> grad;
   int64_t (*down_partial)(int64_t, int64_t, int64_t);
   int64_t (*grad_partial)(int64_t, int64_t, int64_t, DType, bool);
-  Status (*dropout_mask)(const DropoutMaskParams&, void*);
+  KernelEntry<DropoutMaskParams> dropout_mask;
   // Whether the gradient pass beats BLAS without dropout too (x dtype, K, x's column stride,
   // rank); null: never.
   bool (*grad_beats_blas)(DType, int64_t, int64_t, int64_t);
@@ -139,6 +141,19 @@ Mask plain_mask(double mult) { return Mask{0, 0, 0u, mult, nullptr}; }
 
 // ---- the passes over x and grad_out ----
 
+// The operand of a pass over src (T x K, any strides) with rows q0 .. q0 + n of a (null: none).
+XOperand x_operand(const at::Tensor& src, const at::Tensor* a, int64_t q0, int64_t n, DType acc) {
+  return XOperand{src.data_ptr(),
+                  to_kernel_dtype(src.scalar_type()),
+                  src.stride(0),
+                  src.stride(1),
+                  src.size(0),
+                  src.size(1),
+                  n,
+                  a ? a->narrow(0, q0, n).data_ptr() : nullptr,
+                  acc};
+}
+
 // out (T x R, acc dtype, unit column stride) = (keep * mult * src) a^T, src T x K (any strides),
 // a R x K contiguous; kMaxRank rows of a per launch.
 void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, const Mask& m, const at::Tensor& out,
@@ -149,19 +164,8 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
     const int64_t n = std::min(kMaxRank, R - q0);
     const int64_t elems = k.down_partial(T, K, n);
     const at::Tensor part = at::empty({elems}, out.options());
-    const DownParams p{src.data_ptr(),
-                       to_kernel_dtype(src.scalar_type()),
-                       src.stride(0),
-                       src.stride(1),
-                       T,
-                       K,
-                       n,
-                       a.narrow(0, q0, n).data_ptr(),
-                       acc,
-                       out.narrow(1, q0, n).data_ptr(),
-                       out.stride(0),
-                       elems > 0 ? part.data_ptr() : nullptr,
-                       m.params()};
+    const DownParams p{x_operand(src, &a, q0, n, acc), out.narrow(1, q0, n).data_ptr(), out.stride(0),
+                       elems > 0 ? part.data_ptr() : nullptr, m.params()};
     check_status(k.backend, k.down(p, k.backend.stream(src)), op);
   }
 }
@@ -176,17 +180,9 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
     const int64_t n = std::min(kMaxRank, R - q0);
     const int64_t elems = k.grad_partial(T, K, n, acc, dA != nullptr);
     const at::Tensor part = at::empty({elems}, gb.options());
-    const GradParams p{src.data_ptr(),
-                       to_kernel_dtype(src.scalar_type()),
-                       src.stride(0),
-                       src.stride(1),
-                       T,
-                       K,
-                       n,
+    const GradParams p{x_operand(src, a, q0, n, acc),
                        gb.narrow(1, q0, n).data_ptr(),
                        gb.stride(0),
-                       a ? a->narrow(0, q0, n).data_ptr() : nullptr,
-                       acc,
                        dx ? dx->data_ptr() : nullptr,
                        q0 > 0,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
@@ -494,6 +490,9 @@ at::Tensor dropout_mask_op(const Kernels& k, const at::Tensor& like, double p, c
 
 // ---- registration ----
 
+constexpr std::array<const char*, 5> kOps{"lora_linear", "lora_linear_backward", "lora_linear_multi",
+                                          "lora_linear_multi_backward", "lora_dropout_mask"};
+
 // Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
 template <const Kernels& K>
 struct Bound {
@@ -530,11 +529,7 @@ struct Bound {
     return dropout_mask_op(K, like, p, seed, offset);
   }
   static void register_all(torch::Library& m) {
-    m.impl("lora_linear", &forward);
-    m.impl("lora_linear_backward", &backward);
-    m.impl("lora_linear_multi", &multi_forward);
-    m.impl("lora_linear_multi_backward", &multi_backward);
-    m.impl("lora_dropout_mask", &dropout_mask);
+    impl_ops(m, kOps, &forward, &backward, &multi_forward, &multi_backward, &dropout_mask);
   }
 };
 
@@ -573,22 +568,4 @@ void define_lora_schemas(torch::Library& m) {
 
 }  // namespace slimtune
 
-#ifndef SLIMTUNE_HOST_EMULATION
-TORCH_LIBRARY_FRAGMENT(slimtune, m) {
-  m.set_python_module("slimtune.ops");
-  slimtune::define_lora_schemas(m);
-}
-
-TORCH_LIBRARY_IMPL(slimtune, CPU, m) { slimtune::lora::Bound<slimtune::lora::kCpuKernels>::register_all(m); }
-
-TORCH_LIBRARY_IMPL(slimtune, BackendSelect, m) {
-  slimtune::register_one_device_check(m, {"lora_linear", "lora_linear_backward", "lora_linear_multi",
-                                          "lora_linear_multi_backward", "lora_dropout_mask"});
-}
-#endif
-
-#ifdef SLIMTUNE_HAS_GPU
-TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
-  slimtune::lora::Bound<slimtune::lora::kGpuKernels>::register_all(m);
-}
-#endif
+SLIMTUNE_REGISTER_FAMILY(slimtune::define_lora_schemas, slimtune::lora)

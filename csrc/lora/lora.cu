@@ -60,28 +60,17 @@ __device__ __forceinline__ uint32_t chunk_bits(const DeviceMask& m, int64_t e0) 
   return ((lo | (hi << 8)) >> shift) & 0xFFu;
 }
 
-// raw[e] = src[e * cs] for e < n: 16-byte loads when vec (then n == kChunk and cs == 1).
+// dst[e] = src[e * cs] for e < n, a chunk into or out of registers: 16-byte moves when vec (then
+// n == kChunk, cs == 1 and both sides 16-byte aligned).
 template <typename X>
-__device__ __forceinline__ void load_chunk(const X* src, int64_t cs, int n, bool vec, X* raw) {
+__device__ __forceinline__ void copy_chunk(const X* src, int64_t cs, int n, bool vec, X* dst) {
   if (vec) {
     const uint4* s = reinterpret_cast<const uint4*>(src);
-    uint4* d = reinterpret_cast<uint4*>(raw);
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(kChunk * sizeof(X) / 16); ++i) d[i] = s[i];
-  } else {
-    for (int e = 0; e < n; ++e) raw[e] = src[e * cs];
-  }
-}
-
-template <typename X>
-__device__ __forceinline__ void store_chunk(X* dst, int n, bool vec, const X* raw) {
-  if (vec) {
-    const uint4* s = reinterpret_cast<const uint4*>(raw);
     uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
     for (int i = 0; i < static_cast<int>(kChunk * sizeof(X) / 16); ++i) d[i] = s[i];
   } else {
-    for (int e = 0; e < n; ++e) dst[e] = raw[e];
+    for (int e = 0; e < n; ++e) dst[e] = src[e * cs];
   }
 }
 
@@ -89,10 +78,35 @@ __device__ __forceinline__ void store_chunk(X* dst, int n, bool vec, const X* ra
 template <typename X, typename A>
 __device__ __forceinline__ void masked_chunk(const X* src, int64_t cs, int n, bool vec, uint32_t bits, A mult, A* v) {
   alignas(16) X raw[kChunk];
-  if (n > 0) load_chunk(src, cs, n, vec, raw);
+  if (n > 0) copy_chunk(src, cs, n, vec, raw);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) v[e] = (e < n && ((bits >> e) & 1u) != 0u) ? to_acc(raw[e]) * mult : A(0);
 }
+
+// The kAcc outputs one thread of a block accumulates: its lane of `width` (a power of two
+// dividing kThreads; a token of the down-projection, a feature of the gradient pass) and ranks
+// q0 + i * q_step, i < kAcc, of which each() visits those below R.
+template <typename A>
+struct RankOutputs {
+  int lane, q0, q_step;
+  A acc[kAcc];
+  __device__ __forceinline__ explicit RankOutputs(int width)
+      : lane(static_cast<int>(threadIdx.x) & (width - 1)),
+        q0(static_cast<int>(threadIdx.x) / width),
+        q_step(kThreads / width) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = A(0);
+  }
+  // f(acc of rank q, q) for each output whose rank q is below R.
+  template <typename F>
+  __device__ __forceinline__ void each(int R, F&& f) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      const int q = q0 + i * q_step;
+      if (q < R) f(acc[i], q);
+    }
+  }
+};
 
 // ---- down-projection: a block takes `tt` tokens and a split of the features ----
 
@@ -130,12 +144,7 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, in
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tt;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * split_cols;
   const int64_t c_end = c_begin + split_cols < p.K ? c_begin + split_cols : p.K;
-  // Output i of this thread: token tok (of the block's tt), rank q0 + i * q_step.
-  const int tok = static_cast<int>(threadIdx.x) & (tt - 1);
-  const int q0 = static_cast<int>(threadIdx.x) / tt, q_step = kThreads / tt;
-  A acc[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = A(0);
+  RankOutputs<A> o(tt);  // this thread's outputs: token o.lane of the block's tt
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kDownCols) {
     for (int idx = threadIdx.x; idx < R * kDownCols; idx += kThreads) {
       const int q = idx / kDownCols, c = idx % kDownCols;
@@ -150,29 +159,21 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DownParams p, int tt, in
                    xs + r * kRow + ch * kChunk);
     }
     __syncthreads();
-    const A* xr = xs + tok * kRow;
-#pragma unroll
-    for (int i = 0; i < kAcc; ++i) {
-      const int q = q0 + i * q_step;
-      if (q < R) {
-        const A* ar = as + q * kRow;
-        A s = acc[i];
+    const A* xr = xs + o.lane * kRow;
+    o.each(R, [&](A& acc, int q) {
+      const A* ar = as + q * kRow;
+      A s = acc;
 #pragma unroll 8
-        for (int c = 0; c < kDownCols; ++c) s += xr[c] * ar[c];
-        acc[i] = s;
-      }
-    }
+      for (int c = 0; c < kDownCols; ++c) s += xr[c] * ar[c];
+      acc = s;
+    });
     __syncthreads();
   }
-  const int64_t t = t0 + tok;
+  const int64_t t = t0 + o.lane;
   if (t >= p.T) return;
   A* out = static_cast<A*>(p.partial != nullptr ? p.partial : p.out);
   const int64_t row = p.partial != nullptr ? (blockIdx.y * p.T + t) * R : t * p.out_ld;
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) {
-    const int q = q0 + i * q_step;
-    if (q < R) out[row + q] = acc[i];
-  }
+  o.each(R, [&](A& acc, int q) { out[row + q] = acc; });
 }
 
 // out[r * ld + c] = sum over s (in order) of part[(s * rows + r) * cols + c].
@@ -246,12 +247,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
       as[(q * kChunk + c % kChunk) * chunks + c / kChunk] = c0 + c < K ? a[q * K + c0 + c] : A(0);
     }
   }
-  // Output i of this thread (dA): feature c0 + c, rank q0 + i * q_step (kc is a power of two).
-  const int c = static_cast<int>(threadIdx.x) & (kc - 1);
-  const int q0 = static_cast<int>(threadIdx.x) / kc, q_step = kThreads / kc;
-  A acc[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = A(0);
+  RankOutputs<A> o(kc);  // this thread's outputs (dA): feature c0 + o.lane
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kGradTokens) {
     for (int idx = threadIdx.x; idx < kGradTokens * R; idx += kThreads) {
       const int64_t t = t0 + idx / R;
@@ -280,43 +276,36 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p, int kc, in
         X* d = dx + t * K + col;
         const bool vec = dx_vec && n == kChunk;
         alignas(16) X raw[kChunk];
-        if (p.dx_accumulate) load_chunk(d, 1, n, vec, raw);
+        if (p.dx_accumulate) copy_chunk(d, 1, n, vec, raw);
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
           const A keep = ((bits >> e) & 1u) != 0u ? mult : A(0);
           const A prev = p.dx_accumulate ? static_cast<A>(to_acc(raw[e])) : A(0);
           if (e < n) raw[e] = from_acc<X>(prev + s[e] * keep);
         }
-        store_chunk(d, n, vec, raw);
+        copy_chunk(raw, 1, n, vec, d);
       }
     }
     __syncthreads();
     if (need_dA) {
       A xv[kGradTokens];
 #pragma unroll
-      for (int r = 0; r < kGradTokens; ++r) xv[r] = xs[r * kc + c];
+      for (int r = 0; r < kGradTokens; ++r) xv[r] = xs[r * kc + o.lane];
+      o.each(R, [&](A& acc, int q) {
+        A s = acc;
 #pragma unroll
-      for (int i = 0; i < kAcc; ++i) {
-        const int q = q0 + i * q_step;
-        if (q < R) {
-          A s = acc[i];
-#pragma unroll
-          for (int r = 0; r < kGradTokens; ++r) s += gs[r * R + q] * xv[r];
-          acc[i] = s;
-        }
-      }
+        for (int r = 0; r < kGradTokens; ++r) s += gs[r * R + q] * xv[r];
+        acc = s;
+      });
     }
     __syncthreads();
   }
   if (!need_dA) return;
   A* out = static_cast<A*>(p.partial != nullptr ? p.partial : p.dA);
   const int64_t base = p.partial != nullptr ? static_cast<int64_t>(blockIdx.y) * R * K : 0;
-  if (c0 + c >= K) return;
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) {
-    const int q = q0 + i * q_step;
-    if (q < R) out[base + q * K + c0 + c] = acc[i];
-  }
+  const int64_t col = c0 + o.lane;
+  if (col >= K) return;
+  o.each(R, [&](A& acc, int q) { out[base + q * K + col] = acc; });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

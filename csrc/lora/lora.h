@@ -25,17 +25,21 @@ struct MaskParams {
   const int64_t* seed_ptr;
 };
 
-// Down-projection: out[t * out_ld + q] = sum_c keep(t, c) * mult * x[t, c] * a[q * K + c] for
-// t < T, q < R. x: any strides, any float dtype; a: R x K contiguous in the acc dtype of x
-// (Float64 for Float64, else Float32), as is out. `partial` holds down_partial_elems_*(T, K, R)
-// acc elements of scratch (null when that is 0).
-struct DownParams {
+// The x operand of a pass and the adapter rows it meets: x is T x K with any strides, any float
+// dtype; a is R x K contiguous in the acc dtype of x (Float64 for Float64, else Float32).
+struct XOperand {
   const void* x;
   DType x_dtype;
   int64_t x_rs, x_cs;
   int64_t T, K, R;
   const void* a;
   DType acc_dtype;
+};
+
+// Down-projection: out[t * out_ld + q] = sum_c keep(t, c) * mult * x[t, c] * a[q * K + c] for
+// t < T, q < R; out in the acc dtype. `partial` holds down_partial_elems_*(T, K, R) acc elements
+// of scratch (null when that is 0).
+struct DownParams : XOperand {
   void* out;
   int64_t out_ld;
   void* partial;
@@ -46,17 +50,12 @@ struct DownParams {
 // dA[q * K + c] = sum_t gb[t * gb_ld + q] * keep(t, c) * mult * x[t, c]   (when dA is set)
 // dx[t * K + c] (+)= keep(t, c) * mult * sum_q gb[t * gb_ld + q] * a[q * K + c]   (when dx is set)
 // dx is overwritten, or added to when dx_accumulate (a second pass of a stack wider than
-// kMaxRank). gb, a, dA in the acc dtype; dx contiguous in x's dtype. The sum over t is split and the
-// partial sums reduced in a fixed order: deterministic. `partial`: grad_partial_elems_*(...).
-struct GradParams {
-  const void* x;
-  DType x_dtype;
-  int64_t x_rs, x_cs;
-  int64_t T, K, R;
+// kMaxRank). gb, dA in the acc dtype; a may be null when dx is; dx contiguous in x's dtype. The
+// sum over t is split and the partial sums reduced in a fixed order: deterministic. `partial`:
+// grad_partial_elems_*(...).
+struct GradParams : XOperand {
   const void* gb;
   int64_t gb_ld;
-  const void* a;
-  DType acc_dtype;
   void* dx;
   bool dx_accumulate;
   void* dA;

@@ -187,42 +187,48 @@ int64_t first_bad_window(const PoolGeometry& g, F&& ok) {
   return bad;
 }
 
-// CPU only (no host sync), run when the kernel found a bad entry, to name the first one:
-// each argmax index lies inside its own window.
-void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
+// CPU only (no host sync), run when the kernel found a bad entry, to name the first one. Entry i
+// of `entries` (T: int64 argmax indices, int8 window offsets) is a flat position in a grid of
+// `extent` per dimension (the last fastest); it is good when it lies in that grid and each of its
+// coordinates passes coord_ok(d, coordinate, start of output i's window in dimension d).
+template <typename T, typename F>
+void scan_entries_cpu(const char* op, const at::Tensor& entries, const char* name, const PoolGeometry& g,
+                      const int64_t (&extent)[3], F&& coord_ok, const char* what) {
+  const T* p = entries.const_data_ptr<T>();
+  const int64_t size = extent[0] * extent[1] * extent[2];
   const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
     int64_t v = p[storage_index(g, i)];
-    bool ok = v >= 0 && v < in_plane;
+    bool ok = v >= 0 && v < size;
     for (int d = 2; ok && d >= 0; --d) {
-      const int64_t delta = v % g.in[d] - start[d];
-      v /= g.in[d];
-      ok = delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
+      ok = coord_ok(d, v % extent[d], start[d]);
+      v /= extent[d];
     }
     return ok;
   });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "indices", "holds ", bad < 0 ? 0 : p[storage_index(g, bad)], " at position ", bad,
-                     ", outside the pooling window of that output");
+  SLIMTUNE_CHECK_ARG(bad < 0, op, name, "holds ", bad < 0 ? 0 : static_cast<int64_t>(p[storage_index(g, bad)]),
+                     " at position ", bad, what);
 }
 
-// CPU only, as above: each offset lies in its window and points at an input element, not at padding.
+// Each argmax index lies inside its own window.
+void scan_compact_cpu(const char* op, const at::Tensor& idx, const PoolGeometry& g) {
+  scan_entries_cpu<int64_t>(
+      op, idx, "indices", g, g.in,
+      [&](int d, int64_t coord, int64_t start) {
+        const int64_t delta = coord - start;
+        return delta >= 0 && delta % g.dilation[d] == 0 && delta / g.dilation[d] < g.kernel[d];
+      },
+      ", outside the pooling window of that output");
+}
+
+// Each offset lies in its window and points at an input element, not at padding.
 void scan_backward_cpu(const char* op, const at::Tensor& offsets, const PoolGeometry& g) {
-  const int8_t* p = offsets.const_data_ptr<int8_t>();
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
-  const int64_t bad = first_bad_window(g, [&](int64_t i, const int64_t* start) {
-    int64_t w = p[storage_index(g, i)];
-    bool ok = w >= 0 && w < window;
-    for (int d = 2; ok && d >= 0; --d) {
-      const int64_t c = start[d] + (w % g.kernel[d]) * g.dilation[d];
-      w /= g.kernel[d];
-      ok = c >= 0 && c < g.in[d];
-    }
-    return ok;
-  });
-  SLIMTUNE_CHECK_ARG(bad < 0, op, "offsets", "holds ", bad < 0 ? 0 : static_cast<int>(p[storage_index(g, bad)]),
-                     " at position ", bad,
-                     ", outside its window or in the padding");
+  scan_entries_cpu<int8_t>(
+      op, offsets, "offsets", g, g.kernel,
+      [&](int d, int64_t k, int64_t start) {
+        const int64_t c = start + k * g.dilation[d];
+        return c >= 0 && c < g.in[d];
+      },
+      ", outside its window or in the padding");
 }
 
 PoolGeometry check_maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
@@ -257,11 +263,12 @@ void check_dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
 
 struct Kernels {
   const Backend& backend;
-  Status (*relu)(const ReluParams&, void*);
-  Status (*relu_backward)(const ReluBackwardParams&, void*);
-  Status (*maxpool_compact)(const MaxpoolCompactParams&, void*);
-  Status (*maxpool_backward)(const MaxpoolBackwardParams&, void*);
-  Status (*dropout)(const DropoutParams&, void*);
+  KernelEntry<ReluParams> relu;
+  KernelEntry<ReluBackwardParams> relu_backward;
+  KernelEntry<MaxpoolCompactParams> maxpool_compact;
+  KernelEntry<MaxpoolBackwardParams> maxpool_backward;
+  KernelEntry<DropoutParams> dropout;
+  KernelEntry<MaxpoolForwardParams> maxpool_forward;
 };
 
 // ---- the drivers (one per op, every backend) ----
@@ -367,36 +374,6 @@ at::Tensor dropout_op(const Kernels& k, const at::Tensor& x, double p, const at:
   return out;
 }
 
-// ---- registration ----
-
-// The ops every backend registers through Bound (memsave_maxpool_forward has its own per device).
-constexpr std::array<const char*, 6> kOps{"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
-                                          "memsave_maxpool_compact", "memsave_maxpool_backward", "memsave_dropout"};
-
-// Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
-template <const Kernels& K>
-struct Bound {
-  static std::tuple<at::Tensor, at::Tensor> relu(const at::Tensor& x) { return relu_op(K, x); }
-  static at::Tensor relu_mask(const at::Tensor& x) { return relu_mask_op(K, x); }
-  static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& mask) {
-    return relu_backward_op(K, grad, mask);
-  }
-  static at::Tensor maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size,
-                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation) {
-    return maxpool_compact_op(K, indices, input_size, kernel_size, stride, padding, dilation);
-  }
-  static at::Tensor maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
-                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation) {
-    return maxpool_backward_op(K, grad, offsets, input_size, kernel_size, stride, padding, dilation);
-  }
-  static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) { return dropout_op(K, x, p, seed); }
-  static void register_all(torch::Library& m) {
-    impl_ops(m, kOps, &relu, &relu_mask, &relu_backward, &maxpool_compact, &maxpool_backward, &dropout);
-  }
-};
-
 // The arguments of memsave_maxpool_forward, checked alike on every device; returns the pooled
 // sizes by ATen's own rule (ceil_mode included).
 std::vector<int64_t> check_maxpool_forward(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -430,21 +407,15 @@ std::vector<int64_t> check_maxpool_forward(const at::Tensor& x, at::IntArrayRef 
   return out_size;
 }
 
-#ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend,          &relu_cpu,             &relu_backward_cpu, &maxpool_compact_cpu,
-                          &maxpool_backward_cpu, &dropout_cpu};
-#endif
-
 // The max pool straight to (out, int8 offsets) in one kernel pass on every backend: no int64
 // indices are written and read back. Channels-last x keeps its layout (out and offsets follow).
-std::tuple<at::Tensor, at::Tensor> run_maxpool_forward(const Backend& backend,
-                                                       Status (*kernel)(const MaxpoolForwardParams&, void*),
-                                                       const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                                       at::IntArrayRef dilation, bool ceil_mode) {
+std::tuple<at::Tensor, at::Tensor> maxpool_forward_op(const Kernels& k, const at::Tensor& x,
+                                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      bool ceil_mode) {
   constexpr const char* op = "memsave_maxpool_forward";
   const std::vector<int64_t> out_size = check_maxpool_forward(x, kernel_size, stride, padding, dilation, ceil_mode);
-  check_backend(backend, op, x, "x");
+  check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t nd = static_cast<int64_t>(kernel_size.size());
   const bool cl = is_channels_last(x, nd);
@@ -455,26 +426,54 @@ std::tuple<at::Tensor, at::Tensor> run_maxpool_forward(const Backend& backend,
   if (cl) set_channels_last(g, xc.sizes());
   const MaxpoolForwardParams p{xc.const_data_ptr(), to_kernel_dtype(xc.scalar_type()), out.data_ptr(),
                                static_cast<signed char*>(offsets.data_ptr()), g};
-  check_status(backend, kernel(p, backend.stream(xc)), op);
+  check_status(k.backend, k.maxpool_forward(p, k.backend.stream(xc)), op);
   return {out, offsets};
 }
 
+// ---- registration ----
+
+// The ops Bound registers in this order, each behind the one-device check (register.h);
+// memsave_maxpool_forward, whose only tensor is x, is registered on its own.
+constexpr std::array<const char*, 6> kOps{"memsave_relu", "memsave_relu_mask", "memsave_relu_backward",
+                                          "memsave_maxpool_compact", "memsave_maxpool_backward", "memsave_dropout"};
+
+// Binds the drivers to one backend's kernels: the dispatcher needs plain functions.
+template <const Kernels& K>
+struct Bound {
+  static std::tuple<at::Tensor, at::Tensor> relu(const at::Tensor& x) { return relu_op(K, x); }
+  static at::Tensor relu_mask(const at::Tensor& x) { return relu_mask_op(K, x); }
+  static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& mask) {
+    return relu_backward_op(K, grad, mask);
+  }
+  static at::Tensor maxpool_compact(const at::Tensor& indices, at::IntArrayRef input_size,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation) {
+    return maxpool_compact_op(K, indices, input_size, kernel_size, stride, padding, dilation);
+  }
+  static at::Tensor maxpool_backward(const at::Tensor& grad, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+    return maxpool_backward_op(K, grad, offsets, input_size, kernel_size, stride, padding, dilation);
+  }
+  static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) { return dropout_op(K, x, p, seed); }
+  static std::tuple<at::Tensor, at::Tensor> maxpool_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                                            at::IntArrayRef dilation, bool ceil_mode) {
+    return maxpool_forward_op(K, x, kernel_size, stride, padding, dilation, ceil_mode);
+  }
+  static void register_all(torch::Library& m) {
+    impl_ops(m, kOps, &relu, &relu_mask, &relu_backward, &maxpool_compact, &maxpool_backward, &dropout);
+    m.impl("memsave_maxpool_forward", &maxpool_forward);
+  }
+};
+
 #ifndef SLIMTUNE_HOST_EMULATION
-std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, bool ceil_mode) {
-  return run_maxpool_forward(kCpuBackend, &maxpool_forward_cpu, x, kernel_size, stride, padding, dilation, ceil_mode);
-}
+const Kernels kCpuKernels{kCpuBackend,           &relu_cpu,    &relu_backward_cpu, &maxpool_compact_cpu,
+                          &maxpool_backward_cpu, &dropout_cpu, &maxpool_forward_cpu};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-const Kernels kGpuKernels{kGpuBackend,           &relu_cuda,  &relu_backward_cuda, &maxpool_compact_cuda,
-                          &maxpool_backward_cuda, &dropout_cuda};
-
-std::tuple<at::Tensor, at::Tensor> maxpool_forward_gpu_op(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, bool ceil_mode) {
-  return run_maxpool_forward(kGpuBackend, &maxpool_forward_cuda, x, kernel_size, stride, padding, dilation, ceil_mode);
-}
+const Kernels kGpuKernels{kGpuBackend,            &relu_cuda,    &relu_backward_cuda, &maxpool_compact_cuda,
+                          &maxpool_backward_cuda, &dropout_cuda, &maxpool_forward_cuda};
 #endif
 
 }  // namespace
@@ -500,18 +499,4 @@ void define_memsave_schemas(torch::Library& m) {
 
 }  // namespace slimtune
 
-#ifndef SLIMTUNE_HOST_EMULATION
-SLIMTUNE_DEFINE_FAMILY(slimtune::define_memsave_schemas, slimtune::memsave::kOps)
-
-TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
-  slimtune::memsave::Bound<slimtune::memsave::kCpuKernels>::register_all(m);
-  m.impl("memsave_maxpool_forward", &slimtune::memsave::maxpool_forward_cpu_op);
-}
-#endif
-
-#ifdef SLIMTUNE_HAS_GPU
-TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
-  slimtune::memsave::Bound<slimtune::memsave::kGpuKernels>::register_all(m);
-  m.impl("memsave_maxpool_forward", &slimtune::memsave::maxpool_forward_gpu_op);
-}
-#endif
+SLIMTUNE_REGISTER_FAMILY(slimtune::define_memsave_schemas, slimtune::memsave)

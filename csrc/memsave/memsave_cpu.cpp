@@ -648,6 +648,25 @@ __attribute__((always_inline)) inline int64_t gather_portable(const T* gr, const
   return matches;
 }
 
+// The channels-last gather's walk over input rows [begin, end): step(win, dst) gathers each
+// position's channels (dst: g.channels of them in out) from the windows covering it. Inlined into
+// its caller, so a step compiled for AVX-512 (gather_rows_avx512) runs inside the same function.
+template <typename T, typename Step>
+__attribute__((always_inline)) inline void gather_walk(const PoolGeometry& g, T* out, int64_t begin, int64_t end,
+                                                       const Cover& cover2, Step&& step) {
+  const int64_t ch = g.channels;
+  RowCover rc;
+  Windows win;
+  for (int64_t row = begin; row < end; ++row) {
+    rc.set(g, row);
+    T* dst = out + row * g.in[2] * ch;
+    for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
+      rc.windows(g, cover2, c2, win);
+      step(win, dst);
+    }
+  }
+}
+
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 #define SLIMTUNE_AVX512_GATHER __attribute__((target("avx512f,avx512bw,popcnt")))
 // GCC's intrinsic headers fill the unused lanes of widening and casting moves with a
@@ -823,21 +842,15 @@ SLIMTUNE_AVX512_GATHER __attribute__((always_inline)) inline void gather_avx512(
   if (c0 < ch) gather_block<T, false>(gr, off, win, c0, (uint64_t{1} << (ch - c0)) - 1, out, count);
 }
 
+// The lambda carries the target too: a lambda does not inherit its function's, and it is
+// inlined only once gather_walk is.
 template <typename T>
 SLIMTUNE_AVX512_GATHER int64_t gather_rows_avx512(const PoolGeometry& g, const T* gr, const signed char* off, T* out,
                                                   int64_t begin, int64_t end, const Cover& cover2) {
-  const int64_t ch = g.channels;
   MatchCount count;
-  RowCover rc;
-  Windows win;
-  for (int64_t row = begin; row < end; ++row) {
-    rc.set(g, row);
-    T* dst = out + row * g.in[2] * ch;
-    for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
-      rc.windows(g, cover2, c2, win);
-      gather_avx512<T>(gr, off, win, ch, dst, count);
-    }
-  }
+  gather_walk(g, out, begin, end, cover2, [&](const Windows& win, T* dst) SLIMTUNE_AVX512_GATHER {
+    gather_avx512<T>(gr, off, win, g.channels, dst, count);
+  });
   return count.flush();
 }
 #pragma GCC diagnostic pop
@@ -847,18 +860,11 @@ template <typename T, typename A>
 __attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeometry& g, const T* gr,
                                                                    const signed char* off, T* out, int64_t begin,
                                                                    int64_t end, const Cover& cover2) {
-  const int64_t ch = g.channels;
   int64_t matches = 0;
-  RowCover rc;
-  Windows win;
-  for (int64_t row = begin; row < end; ++row) {
-    rc.set(g, row);
-    T* dst = out + row * g.in[2] * ch;
-    for (int64_t c2 = 0; c2 < g.in[2]; ++c2, dst += ch) {
-      rc.windows(g, cover2, c2, win);
-      matches += gather_portable<T, A>(gr, off, win, ch, dst);
-    }
-  }
+  // Forced inline: each target clone of the caller must compile the step for its own target.
+  gather_walk(g, out, begin, end, cover2, [&](const Windows& win, T* dst) __attribute__((always_inline)) {
+    matches += gather_portable<T, A>(gr, off, win, g.channels, dst);
+  });
   return matches;
 }
 

@@ -386,16 +386,4 @@ void define_sparse_delta_schemas(torch::Library& m) {
 
 }  // namespace slimtune
 
-#ifndef SLIMTUNE_HOST_EMULATION
-SLIMTUNE_DEFINE_FAMILY(slimtune::define_sparse_delta_schemas, slimtune::sparse_delta::kOps)
-
-TORCH_LIBRARY_IMPL(slimtune, CPU, m) {
-  slimtune::sparse_delta::Bound<slimtune::sparse_delta::kCpuKernels>::register_all(m);
-}
-#endif
-
-#ifdef SLIMTUNE_HAS_GPU
-TORCH_LIBRARY_IMPL(SLIMTUNE_GPU_LIB, SLIMTUNE_GPU_KEY, m) {
-  slimtune::sparse_delta::Bound<slimtune::sparse_delta::kGpuKernels>::register_all(m);
-}
-#endif
+SLIMTUNE_REGISTER_FAMILY(slimtune::define_sparse_delta_schemas, slimtune::sparse_delta)

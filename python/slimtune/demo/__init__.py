@@ -30,29 +30,22 @@ __all__ = ["run_demo", "main", "MODELS", "ADAPTER_METHODS", "VISION_METHODS"]
 MODELS = ["minilm", "mobilenet", "llama"]
 DEFAULT_MODELS = ["minilm", "mobilenet"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Sane bounds for every numeric flag: (low, high). Sequence length is further bounded by the model.
-LIMITS = {
-    "steps": (1, 5000),
-    "batch_size": (1, 512),
-    "vision_steps": (1, 5000),
-    "vision_batch_size": (1, 512),
-    "seq_len": (8, 4096),
-    "image_size": (32, 512),
-    "heldout_per_class": (1, 1000),
-    "probe_steps": (0, 5000),
-    "threads": (1, 1024),
-    "seed": (0, 2**31 - 1),
+# The size flags, each with its default and sane bounds (default, low, high). Sequence length is
+# further bounded by the model.
+SIZE_FLAGS = {
+    "steps": (12, 1, 5000),
+    "batch_size": (8, 1, 512),
+    "seq_len": (40, 8, 4096),
+    "vision_steps": (10, 1, 5000),
+    "vision_batch_size": (16, 1, 512),
+    "image_size": (64, 32, 512),
+    "heldout_per_class": (10, 1, 1000),
+    "probe_steps": (30, 0, 5000),
 }
-DEFAULTS = dict(
-    steps=12,
-    batch_size=8,
-    seq_len=40,
-    vision_steps=10,
-    vision_batch_size=16,
-    image_size=64,
-    heldout_per_class=10,
-    probe_steps=30,
-)
+DEFAULTS = {name: default for name, (default, _, _) in SIZE_FLAGS.items()}
+# Bounds (low, high) of every numeric flag.
+LIMITS = {name: (lo, hi) for name, (_, lo, hi) in SIZE_FLAGS.items()}
+LIMITS.update(threads=(1, 1024), seed=(0, 2**31 - 1))
 
 
 def default_out_dir() -> Path:
