@@ -149,16 +149,16 @@ void check_merge(const at::Tensor& weight, const at::Tensor& indices, const at::
 
 struct Kernels {
   const Backend& backend;
-  Status (*merge)(const MergeParams&, void*);
-  Status (*spmm)(const SpmmParams&, void*);
+  KernelEntry<MergeParams> merge;
+  KernelEntry<SpmmParams> spmm;
   // Null where dx runs spmm over the transposed delta (a scatter SpMMᵀ on CUDA would need
   // atomics: columns collide across rows).
-  Status (*spmm_t)(const SpmmTParams&, void*);
-  Status (*sddmm)(const SddmmParams&, void*);
+  KernelEntry<SpmmTParams> spmm_t;
+  KernelEntry<SddmmParams> sddmm;
   // Token slices of the SDDMM (each a chunks × K workspace row); 0: no workspace.
   int64_t (*sddmm_chunks)(int64_t T, int64_t K);
   // Device-side layout check; null where the indices are scanned on the host.
-  Status (*validate)(const ValidateParams&, void*);
+  KernelEntry<ValidateParams> validate;
 };
 
 // Sorted, unique, in-range indices and a rowptr consistent with them, before any kernel reads
