@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "common/types.h"
-#include "memsave/fast_div.h"
+#include "common/fast_div.h"
 
 namespace slimtune {
 namespace memsave {

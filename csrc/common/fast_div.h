@@ -9,7 +9,6 @@
 #include "common/types.h"
 
 namespace slimtune {
-namespace memsave {
 
 struct FastDiv {
   uint32_t d = 1;
@@ -28,5 +27,4 @@ struct FastDiv {
   }
 };
 
-}  // namespace memsave
 }  // namespace slimtune
