@@ -28,10 +28,11 @@ def saved_tensors(fn):
     return out, saved
 
 
-def on_both_cpu_paths(script):
+def on_both_cpu_paths(script, portable_too=False):
     """Runs ``script`` (it saves one tensor to the path in ``sys.argv[1]``) in a fresh process as it
-    is and with ``SLIMTUNE_CPU_NO_AVX512`` (the portable path every machine without AVX-512 runs);
-    returns both tensors."""
+    is and with ``SLIMTUNE_CPU_NO_AVX512`` (the path every machine without AVX-512 runs); returns
+    the tensors. ``portable_too`` adds a run with ``SLIMTUNE_CPU_NO_AVX2`` as well (the path of a
+    machine without AVX2, where a kernel has an AVX2 form)."""
     import os
     import subprocess
     import sys
@@ -39,7 +40,10 @@ def on_both_cpu_paths(script):
 
     results = []
     with tempfile.TemporaryDirectory() as d:
-        for env in ({}, {"SLIMTUNE_CPU_NO_AVX512": "1"}):
+        envs = [{}, {"SLIMTUNE_CPU_NO_AVX512": "1"}]
+        if portable_too:
+            envs.append({"SLIMTUNE_CPU_NO_AVX512": "1", "SLIMTUNE_CPU_NO_AVX2": "1"})
+        for env in envs:
             path = os.path.join(d, f"{len(env)}.pt")
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env})
             results.append(torch.load(path))

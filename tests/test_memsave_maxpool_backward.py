@@ -1,6 +1,6 @@
 """The CPU max-pool backward (memsave_maxpool_backward): channels-last inputs take a gather whose
-vector path runs 64 channels at a time, so channel counts around that block, its portable twin
-(SLIMTUNE_CPU_NO_AVX512) and the one rounding into grad's dtype are checked here bit for bit
+vector paths run 64 channels at a time, so channel counts around that block, the other paths
+(SLIMTUNE_CPU_NO_AVX512, SLIMTUNE_CPU_NO_AVX2) and the one rounding into grad's dtype are checked here bit for bit
 against stock max pooling."""
 
 import pytest
@@ -100,11 +100,14 @@ torch.save(torch.cat(out), sys.argv[1])
 
 
 def test_portable_path_matches_the_vector_path():
-    """SLIMTUNE_CPU_NO_AVX512 forces the portable gather machines without AVX-512 run: the same
-    bits as the vector path (NaN payloads, infinities, overflow and half rounding included), over
-    channel counts around its blocks."""
-    results = on_both_cpu_paths(_PATHS_SCRIPT)
-    assert results[0].numel() > 0 and torch.equal(results[0], results[1])
+    """SLIMTUNE_CPU_NO_AVX512 forces the gather machines without AVX-512 run (float32 on AVX2, the
+    portable one otherwise), SLIMTUNE_CPU_NO_AVX2 too the portable one alone: the same bits as the
+    AVX-512 path (NaN payloads, infinities, overflow and half rounding included), over channel
+    counts around its blocks."""
+    results = on_both_cpu_paths(_PATHS_SCRIPT, portable_too=True)
+    assert results[0].numel() > 0
+    assert torch.equal(results[0], results[1]), "without AVX-512"
+    assert torch.equal(results[0], results[2]), "portable"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

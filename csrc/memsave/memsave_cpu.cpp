@@ -868,6 +868,58 @@ __attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeo
   return matches;
 }
 
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+// float32 on AVX2 without AVX-512: whole blocks of 64 channels as 8 vectors of 8 lanes, the
+// same sums as gather_portable in the same order (the tail block takes gather_portable itself).
+// AVX2 has no masked add: a lane without a match adds +0.0 (the same bits), and a sum that is
+// already a NaN is kept as it is, as the masked add of the AVX-512 path keeps it.
+// SLIMTUNE_CPU_NO_AVX2 (with SLIMTUNE_CPU_NO_AVX512) takes the portable path, so an AVX2 machine
+// can test the path every other machine runs.
+#define SLIMTUNE_AVX2_GATHER __attribute__((target("avx2")))
+
+bool has_avx2_gather() {
+  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("SLIMTUNE_CPU_NO_AVX2") == nullptr;
+  return ok;
+}
+
+// Returns how many offsets of the block matched.
+SLIMTUNE_AVX2_GATHER __attribute__((always_inline)) inline int64_t gather_block_avx2(const float* gr,
+                                                                                      const signed char* off,
+                                                                                      const Windows& win, int64_t c0,
+                                                                                      float* out) {
+  __m256 acc[8];
+  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+  __m256i hits = _mm256_setzero_si256();  // per lane, at most 127 per block
+  for (int j = 0; j < win.n; ++j) {
+    const int64_t at = win.at[j] + c0;
+    const __m256i tap = _mm256_set1_epi32(win.tap[j]);
+    for (int v = 0; v < 8; ++v) {
+      const __m128i o8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(off + at + v * 8));
+      const __m256i hit = _mm256_cmpeq_epi32(_mm256_cvtepi8_epi32(o8), tap);
+      const __m256 add = _mm256_and_ps(_mm256_loadu_ps(gr + at + v * 8), _mm256_castsi256_ps(hit));
+      const __m256 nan = _mm256_cmp_ps(acc[v], acc[v], _CMP_UNORD_Q);
+      acc[v] = _mm256_blendv_ps(_mm256_add_ps(acc[v], add), acc[v], nan);
+      hits = _mm256_sub_epi32(hits, hit);
+    }
+  }
+  for (int v = 0; v < 8; ++v) _mm256_storeu_ps(out + c0 + v * 8, acc[v]);
+  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(hits), _mm256_extracti128_si256(hits, 1));
+  const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
+}
+
+SLIMTUNE_AVX2_GATHER int64_t gather_rows_avx2_float(const PoolGeometry& g, const float* gr, const signed char* off,
+                                                    float* out, int64_t begin, int64_t end, const Cover& cover2) {
+  int64_t matches = 0;
+  const int64_t ch = g.channels, whole = ch - ch % kGatherBlock;
+  gather_walk(g, out, begin, end, cover2, [&](const Windows& win, float* dst) SLIMTUNE_AVX2_GATHER {
+    for (int64_t c0 = 0; c0 < whole; c0 += kGatherBlock) matches += gather_block_avx2(gr, off, win, c0, dst);
+    if (whole < ch) matches += gather_portable_block<float, float, 0>(gr, off, win, whole, ch - whole, dst);
+  });
+  return matches;
+}
+#endif
+
 // The portable gather compiled for AVX2 too (never AVX-512: that is the other path, and
 // SLIMTUNE_CPU_NO_AVX512 must reach this one). target_clones takes no templates: one per type.
 #ifdef SLIMTUNE_MEMSAVE_AVX512
@@ -891,6 +943,9 @@ int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, 
                     const Cover& cover2, bool vec) {
 #ifdef SLIMTUNE_MEMSAVE_AVX512
   if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx2_gather()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
+  }
 #endif
   (void)vec;
   if constexpr (std::is_same_v<T, float>) return gather_rows_float(g, gr, off, out, begin, end, cover2);
