@@ -139,3 +139,27 @@ def test_opcheck_and_errors():
         op(x, [3, 3], [0, 2], [1, 1], [1, 1], False)
     with pytest.raises(RuntimeError, match="argument 'padding'"):
         op(x, [3, 3], [1, 1], [2, 2], [1, 1], False)
+
+
+@pytest.mark.parametrize("channels", [63, 64, 65, 130])
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_channel_blocks_match_stock_bitwise(nd, channels, dtype):
+    """Channels-last windows run 64 channels at a time where a vector form exists (and the rest
+    one by one): channel counts around that block, with ties, NaNs and -infs, against stock."""
+    g = torch.Generator().manual_seed(channels)
+    shape = (2, channels) + ((9, 8) if nd == 2 else (4, 5, 3))
+    x = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    flat = x.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 12]] = float("nan")
+    flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 10]] = float("-inf")
+    x = x.contiguous(memory_format=CHANNELS_LAST[nd])
+    for k, s, p, d, ceil in CASES:
+        args = ([k] * nd, [s] * nd, [p] * nd, [d] * nd)
+        out, off = torch.ops.slimtune.memsave_maxpool_forward(x, *args, ceil)
+        # Stock on a contiguous copy: its channels-last 16-bit kernel writes a NaN as 0xffff,
+        # where its contiguous kernel, and this one, keep the input's NaN.
+        ref, idx = POOL[nd](x.contiguous(), k, s, p, d, ceil, return_indices=True)
+        bits = BITS[x.element_size()]
+        assert torch.equal(out.contiguous().view(bits), ref.view(bits)), (k, s, p, d, ceil)
+        assert torch.equal(off.long(), reference.memsave_maxpool_offsets(idx, list(x.shape), *args)), (k, s, p, d)

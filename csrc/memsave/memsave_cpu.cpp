@@ -412,6 +412,37 @@ inline void pool_window(const PoolGeometry& g, const Taps& taps, const T* x, int
   *off = static_cast<signed char>(arg);
 }
 
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+// Channels-last float32 windows on AVX-512, 64 channels at a time: the running maxima stay in
+// four registers and the offsets in one across the window's taps (the portable form keeps both
+// in memory and goes through them once per tap). Takes each tap as tap_step does: above the
+// running max, or NaN. Returns the channels done (whole blocks of 64); the caller does the rest.
+SLIMTUNE_AVX512 int64_t window_cl_avx512(const float* x, const int64_t* dc, const int64_t* taps, int n, int64_t ch,
+                                         float* out, signed char* off) {
+  const int64_t whole = ch - ch % 64;
+  for (int64_t c0 = 0; c0 < whole; c0 += 64) {
+    __m512 m[4];
+    const float* x0 = x + dc[taps[0]] + c0;
+    for (int v = 0; v < 4; ++v) m[v] = _mm512_loadu_ps(x0 + v * 16);
+    __m512i o = _mm512_set1_epi8(static_cast<char>(taps[0]));
+    for (int j = 1; j < n; ++j) {
+      const float* xw = x + dc[taps[j]] + c0;
+      uint64_t take = 0;
+      for (int v = 0; v < 4; ++v) {
+        const __m512 val = _mm512_loadu_ps(xw + v * 16);
+        const __mmask16 k = _mm512_cmp_ps_mask(val, m[v], _CMP_GT_OQ) | _mm512_cmp_ps_mask(val, val, _CMP_UNORD_Q);
+        m[v] = _mm512_mask_mov_ps(m[v], k, val);
+        take |= static_cast<uint64_t>(k) << (16 * v);
+      }
+      o = _mm512_mask_mov_epi8(o, take, _mm512_set1_epi8(static_cast<char>(taps[j])));
+    }
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + c0 + v * 16, m[v]);
+    _mm512_storeu_si512(off + c0, o);
+  }
+  return whole;
+}
+#endif
+
 }  // namespace
 
 Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
@@ -427,6 +458,9 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
   const int64_t lo2 = (g.padding[2] + g.stride[2] - 1) / g.stride[2];
   const int64_t far = g.in[2] - 1 - taps.reach[2] + g.padding[2];
   const int64_t hi2 = far < 0 ? -1 : std::min(far / g.stride[2], g.out[2] - 1);
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+  const bool vec = has_avx512();
+#endif
   return dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -439,23 +473,32 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
       A* m = running.data();
       if (ch > 1) {
         // Channels-last: tap by tap over all channels of a position (contiguous in memory).
+        std::vector<int64_t> here(static_cast<size_t>(window));  // the taps landing in the input
         for_each_window(g, taps, begin, end, [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
           const int64_t base = (u * in_plane + corner) * ch;
-          signed char* o = off + i;
-          int64_t first = 0;
-          if (!inside) {
-            while (!taps.lands(g, first, st)) ++first;
+          int n = 0;
+          for (int64_t w = 0; w < window; ++w) {
+            if (inside || taps.lands(g, w, st)) here[static_cast<size_t>(n++)] = w;
           }
-          const T* x0 = x + base + dc[first];
-          for (int64_t c = 0; c < ch; ++c) {
+          int64_t c0 = 0;  // channels [0, c0) done by the vector form
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+          if constexpr (std::is_same_v<T, float>) {
+            if (vec) c0 = window_cl_avx512(x + base, dc, here.data(), n, ch, out + i, off + i);
+          }
+#endif
+          if (c0 == ch) return;
+          const int64_t nc = ch - c0;
+          signed char* o = off + i + c0;
+          const T* x0 = x + base + c0 + dc[here[0]];
+          for (int64_t c = 0; c < nc; ++c) {
             m[c] = static_cast<A>(x0[c]);
-            o[c] = static_cast<signed char>(first);
+            o[c] = static_cast<signed char>(here[0]);
           }
-          for (int64_t w = first + 1; w < window; ++w) {
-            if (!inside && !taps.lands(g, w, st)) continue;
-            tap_step(x + base + dc[w], 1, ch, m, o, static_cast<signed char>(w));
+          for (int j = 1; j < n; ++j) {
+            const int64_t w = here[static_cast<size_t>(j)];
+            tap_step(x + base + c0 + dc[w], 1, nc, m, o, static_cast<signed char>(w));
           }
-          for (int64_t c = 0; c < ch; ++c) out[i + c] = static_cast<T>(m[c]);
+          for (int64_t c = 0; c < nc; ++c) out[i + c0 + c] = static_cast<T>(m[c]);
         });
         return;
       }
