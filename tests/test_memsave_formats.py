@@ -1,6 +1,7 @@
-"""memsave ReLU, max pooling, dropout and eval batch norm keep the input's memory format
-(channels_last in, channels_last output and gradient out, no copy to contiguous), match stock
-PyTorch (bitwise where the arithmetic is the same), and the dropout op draws its mask from the seed."""
+"""memsave ReLU, max pooling, dropout, eval batch norm and frozen convolutions keep the input's
+memory format (channels_last in, channels_last output and gradient out, no copy to contiguous),
+match stock PyTorch (bitwise where the arithmetic is the same), and the dropout op draws its mask
+from the seed."""
 
 import pytest
 import torch
@@ -347,3 +348,34 @@ torch.save(torch.cat(out), sys.argv[1])
 """
     results = on_both_cpu_paths(script)
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(8, 6, 3, padding=1, bias=False),
+        lambda: nn.Conv2d(8, 6, 3, stride=2, padding=1),
+        lambda: nn.Conv3d(8, 6, 3, padding=1, bias=False),
+        lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1),
+    ],
+    ids=["conv2d", "conv2d-stride2-bias", "conv3d", "convtranspose2d"],
+)
+def test_frozen_conv_input_gradient_keeps_layout_and_matches_stock(make, layout, dtype):
+    """A frozen convolution keeps no input, yet its backward gets the layout stock's does: the
+    input gradient in the input's memory format and, from the same kernel, stock's bits."""
+    torch.manual_seed(0)
+    stock = make().to(dtype).requires_grad_(False)
+    ours = converted(make().to(dtype).requires_grad_(False))
+    ours.load_state_dict(stock.state_dict())
+    x = stored(
+        torch.randn((2, 8, 7, 9) if isinstance(stock, nn.Conv2d | nn.ConvTranspose2d) else (2, 8, 5, 4, 6)).to(dtype),
+        layout,
+    )
+    x.requires_grad_()
+    g = torch.randn(stock(x).shape).to(dtype)
+    (ref,) = torch.autograd.grad(stock(x), x, g)
+    (got,) = torch.autograd.grad(ours(x), x, g)
+    assert same_strides(got, ref) and same_strides(got, x)
+    assert torch.equal(got, ref)

@@ -38,11 +38,12 @@ def _pair(stock):
     return stock, ours
 
 
-def _saved_and_timed(op, x_name, x_value, saved, timed, cfg):
-    """The two groups of one case: bytes kept for backward, then fwd+bwd time."""
+def _saved_and_timed(op, x_name, x_value, saved, timed, cfg, reps):
+    """The two groups of one case: bytes kept for backward, then fwd+bwd time, the providers
+    timed paired and interleaved (medians)."""
     common = dict(op=op, x_name=x_name, x_value=x_value, baseline="stock", config=cfg)
     yield Group(mode="saved", providers=saved, metric="saved_bytes", unit="MiB", **common)
-    yield Group(mode="fwd+bwd", providers=timed, **common)
+    yield Group(mode="fwd+bwd paired", providers=_paired(timed, reps), metric="time_paired_median", unit="ms", **common)
 
 
 def _layer_groups(ctx: Context):
@@ -72,6 +73,7 @@ def _layer_groups(ctx: Context):
             {"stock": _bytes(stock, x), "slimtune": _bytes(ours, x)},
             {"stock": _fwd_bwd(stock, x, grad), "slimtune": _fwd_bwd(ours, x, grad)},
             cfg,
+            5 if ctx.quick else 11,
         )
     # The ReLU target is stated against a bfloat16 input: bytes only.
     stock, ours = _pair(nn.ReLU())
@@ -178,7 +180,9 @@ def _model_groups(ctx: Context):
             compiled = torch.compile(copy.deepcopy(stock))
             saved["torch.compile(stock)"] = _bytes(compiled, x)
             timed["torch.compile(stock)"] = step(compiled)
-        yield from _saved_and_timed(f"memsave resnet {setting}", "input", "x".join(map(str, shape)), saved, timed, cfg)
+        yield from _saved_and_timed(
+            f"memsave resnet {setting}", "input", "x".join(map(str, shape)), saved, timed, cfg, 5 if ctx.quick else 11
+        )
 
 
 class _GraphCounter:
