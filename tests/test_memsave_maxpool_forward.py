@@ -27,10 +27,10 @@ CASES = [  # kernel, stride, padding, dilation, ceil_mode
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _input(nd, dtype, channels_last, seed=0):
+def _input(nd, dtype, channels_last, seed=0, shape=None):
     """Values drawn from few levels (many ties), with NaNs and -infs scattered in."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-3, 4, SHAPES[nd], generator=g).to(dtype)
+    x = torch.randint(-3, 4, shape or SHAPES[nd], generator=g).to(dtype)
     flat = x.view(-1)
     flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 12]] = float("nan")
     flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 10]] = float("-inf")
@@ -147,13 +147,7 @@ def test_opcheck_and_errors():
 def test_channels_last_channel_blocks_match_stock_bitwise(nd, channels, dtype):
     """Channels-last windows run 64 channels at a time where a vector form exists (and the rest
     one by one): channel counts around that block, with ties, NaNs and -infs, against stock."""
-    g = torch.Generator().manual_seed(channels)
-    shape = (2, channels) + ((9, 8) if nd == 2 else (4, 5, 3))
-    x = torch.randint(-2, 3, shape, generator=g).to(dtype)
-    flat = x.view(-1)
-    flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 12]] = float("nan")
-    flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 10]] = float("-inf")
-    x = x.contiguous(memory_format=CHANNELS_LAST[nd])
+    x = _input(nd, dtype, True, seed=channels, shape=(2, channels) + ((9, 8) if nd == 2 else (4, 5, 3)))
     for k, s, p, d, ceil in CASES:
         args = ([k] * nd, [s] * nd, [p] * nd, [d] * nd)
         out, off = torch.ops.slimtune.memsave_maxpool_forward(x, *args, ceil)
