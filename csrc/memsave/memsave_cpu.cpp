@@ -144,34 +144,63 @@ SLIMTUNE_AVX512 void relu_backward_vec(const U* g, const uint8_t* m, U* out, int
   }
 }
 #else
-// Without AVX-512 whole vectors cover no element (vector_elements is 0): never called.
+// Without AVX-512 whole vectors cover no element (relu_lanes is 0): never called.
 template <typename T>
 void relu_vec(const Bits<T>*, Bits<T>*, uint8_t*, int64_t, int64_t) {}
 template <typename U>
 void relu_backward_vec(const U*, const uint8_t*, U*, int64_t, int64_t) {}
 #endif
 
-// The elements of mask bytes [begin, end) that whole vectors cover (0 without AVX-512).
-template <typename U>
-int64_t vector_elements(int64_t n, int64_t begin, int64_t end) {
 #ifdef SLIMTUNE_MEMSAVE_AVX512
-  if (!has_avx512()) return 0;
-  constexpr int64_t kLanes = 64 / sizeof(U);
-  const int64_t last = end * 8 < n ? end * 8 : n;
-  return (last - begin * 8) / kLanes * kLanes;
-#else
-  (void)n, (void)begin, (void)end;
-  return 0;
+// float32 on AVX2 without AVX-512: 8 lanes, one mask byte per vector, the same bits as relu_vec
+// (a lane passes when above zero or NaN; the output drops only what is below zero).
+// SLIMTUNE_CPU_NO_AVX2 (with SLIMTUNE_CPU_NO_AVX512) takes the portable path, so an AVX2 machine
+// can test the path every other machine runs.
+#define SLIMTUNE_AVX2 __attribute__((target("avx2")))
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("SLIMTUNE_CPU_NO_AVX2") == nullptr;
+  return ok;
+}
+
+SLIMTUNE_AVX2 void relu_vec_avx2(const float* x, float* out, uint8_t* m, int64_t first, int64_t count) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t i = first; i < first + count; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    if (out != nullptr) _mm256_storeu_ps(out + i, _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), v));
+    m[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NLE_UQ)));
+  }
+}
+
+SLIMTUNE_AVX2 void relu_backward_vec_avx2(const float* g, const uint8_t* m, float* out, int64_t first,
+                                          int64_t count) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t i = first; i < first + count; i += 8) {
+    const __m256i lanes = _mm256_and_si256(_mm256_set1_epi32(m[i / 8]), bit);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, bit));
+    _mm256_storeu_ps(out + i, _mm256_and_ps(_mm256_loadu_ps(g + i), keep));
+  }
+}
 #endif
+
+// The vector width of this machine's ReLU path for lanes of U, in elements (0: bytes only).
+template <typename U>
+int64_t relu_lanes() {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+  if (has_avx512()) return 64 / sizeof(U);
+  if (std::is_same_v<U, uint32_t> && has_avx2()) return 8;
+#endif
+  return 0;
 }
 
 // Runs over n elements in chunks of whole mask bytes, so that no two tasks write one mask byte:
-// per chunk, vec(first, count) over the elements whole vectors cover, then bytes(begin, end) over
-// the mask bytes left.
-template <typename U, typename Vec, typename Bytes>
-void over_mask_bytes(int64_t n, const Vec& vec, const Bytes& bytes) {
+// per chunk, vec(first, count) over the elements whole vectors of `lanes` cover, then
+// bytes(begin, end) over the mask bytes left.
+template <typename Vec, typename Bytes>
+void over_mask_bytes(int64_t n, int64_t lanes, const Vec& vec, const Bytes& bytes) {
   at::parallel_for(0, (n + 7) / 8, 4096, [&](int64_t begin, int64_t end) {
-    const int64_t count = vector_elements<U>(n, begin, end);
+    const int64_t last = end * 8 < n ? end * 8 : n;
+    const int64_t count = lanes > 0 ? (last - begin * 8) / lanes * lanes : 0;
     if (count > 0) vec(begin * 8, count);
     bytes(begin + count / 8, end);
   });
@@ -187,9 +216,19 @@ Status relu_cpu(const ReluParams& p, void*) {
     const U* x = static_cast<const U*>(p.x);
     U* o = static_cast<U*>(p.out);
     uint8_t* m = p.mask;
-    const int64_t n = p.n;
-    over_mask_bytes<U>(
-        n, [&](int64_t first, int64_t count) { relu_vec<T>(x, o, m, first, count); },
+    const int64_t n = p.n, lanes = relu_lanes<U>();
+    over_mask_bytes(
+        n, lanes,
+        [&](int64_t first, int64_t count) {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+          if constexpr (std::is_same_v<T, float>) {
+            if (lanes == 8) {
+              return relu_vec_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(o), m, first, count);
+            }
+          }
+#endif
+          relu_vec<T>(x, o, m, first, count);
+        },
         [&](int64_t begin, int64_t end) { relu_bytes<T>(x, o, m, n, begin, end); });
     return kSuccess;
   });
@@ -203,8 +242,20 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
     using U = Bits<decltype(tag)>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
-    over_mask_bytes<U>(
-        n, [&](int64_t first, int64_t count) { relu_backward_vec<U>(g, m, out, first, count); },
+    const int64_t lanes = relu_lanes<U>();
+    over_mask_bytes(
+        n, lanes,
+        [&](int64_t first, int64_t count) {
+#ifdef SLIMTUNE_MEMSAVE_AVX512
+          if constexpr (std::is_same_v<U, uint32_t>) {
+            if (lanes == 8) {
+              return relu_backward_vec_avx2(reinterpret_cast<const float*>(g), m, reinterpret_cast<float*>(out),
+                                            first, count);
+            }
+          }
+#endif
+          relu_backward_vec<U>(g, m, out, first, count);
+        },
         [&](int64_t begin, int64_t end) { relu_backward_bytes<U>(g, m, out, n, begin, end); });
     return kSuccess;
   });
@@ -918,12 +969,7 @@ __attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeo
 // already a NaN is kept as it is, as the masked add of the AVX-512 path keeps it.
 // SLIMTUNE_CPU_NO_AVX2 (with SLIMTUNE_CPU_NO_AVX512) takes the portable path, so an AVX2 machine
 // can test the path every other machine runs.
-#define SLIMTUNE_AVX2_GATHER __attribute__((target("avx2")))
-
-bool has_avx2_gather() {
-  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("SLIMTUNE_CPU_NO_AVX2") == nullptr;
-  return ok;
-}
+#define SLIMTUNE_AVX2_GATHER SLIMTUNE_AVX2
 
 // Returns how many offsets of the block matched.
 SLIMTUNE_AVX2_GATHER __attribute__((always_inline)) inline int64_t gather_block_avx2(const float* gr,
@@ -987,7 +1033,7 @@ int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, 
 #ifdef SLIMTUNE_MEMSAVE_AVX512
   if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx2_gather()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
+    if (has_avx2()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
   }
 #endif
   (void)vec;
