@@ -181,7 +181,30 @@ SLIMTUNE_AVX2 void relu_backward_vec_avx2(const float* g, const uint8_t* m, floa
     _mm256_storeu_ps(out + i, _mm256_and_ps(_mm256_loadu_ps(g + i), keep));
   }
 }
+#else
+// Without AVX2 forms relu_lanes is never 8: never called.
+inline void relu_vec_avx2(const float*, float*, uint8_t*, int64_t, int64_t) {}
+inline void relu_backward_vec_avx2(const float*, const uint8_t*, float*, int64_t, int64_t) {}
 #endif
+
+// The float32 view the AVX2 forms take (called for float32 only; the others never reach them).
+template <typename U>
+const float* as_float(const U* p) {
+  return reinterpret_cast<const float*>(p);
+}
+template <typename U>
+float* as_float(U* p) {
+  return reinterpret_cast<float*>(p);
+}
+
+// A ReLU pass's vector step: the AVX2 form where relu_lanes chose it (float32 only), else AVX-512.
+template <typename T, typename Avx2, typename Avx512>
+void relu_vector_step(int64_t lanes, const Avx2& avx2, const Avx512& avx512) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes == 8) return avx2();
+  }
+  avx512();
+}
 
 // The vector width of this machine's ReLU path for lanes of U, in elements (0: bytes only).
 template <typename U>
@@ -220,14 +243,9 @@ Status relu_cpu(const ReluParams& p, void*) {
     over_mask_bytes(
         n, lanes,
         [&](int64_t first, int64_t count) {
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-          if constexpr (std::is_same_v<T, float>) {
-            if (lanes == 8) {
-              return relu_vec_avx2(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(o), m, first, count);
-            }
-          }
-#endif
-          relu_vec<T>(x, o, m, first, count);
+          relu_vector_step<T>(
+              lanes, [&] { relu_vec_avx2(as_float(x), as_float(o), m, first, count); },
+              [&] { relu_vec<T>(x, o, m, first, count); });
         },
         [&](int64_t begin, int64_t end) { relu_bytes<T>(x, o, m, n, begin, end); });
     return kSuccess;
@@ -239,22 +257,16 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
   if (n == 0) return kSuccess;
   const uint8_t* m = p.mask;
   return dispatch_cpu_float(p.dtype, [&](auto tag) {
-    using U = Bits<decltype(tag)>;
+    using T = decltype(tag);
+    using U = Bits<T>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
-    const int64_t lanes = relu_lanes<U>();
     over_mask_bytes(
-        n, lanes,
+        n, relu_lanes<U>(),
         [&](int64_t first, int64_t count) {
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-          if constexpr (std::is_same_v<U, uint32_t>) {
-            if (lanes == 8) {
-              return relu_backward_vec_avx2(reinterpret_cast<const float*>(g), m, reinterpret_cast<float*>(out),
-                                            first, count);
-            }
-          }
-#endif
-          relu_backward_vec<U>(g, m, out, first, count);
+          relu_vector_step<T>(
+              relu_lanes<U>(), [&] { relu_backward_vec_avx2(as_float(g), m, as_float(out), first, count); },
+              [&] { relu_backward_vec<U>(g, m, out, first, count); });
         },
         [&](int64_t begin, int64_t end) { relu_backward_bytes<U>(g, m, out, n, begin, end); });
     return kSuccess;
