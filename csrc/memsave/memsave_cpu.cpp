@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -261,11 +262,12 @@ Status relu_backward_cpu(const ReluBackwardParams& p, void*) {
     using U = Bits<T>;
     const U* g = static_cast<const U*>(p.grad);
     U* out = static_cast<U*>(p.grad_in);
+    const int64_t lanes = relu_lanes<U>();
     over_mask_bytes(
-        n, relu_lanes<U>(),
+        n, lanes,
         [&](int64_t first, int64_t count) {
           relu_vector_step<T>(
-              relu_lanes<U>(), [&] { relu_backward_vec_avx2(as_float(g), m, as_float(out), first, count); },
+              lanes, [&] { relu_backward_vec_avx2(as_float(g), m, as_float(out), first, count); },
               [&] { relu_backward_vec<U>(g, m, out, first, count); });
         },
         [&](int64_t begin, int64_t end) { relu_backward_bytes<U>(g, m, out, n, begin, end); });
@@ -536,17 +538,24 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
       A* m = running.data();
       if (ch > 1) {
         // Channels-last: tap by tap over all channels of a position (contiguous in memory).
-        std::vector<int64_t> here(static_cast<size_t>(window));  // the taps landing in the input
+        // The taps landing in the input: all of them for a window clear of the border.
+        std::vector<int64_t> all(static_cast<size_t>(window)), border(static_cast<size_t>(window));
+        std::iota(all.begin(), all.end(), int64_t{0});
         for_each_window(g, taps, begin, end, [&](int64_t i, int64_t u, const int64_t* st, int64_t corner, bool inside) {
           const int64_t base = (u * in_plane + corner) * ch;
-          int n = 0;
-          for (int64_t w = 0; w < window; ++w) {
-            if (inside || taps.lands(g, w, st)) here[static_cast<size_t>(n++)] = w;
+          const int64_t* here = all.data();
+          int n = static_cast<int>(window);
+          if (!inside) {
+            n = 0;
+            for (int64_t w = 0; w < window; ++w) {
+              if (taps.lands(g, w, st)) border[static_cast<size_t>(n++)] = w;
+            }
+            here = border.data();
           }
           int64_t c0 = 0;  // channels [0, c0) done by the vector form
 #ifdef SLIMTUNE_MEMSAVE_AVX512
           if constexpr (std::is_same_v<T, float>) {
-            if (vec) c0 = window_cl_avx512(x + base, dc, here.data(), n, ch, out + i, off + i);
+            if (vec) c0 = window_cl_avx512(x + base, dc, here, n, ch, out + i, off + i);
           }
 #endif
           if (c0 == ch) return;
@@ -558,7 +567,7 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
             o[c] = static_cast<signed char>(here[0]);
           }
           for (int j = 1; j < n; ++j) {
-            const int64_t w = here[static_cast<size_t>(j)];
+            const int64_t w = here[j];
             tap_step(x + base + c0 + dc[w], 1, nc, m, o, static_cast<signed char>(w));
           }
           for (int64_t c = 0; c < nc; ++c) out[i + c0 + c] = static_cast<T>(m[c]);
@@ -981,10 +990,8 @@ __attribute__((always_inline)) inline int64_t gather_rows_portable(const PoolGeo
 // already a NaN is kept as it is, as the masked add of the AVX-512 path keeps it.
 // SLIMTUNE_CPU_NO_AVX2 (with SLIMTUNE_CPU_NO_AVX512) takes the portable path, so an AVX2 machine
 // can test the path every other machine runs.
-#define SLIMTUNE_AVX2_GATHER SLIMTUNE_AVX2
-
 // Returns how many offsets of the block matched.
-SLIMTUNE_AVX2_GATHER __attribute__((always_inline)) inline int64_t gather_block_avx2(const float* gr,
+SLIMTUNE_AVX2 __attribute__((always_inline)) inline int64_t gather_block_avx2(const float* gr,
                                                                                       const signed char* off,
                                                                                       const Windows& win, int64_t c0,
                                                                                       float* out) {
@@ -1009,11 +1016,11 @@ SLIMTUNE_AVX2_GATHER __attribute__((always_inline)) inline int64_t gather_block_
   return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
 }
 
-SLIMTUNE_AVX2_GATHER int64_t gather_rows_avx2_float(const PoolGeometry& g, const float* gr, const signed char* off,
+SLIMTUNE_AVX2 int64_t gather_rows_avx2_float(const PoolGeometry& g, const float* gr, const signed char* off,
                                                     float* out, int64_t begin, int64_t end, const Cover& cover2) {
   int64_t matches = 0;
   const int64_t ch = g.channels, whole = ch - ch % kGatherBlock;
-  gather_walk(g, out, begin, end, cover2, [&](const Windows& win, float* dst) SLIMTUNE_AVX2_GATHER {
+  gather_walk(g, out, begin, end, cover2, [&](const Windows& win, float* dst) SLIMTUNE_AVX2 {
     for (int64_t c0 = 0; c0 < whole; c0 += kGatherBlock) matches += gather_block_avx2(gr, off, win, c0, dst);
     if (whole < ch) matches += gather_portable_block<float, float, 0>(gr, off, win, whole, ch - whole, dst);
   });
@@ -1041,14 +1048,13 @@ SLIMTUNE_GATHER_ROWS(c10::Half, gather_rows_half)
 // The channels-last gather over input rows [begin, end); returns the offsets that matched.
 template <typename T>
 int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, T* out, int64_t begin, int64_t end,
-                    const Cover& cover2, bool vec) {
+                    const Cover& cover2) {
 #ifdef SLIMTUNE_MEMSAVE_AVX512
-  if (vec) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
+  if (has_avx512()) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
   if constexpr (std::is_same_v<T, float>) {
     if (has_avx2()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
   }
 #endif
-  (void)vec;
   if constexpr (std::is_same_v<T, float>) return gather_rows_float(g, gr, off, out, begin, end, cover2);
   if constexpr (std::is_same_v<T, double>) return gather_rows_double(g, gr, off, out, begin, end, cover2);
   if constexpr (std::is_same_v<T, c10::BFloat16>) return gather_rows_bfloat16(g, gr, off, out, begin, end, cover2);
@@ -1110,16 +1116,11 @@ Status maxpool_backward_cpu(const MaxpoolBackwardParams& p, void*) {
     }
     // Channels-last: input rows are independent (each position is written by its own gather).
     const Cover cover2(g, 2);
-#ifdef SLIMTUNE_MEMSAVE_AVX512
-    const bool vec = has_avx512();
-#else
-    const bool vec = false;
-#endif
     const int64_t rows = pool_units(g) * g.in[0] * g.in[1];
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.in[2] * ch));
     std::atomic<int64_t> matches{0};
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      matches += gather_rows<T>(g, gr, off, out, begin, end, cover2, vec);
+      matches += gather_rows<T>(g, gr, off, out, begin, end, cover2);
     });
     // Every valid offset matches once: fewer matches than outputs means an offset outside its
     // window or on padding (the glue names the first).
