@@ -32,6 +32,14 @@ def test_sparse_forward_and_lora_bytes_by_hand():
     # bf16: the SpMM (x read) writes the bf16 delta term, the GEMM (x, W0 read) reads it and writes y.
     lowp = traffic.sparse_forward(8, 4, 16, 1 / 4, torch.bfloat16)
     assert lowp.design == (256 + csr + 8 * 4 * 2) + (256 + 128 + 2 * 8 * 4 * 2) == 1000
+    # dx over the same delta (g 8x4, dx 8x16): the SpMMᵀ reads the CSR as it is; one 128-column
+    # group, so the starts are 4 rows x 2 int32, written (rowptr and indices read) and read back.
+    dx = traffic.sparse_dx(8, 4, 16, 1 / 4, torch.bfloat16)
+    assert dx.floor == 8 * 4 * 2 + 4 * 16 * 2 + csr + 8 * 16 * 2 == 616
+    starts = 4 * 2 * 4
+    assert dx.design == (5 * 8 + 16 * 4 + starts) + starts + (64 + csr + 256) + (64 + 128 + 2 * 256) == 1360
+    # From L2 beyond that: one column group and one 64-token tile, so nothing is read twice.
+    assert dx.l2 == dx.design
     # LoRA r=2 over 8 tokens, 16 -> 4, bf16: x read once, the 8x2 float32 intermediate written, adapters.
     fwd = traffic.lora_forward(8, 16, 4, 2, torch.bfloat16)
     assert fwd.floor == 8 * 16 * 2 + 8 * 2 * 4 + 2 * 20 * 4 == 480

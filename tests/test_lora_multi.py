@@ -13,7 +13,9 @@ def make(device, dtype=torch.float64, adapter_dtype=None, shape=(3, 5, 24), outs
     adapter_dtype = adapter_dtype or dtype
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
     d_in = shape[-1]
-    ws = [(torch.randn(o, d_in, generator=g, dtype=torch.float64) * d_in**-0.5).to(device, dtype) for o in outs]
+    ws = [
+        (torch.randn(o, d_in, generator=g, dtype=torch.float64) * max(d_in, 1) ** -0.5).to(device, dtype) for o in outs
+    ]
     bs = [
         torch.randn(o, generator=g, dtype=torch.float64).to(device, dtype) if i != 1 else None
         for i, o in enumerate(outs)
@@ -46,8 +48,10 @@ def grads(fn, x, bs, As, Bs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_matches_per_projection_reference_with_a_shared_mask(device, p):
-    x, ws, bs, As, Bs = make(device)
+# The last two: no input features, and a projection with no outputs (no token count to infer).
+@pytest.mark.parametrize("shape,outs", [((3, 5, 24), (16, 8, 8)), ((3, 5, 0), (16, 8, 8)), ((3, 5, 24), (16, 0, 8))])
+def test_matches_per_projection_reference_with_a_shared_mask(device, p, shape, outs):
+    x, ws, bs, As, Bs = make(device, shape=shape, outs=outs)
     scales = [0.5, 2.0, 1.5]
     mask = lora_dropout_mask(x, p, 13) if p > 0 else None
     ours = grads(lambda x, b, A, B: lora_linear_multi(x, ws, b, A, B, scales, p, seed=13), x, bs, As, Bs)

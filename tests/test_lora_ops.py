@@ -114,6 +114,21 @@ def test_weird_shapes(device, p):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("d_in,d_out", [(0, 6), (6, 0)])
+def test_no_input_or_no_output_features(device, p, d_in, d_out):
+    """A zero-width x or output: the token count comes from the leading sizes (reshape's -1 cannot
+    infer it there), and every output and gradient has the reference's shape and values."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, d_in, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(d_out, generator=g, dtype=torch.float64).to(device)
+    A = torch.randn(3, d_in, generator=g, dtype=torch.float64).to(device)
+    B = torch.randn(d_out, 3, generator=g, dtype=torch.float64).to(device)
+    check_against_reference(x, w, b, A, B, 0.5, p, seed=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_x_without_grad_and_no_base_weight(device):
     x, w, b, A, B = make(9, 16, 12, 3, torch.float64, device)
     check_against_reference(x, w, b, A, B, 1.0, 0.2, seed=1, grad_x=False)

@@ -90,6 +90,22 @@ def test_matches_reference(device, dtype, x_shape, dout, density, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("din,dout", [(0, 6), (6, 0)])
+def test_no_input_or_no_output_features(device, din, dout):
+    """A zero-width x or output (no entries possible): the token count comes from the leading
+    sizes, and y, dx, dvalues and dbias have the reference's shapes and values; the SDDMM too."""
+    x, w, b, _, _, _ = make((2, 3, din), dout, 0.0, torch.float64, device)
+    idx = torch.zeros(0, dtype=torch.int64, device=device)
+    rp = torch.zeros(dout + 1, dtype=torch.int64, device=device)
+    vals = torch.zeros(0, dtype=torch.float64, device=device)
+    g = torch.randn(2, 3, dout, dtype=torch.float64, device=device)
+    for o, r in zip(run(x, w, b, idx, rp, vals, g), run_reference(x, w, b, idx, vals, g)):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r)
+    assert sddmm_op(g, x, idx, rp).shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_float32_values_over_low_precision_weight(device, dtype):
     x, w, b, idx, rp, vals = make((9, 40), 30, 0.1, dtype, device, value_dtype=torch.float32)

@@ -181,4 +181,8 @@ bool all_finite(const at::Tensor& t) {
   return ok.load();
 }
 
+int64_t token_count(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
+
+at::Tensor as_token_rows(const at::Tensor& t) { return t.reshape({token_count(t), t.size(-1)}); }
+
 }  // namespace slimtune

@@ -43,6 +43,11 @@ void check_flat_indices(const char* op, const at::Tensor& indices, const char* n
 // memory, without a host sync); throws naming 'seed' otherwise.
 void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& seed, const char* x_name = "x");
 
+// A tensor of tokens (..., d) as (tokens, d), tokens the product of the leading sizes: reshape's -1
+// cannot infer them when d is 0. A view where reshape can make one.
+int64_t token_count(const at::Tensor& t);
+at::Tensor as_token_rows(const at::Tensor& t);
+
 // True when no element is NaN or infinite. CPU: one allocation-free pass; elsewhere one sync.
 bool all_finite(const at::Tensor& t);
 

@@ -77,7 +77,8 @@ void check_seed(const char* op, const at::Tensor& x, const std::optional<at::Ten
 
 void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, int64_t T,
                     int64_t r, int64_t d_out, at::ScalarType cdt) {
-  SLIMTUNE_CHECK_ARG(grad_out.numel() == T * d_out && grad_out.size(-1) == d_out, op, "grad_out", "must have shape ",
+  SLIMTUNE_CHECK_ARG(grad_out.dim() >= 1 && grad_out.size(-1) == d_out && token_count(grad_out) == T, op, "grad_out",
+                     "must have shape ",
                      "(..., ", d_out, ") with ", T, " rows, got ", grad_out.sizes());
   SLIMTUNE_CHECK_ARG(grad_out.scalar_type() == x.scalar_type(), op, "grad_out", "must have the dtype of 'x' (",
                      x.scalar_type(), "), got ", grad_out.scalar_type());
@@ -302,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
-  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor x2 = as_token_rows(x);
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
   // The up-projection (and bias) first, the base GEMM accumulated into it: y is written once
@@ -322,14 +323,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   check_lora(op, x, weight, std::nullopt, lora_A, lora_B, scale, p);
   check_seed(op, x, seed, p);
   const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
-  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor x2 = as_token_rows(x);
   const int64_t T = x2.size(0);
   const auto cdt = compute_dtype(x, lora_A);
   check_backward(op, grad_out, x, xa, T, r, d_out, cdt);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
-  const at::Tensor g2 = grad_out.reshape({-1, d_out});
+  const at::Tensor g2 = as_token_rows(grad_out);
   // B^T (r x d_out) contiguous: see up_projection.
   const at::Tensor Bt = lora_B.t().to(cdt).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
@@ -392,7 +393,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
   const int64_t d_in = lora_As[0].size(1);
-  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor x2 = as_token_rows(x);
   std::vector<int64_t> offs;
   const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
   const at::Tensor xa = lora_down(k, x2, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), kMultiOp);
@@ -428,7 +429,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
   const int64_t d_in = lora_As[0].size(1);
-  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor x2 = as_token_rows(x);
   const int64_t T = x2.size(0);
   const auto cdt = compute_dtype(x, lora_As[0]);
   std::vector<int64_t> offs;
@@ -443,14 +444,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   std::vector<at::Tensor> dBs, dbiases;
   for (size_t i = 0; i < n; ++i) {
     const int64_t d_out = lora_Bs[i].size(0), r = lora_As[i].size(0);
-    SLIMTUNE_CHECK_ARG(grad_outs[i].numel() == T * d_out && grad_outs[i].scalar_type() == x.scalar_type(), kMultiOp,
+    SLIMTUNE_CHECK_ARG(grad_outs[i].dim() >= 1 && grad_outs[i].size(-1) == d_out && token_count(grad_outs[i]) == T &&
+                           grad_outs[i].scalar_type() == x.scalar_type(),
+                       kMultiOp,
                        "grad_outs", "entry ", i, " must be a (..., ", d_out, ") ", x.scalar_type(), " tensor with ",
                        T, " rows, got ", grad_outs[i].sizes(), " ", grad_outs[i].scalar_type());
     check_same_device(kMultiOp, x, "x", grad_outs[i], "grad_outs");
     GradOutTerms terms{gB.narrow(1, offs[i], r),
                        need_B ? at::zeros({r, d_out}, x.options().dtype(cdt)) : none,  // dB^T
                        need_bias.get(i) ? at::zeros({d_out}, x.options().dtype(cdt)) : none};
-    grad_out_terms(k, grad_outs[i].reshape({-1, d_out}), lora_Bs[i].t().to(cdt).contiguous(),
+    grad_out_terms(k, as_token_rows(grad_outs[i]), lora_Bs[i].t().to(cdt).contiguous(),
                    xa.narrow(1, offs[i], r), need_B, need_bias.get(i), &terms, kMultiOp);
     dBs.push_back(terms.dBt);
     dbiases.push_back(terms.dbias);
@@ -460,7 +463,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   lora_dropout_grads(k, x2, gB, A, 1.0, p, make_mask(k, 1.0, p, seed, offset), need_x ? &dx : nullptr,
                      need_A ? &dA : nullptr, kMultiOp);
   if (need_x) {
-    for (size_t i = 0; i < n; ++i) dx.addmm_(grad_outs[i].reshape({-1, lora_Bs[i].size(0)}), weights[i]);
+    for (size_t i = 0; i < n; ++i) dx.addmm_(as_token_rows(grad_outs[i]), weights[i]);
   }
   std::vector<at::Tensor> dAs;
   for (size_t i = 0; i < n; ++i) {

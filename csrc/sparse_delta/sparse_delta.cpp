@@ -108,8 +108,7 @@ void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
   SLIMTUNE_CHECK_ARG(grad.scalar_type() == x.scalar_type(), op, "grad", "must have x's dtype (", x.scalar_type(),
                      "), got ", grad.scalar_type());
   SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0) &&
-                         grad.numel() / std::max<int64_t>(weight.size(0), 1) ==
-                             x.numel() / std::max<int64_t>(weight.size(1), 1),
+                         grad.sizes().slice(0, grad.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                      op, "grad", "must have shape x.shape[:-1] + (", weight.size(0), ",), got ", grad.sizes());
   check_same_device(op, x, "x", grad, "grad");
 }
@@ -120,8 +119,7 @@ void check_sddmm(const char* op, const at::Tensor& a, const at::Tensor& b, const
   SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
   SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
                      "), got ", b.scalar_type());
-  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() && a.numel() / std::max<int64_t>(a.size(-1), 1) ==
-                                                               b.numel() / std::max<int64_t>(b.size(-1), 1),
+  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() && a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1),
                      op, "b", "must have a's leading (token) dimensions; got ", a.sizes(), " and ", b.sizes());
   check_same_device(op, a, "a", b, "b");
   check_layout(op, a.size(-1), b.size(-1), a, indices, rowptr);
@@ -151,12 +149,12 @@ struct Kernels {
   const Backend& backend;
   KernelEntry<MergeParams> merge;
   KernelEntry<SpmmParams> spmm;
-  // Null where dx runs spmm over the transposed delta (a scatter SpMMᵀ on CUDA would need
-  // atomics: columns collide across rows).
   KernelEntry<SpmmTParams> spmm_t;
   KernelEntry<SddmmParams> sddmm;
   // Token slices of the SDDMM (each a chunks × K workspace row); 0: no workspace.
   int64_t (*sddmm_chunks)(int64_t T, int64_t K);
+  // int32 workspace slots of spmm_t (SpmmTParams::starts); 0: none.
+  int64_t (*spmm_t_starts)(int64_t rows, int64_t cols);
   // Device-side layout check; null where the indices are scanned on the host.
   KernelEntry<ValidateParams> validate;
 };
@@ -178,7 +176,7 @@ void validate_layout(const Kernels& k, const char* op, int64_t rows, int64_t col
   TORCH_CHECK(false, "slimtune.", op, ": argument 'indices' or 'rowptr' is inconsistent");
 }
 
-int64_t no_chunks(int64_t, int64_t) { return 0; }
+int64_t no_workspace(int64_t, int64_t) { return 0; }
 
 // Enough token slices to fill the GPU when K is small, few enough to keep the workspace small.
 int64_t gpu_chunks(int64_t T, int64_t K) {
@@ -186,7 +184,7 @@ int64_t gpu_chunks(int64_t T, int64_t K) {
 }
 
 // 2-D views: x as (T, d_in) contiguous, grad as (T, d_out) contiguous.
-at::Tensor as_tokens(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
+at::Tensor as_tokens(const at::Tensor& t) { return as_token_rows(t).contiguous(); }
 
 // The CSR delta (idx, rp, val) of a rows×cols weight times the tokens of `tokens` (T×d).
 SpmmOperands spmm_operands(const at::Tensor& tokens, const at::Tensor& idx, const at::Tensor& rp, const at::Tensor& val,
@@ -201,24 +199,6 @@ void run_merge(const Kernels& k, at::Tensor& weight, const at::Tensor& idx, cons
                       to_kernel_index(idx.scalar_type()), val.data_ptr(), to_kernel_dtype(val.scalar_type()),
                       idx.numel(), alpha};
   check_status(k.backend, k.merge(p, k.backend.stream(weight)), op);
-}
-
-// The delta of a rows×cols weight as the CSR delta of its transpose (cols×rows): entries sorted by
-// column, then row, so spmm over it adds each dx element's entries in the order spmm_t does.
-struct TransposedDelta {
-  at::Tensor indices, rowptr, values;
-};
-
-TransposedDelta transposed(const at::Tensor& idx, const at::Tensor& val, int64_t rows, int64_t cols) {
-  const at::Tensor flat = idx.to(at::kLong);
-  const at::Tensor r = at::floor_divide(flat, cols);
-  const at::Tensor c = flat - r * cols;
-  const at::Tensor key = c * rows + r;  // the flat position in the transpose
-  const at::Tensor order = std::get<1>(at::sort(key));
-  at::Tensor t_idx = key.index_select(0, order);
-  // Entries before column j's first: searchsorted needs no host sync (bincount would).
-  at::Tensor t_rp = at::searchsorted(t_idx, at::arange(cols + 1, flat.options()) * rows);
-  return {t_idx, t_rp, val.index_select(0, order)};
 }
 
 at::Tensor sddmm_impl(const Kernels& k, const at::Tensor& a2, const at::Tensor& b2, const at::Tensor& idx,
@@ -298,15 +278,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_op(const Kernels&
     const bool lowp = acc_scalar_type(g2.scalar_type()) != g2.scalar_type();
     dx = lowp ? at::empty({g2.size(0), cols}, g2.options()) : at::mm(g2, weight);
     if (g2.size(0) > 0) {
-      if (k.spmm_t != nullptr) {
-        const SpmmTParams p{{spmm_operands(g2, idx, rp, val, rows, cols)}, g2.data_ptr(), dx.data_ptr(), !lowp};
-        check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
-      } else {
-        const TransposedDelta t = transposed(idx, val, rows, cols);
-        const SpmmParams p{{spmm_operands(g2, t.indices, t.rowptr, t.values, cols, rows)}, nullptr, g2.data_ptr(),
-                           dx.data_ptr(), !lowp};
-        check_status(k.backend, k.spmm(p, k.backend.stream(x)), op);
-      }
+      const int64_t slots = k.spmm_t_starts(rows, cols);
+      at::Tensor starts = slots > 0 ? at::empty({slots}, idx.options().dtype(at::kInt)) : at::Tensor();
+      const SpmmTParams p{{spmm_operands(g2, idx, rp, val, rows, cols)},
+                          g2.data_ptr(),
+                          dx.data_ptr(),
+                          !lowp,
+                          slots > 0 ? starts.data_ptr<int32_t>() : nullptr};
+      check_status(k.backend, k.spmm_t(p, k.backend.stream(x)), op);
     }
     if (lowp) dx.addmm_(g2, weight);
     dx = dx.view(x.sizes());
@@ -362,10 +341,12 @@ struct Bound {
 };
 
 #ifndef SLIMTUNE_HOST_EMULATION
-const Kernels kCpuKernels{kCpuBackend, &merge_cpu, &spmm_cpu, &spmm_t_cpu, &sddmm_cpu, &no_chunks, nullptr};
+const Kernels kCpuKernels{kCpuBackend, &merge_cpu,    &spmm_cpu,     &spmm_t_cpu, &sddmm_cpu,
+                          &no_workspace, &no_workspace, nullptr};
 #endif
 #ifdef SLIMTUNE_HAS_GPU
-const Kernels kGpuKernels{kGpuBackend, &merge_cuda, &spmm_cuda, nullptr, &sddmm_cuda, &gpu_chunks, &validate_cuda};
+const Kernels kGpuKernels{kGpuBackend, &merge_cuda,         &spmm_cuda,    &spmm_t_cuda, &sddmm_cuda,
+                          &gpu_chunks,  &spmm_t_starts_cuda, &validate_cuda};
 #endif
 
 }  // namespace

@@ -120,6 +120,129 @@ __global__ void spmm_tile_kernel(const X* __restrict__ bias, const X* __restrict
   }
 }
 
+// SpMMᵀ tiles (dx's delta term) straight from the row-major CSR, without a transposed copy of the
+// delta: a CTA owns kColumns output columns (columns of the weight) and kTokens tokens, and walks
+// the delta's rows kRows at a time, staging g[its tokens, those rows] in shared memory. An output
+// column's entries lie in many rows, so a thread cannot keep its sums in registers; it owns one
+// token and a slice of kColumns/kSlices columns, and its sums live in a padded shared tile. Each
+// (row, slice) has an owner that finds the slice's entries from the precomputed column-group starts
+// of its row, so every entry is read once per token tile and no two threads add into one output:
+// per (t, c) the entries are added in ascending row order, the order of the CPU kernel.
+template <typename X>
+struct SpmmTTile {
+  static constexpr int kColumns = static_cast<int>(kSpmmTColumns);
+  static constexpr int kTokens = 128 / static_cast<int>(sizeof(X));
+  static constexpr int kThreads = 256;
+  static constexpr int kSlices = kThreads / kTokens;  // column slices, one per thread of a token
+  static constexpr int kSliceWidth = kColumns / kSlices;
+  static constexpr int kRows = kThreads / kSlices;  // one owner per (row, slice)
+  static constexpr int kPad = 4 / static_cast<int>(sizeof(X)) > 0 ? 4 / static_cast<int>(sizeof(X)) : 1;
+};
+
+// starts[r * (groups + 1) + G]: the offset from rowptr[r] of row r's first entry in column group G
+// (columns from G·kColumns), G = groups giving the row's length. One binary search per slot.
+template <typename I>
+__global__ void spmm_t_starts_kernel(const I* __restrict__ indices, const int64_t* __restrict__ rowptr, int64_t rows,
+                                     int64_t cols, int64_t group_cols, int64_t groups, int32_t* __restrict__ starts) {
+  const int64_t n = rows * (groups + 1);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t r = i / (groups + 1), G = i - r * (groups + 1);
+    const int64_t c = G * group_cols < cols ? G * group_cols : cols;
+    const int64_t target = r * cols + c;
+    int64_t lo = rowptr[r], hi = rowptr[r + 1];
+    const int64_t first = lo;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(indices[mid]) < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    starts[i] = static_cast<int32_t>(lo - first);
+  }
+}
+
+// out[t, c] = base + Σ_{k with col_k = c} values[k]·g[t, row_k] over columns [c0, c0 + kColumns)
+// (c0 = blockIdx.x·kColumns), base as in spmm_tile_kernel, rounded once.
+template <typename X, typename V, typename I, bool kAccumulate>
+__global__ void spmm_t_tile_kernel(const X* __restrict__ g, const I* __restrict__ indices,
+                                   const int64_t* __restrict__ rowptr, const int32_t* __restrict__ starts,
+                                   const V* __restrict__ values, int64_t T, int64_t rows, int64_t cols, X* out) {
+  using A = acc_t<X>;
+  using Tile = SpmmTTile<X>;
+  constexpr int C = Tile::kColumns, TT = Tile::kTokens, S = Tile::kSlices, SW = Tile::kSliceWidth;
+  constexpr int RT = Tile::kRows, RP = RT + Tile::kPad;
+  __shared__ X g_s[TT][RP];
+  __shared__ A acc_s[TT][C + 1];  // +1: lanes (consecutive tokens) at one column hit distinct banks
+  __shared__ int64_t lo_s[RT][S];  // a (row, slice)'s first entry
+  __shared__ int32_t cnt_s[RT][S];  // and how many it has
+  const int tid = threadIdx.x;
+  const int64_t G = blockIdx.x, groups = (cols + C - 1) / C;
+  const int64_t c0 = G * C;
+  const int cb = static_cast<int>(cols - c0 < C ? cols - c0 : C);
+  const int my_t = tid % TT, my_s = tid / TT;      // my sums: token my_t, columns of slice my_s
+  const int own_r = tid / S, own_s = tid - own_r * S;  // the (row, slice) whose entries I find
+  const int64_t tiles = (T + TT - 1) / TT;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t t0 = tile * TT;
+    const int tb = static_cast<int>(T - t0 < TT ? T - t0 : TT);
+    __syncthreads();  // the previous tile's writers have read acc_s
+    for (int i = tid; i < TT * (C + 1); i += Tile::kThreads) (&acc_s[0][0])[i] = A(0);
+    for (int64_t r0 = 0; r0 < rows; r0 += RT) {
+      const int rb = static_cast<int>(rows - r0 < RT ? rows - r0 : RT);
+      __syncthreads();  // g_s, lo_s and cnt_s are free
+      for (int i = tid; i < tb * RT; i += Tile::kThreads) {
+        const int t = i / RT, rr = i - t * RT;
+        if (rr < rb) g_s[t][rr] = g[(t0 + t) * rows + r0 + rr];
+      }
+      int64_t lo = 0;
+      int32_t cnt = 0;
+      if (own_r < rb) {
+        const int64_t r = r0 + own_r;
+        const int64_t first = rowptr[r];
+        const int32_t* row_starts = starts + r * (groups + 1) + G;
+        int64_t pos = first + row_starts[0];
+        const int64_t end = first + row_starts[1];
+        const int64_t from = r * cols + c0 + static_cast<int64_t>(own_s) * SW;
+        while (pos < end && static_cast<int64_t>(indices[pos]) < from) ++pos;
+        lo = pos;
+        while (pos < end && static_cast<int64_t>(indices[pos]) < from + SW) ++pos;
+        cnt = static_cast<int32_t>(pos - lo);
+      }
+      lo_s[own_r][own_s] = lo;
+      cnt_s[own_r][own_s] = cnt;
+      __syncthreads();
+      if (my_t < tb) {
+        for (int rr = 0; rr < rb; ++rr) {
+          const int n = cnt_s[rr][my_s];
+          if (n == 0) continue;
+          const int64_t first = lo_s[rr][my_s];
+          const int64_t base = (r0 + rr) * cols + c0;
+          const A gv = to_acc(g_s[my_t][rr]);
+          for (int e = 0; e < n; ++e) {
+            const int cc = static_cast<int>(static_cast<int64_t>(indices[first + e]) - base);
+            acc_s[my_t][cc] += static_cast<A>(to_acc(values[first + e])) * gv;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < tb * C; i += Tile::kThreads) {
+      const int t = i / C, cc = i - t * C;
+      if (cc < cb) {
+        const int64_t o = (t0 + t) * cols + c0 + cc;
+        if constexpr (kAccumulate) {
+          out[o] += acc_s[t][cc];
+        } else {
+          out[o] = from_acc<X>(acc_s[t][cc]);
+        }
+      }
+    }
+  }
+}
+
 // SDDMM tiles. A CTA owns kRows rows of W (all their entries) and one token slice; per tile of
 // kTokens tokens it stages a[t, its rows] once and b[t, :] kColumns columns at a time in shared
 // memory, and every entry whose column lies in the staged columns adds its kTokens products from
@@ -320,6 +443,41 @@ Status spmm_cuda(const SpmmParams& p, void* stream) {
     // A base in out is only ever the accumulation type's: a rounded one would round twice.
     if constexpr (std::is_same<acc_t<X>, X>::value) {
       return run(spmm_tile_kernel<X, V, I, true>);
+    } else {
+      return kInvalidValue;
+    }
+  });
+}
+
+Status spmm_t_cuda(const SpmmTParams& p, void* stream) {
+  if (p.T == 0 || p.cols == 0) return kSuccess;
+  // Offsets within a row (at most cols entries) are kept as int32.
+  if (p.cols > 0x7fffffff || (p.rows > 0 && p.starts == nullptr)) return kInvalidValue;
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_delta<CudaFloats>(p.dtype, p.index_type, p.value_dtype, [&](auto x_tag, auto i_tag, auto v_tag) {
+    using X = decltype(x_tag);
+    using I = decltype(i_tag);
+    using V = decltype(v_tag);
+    using Tile = SpmmTTile<X>;
+    const int64_t groups = (p.cols + Tile::kColumns - 1) / Tile::kColumns;
+    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
+    if (groups > 0x7fffffff) return kInvalidValue;
+    const auto* idx = static_cast<const I*>(p.indices);
+    if (p.rows > 0) {
+      const Status st = launch(spmm_t_starts_kernel<I>, dim3(blocks_for(p.rows * (groups + 1), kThreads)),
+                               dim3(kThreads), 0, s, idx, p.rowptr, p.rows, p.cols, int64_t{Tile::kColumns}, groups,
+                               p.starts);
+      if (st != kSuccess) return st;
+    }
+    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
+    const auto run = [&](auto kernel) {
+      return launch(kernel, grid, dim3(Tile::kThreads), 0, s, static_cast<const X*>(p.g), idx, p.rowptr,
+                    static_cast<const int32_t*>(p.starts), static_cast<const V*>(p.values), p.T, p.rows, p.cols,
+                    static_cast<X*>(p.out));
+    };
+    if (!p.accumulate) return run(spmm_t_tile_kernel<X, V, I, false>);
+    if constexpr (std::is_same<acc_t<X>, X>::value) {
+      return run(spmm_t_tile_kernel<X, V, I, true>);
     } else {
       return kInvalidValue;
     }

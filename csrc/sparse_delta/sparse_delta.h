@@ -53,13 +53,19 @@ struct SpmmParams : SpmmOperands {
 
 // The delta term of dx: out[t, c] = base + Σ_{k with col_k = c} values[k] · g[t, row_k] (g: T×rows and
 // out: T×cols in dtype; base as in SpmmParams, without a bias), per (t, c) summed from 0 in ascending
-// row order and rounded once: the order of spmm over the transposed delta, so both directions give
-// the same bits on every backend up to the compiler's contraction of a·b + c.
+// row order and rounded once, so every backend gives the same bits up to the compiler's contraction
+// of a·b + c.
 struct SpmmTParams : SpmmOperands {
   const void* g;
   void* out;
   bool accumulate;
+  // CUDA: spmm_t_starts_cuda(rows, cols) int32 slots of workspace, where the kernel writes where each
+  // row's entries of each group of kSpmmTColumns columns begin. The CPU kernel takes none (null).
+  int32_t* starts;
 };
+
+// Output columns per CUDA SpMMᵀ tile (see spmm_t_starts_cuda).
+constexpr int64_t kSpmmTColumns = 128;
 
 // out[k] = Σ_t a[t, row_k] · b[t, col_k] (a: T×rows, b: T×cols, one dtype) for k < K, in the
 // accumulation type (the dtype of `out`). Deterministic: partial sums are added in a fixed order.
@@ -111,9 +117,12 @@ Status dispatch_delta(DType dtype, IndexType index_type, DType value_dtype, F&& 
 
 SLIMTUNE_KERNEL_ENTRY(merge, MergeParams);
 SLIMTUNE_KERNEL_ENTRY(spmm, SpmmParams);
+SLIMTUNE_KERNEL_ENTRY(spmm_t, SpmmTParams);
 SLIMTUNE_KERNEL_ENTRY(sddmm, SddmmParams);
-// CPU only (the GPU runs spmm over the transposed delta).
-Status spmm_t_cpu(const SpmmTParams& p, void* stream);
+// Workspace slots of spmm_t_cuda: a start per row and column group, and each row's end.
+inline int64_t spmm_t_starts_cuda(int64_t rows, int64_t cols) {
+  return rows * ((cols + kSpmmTColumns - 1) / kSpmmTColumns + 1);
+}
 // CUDA only (the CPU scans the indices on the host).
 Status validate_cuda(const ValidateParams& p, void* stream);
 

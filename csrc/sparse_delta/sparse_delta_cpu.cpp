@@ -163,8 +163,7 @@ namespace {
 // Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
 // type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
 // summed from 0 in row-major entry order, then the bias and base added and rounded once. Per output element
-// that is the order of the CUDA kernels (spmm over the transposed delta for dx), whatever the tile
-// size. kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's
+// that is the order of the CUDA kernels, whatever the tile size. kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's
 // column c into column r); src is T × in_w, out T × out_w, bias (out_w, may be null) in X, the base
 // out's own value where `accumulate`.
 template <bool kTransposed>

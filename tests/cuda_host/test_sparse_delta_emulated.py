@@ -57,7 +57,7 @@ def test_merge(emu, schedule, dtype, index_dtype, case):
         assert torch.equal(ours, cpu)
 
 
-# (x shape, rows, k): the delta is added by the SpMM kernel (dx: over the transposed delta); an empty
+# (x shape, rows, k): the delta is added by the SpMM kernel (dx: the SpMMᵀ kernel); an empty
 # delta, one entry and every position of the weight too.
 LINEAR_CASES = [
     ((6, 11), 9, 40),
@@ -120,7 +120,7 @@ def test_sddmm(emu, schedule, dtype, index_dtype, T):
 
 
 # (x shape, rows, entries) against the SpMM's tiles (128 rows per CTA, 64 columns per shared tile,
-# 128 bytes of tokens per tile); dx runs the same kernel over the transposed delta.
+# 128 bytes of tokens per tile); dx runs the SpMMᵀ kernel (its own tiles: test_spmm_t_tiles).
 SPMM_TILE_CASES = [
     ((70, 150), 130, 900),  # two row groups each way, three column tiles, partial token tiles
     ((3, 23, 65), 129, 1),  # one entry, the second row group of one row
@@ -153,6 +153,77 @@ def test_spmm_tiles(emu, schedule, dtype, index_dtype, case, bias):
             assert o.dtype == dtype and o.shape == c.shape, name
             torch.testing.assert_close(o, c, **tol(dtype), msg=name)
             torch.testing.assert_close(o.to(torch.float64), r, **tol(dtype), msg=name)
+
+
+def spmm_t_delta(rows, cols, kind, index_dtype):
+    """sddmm_delta's kinds, plus "edges" (in every row the columns on either side of each boundary
+    of the CUDA SpMMᵀ's 8/16/32-column slices and 128-column groups) and "column" (every row's entry
+    in column 5 alone: one output column summed over all rows)."""
+    if kind == "edges":
+        picked = sorted({c for b in range(0, cols + 1, 8) for c in (b - 1, b) if 0 <= c < cols})
+        idx = (torch.arange(rows)[:, None] * cols + torch.tensor(picked)[None, :]).flatten()
+    elif kind == "column":
+        idx = torch.arange(rows) * cols + 5
+    else:
+        return sddmm_delta(rows, cols, kind, index_dtype)
+    idx = idx.to(index_dtype)
+    return idx, rowptr_for(idx, (rows, cols))
+
+
+# (T, rows, cols, entries) against dx's SpMMᵀ tiles: 128 output columns per CTA in slices of 32/16/8
+# (bf16 and fp16 / float32 / float64), 64/32/16 rows of g and as many tokens per shared tile.
+SPMM_T_TILE_CASES = [
+    (70, 150, 300, 2000),  # three column groups (the last of 44), rows over 3-10 row tiles, partial tiles
+    (5, 40, 260, "edges"),  # entries on both sides of every slice and group boundary
+    (33, 200, 20, "column"),  # one output column summed over 200 rows (4-13 row tiles), in row order
+    (3, 70, 129, "all"),  # every position: full slices, a group of one column
+    (4, 1, 1, "all"),
+    (6, 0, 10, 0),  # no rows: dx's delta term is 0 and must still be written
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("index_dtype", INDEX)
+@pytest.mark.parametrize("case", SPMM_T_TILE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_spmm_t_tiles(emu, schedule, dtype, index_dtype, case):
+    T, rows, cols, kind = case
+    idx, rp = spmm_t_delta(rows, cols, kind, index_dtype)
+    for vdtype in value_dtypes(dtype):
+        x, w = linear_operands((T, cols), rows, dtype)
+        val = (torch.randn(idx.numel(), dtype=torch.float64) * 0.5).to(vdtype)
+        g = torch.randn(T, rows, dtype=torch.float64).to(dtype)
+        dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        xr = x.to(torch.float64).requires_grad_()
+        reference.sparse_delta_linear(xr, w.to(torch.float64), None, idx, val.to(torch.float64)).backward(
+            g.to(torch.float64)
+        )
+        cpu_dx = torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, [True, False, False])[0]
+        assert dx.dtype == dtype and dx.shape == x.shape
+        torch.testing.assert_close(dx, cpu_dx, **tol(dtype))
+        torch.testing.assert_close(dx.to(torch.float64), xr.grad, **tol(dtype))
+
+
+def test_spmm_t_adds_in_row_order_as_the_cpu_does(emu, schedule):
+    """dx's delta term per element is summed from 0 over its column's entries in ascending row
+    order on both backends: float32 sums chosen so that any other order gives other bits (1 + 2^-24
+    terms rounded away or not), with g·W0 exactly 0."""
+    rows, cols, T = 150, 130, 3
+    idx = torch.tensor([r * cols + c for r in range(rows) for c in (4, 129)], dtype=torch.int64)
+    rp = rowptr_for(idx, (rows, cols))
+    val = torch.full((idx.numel(),), 2.0**-24)
+    val[0] = val[1] = 1.0  # row 0 first: every later 2^-24 is rounded away
+    g = torch.ones(T, rows)
+    w = torch.zeros(rows, cols)
+    x = torch.zeros(T, cols)
+    mask = [True, False, False]
+    dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0]
+    assert torch.equal(dx, torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0])
+    assert torch.equal(dx[:, 4], torch.ones(T)) and torch.equal(dx[:, 129], torch.ones(T))
+    val[0] = val[1] = 2.0**-24
+    val[-2] = val[-1] = 1.0  # the 1 last: the small terms sum first and survive
+    dx = emu.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0]
+    assert torch.equal(dx, torch.ops.slimtune.sparse_delta_linear_backward(g, x, w, idx, rp, val, mask)[0])
+    assert dx[0, 4] == 1.0 + (rows - 1) * 2.0**-24
 
 
 @pytest.mark.parametrize("dtype", LOWP)

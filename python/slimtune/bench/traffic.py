@@ -21,7 +21,8 @@ import torch
 # of tokens per shared-memory tile.
 SDDMM_ROWS = 128
 SDDMM_TILE_BYTES = 64
-# The CUDA SpMM's tiles (SpmmTile): delta rows per CTA and bytes of tokens per tile.
+# The CUDA SpMM's tiles (SpmmTile): delta rows per CTA and bytes of tokens per tile. dx's SpMMᵀ
+# (SpmmTTile) takes as many output columns per CTA and tokens per tile.
 SPMM_ROWS = 128
 SPMM_TILE_BYTES = 128
 
@@ -134,18 +135,21 @@ def sparse_forward(T: int, rows: int, cols: int, density: float, dtype: torch.dt
 
 
 def sparse_dx(T: int, rows: int, cols: int, density: float, dtype: torch.dtype, index_bytes: int = 4) -> Row:
-    """dx = g·W0 + g·Δ: as the forward (g read twice, dx moved three times in its own dtype), plus the
-    transposed CSR the CUDA SpMM needs (int64 keys written, sorted once, gathered with the values;
-    counted as single passes)."""
+    """dx = g·W0 + g·Δ: as the forward (g read twice, dx moved three times in its own dtype). The CUDA
+    SpMMᵀ reads the row-major CSR itself; a small kernel first writes where each row's entries of
+    each 128-column group begin (int32, rows × (groups + 1), reading rowptr and the indices), which
+    the SpMMᵀ reads back. From L2: g once per extra column group, the CSR delta and the starts once
+    per extra token tile."""
     e = elt(dtype)
     K = max(1, int(rows * cols * density))
     csr = K * (index_bytes + 4) + (rows + 1) * 8
-    csr_t = K * (8 + 4) + (cols + 1) * 8
-    transpose = K * index_bytes + K * 8 + 2 * K * 16 + 2 * K * (8 + 4) + (cols + 1) * 8
+    starts = rows * (math.ceil(cols / SPMM_ROWS) + 1) * 4
     floor = T * rows * e + rows * cols * e + csr + T * cols * e
     exact = acc_bytes(dtype) == e
-    design = transpose + _spmm_then_gemm(T * rows * e, rows * cols * e, csr_t, T * cols * e, exact)
-    l2 = design + _spmm_rereads(T, cols, T * rows * e, csr_t, e)
+    find_starts = (rows + 1) * 8 + K * index_bytes + starts
+    design = find_starts + starts + _spmm_then_gemm(T * rows * e, rows * cols * e, csr, T * cols * e, exact)
+    token_tiles = math.ceil(T / (SPMM_TILE_BYTES // e))
+    l2 = design + _spmm_rereads(T, cols, T * rows * e, csr, e) + (token_tiles - 1) * starts
 
     def make(dev):
         g, x, idx, rp, v = _delta(T, rows, cols, density, dtype, dev)
