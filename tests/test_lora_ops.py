@@ -5,7 +5,7 @@ import slimtune
 from slimtune import reference
 from slimtune.lora import lora_dropout_mask, lora_linear
 from conftest import DEVICES, TOLERANCES, assert_lowp_error_bounded, device_dtype_params
-from memsave_helpers import saved_tensors
+from memsave_helpers import on_both_cpu_paths, saved_tensors
 
 op = torch.ops.slimtune.lora_linear
 
@@ -111,6 +111,39 @@ def test_weird_shapes(device, p):
     for T, d_in, d_out, r in [(1, 1, 1, 1), (1, 123, 7, 2), (5, 123, 123, 9), (0, 8, 8, 2)]:
         x, w, b, A, B = make(T, d_in, d_out, r, torch.float64, device)
         check_against_reference(x, w, b, A, B, 0.5, p, seed=T + 1)
+
+
+# float32 with dropout, in_features a multiple of 8 (the AVX-512 row work) and not (the portable rows).
+BOTH_PATHS_SCRIPT = """
+import sys, torch, slimtune
+from slimtune.lora import lora_linear
+gen = torch.Generator().manual_seed(0)
+out = []
+for T, din, dout, r in [(37, 64, 29, 5), (130, 256, 64, 16), (9, 30, 7, 3)]:
+    x = torch.randn(T, din, generator=gen).requires_grad_()
+    w = torch.randn(dout, din, generator=gen) / din**0.5
+    A = (torch.randn(r, din, generator=gen) / din**0.5).requires_grad_()
+    B = torch.randn(dout, r, generator=gen).requires_grad_()
+    g = torch.randn(T, dout, generator=gen)
+    y = lora_linear(x, w, None, A, B, 0.5, 0.25, seed=3)
+    y.backward(g)
+    out += [x.detach(), w, A.detach(), B.detach(), g, y.detach(), x.grad, A.grad, B.grad]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_avx512_and_portable_cpu_paths_match_the_reference():
+    """SLIMTUNE_CPU_NO_AVX512 reaches the rows every machine without AVX-512 runs; both paths agree
+    with the float64 reference given the same dropout mask."""
+    for res in on_both_cpu_paths(BOTH_PATHS_SCRIPT):
+        for i in range(0, len(res), 9):
+            x, w, A, B, g, *ours = res[i : i + 9]
+            mask = lora_dropout_mask(x, 0.25, 3)
+            leaves = [t.double().requires_grad_() for t in (x, A, B)]
+            y = reference.lora_linear(leaves[0], w.double(), None, leaves[1], leaves[2], 0.5, mask, 0.25)
+            y.backward(g.double())
+            for name, o, r in zip(["y", "dx", "dA", "dB"], ours, [y.detach()] + [t.grad for t in leaves]):
+                torch.testing.assert_close(o.double(), r, atol=1e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ import slimtune
 from slimtune import reference
 from slimtune.sparse import rowptr_for, sparse_delta_linear, sparse_delta_sddmm
 from conftest import DEVICES, TOLERANCES, assert_lowp_error_bounded, device_dtype_params
-from memsave_helpers import saved_tensors
+from memsave_helpers import on_both_cpu_paths, saved_tensors
 
 linear_op = torch.ops.slimtune.sparse_delta_linear
 backward_op = torch.ops.slimtune.sparse_delta_linear_backward
@@ -87,6 +87,41 @@ def test_matches_reference(device, dtype, x_shape, dout, density, bias):
         for name, o, r, e in zip(["y", "dx", "dvalues", "dbias"], outs, refs, eager):
             if r is not None and r.numel():
                 assert_lowp_error_bounded(o, r, e, floor=1e-3 * max(1.0, r.abs().max().item()))
+
+
+# Small integers (and quarter values in float32): every sum is exact in float32 and, in -1/0/1,
+# small enough to be exact in bf16 too, so any path that adds the right terms gives the same bits. Shapes: partial and whole 16×16 transpose blocks,
+# partial 64-token SpMM and 128-token SDDMM tiles, entries in every 16-lane vector of a tile.
+EXACT_SUMS_SCRIPT = """
+import sys, torch, slimtune
+from slimtune.sparse import rowptr_for
+op = torch.ops.slimtune
+gen = torch.Generator().manual_seed(0)
+out = []
+for dtype, top, step in ((torch.float32, 3, 0.25), (torch.bfloat16, 1, 1.0)):
+    for T, rows, cols, k in [(200, 37, 70, 900), (64, 16, 16, 256), (131, 48, 33, 40), (5, 3, 2, 6), (70, 130, 129, 3000)]:
+        ints = lambda *shape: torch.randint(-top, top + 1, shape, generator=gen).to(dtype)
+        x, g, w, b = ints(T, cols), ints(T, rows), ints(rows, cols), ints(rows)
+        idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
+        v = torch.randint(-top, top + 1, (k,), generator=gen).float() * step
+        rp = rowptr_for(idx, (rows, cols))
+        out += [x, g, w, b, idx, v, op.sparse_delta_linear(x, w, b, idx, rp, v)]
+        out += list(op.sparse_delta_linear_backward(g, x, w, idx, rp, v, [True, True, True]))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_vector_and_portable_cpu_paths_give_the_exact_sums():
+    """The AVX-512 forms (register transposes, row sums, the column-major dx) and the portable path
+    (SLIMTUNE_CPU_NO_AVX512) against the float64 reference, bit for bit where every sum is exact."""
+    for res in on_both_cpu_paths(EXACT_SUMS_SCRIPT):
+        for i in range(0, len(res), 10):
+            x, g, w, b, idx, v, y, dx, dv, db = res[i : i + 10]
+            xr, vr, br = (t.double().requires_grad_() for t in (x, v, b))
+            yr = reference.sparse_delta_linear(xr, w.double(), br, idx, vr)
+            yr.backward(g.double())
+            for name, o, r in (("y", y, yr), ("dx", dx, xr.grad), ("dv", dv, vr.grad), ("db", db, br.grad)):
+                assert torch.equal(o.double(), r.detach()), (name, x.dtype, tuple(x.shape), tuple(w.shape))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@
 
 #include "common/acc.h"
 #include "common/cpu_dispatch.h"
+#include "common/cpu_features.h"
 #include "common/philox.h"
 #include "common/philox_cpu.h"
 #include "lora/lora.h"
@@ -18,7 +19,7 @@
 // AVX-512 forms of the float32 row work of the passes with dropout: the keep bits
 // (common/philox_cpu) are the vector mask registers themselves, so no per-element multipliers
 // are expanded and no masked copy of x is made for the gradient. Rows start on a mask byte
-// (K % 8 == 0). Callers check avx512_usable() first.
+// (K % 8 == 0). Callers check cpu_avx512() first.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLIMTUNE_LORA_AVX512 1
 #include <immintrin.h>
@@ -29,10 +30,6 @@ namespace avx512 {
 
 #define SLIMTUNE_AVX512_FN __attribute__((target("avx512f")))
 
-inline bool avx512_usable() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
 
 // The keep mask of elements e .. e + n - 1 (n <= 16, e % 8 == 0) of the bits.
 SLIMTUNE_AVX512_FN inline __mmask16 keep_mask(const uint8_t* bits, int64_t e, int64_t n) {
@@ -311,7 +308,7 @@ template <typename X, typename A>
 bool avx512_rows(int64_t x_cs, int64_t K) {
 #ifdef SLIMTUNE_LORA_AVX512
   return std::is_same<X, float>::value && std::is_same<A, float>::value && x_cs == 1 && K % 8 == 0 &&
-         avx512::avx512_usable();
+         cpu_avx512();
 #else
   (void)x_cs, (void)K;
   return false;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/acc.h"
+#include "common/cpu_features.h"
 #include "common/cpu_dispatch.h"
 #include "common/philox.h"
 #include "common/philox_cpu.h"
@@ -83,13 +84,6 @@ void relu_backward_bytes(const U* g, const uint8_t* m, U* out, int64_t n, int64_
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 #define SLIMTUNE_AVX512 __attribute__((target("avx512f,avx512bw")))
 
-// SLIMTUNE_CPU_NO_AVX512 (any value) takes the portable path, so a machine with AVX-512 can test
-// the path every other machine runs.
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         std::getenv("SLIMTUNE_CPU_NO_AVX512") == nullptr;
-  return ok;
-}
 
 // One 64-byte vector of lanes of width sizeof(U): the compares give the mask bits directly,
 // one k-register per vector, stored as 8/16/32 bits (whole mask bytes).
@@ -155,14 +149,7 @@ void relu_backward_vec(const U*, const uint8_t*, U*, int64_t, int64_t) {}
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 // float32 on AVX2 without AVX-512: 8 lanes, one mask byte per vector, the same bits as relu_vec
 // (a lane passes when above zero or NaN; the output drops only what is below zero).
-// SLIMTUNE_CPU_NO_AVX2 (with SLIMTUNE_CPU_NO_AVX512) takes the portable path, so an AVX2 machine
-// can test the path every other machine runs.
 #define SLIMTUNE_AVX2 __attribute__((target("avx2")))
-
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("SLIMTUNE_CPU_NO_AVX2") == nullptr;
-  return ok;
-}
 
 SLIMTUNE_AVX2 void relu_vec_avx2(const float* x, float* out, uint8_t* m, int64_t first, int64_t count) {
   const __m256 zero = _mm256_setzero_ps();
@@ -211,8 +198,8 @@ void relu_vector_step(int64_t lanes, const Avx2& avx2, const Avx512& avx512) {
 template <typename U>
 int64_t relu_lanes() {
 #ifdef SLIMTUNE_MEMSAVE_AVX512
-  if (has_avx512()) return 64 / sizeof(U);
-  if (std::is_same_v<U, uint32_t> && has_avx2()) return 8;
+  if (cpu_avx512()) return 64 / sizeof(U);
+  if (std::is_same_v<U, uint32_t> && cpu_avx2()) return 8;
 #endif
   return 0;
 }
@@ -524,7 +511,7 @@ Status maxpool_forward_cpu(const MaxpoolForwardParams& p, void*) {
   const int64_t far = g.in[2] - 1 - taps.reach[2] + g.padding[2];
   const int64_t hi2 = far < 0 ? -1 : std::min(far / g.stride[2], g.out[2] - 1);
 #ifdef SLIMTUNE_MEMSAVE_AVX512
-  const bool vec = has_avx512();
+  const bool vec = cpu_avx512();
 #endif
   return dispatch_cpu_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1050,9 +1037,9 @@ template <typename T>
 int64_t gather_rows(const PoolGeometry& g, const T* gr, const signed char* off, T* out, int64_t begin, int64_t end,
                     const Cover& cover2) {
 #ifdef SLIMTUNE_MEMSAVE_AVX512
-  if (has_avx512()) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
+  if (cpu_avx512()) return gather_rows_avx512<T>(g, gr, off, out, begin, end, cover2);
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx2()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
+    if (cpu_avx2()) return gather_rows_avx2_float(g, gr, off, out, begin, end, cover2);
   }
 #endif
   if constexpr (std::is_same_v<T, float>) return gather_rows_float(g, gr, off, out, begin, end, cover2);

@@ -7,7 +7,13 @@
 
 #include "common/acc.h"
 #include "common/cpu_dispatch.h"
+#include "common/cpu_features.h"
 #include "sparse_delta/sparse_delta.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SLIMTUNE_SPARSE_AVX512 1
+#include <immintrin.h>
+#endif
 
 namespace slimtune {
 namespace sparse_delta {
@@ -84,33 +90,184 @@ constexpr int64_t kSpmmTile = 64;
 // Transposes in 16×16 blocks: both sides of a block stay in a few cache lines.
 constexpr int64_t kBlock = 16;
 
-// dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A.
+#ifdef SLIMTUNE_SPARSE_AVX512
+#define SLIMTUNE_AVX512_FN __attribute__((target("avx512f")))
+
+// The 16×16 float block at src (row stride ss) transposed in registers: out[c] is its column c.
+// Pairs of rows interleave 32-bit, then 64-bit elements, leaving in each 128-bit lane L of
+// v[4g + j] rows 4g..4g+3 of column 4L + j; two rounds of lane shuffles gather column 4L + j from
+// v[j], v[4 + j], v[8 + j], v[12 + j].
+SLIMTUNE_AVX512_FN inline void transpose16(const float* src, int64_t ss, __m512 out[16]) {
+  __m512 v[16], t[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    v[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 even01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x88), odd01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xDD);
+    const __m512 even23 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xDD);
+    out[j] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+    out[4 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+    out[8 + j] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
+    out[12 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
+  }
+}
+
+// dst rows j0.. of the transposed block: dst[(j0 + c) * m + i0 ..] = column c of src's block.
+SLIMTUNE_AVX512_FN inline void copy_block16(const float* src, int64_t n, float* dst, int64_t m) {
+  __m512 c[16];
+  transpose16(src, n, c);
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * m, c[j]);
+}
+
+// out rows of a block of srcᵀ: out[i * n + j] = base + src[j * m + i], as store_transposed without a
+// bias (float32 outputs get theirs from the base GEMM).
+template <bool kAccumulate>
+SLIMTUNE_AVX512_FN inline void store_block16(const float* src, int64_t m, float* out, int64_t n) {
+  __m512 c[16];
+  transpose16(src, m, c);
+  for (int i = 0; i < 16; ++i) {
+    _mm512_storeu_ps(out + i * n, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(out + i * n), c[i]) : c[i]);
+  }
+}
+// The masks of the 16-lane vectors covering n <= 64 tokens: full ones, a partial last one, and
+// empty ones past it (their masked loads read nothing).
+SLIMTUNE_AVX512_FN inline void token_masks(int64_t n, __mmask16 m[4]) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t left = n - 16 * j;
+    m[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
+  }
+}
+
+// acc[0, n) = Σ_k values[k]·srcT[(idx[k] - base) * n ..] over entries [k0, k1) in order, from 0,
+// one fused multiply-add per entry and token (n <= 64: the sums stay in registers).
+template <typename I, typename V>
+SLIMTUNE_AVX512_FN void row_sum_avx512(float* acc, const float* srcT, int64_t n, const I* idx, const V* values,
+                                       int64_t k0, int64_t k1, int64_t base) {
+  __mmask16 m[4];
+  token_masks(n, m);
+  __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* x = srcT + (static_cast<int64_t>(idx[k]) - base) * n;
+    const __m512 v = _mm512_set1_ps(static_cast<float>(values[k]));
+    for (int j = 0; j < 4; ++j) s[j] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m[j], x + 16 * j), s[j]);
+  }
+  for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(acc + 16 * j, m[j], s[j]);
+}
+
+// y[0, n) += v·x[0, n) (n <= 64), one fused multiply-add per token.
+SLIMTUNE_AVX512_FN inline void axpy_avx512(float* y, const float* x, float v, int64_t n) {
+  __mmask16 m[4];
+  token_masks(n, m);
+  const __m512 vv = _mm512_set1_ps(v);
+  for (int j = 0; j < 4; ++j) {
+    const __m512 sum = _mm512_fmadd_ps(vv, _mm512_maskz_loadu_ps(m[j], x + 16 * j), _mm512_maskz_loadu_ps(m[j], y + 16 * j));
+    _mm512_mask_storeu_ps(y + 16 * j, m[j], sum);
+  }
+}
+
+// Σ a[i]·b[i] over i < n in two vector partial sums, then across lanes.
+SLIMTUNE_AVX512_FN inline float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#undef SLIMTUNE_AVX512_FN
+#endif
+
+// True where the float32 work goes through the AVX-512 forms above.
+template <typename A>
+bool vector_rows() {
+#ifdef SLIMTUNE_SPARSE_AVX512
+  return std::is_same_v<A, float> && cpu_avx512();
+#else
+  return false;
+#endif
+}
+
+// True where a whole 16×16 float block goes through the AVX-512 forms above.
 template <typename X, typename A>
-void transpose_to(const X* src, int64_t m, int64_t n, A* dst) {
+bool vector_blocks() {
+#ifdef SLIMTUNE_SPARSE_AVX512
+  return std::is_same_v<X, float> && std::is_same_v<A, float> && cpu_avx512();
+#else
+  return false;
+#endif
+}
+
+// dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A; the column
+// blocks [b0, b1) of src only (of kBlock columns each).
+template <typename X, typename A>
+void transpose_columns(const X* src, int64_t m, int64_t n, A* dst, int64_t b0, int64_t b1) {
+  const bool vec = vector_blocks<X, A>();
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
-    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
+#ifdef SLIMTUNE_SPARSE_AVX512
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<A, float>) {
+        if (vec && i1 - i0 == kBlock && j1 - j0 == kBlock) {
+          copy_block16(src + i0 * n + j0, n, dst + j0 * m + i0, m);
+          continue;
+        }
+      }
+#endif
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = j0; j < j1; ++j) dst[j * m + i] = static_cast<A>(src[i * n + j]);
       }
     }
   }
+  (void)vec;
 }
 
+template <typename X, typename A>
+void transpose_to(const X* src, int64_t m, int64_t n, A* dst) {
+  transpose_columns(src, m, n, dst, 0, (n + kBlock - 1) / kBlock);
+}
+
+// transpose_to with the column blocks in parallel (the SDDMM's tiles, each needed whole before any
+// dot starts).
 template <typename X>
 void transpose(const X* src, int64_t m, int64_t n, X* dst) {
-  transpose_to<X, X>(src, m, n, dst);
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 8,
+                   [&](int64_t b0, int64_t b1) { transpose_columns(src, m, n, dst, b0, b1); });
 }
 
 // out (m × n) = base + srcᵀ (+ bias[j] on column j) for src (n × m), rounded once to X; base is out's
 // own value where kAccumulate (then A is X), else 0; bias may be null.
 template <bool kAccumulate, typename A, typename X>
 void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out) {
+  const bool vec = vector_blocks<X, A>();
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
+#ifdef SLIMTUNE_SPARSE_AVX512
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<A, float>) {
+        if (vec && bias == nullptr && i1 - i0 == kBlock && j1 - j0 == kBlock) {
+          store_block16<kAccumulate>(src + j0 * m + i0, m, out + i0 * n + j0, n);
+          continue;
+        }
+      }
+#endif
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = j0; j < j1; ++j) {
           const A term = bias == nullptr ? src[j * m + i] : src[j * m + i] + bias[j];
@@ -123,6 +280,7 @@ void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out)
       }
     }
   }
+  (void)vec;
 }
 
 // Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays (no tokens:
@@ -160,63 +318,101 @@ Status merge_cpu(const MergeParams& p, void*) {
 
 namespace {
 
-// Both directions per tile of tokens: the dense operand's tile transposed into the accumulation
-// type (d × tile), each entry one axpy over the tile's tokens into a transposed accumulator tile
-// summed from 0 in row-major entry order, then the bias and base added and rounded once. Per output element
-// that is the order of the CUDA kernels, whatever the tile size. kTransposed: dx = g·Δ (entry (r, c) adds g's column r into column c), else y = x·Δᵀ (x's
-// column c into column r); src is T × in_w, out T × out_w, bias (out_w, may be null) in X, the base
-// out's own value where `accumulate`.
-template <bool kTransposed>
-Status spmm_tiles(const SpmmOperands& p, const void* src, const void* bias, void* out, bool accumulate) {
-  const int64_t T = p.T, rows = p.rows, cols = p.cols;
-  const int64_t in_w = kTransposed ? rows : cols, out_w = kTransposed ? cols : rows;
-  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
-    using X = decltype(x_tag);
-    using A = acc_t<X>;
-    if (accumulate && !std::is_same_v<A, X>) return kInvalidValue;  // a rounded base: never
-    const int64_t* rp = p.rowptr;
-    const X* sp = static_cast<const X*>(src);
-    X* outp = static_cast<X*>(out);
-    std::vector<A> bias_acc;
-    if (bias != nullptr) {
-      const X* b = static_cast<const X*>(bias);
-      bias_acc.assign(b, b + out_w);
+// The delta's entries grouped by column (dx's outputs), each column's in ascending row order: a
+// stable counting sort of the row-major CSR, O(K + cols) per call, no tensor kept.
+template <typename I, typename V, typename A>
+struct ColumnMajor {
+  std::vector<int64_t> ptr;  // cols + 1
+  std::vector<int64_t> rows;
+  std::vector<A> values;
+
+  ColumnMajor(const I* idx, const V* vp, const int64_t* rp, int64_t nrows, int64_t cols)
+      : ptr(static_cast<size_t>(cols + 1), 0), rows(static_cast<size_t>(rp[nrows])), values(rows.size()) {
+    for (int64_t r = 0; r < nrows; ++r) {
+      for (int64_t k = rp[r]; k < rp[r + 1]; ++k) ++ptr[col_of(idx, k, r, cols) + 1];
     }
-    const A* bp = bias == nullptr ? nullptr : bias_acc.data();
-    at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<A> srcT(static_cast<size_t>(in_w * kSpmmTile)), accT(static_cast<size_t>(out_w * kSpmmTile));
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
-        transpose_to(sp + t0 * in_w, tb, in_w, srcT.data());
-        std::fill(accT.begin(), accT.begin() + out_w * tb, A(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-            const int64_t c = col_of(idx, k, r, cols);
-            if constexpr (kTransposed) {
-              axpy<A>(accT.data() + c * tb, srcT.data() + r * tb, static_cast<A>(vp[k]), tb);
-            } else {
-              axpy<A>(accT.data() + r * tb, srcT.data() + c * tb, static_cast<A>(vp[k]), tb);
-            }
-          }
-        }
-        if constexpr (std::is_same_v<A, X>) {
-          if (accumulate) {
-            store_transposed<true>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
+    for (int64_t c = 0; c < cols; ++c) ptr[c + 1] += ptr[c];
+    std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+    for (int64_t r = 0; r < nrows; ++r) {
+      for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+        const int64_t j = next[col_of(idx, k, r, cols)]++;
+        rows[j] = r;
+        values[j] = static_cast<A>(vp[k]);
+      }
+    }
+  }
+};
+
+// out[t, o] = base + Σ_{j in [ptr[o], ptr[o + 1])} values[j]·src[t, in_of(j)] (+ bias[o]) for each output o,
+// per tile of tokens: src's tile transposed into the accumulation type (d × tile), each output's
+// sum formed from 0 in entry order over the tile's tokens, then the bias and the base added and
+// rounded once (the order of the CUDA kernels, whatever the tile size). in_of(j) = idx[j] - o·stride:
+// the forward over the row-major CSR (stride cols), dx over ColumnMajor (stride 0). src is T × in_w,
+// out T × out_w, bias (out_w, may be null) in X, the base out's own value where `accumulate`.
+template <typename X, typename I, typename V>
+Status spmm_rows(int64_t T, int64_t in_w, int64_t out_w, const int64_t* ptr, const I* idx, int64_t stride,
+                 const V* vp, const X* sp, const X* bias, X* outp, bool accumulate) {
+  using A = acc_t<X>;
+  if (accumulate && !std::is_same_v<A, X>) return kInvalidValue;  // a rounded base: never
+  std::vector<A> bias_acc;
+  if (bias != nullptr) bias_acc.assign(bias, bias + out_w);
+  const A* bp = bias == nullptr ? nullptr : bias_acc.data();
+  const bool vec = vector_rows<A>();
+  at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> srcT(static_cast<size_t>(in_w * kSpmmTile)), accT(static_cast<size_t>(out_w * kSpmmTile));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kSpmmTile, tb = std::min(kSpmmTile, T - t0);
+      transpose_to(sp + t0 * in_w, tb, in_w, srcT.data());
+      for (int64_t o = 0; o < out_w; ++o) {
+        A* acc = accT.data() + o * tb;
+#ifdef SLIMTUNE_SPARSE_AVX512
+        if constexpr (std::is_same_v<A, float>) {
+          if (vec) {
+            row_sum_avx512(acc, srcT.data(), tb, idx, vp, ptr[o], ptr[o + 1], o * stride);
             continue;
           }
         }
-        store_transposed<false>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
+#endif
+        std::fill(acc, acc + tb, A(0));
+        for (int64_t k = ptr[o]; k < ptr[o + 1]; ++k) {
+          axpy<A>(acc, srcT.data() + (static_cast<int64_t>(idx[k]) - o * stride) * tb, static_cast<A>(vp[k]), tb);
+        }
       }
-    });
-    return kSuccess;
+      if constexpr (std::is_same_v<A, X>) {
+        if (accumulate) {
+          store_transposed<true>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
+          continue;
+        }
+      }
+      store_transposed<false>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
+    }
   });
+  (void)vec;
+  return kSuccess;
 }
 
 }  // namespace
 
-Status spmm_cpu(const SpmmParams& p, void*) { return spmm_tiles<false>(p, p.x, p.bias, p.out, p.accumulate); }
+// y = x·Δᵀ: each delta row is an output, its entries in row-major order.
+Status spmm_cpu(const SpmmParams& p, void*) {
+  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
+    using X = decltype(x_tag);
+    return spmm_rows<X>(p.T, p.cols, p.rows, p.rowptr, idx, p.cols, vp, static_cast<const X*>(p.x),
+                        static_cast<const X*>(p.bias), static_cast<X*>(p.out), p.accumulate);
+  });
+}
 
-Status spmm_t_cpu(const SpmmTParams& p, void*) { return spmm_tiles<true>(p, p.g, nullptr, p.out, p.accumulate); }
+// dx = g·Δ: each delta column is an output, its entries in ascending row order.
+Status spmm_t_cpu(const SpmmTParams& p, void*) {
+  return dispatch_spmm(p, [&](auto x_tag, auto idx, auto vp) {
+    using X = decltype(x_tag);
+    const ColumnMajor<std::remove_cv_t<std::remove_pointer_t<decltype(idx)>>,
+                      std::remove_cv_t<std::remove_pointer_t<decltype(vp)>>, acc_t<X>>
+        t(idx, vp, p.rowptr, p.rows, p.cols);
+    return spmm_rows<X>(p.T, p.rows, p.cols, t.ptr.data(), t.rows.data(), 0, t.values.data(),
+                        static_cast<const X*>(p.g), nullptr, static_cast<X*>(p.out), p.accumulate);
+  });
+}
 
 Status sddmm_cpu(const SddmmParams& p, void*) {
   const int64_t T = p.T, rows = p.rows, cols = p.cols, K = p.K;
@@ -237,6 +433,7 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
       // contiguous dot, and a row of aᵀ is reused by every entry of that row. Tiles are summed
       // in a fixed order, so the result is deterministic.
       constexpr int64_t kTile = 128;
+      const bool vec = vector_rows<X>();
       std::vector<X> aT(static_cast<size_t>(rows * std::min(kTile, T)));
       std::vector<X> bT(static_cast<size_t>(cols * std::min(kTile, T)));
       for (int64_t t0 = 0; t0 < T; t0 += kTile) {
@@ -248,6 +445,14 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
         at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const X* ar = ap + r * tb;
+#ifdef SLIMTUNE_SPARSE_AVX512
+            if constexpr (std::is_same_v<X, float>) {
+              if (vec) {
+                for (int64_t k = rp[r]; k < rp[r + 1]; ++k) op[k] += dot_avx512(ar, bp + col_of(idx, k, r, cols) * tb, tb);
+                continue;
+              }
+            }
+#endif
             for (int64_t k = rp[r]; k < rp[r + 1]; ++k) op[k] += Dot<X>::run(ar, bp + col_of(idx, k, r, cols) * tb, tb);
           }
         });
