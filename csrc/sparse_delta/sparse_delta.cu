@@ -396,6 +396,25 @@ __global__ void validate_kernel(const I* __restrict__ indices, const int64_t* __
   }
 }
 
+// One CTA per group (x) and token tile (y, capped at 65535: CTAs loop over the rest).
+bool tile_grid(int64_t groups, int64_t tiles, dim3* grid) {
+  if (groups > 0x7fffffff) return false;
+  *grid = dim3(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
+  return true;
+}
+
+// run(kernel(std::bool_constant<accumulate>)). A base in out is only ever the accumulation type's:
+// a rounded one would round twice.
+template <typename X, typename Run, typename Kernel>
+Status run_tiles(bool accumulate, Run&& run, Kernel&& kernel) {
+  if (!accumulate) return run(kernel(std::false_type{}));
+  if constexpr (std::is_same<acc_t<X>, X>::value) {
+    return run(kernel(std::true_type{}));
+  } else {
+    return kInvalidValue;
+  }
+}
+
 }  // namespace
 
 Status validate_cuda(const ValidateParams& p, void* stream) {
@@ -430,22 +449,16 @@ Status spmm_cuda(const SpmmParams& p, void* stream) {
     using I = decltype(i_tag);
     using V = decltype(v_tag);
     using Tile = SpmmTile<X>;
-    const int64_t groups = (p.rows + Tile::kRows - 1) / Tile::kRows;
-    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
-    if (groups > 0x7fffffff) return kInvalidValue;
-    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
+    dim3 grid;
+    if (!tile_grid((p.rows + Tile::kRows - 1) / Tile::kRows, (p.T + Tile::kTokens - 1) / Tile::kTokens, &grid)) {
+      return kInvalidValue;
+    }
     const auto run = [&](auto kernel) {
       return launch(kernel, grid, dim3(Tile::kThreads), 0, s, static_cast<const X*>(p.bias), static_cast<const X*>(p.x),
                     static_cast<const I*>(p.indices), p.rowptr, static_cast<const V*>(p.values), p.T, p.rows, p.cols,
                     static_cast<X*>(p.out));
     };
-    if (!p.accumulate) return run(spmm_tile_kernel<X, V, I, false>);
-    // A base in out is only ever the accumulation type's: a rounded one would round twice.
-    if constexpr (std::is_same<acc_t<X>, X>::value) {
-      return run(spmm_tile_kernel<X, V, I, true>);
-    } else {
-      return kInvalidValue;
-    }
+    return run_tiles<X>(p.accumulate, run, [](auto acc) { return spmm_tile_kernel<X, V, I, decltype(acc)::value>; });
   });
 }
 
@@ -460,8 +473,8 @@ Status spmm_t_cuda(const SpmmTParams& p, void* stream) {
     using V = decltype(v_tag);
     using Tile = SpmmTTile<X>;
     const int64_t groups = (p.cols + Tile::kColumns - 1) / Tile::kColumns;
-    const int64_t tiles = (p.T + Tile::kTokens - 1) / Tile::kTokens;
-    if (groups > 0x7fffffff) return kInvalidValue;
+    dim3 grid;
+    if (!tile_grid(groups, (p.T + Tile::kTokens - 1) / Tile::kTokens, &grid)) return kInvalidValue;
     const auto* idx = static_cast<const I*>(p.indices);
     if (p.rows > 0) {
       const Status st = launch(spmm_t_starts_kernel<I>, dim3(blocks_for(p.rows * (groups + 1), kThreads)),
@@ -469,18 +482,12 @@ Status spmm_t_cuda(const SpmmTParams& p, void* stream) {
                                p.starts);
       if (st != kSuccess) return st;
     }
-    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>(tiles < 65535 ? tiles : 65535));
     const auto run = [&](auto kernel) {
       return launch(kernel, grid, dim3(Tile::kThreads), 0, s, static_cast<const X*>(p.g), idx, p.rowptr,
                     static_cast<const int32_t*>(p.starts), static_cast<const V*>(p.values), p.T, p.rows, p.cols,
                     static_cast<X*>(p.out));
     };
-    if (!p.accumulate) return run(spmm_t_tile_kernel<X, V, I, false>);
-    if constexpr (std::is_same<acc_t<X>, X>::value) {
-      return run(spmm_t_tile_kernel<X, V, I, true>);
-    } else {
-      return kInvalidValue;
-    }
+    return run_tiles<X>(p.accumulate, run, [](auto acc) { return spmm_t_tile_kernel<X, V, I, decltype(acc)::value>; });
   });
 }
 
