@@ -119,7 +119,8 @@ void check_sddmm(const char* op, const at::Tensor& a, const at::Tensor& b, const
   SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
   SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
                      "), got ", b.scalar_type());
-  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() && a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1),
+  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() &&
+                         a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1),
                      op, "b", "must have a's leading (token) dimensions; got ", a.sizes(), " and ", b.sizes());
   check_same_device(op, a, "a", b, "b");
   check_layout(op, a.size(-1), b.size(-1), a, indices, rowptr);

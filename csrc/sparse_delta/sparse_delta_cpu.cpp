@@ -113,7 +113,8 @@ SLIMTUNE_AVX512_FN inline void transpose16(const float* src, int64_t ss, __m512 
     v[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
   }
   for (int j = 0; j < 4; ++j) {
-    const __m512 even01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x88), odd01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xDD);
+    const __m512 even01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x88);
+    const __m512 odd01 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xDD);
     const __m512 even23 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x88);
     const __m512 odd23 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xDD);
     out[j] = _mm512_shuffle_f32x4(even01, even23, 0x88);
@@ -165,17 +166,6 @@ SLIMTUNE_AVX512_FN void row_sum_avx512(float* acc, const float* srcT, int64_t n,
   for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(acc + 16 * j, m[j], s[j]);
 }
 
-// y[0, n) += v·x[0, n) (n <= 64), one fused multiply-add per token.
-SLIMTUNE_AVX512_FN inline void axpy_avx512(float* y, const float* x, float v, int64_t n) {
-  __mmask16 m[4];
-  token_masks(n, m);
-  const __m512 vv = _mm512_set1_ps(v);
-  for (int j = 0; j < 4; ++j) {
-    const __m512 sum = _mm512_fmadd_ps(vv, _mm512_maskz_loadu_ps(m[j], x + 16 * j), _mm512_maskz_loadu_ps(m[j], y + 16 * j));
-    _mm512_mask_storeu_ps(y + 16 * j, m[j], sum);
-  }
-}
-
 // Σ a[i]·b[i] over i < n in two vector partial sums, then across lanes.
 SLIMTUNE_AVX512_FN inline float dot_avx512(const float* a, const float* b, int64_t n) {
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
@@ -206,18 +196,14 @@ bool vector_rows() {
 // True where a whole 16×16 float block goes through the AVX-512 forms above.
 template <typename X, typename A>
 bool vector_blocks() {
-#ifdef SLIMTUNE_SPARSE_AVX512
-  return std::is_same_v<X, float> && std::is_same_v<A, float> && cpu_avx512();
-#else
-  return false;
-#endif
+  return std::is_same_v<X, float> && vector_rows<A>();
 }
 
 // dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A; the column
 // blocks [b0, b1) of src only (of kBlock columns each).
 template <typename X, typename A>
 void transpose_columns(const X* src, int64_t m, int64_t n, A* dst, int64_t b0, int64_t b1) {
-  const bool vec = vector_blocks<X, A>();
+  [[maybe_unused]] const bool vec = vector_blocks<X, A>();
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
     for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
@@ -235,7 +221,6 @@ void transpose_columns(const X* src, int64_t m, int64_t n, A* dst, int64_t b0, i
       }
     }
   }
-  (void)vec;
 }
 
 template <typename X, typename A>
@@ -255,7 +240,7 @@ void transpose(const X* src, int64_t m, int64_t n, X* dst) {
 // own value where kAccumulate (then A is X), else 0; bias may be null.
 template <bool kAccumulate, typename A, typename X>
 void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out) {
-  const bool vec = vector_blocks<X, A>();
+  [[maybe_unused]] const bool vec = vector_blocks<X, A>();
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
     const int64_t i1 = std::min(m, i0 + kBlock);
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
@@ -280,7 +265,6 @@ void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out)
       }
     }
   }
-  (void)vec;
 }
 
 // Calls f(X{}, indices, values) with the dense type of an SpMM and its typed CSR arrays (no tokens:
@@ -357,7 +341,7 @@ Status spmm_rows(int64_t T, int64_t in_w, int64_t out_w, const int64_t* ptr, con
   std::vector<A> bias_acc;
   if (bias != nullptr) bias_acc.assign(bias, bias + out_w);
   const A* bp = bias == nullptr ? nullptr : bias_acc.data();
-  const bool vec = vector_rows<A>();
+  [[maybe_unused]] const bool vec = vector_rows<A>();
   at::parallel_for(0, (T + kSpmmTile - 1) / kSpmmTile, 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> srcT(static_cast<size_t>(in_w * kSpmmTile)), accT(static_cast<size_t>(out_w * kSpmmTile));
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -387,7 +371,6 @@ Status spmm_rows(int64_t T, int64_t in_w, int64_t out_w, const int64_t* ptr, con
       store_transposed<false>(accT.data(), tb, out_w, bp, outp + t0 * out_w);
     }
   });
-  (void)vec;
   return kSuccess;
 }
 
@@ -433,7 +416,7 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
       // contiguous dot, and a row of aᵀ is reused by every entry of that row. Tiles are summed
       // in a fixed order, so the result is deterministic.
       constexpr int64_t kTile = 128;
-      const bool vec = vector_rows<X>();
+      [[maybe_unused]] const bool vec = vector_rows<X>();
       std::vector<X> aT(static_cast<size_t>(rows * std::min(kTile, T)));
       std::vector<X> bT(static_cast<size_t>(cols * std::min(kTile, T)));
       for (int64_t t0 = 0; t0 < T; t0 += kTile) {
@@ -448,7 +431,9 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
 #ifdef SLIMTUNE_SPARSE_AVX512
             if constexpr (std::is_same_v<X, float>) {
               if (vec) {
-                for (int64_t k = rp[r]; k < rp[r + 1]; ++k) op[k] += dot_avx512(ar, bp + col_of(idx, k, r, cols) * tb, tb);
+                for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+                  op[k] += dot_avx512(ar, bp + col_of(idx, k, r, cols) * tb, tb);
+                }
                 continue;
               }
             }
