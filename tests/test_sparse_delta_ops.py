@@ -90,7 +90,8 @@ def test_matches_reference(device, dtype, x_shape, dout, density, bias):
 
 
 # Small integers (and quarter values in float32): every sum is exact in float32 and, in -1/0/1,
-# small enough to be exact in bf16 too, so any path that adds the right terms gives the same bits. Shapes: partial and whole 16×16 transpose blocks,
+# small enough to be exact in bf16 and fp16 too, so any path that adds the right terms gives the
+# same bits. Shapes: partial and whole 16×16 transpose blocks,
 # partial 64-token SpMM and 128-token SDDMM tiles, entries in every 16-lane vector of a tile.
 EXACT_SUMS_SCRIPT = """
 import sys, torch, slimtune
@@ -98,7 +99,7 @@ from slimtune.sparse import rowptr_for
 op = torch.ops.slimtune
 gen = torch.Generator().manual_seed(0)
 out = []
-for dtype, top, step in ((torch.float32, 3, 0.25), (torch.bfloat16, 1, 1.0)):
+for dtype, top, step in ((torch.float32, 3, 0.25), (torch.bfloat16, 1, 1.0), (torch.float16, 1, 1.0)):
     for T, rows, cols, k in [(200, 37, 70, 900), (64, 16, 16, 256), (131, 48, 33, 40), (5, 3, 2, 6), (70, 130, 129, 3000)]:
         ints = lambda *shape: torch.randint(-top, top + 1, shape, generator=gen).to(dtype)
         x, g, w, b = ints(T, cols), ints(T, rows), ints(rows, cols), ints(rows)
@@ -112,8 +113,9 @@ torch.save(out, sys.argv[1])
 
 
 def test_vector_and_portable_cpu_paths_give_the_exact_sums():
-    """The AVX-512 forms (register transposes, row sums, the column-major dx) and the portable path
-    (SLIMTUNE_CPU_NO_AVX512) against the float64 reference, bit for bit where every sum is exact."""
+    """The AVX-512 forms (register transposes widening 16-bit tiles, row sums, the column-major dx)
+    and the portable path (SLIMTUNE_CPU_NO_AVX512) against the float64 reference, bit for bit where
+    every sum is exact."""
     for res in on_both_cpu_paths(EXACT_SUMS_SCRIPT):
         for i in range(0, len(res), 10):
             x, g, w, b, idx, v, y, dx, dv, db = res[i : i + 10]

@@ -93,13 +93,24 @@ constexpr int64_t kBlock = 16;
 #ifdef SLIMTUNE_SPARSE_AVX512
 #define SLIMTUNE_AVX512_FN __attribute__((target("avx512f")))
 
-// The 16×16 float block at src (row stride ss) transposed in registers: out[c] is its column c.
-// Pairs of rows interleave 32-bit, then 64-bit elements, leaving in each 128-bit lane L of
+// 16 elements as float32: exact for every type here (16-bit floats widen without rounding).
+SLIMTUNE_AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SLIMTUNE_AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+SLIMTUNE_AVX512_FN inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The 16×16 block at src (row stride ss) as float32, transposed in registers: out[c] is its column
+// c. Pairs of rows interleave 32-bit, then 64-bit elements, leaving in each 128-bit lane L of
 // v[4g + j] rows 4g..4g+3 of column 4L + j; two rounds of lane shuffles gather column 4L + j from
 // v[j], v[4 + j], v[8 + j], v[12 + j].
-SLIMTUNE_AVX512_FN inline void transpose16(const float* src, int64_t ss, __m512 out[16]) {
+template <typename X>
+SLIMTUNE_AVX512_FN inline void transpose16(const X* src, int64_t ss, __m512 out[16]) {
   __m512 v[16], t[16];
-  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; ++i) v[i] = load16(src + i * ss);
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
@@ -125,7 +136,8 @@ SLIMTUNE_AVX512_FN inline void transpose16(const float* src, int64_t ss, __m512 
 }
 
 // dst rows j0.. of the transposed block: dst[(j0 + c) * m + i0 ..] = column c of src's block.
-SLIMTUNE_AVX512_FN inline void copy_block16(const float* src, int64_t n, float* dst, int64_t m) {
+template <typename X>
+SLIMTUNE_AVX512_FN inline void copy_block16(const X* src, int64_t n, float* dst, int64_t m) {
   __m512 c[16];
   transpose16(src, n, c);
   for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * m, c[j]);
@@ -193,10 +205,14 @@ bool vector_rows() {
 #endif
 }
 
-// True where a whole 16×16 float block goes through the AVX-512 forms above.
+// The storage types whose blocks the AVX-512 forms widen to float32.
+template <typename X>
+constexpr bool kWidens = std::is_same_v<X, float> || std::is_same_v<X, c10::BFloat16> || std::is_same_v<X, c10::Half>;
+
+// True where a whole 16×16 block goes through the AVX-512 forms above.
 template <typename X, typename A>
 bool vector_blocks() {
-  return std::is_same_v<X, float> && vector_rows<A>();
+  return kWidens<X> && vector_rows<A>();
 }
 
 // dst (n × m, type A) = srcᵀ for src (m × n, type X), both contiguous, widened to A; the column
@@ -209,7 +225,7 @@ void transpose_columns(const X* src, int64_t m, int64_t n, A* dst, int64_t b0, i
     for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
 #ifdef SLIMTUNE_SPARSE_AVX512
-      if constexpr (std::is_same_v<X, float> && std::is_same_v<A, float>) {
+      if constexpr (kWidens<X> && std::is_same_v<A, float>) {
         if (vec && i1 - i0 == kBlock && j1 - j0 == kBlock) {
           copy_block16(src + i0 * n + j0, n, dst + j0 * m + i0, m);
           continue;
@@ -230,8 +246,8 @@ void transpose_to(const X* src, int64_t m, int64_t n, A* dst) {
 
 // transpose_to with the column blocks in parallel (the SDDMM's tiles, each needed whole before any
 // dot starts).
-template <typename X>
-void transpose(const X* src, int64_t m, int64_t n, X* dst) {
+template <typename X, typename A>
+void transpose(const X* src, int64_t m, int64_t n, A* dst) {
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 8,
                    [&](int64_t b0, int64_t b1) { transpose_columns(src, m, n, dst, b0, b1); });
 }
@@ -412,24 +428,24 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
       const X* a = static_cast<const X*>(p.a);
       const X* b = static_cast<const X*>(p.b);
       // Token-major operands make every d v_k a strided gather. Per tile of tokens, a transposed
-      // copy of the tile of each operand (d × tile, sized to stay in cache) makes every d v_k a
-      // contiguous dot, and a row of aᵀ is reused by every entry of that row. Tiles are summed
-      // in a fixed order, so the result is deterministic.
+      // copy of the tile of each operand in the accumulation type (d × tile, sized to stay in
+      // cache) makes every d v_k a contiguous dot, and a row of aᵀ is reused by every entry of
+      // that row. Tiles are summed in a fixed order, so the result is deterministic.
       constexpr int64_t kTile = 128;
-      [[maybe_unused]] const bool vec = vector_rows<X>();
-      std::vector<X> aT(static_cast<size_t>(rows * std::min(kTile, T)));
-      std::vector<X> bT(static_cast<size_t>(cols * std::min(kTile, T)));
+      [[maybe_unused]] const bool vec = vector_rows<A>();
+      std::vector<A> aT(static_cast<size_t>(rows * std::min(kTile, T)));
+      std::vector<A> bT(static_cast<size_t>(cols * std::min(kTile, T)));
       for (int64_t t0 = 0; t0 < T; t0 += kTile) {
         const int64_t tb = std::min(kTile, T - t0);
         transpose(a + t0 * rows, tb, rows, aT.data());
         transpose(b + t0 * cols, tb, cols, bT.data());
-        const X* ap = aT.data();
-        const X* bp = bT.data();
+        const A* ap = aT.data();
+        const A* bp = bT.data();
         at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
-            const X* ar = ap + r * tb;
+            const A* ar = ap + r * tb;
 #ifdef SLIMTUNE_SPARSE_AVX512
-            if constexpr (std::is_same_v<X, float>) {
+            if constexpr (std::is_same_v<A, float>) {
               if (vec) {
                 for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
                   op[k] += dot_avx512(ar, bp + col_of(idx, k, r, cols) * tb, tb);
@@ -438,7 +454,7 @@ Status sddmm_cpu(const SddmmParams& p, void*) {
               }
             }
 #endif
-            for (int64_t k = rp[r]; k < rp[r + 1]; ++k) op[k] += Dot<X>::run(ar, bp + col_of(idx, k, r, cols) * tb, tb);
+            for (int64_t k = rp[r]; k < rp[r + 1]; ++k) op[k] += Dot<A>::run(ar, bp + col_of(idx, k, r, cols) * tb, tb);
           }
         });
       }
