@@ -185,4 +185,8 @@ int64_t token_count(const at::Tensor& t) { return c10::multiply_integers(t.sizes
 
 at::Tensor as_token_rows(const at::Tensor& t) { return t.reshape({token_count(t), t.size(-1)}); }
 
+bool same_tokens(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() == b.dim() && a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1);
+}
+
 }  // namespace slimtune

@@ -47,6 +47,8 @@ void check_seed_tensor(const char* op, const at::Tensor& x, const at::Tensor& se
 // cannot infer them when d is 0. A view where reshape can make one.
 int64_t token_count(const at::Tensor& t);
 at::Tensor as_token_rows(const at::Tensor& t);
+// a and b (dim >= 1) have the same sizes but the last: the same tokens.
+bool same_tokens(const at::Tensor& a, const at::Tensor& b);
 
 // True when no element is NaN or infinite. CPU: one allocation-free pass; elsewhere one sync.
 bool all_finite(const at::Tensor& t);

@@ -78,8 +78,7 @@ void check_seed(const char* op, const at::Tensor& x, const std::optional<at::Ten
 void check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, int64_t T,
                     int64_t r, int64_t d_out, at::ScalarType cdt) {
   SLIMTUNE_CHECK_ARG(grad_out.dim() >= 1 && grad_out.size(-1) == d_out && token_count(grad_out) == T, op, "grad_out",
-                     "must have shape ",
-                     "(..., ", d_out, ") with ", T, " rows, got ", grad_out.sizes());
+                     "must have shape (..., ", d_out, ") with ", T, " rows, got ", grad_out.sizes());
   SLIMTUNE_CHECK_ARG(grad_out.scalar_type() == x.scalar_type(), op, "grad_out", "must have the dtype of 'x' (",
                      x.scalar_type(), "), got ", grad_out.scalar_type());
   SLIMTUNE_CHECK_ARG(xa.dim() == 2 && xa.size(0) == T && xa.size(1) == r && xa.scalar_type() == cdt, op, "xa",
@@ -302,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const Kernels& k, const at::Tensor
   check_seed(op, x, seed, p);
   check_backend(k.backend, op, x, "x");
   c10::DeviceGuard guard(x.device());
-  const int64_t d_in = lora_A.size(1), d_out = lora_B.size(0);
+  const int64_t d_out = lora_B.size(0);
   const at::Tensor x2 = as_token_rows(x);
   const at::Tensor xa = lora_down(k, x2, lora_A, scale, p, make_mask(k, scale, p, seed, offset), op);
 
@@ -322,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   constexpr const char* op = "lora_linear_backward";
   check_lora(op, x, weight, std::nullopt, lora_A, lora_B, scale, p);
   check_seed(op, x, seed, p);
-  const int64_t r = lora_A.size(0), d_in = lora_A.size(1), d_out = lora_B.size(0);
+  const int64_t r = lora_A.size(0), d_out = lora_B.size(0);
   const at::Tensor x2 = as_token_rows(x);
   const int64_t T = x2.size(0);
   const auto cdt = compute_dtype(x, lora_A);
@@ -392,7 +391,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> multi_forward_op(const Kernels& 
   check_seed(kMultiOp, x, seed, p);
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
-  const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = as_token_rows(x);
   std::vector<int64_t> offs;
   const at::Tensor A = stacked_A(x, lora_As, scales, &offs);
@@ -428,7 +426,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   check_backend(k.backend, kMultiOp, x, "x");
   c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;  // a backward is not differentiated (its out= GEMMs would refuse)
-  const int64_t d_in = lora_As[0].size(1);
   const at::Tensor x2 = as_token_rows(x);
   const int64_t T = x2.size(0);
   const auto cdt = compute_dtype(x, lora_As[0]);

@@ -30,7 +30,6 @@ namespace avx512 {
 
 #define SLIMTUNE_AVX512_FN __attribute__((target("avx512f")))
 
-
 // The keep mask of elements e .. e + n - 1 (n <= 16, e % 8 == 0) of the bits.
 SLIMTUNE_AVX512_FN inline __mmask16 keep_mask(const uint8_t* bits, int64_t e, int64_t n) {
   if (n > 8) {

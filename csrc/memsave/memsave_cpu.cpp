@@ -4,15 +4,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "common/acc.h"
-#include "common/cpu_features.h"
 #include "common/cpu_dispatch.h"
+#include "common/cpu_features.h"
 #include "common/philox.h"
 #include "common/philox_cpu.h"
 #include "memsave/memsave.h"
@@ -83,7 +82,6 @@ void relu_backward_bytes(const U* g, const uint8_t* m, U* out, int64_t n, int64_
 
 #ifdef SLIMTUNE_MEMSAVE_AVX512
 #define SLIMTUNE_AVX512 __attribute__((target("avx512f,avx512bw")))
-
 
 // One 64-byte vector of lanes of width sizeof(U): the compares give the mask bits directly,
 // one k-register per vector, stored as 8/16/32 bits (whole mask bytes).

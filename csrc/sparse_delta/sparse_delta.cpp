@@ -107,8 +107,7 @@ void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
   check_linear(op, x, weight, std::nullopt, indices, rowptr, values);
   SLIMTUNE_CHECK_ARG(grad.scalar_type() == x.scalar_type(), op, "grad", "must have x's dtype (", x.scalar_type(),
                      "), got ", grad.scalar_type());
-  SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0) &&
-                         grad.sizes().slice(0, grad.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+  SLIMTUNE_CHECK_ARG(grad.dim() == x.dim() && grad.size(-1) == weight.size(0) && same_tokens(grad, x),
                      op, "grad", "must have shape x.shape[:-1] + (", weight.size(0), ",), got ", grad.sizes());
   check_same_device(op, x, "x", grad, "grad");
 }
@@ -119,8 +118,7 @@ void check_sddmm(const char* op, const at::Tensor& a, const at::Tensor& b, const
   SLIMTUNE_CHECK_ARG(is_float_dtype(a.scalar_type()), op, "a", "must be a float tensor, got ", a.scalar_type());
   SLIMTUNE_CHECK_ARG(b.scalar_type() == a.scalar_type(), op, "b", "must have a's dtype (", a.scalar_type(),
                      "), got ", b.scalar_type());
-  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && b.dim() == a.dim() &&
-                         a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1),
+  SLIMTUNE_CHECK_ARG(a.dim() >= 1 && same_tokens(a, b),
                      op, "b", "must have a's leading (token) dimensions; got ", a.sizes(), " and ", b.sizes());
   check_same_device(op, a, "a", b, "b");
   check_layout(op, a.size(-1), b.size(-1), a, indices, rowptr);

@@ -153,6 +153,7 @@ SLIMTUNE_AVX512_FN inline void store_block16(const float* src, int64_t m, float*
     _mm512_storeu_ps(out + i * n, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(out + i * n), c[i]) : c[i]);
   }
 }
+
 // The masks of the 16-lane vectors covering n <= 64 tokens: full ones, a partial last one, and
 // empty ones past it (their masked loads read nothing).
 SLIMTUNE_AVX512_FN inline void token_masks(int64_t n, __mmask16 m[4]) {
