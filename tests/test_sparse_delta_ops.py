@@ -126,6 +126,46 @@ def test_vector_and_portable_cpu_paths_give_the_exact_sums():
                 assert torch.equal(o.double(), r.detach()), (name, x.dtype, tuple(x.shape), tuple(w.shape))
 
 
+# W0 = 0, so y is the delta term alone; values of 12 fractional bits over small-integer x and bias
+# make every float32 sum exact but leave bits below bf16's and fp16's precision, ties among them.
+# One value is a NaN with every payload bit set (a rounding add would carry it into the sign: its
+# output column must stay NaN) and one is large (fp16 overflows to inf there).
+ROUNDING_SCRIPT = """
+import sys, torch, slimtune
+from slimtune.sparse import rowptr_for
+op = torch.ops.slimtune
+gen = torch.Generator().manual_seed(0)
+out = []
+for dtype in (torch.bfloat16, torch.float16):
+    T, rows, cols, k = 70, 48, 40, 1500
+    x = torch.randint(-3, 4, (T, cols), generator=gen).to(dtype)
+    b = torch.randint(-3, 4, (rows,), generator=gen).to(dtype)
+    idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
+    v = torch.randint(-(2**12), 2**12, (k,), generator=gen).float() / 2**10
+    v[5], v[-7] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32), 3e4
+    rp = rowptr_for(idx, (rows, cols))
+    y = op.sparse_delta_linear(x, torch.zeros(rows, cols, dtype=dtype), b, idx, rp, v)
+    out += [x, b, idx, v, y]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_low_precision_outputs_round_once_to_nearest_even():
+    """bf16/fp16 outputs of the forward's delta term, rounded from float32 by the AVX-512 store and by
+    the portable path: to nearest with ties to even as torch rounds, NaN kept, overflow to inf."""
+    for res in on_both_cpu_paths(ROUNDING_SCRIPT):
+        for x, b, idx, v, y in (res[i : i + 5] for i in range(0, len(res), 5)):
+            rows = b.numel()
+            w = torch.zeros(rows, x.shape[1], dtype=torch.float64)
+            exact = reference.sparse_delta_linear(x.double(), w, b.double(), idx, v.double())
+            expected = exact.float().to(x.dtype)
+            torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+            assert y.isnan().any() and (x.dtype != torch.float16 or y.isinf().any())
+            # Ties (the float32 bits below the dtype's precision are exactly one half) were rounded.
+            low = exact.float().view(torch.int32) & (0xFFFF if x.dtype == torch.bfloat16 else 0x1FFF)
+            assert (low == (0x8000 if x.dtype == torch.bfloat16 else 0x1000)).sum() >= 10
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("din,dout", [(0, 6), (6, 0)])
 def test_no_input_or_no_output_features(device, din, dout):

@@ -143,14 +143,31 @@ SLIMTUNE_AVX512_FN inline void copy_block16(const X* src, int64_t n, float* dst,
   for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * m, c[j]);
 }
 
-// out rows of a block of srcᵀ: out[i * n + j] = base + src[j * m + i], as store_transposed without a
-// bias (float32 outputs get theirs from the base GEMM).
-template <bool kAccumulate>
-SLIMTUNE_AVX512_FN inline void store_block16(const float* src, int64_t m, float* out, int64_t n) {
+// 16 float32 lanes rounded once to X and stored, as static_cast<X> rounds a float: to nearest,
+// ties to even (bf16 by integer arithmetic, NaN as c10's quiet NaN; fp16 by vcvtps2ph).
+SLIMTUNE_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+SLIMTUNE_AVX512_FN inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+SLIMTUNE_AVX512_FN inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// out rows of a block of srcᵀ: out[i * n + j] = base + src[j * m + i] (+ bias[j]), rounded once to
+// X; base is out's own value where kAccumulate (float32 only), else 0; bias may be null.
+template <bool kAccumulate, typename X>
+SLIMTUNE_AVX512_FN inline void store_block16(const float* src, int64_t m, const float* bias, X* out, int64_t n) {
   __m512 c[16];
   transpose16(src, m, c);
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias);
   for (int i = 0; i < 16; ++i) {
-    _mm512_storeu_ps(out + i * n, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(out + i * n), c[i]) : c[i]);
+    __m512 v = bias == nullptr ? c[i] : _mm512_add_ps(c[i], b);
+    if constexpr (kAccumulate) v = _mm512_add_ps(load16(out + i * n), v);
+    store16(out + i * n, v);
   }
 }
 
@@ -263,9 +280,9 @@ void store_transposed(const A* src, int64_t m, int64_t n, const A* bias, X* out)
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
 #ifdef SLIMTUNE_SPARSE_AVX512
-      if constexpr (std::is_same_v<X, float> && std::is_same_v<A, float>) {
-        if (vec && bias == nullptr && i1 - i0 == kBlock && j1 - j0 == kBlock) {
-          store_block16<kAccumulate>(src + j0 * m + i0, m, out + i0 * n + j0, n);
+      if constexpr (kWidens<X> && std::is_same_v<A, float>) {
+        if (vec && i1 - i0 == kBlock && j1 - j0 == kBlock) {
+          store_block16<kAccumulate>(src + j0 * m + i0, m, bias == nullptr ? nullptr : bias + j0, out + i0 * n + j0, n);
           continue;
         }
       }
