@@ -171,9 +171,12 @@ void down_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& a, con
 }
 
 // *dA (R x K contiguous) = gb^T (keep * mult * src) and *dx (T x K contiguous, src's dtype) =
-// keep * mult * (gb a), one pass over src; gb T x R with unit column stride; either output may be null.
+// keep * mult * (gb a), one pass over src; gb T x R with unit column stride; either output may be
+// null. With dots_a (Q x K contiguous), *dots (T x Q, unit column stride) = src dots_a^T from the
+// same read (lora.h: where grad_beats_blas holds).
 void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, const at::Tensor* a, at::Tensor* dx,
-               at::Tensor* dA, const Mask& m, const char* op) {
+               at::Tensor* dA, const Mask& m, const char* op, at::Tensor* dots = nullptr,
+               const at::Tensor* dots_a = nullptr) {
   const int64_t T = src.size(0), K = src.size(1), R = gb.size(1);
   const DType acc = to_kernel_dtype(gb.scalar_type());
   for (int64_t q0 = 0; q0 < R; q0 += kMaxRank) {
@@ -187,7 +190,11 @@ void grad_pass(const Kernels& k, const at::Tensor& src, const at::Tensor& gb, co
                        q0 > 0,
                        dA ? dA->narrow(0, q0, n).data_ptr() : nullptr,
                        elems > 0 ? part.data_ptr() : nullptr,
-                       m.params()};
+                       m.params(),
+                       dots && q0 == 0 ? dots->data_ptr() : nullptr,
+                       dots ? dots->stride(0) : 0,
+                       dots_a ? dots_a->size(0) : 0,
+                       dots_a ? dots_a->data_ptr() : nullptr};
     check_status(k.backend, k.grad(p, k.backend.stream(src)), op);
   }
 }
@@ -199,7 +206,7 @@ bool beats_blas(const Kernels& k, at::ScalarType dtype, int64_t K, int64_t cs, i
 }
 
 // gB = g B (T x R) and, when wanted, dB^T = xa^T g (R x d_out) and the bias gradient (d_out),
-// each from one pass over g (no converted copy of g).
+// from passes over g (no converted copy of g): where the gradient pass beats BLAS, all from one.
 struct GradOutTerms {
   at::Tensor gB, dBt, dbias;
 };
@@ -208,21 +215,20 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
                     bool need_bias, GradOutTerms* res, const char* op) {
   const int64_t T = g2.size(0), d_out = g2.size(1), r = Bt.size(0);
   const auto opts = g2.options().dtype(xa.scalar_type());
-  if (g2.scalar_type() == xa.scalar_type()) {  // no conversion: BLAS reads g directly
+  const bool fused = g2.scalar_type() == xa.scalar_type() && (need_B || need_bias) &&
+                     beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r);
+  if (g2.scalar_type() == xa.scalar_type() && !fused) {  // no conversion: BLAS reads g directly
     at::mm_out(res->gB, g2, Bt.t());
-    if (!beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r)) {
-      if (need_B) at::mm_out(res->dBt, xa.t(), g2);
-      if (need_bias) at::sum_out(res->dbias, g2, 0);
-      return;
-    }
-  } else {
-    down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
+    if (need_B) at::mm_out(res->dBt, xa.t(), g2);
+    if (need_bias) at::sum_out(res->dbias, g2, 0);
+    return;
   }
+  if (!fused) down_pass(k, g2, Bt, plain_mask(1.0), res->gB, op);
   if (!need_B && !need_bias) return;
   // A column of ones after xa makes the bias gradient the last row of the same pass.
   const at::Tensor gb = need_bias ? at::cat({xa, at::ones({T, 1}, opts)}, 1) : xa.contiguous();
   at::Tensor dBx = at::empty({gb.size(1), d_out}, opts);
-  grad_pass(k, g2, gb, nullptr, nullptr, &dBx, plain_mask(1.0), op);
+  grad_pass(k, g2, gb, nullptr, nullptr, &dBx, plain_mask(1.0), op, fused ? &res->gB : nullptr, fused ? &Bt : nullptr);
   if (need_B) res->dBt.copy_(dBx.narrow(0, 0, r));
   if (need_bias) res->dbias.copy_(dBx[r]);
 }

@@ -372,6 +372,7 @@ Status down_cuda(const DownParams& p, void* stream) {
 
 Status grad_cuda(const GradParams& p, void* stream) {
   if (p.R > kMaxRank || p.R < 0) return kInvalidValue;
+  if (p.dots != nullptr) return kInvalidValue;  // g B comes from a GEMM here (lora.h)
   if (p.K == 0 || p.R == 0 || (p.dA == nullptr && p.dx == nullptr)) return kSuccess;
   if (p.T == 0) {
     if (p.dA == nullptr) return kSuccess;

@@ -53,6 +53,9 @@ struct DownParams : XOperand {
 // kMaxRank). gb, dA in the acc dtype; a may be null when dx is; dx contiguous in x's dtype. The
 // sum over t is split and the partial sums reduced in a fixed order: deterministic. `partial`:
 // grad_partial_elems_*(...).
+// dots[t * dots_ld + q] = sum_c x[t, c] * dots_a[q * K + c] for q < dots_R (no mask; when dots is
+// set) comes from the same read of x: grad_out's g B beside xa^T g. Only the CPU's AVX-512 row
+// work takes it (where grad_beats_blas_cpu holds); any other pass refuses it (kInvalidValue).
 struct GradParams : XOperand {
   const void* gb;
   int64_t gb_ld;
@@ -61,6 +64,9 @@ struct GradParams : XOperand {
   void* dA;
   void* partial;
   MaskParams mask;
+  void* dots;
+  int64_t dots_ld, dots_R;
+  const void* dots_a;
 };
 
 // out[e] = keep(e) for e < n (bool as one byte).

@@ -59,23 +59,37 @@ SLIMTUNE_AVX512_FN inline void masked_rows(const float* x, int64_t rs, int64_t n
 // partial is streamed through L1 once per block, so twice the rows halve that traffic.
 constexpr int kWideRows = 8;
 
-// out[i] = v_i . a for the N rows v_i = v + i * K: N independent FMA chains, N + 1 loads per
+// out[i] = v[i] . a for the N rows v[i] (K floats each): N independent FMA chains, N + 1 loads per
 // N FMAs. (Two rows of a at a time, 2 N chains, measured slower.)
 template <int N>
-SLIMTUNE_AVX512_FN inline void dots(const float* v, const float* a, int64_t K, float* out) {
+SLIMTUNE_AVX512_FN inline void dots(const float* const* v, const float* a, int64_t K, float* out) {
   __m512 s[N];
   for (int i = 0; i < N; ++i) s[i] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= K; j += 16) {
     const __m512 aj = _mm512_loadu_ps(a + j);
-    for (int i = 0; i < N; ++i) s[i] = _mm512_fmadd_ps(_mm512_loadu_ps(v + i * K + j), aj, s[i]);
+    for (int i = 0; i < N; ++i) s[i] = _mm512_fmadd_ps(_mm512_loadu_ps(v[i] + j), aj, s[i]);
   }
   if (j < K) {
     const __mmask16 k = first_n(K - j);
     const __m512 aj = _mm512_maskz_loadu_ps(k, a + j);
-    for (int i = 0; i < N; ++i) s[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, v + i * K + j), aj, s[i]);
+    for (int i = 0; i < N; ++i) s[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, v[i] + j), aj, s[i]);
   }
   for (int i = 0; i < N; ++i) out[i] = _mm512_reduce_add_ps(s[i]);
+}
+
+// out[i * ld + q] = x_i . a_q for the nb rows x_i = x + i * rs and the Q rows a_q = a + q * K. The
+// N - nb chains past them run on `pad` (any K readable floats) and are dropped.
+template <int N>
+SLIMTUNE_AVX512_FN inline void row_dots(const float* x, int64_t rs, int64_t nb, int64_t K, const float* pad,
+                                        const float* a, int64_t Q, float* out, int64_t ld) {
+  const float* v[N];
+  for (int i = 0; i < N; ++i) v[i] = i < nb ? x + i * rs : pad;
+  float d[N];
+  for (int64_t q = 0; q < Q; ++q) {
+    dots<N>(v, a + q * K, K, d);
+    for (int64_t i = 0; i < nb; ++i) out[i * ld + q] = d[i];
+  }
 }
 
 // Loads and stores of a column chunk: whole vectors (Full) or the first n lanes (the row's end).
@@ -350,15 +364,10 @@ void down_avx512(const DownParams& p) {
   at::parallel_for(0, blocks, row_grain(K * R * N / 16 + 1), [&](int64_t begin, int64_t end) {
     std::vector<float> v(static_cast<size_t>(N * K));
     Multipliers<float> mk(mult, p.mask.thresh, p.mask.seed, p.mask.offset);
-    float d[N];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t0 = blk * N, nb = std::min<int64_t>(N, p.T - t0);
-      std::fill(v.begin() + nb * K, v.end(), 0.0f);
       avx512::masked_rows(x + t0 * p.x_rs, p.x_rs, nb, K, mk.keep(t0 * K, nb * K), mult, v.data());
-      for (int64_t q = 0; q < R; ++q) {
-        avx512::dots<N>(v.data(), a + q * K, K, d);
-        for (int64_t i = 0; i < nb; ++i) out[(t0 + i) * p.out_ld + q] = d[i];
-      }
+      avx512::row_dots<N>(v.data(), K, nb, K, v.data(), a, R, out + t0 * p.out_ld, p.out_ld);
     }
   });
 }
@@ -439,8 +448,12 @@ Status down_cpu(const DownParams& p, void*) {
 // Token splits in parallel, each with its own dA partial (R x K, cache-resident) and dx rows;
 // the partials reduced in split order.
 Status grad_cpu(const GradParams& p, void*) {
-  const bool need_dA = p.dA != nullptr, need_dx = p.dx != nullptr;
-  if (p.K == 0 || p.R == 0 || (!need_dA && !need_dx)) return kSuccess;
+  const bool need_dA = p.dA != nullptr, need_dx = p.dx != nullptr, need_dots = p.dots != nullptr;
+  if (need_dots && !(p.x_dtype == DType::Float32 && p.acc_dtype == DType::Float32 &&
+                     avx512_rows<float, float>(p.x_cs, p.K))) {
+    return kInvalidValue;  // lora.h: the AVX-512 row work only
+  }
+  if (p.K == 0 || (p.R == 0 && !need_dots) || (!need_dA && !need_dx && !need_dots)) return kSuccess;
   return dispatch_pass(p.x_dtype, p.acc_dtype, [&](auto x_tag, auto a_tag) {
     using X = decltype(x_tag);
     using A = decltype(a_tag);
@@ -476,6 +489,11 @@ Status grad_cpu(const GradParams& p, void*) {
 #ifdef SLIMTUNE_LORA_AVX512
           if constexpr (std::is_same<X, float>::value && std::is_same<A, float>::value) {
             if (wide) {
+              if (need_dots) {  // first: the rows then stay in L1 for grad_rows
+                float* out = static_cast<float*>(p.dots) + t0 * p.dots_ld;
+                avx512::row_dots<avx512::kWideRows>(x + t0 * p.x_rs, p.x_rs, nb, K, x,
+                                                    static_cast<const float*>(p.dots_a), p.dots_R, out, p.dots_ld);
+              }
               avx512::grad_rows<avx512::kWideRows>(x + t0 * p.x_rs, p.x_rs, nb, K, R, gq.data(), a,
                                                    mk.keep(t0 * K, nb * K), static_cast<float>(p.mask.mult), acc,
                                                    need_dx ? dx + t0 * K : nullptr, p.dx_accumulate);
