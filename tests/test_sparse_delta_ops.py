@@ -152,8 +152,12 @@ torch.save(out, sys.argv[1])
 
 def test_low_precision_outputs_round_once_to_nearest_even():
     """bf16/fp16 outputs of the forward's delta term, rounded from float32 by the AVX-512 store and by
-    the portable path: to nearest with ties to even as torch rounds, NaN kept, overflow to inf."""
-    for res in on_both_cpu_paths(ROUNDING_SCRIPT):
+    the portable path: to nearest with ties to even as torch rounds, NaN kept, overflow to inf; both
+    paths store the same bits, NaN included."""
+    paths = on_both_cpu_paths(ROUNDING_SCRIPT)
+    for vector_y, portable_y in zip(paths[0][4::5], paths[1][4::5]):
+        assert torch.equal(vector_y.view(torch.int16), portable_y.view(torch.int16)), vector_y.dtype
+    for res in paths:
         for x, b, idx, v, y in (res[i : i + 5] for i in range(0, len(res), 5)):
             rows = b.numel()
             w = torch.zeros(rows, x.shape[1], dtype=torch.float64)

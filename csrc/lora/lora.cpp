@@ -215,9 +215,9 @@ void grad_out_terms(const Kernels& k, const at::Tensor& g2, const at::Tensor& Bt
                     bool need_bias, GradOutTerms* res, const char* op) {
   const int64_t T = g2.size(0), d_out = g2.size(1), r = Bt.size(0);
   const auto opts = g2.options().dtype(xa.scalar_type());
-  const bool fused = g2.scalar_type() == xa.scalar_type() && (need_B || need_bias) &&
-                     beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r);
-  if (g2.scalar_type() == xa.scalar_type() && !fused) {  // no conversion: BLAS reads g directly
+  const bool same = g2.scalar_type() == xa.scalar_type();  // no conversion: g is read as it is
+  const bool fused = same && (need_B || need_bias) && beats_blas(k, g2.scalar_type(), d_out, g2.stride(1), r);
+  if (same && !fused) {
     at::mm_out(res->gB, g2, Bt.t());
     if (need_B) at::mm_out(res->dBt, xa.t(), g2);
     if (need_bias) at::sum_out(res->dbias, g2, 0);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/acc.h"
+#include "common/avx512_lanes.h"
 #include "common/cpu_dispatch.h"
 #include "common/cpu_features.h"
 #include "common/philox.h"
@@ -827,9 +828,8 @@ SLIMTUNE_AVX512_GATHER inline void store16(void* p, __mmask16 m, __m512i r) {
   }
 }
 
-// 16-bit types accumulate in float and round once as c10's conversions do (bfloat16: to
-// nearest even, NaN as 0x7fc0; half: to nearest even, NaN as sign | 0x7e00), so this path and
-// the portable one store the same bits.
+// 16-bit types accumulate in float and round once as c10's conversions do (common/avx512_lanes.h),
+// so this path and the portable one store the same bits.
 struct FloatSums {  // 16 float32 lanes: the sums of the 16-bit types
   static constexpr int kLanes = 16;
   using V = __m512;
@@ -840,31 +840,22 @@ template <>
 struct GatherVec<c10::BFloat16> : FloatSums {
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static V load(const c10::BFloat16* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16<kFull>(p, m)), 16));
+    return avx512_lanes::widen_bf16(load16<kFull>(p, m));
   }
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static void store(c10::BFloat16* p, __mmask16 m, V v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
-    store16<kFull>(p, m, r);
+    store16<kFull>(p, m, avx512_lanes::round_bf16(v));
   }
 };
 template <>
 struct GatherVec<c10::Half> : FloatSums {
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static V load(const c10::Half* p, __mmask16 m) {
-    return _mm512_cvtph_ps(load16<kFull>(p, m));
+    return avx512_lanes::widen_half(load16<kFull>(p, m));
   }
   template <bool kFull>
   SLIMTUNE_AVX512_GATHER static void store(c10::Half* p, __mmask16 m, V v) {
-    __m512i r = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m512i nan = _mm512_or_si512(
-        _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000)),
-        _mm512_set1_epi32(0x7e00));
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, nan);
-    store16<kFull>(p, m, r);
+    store16<kFull>(p, m, avx512_lanes::round_half(v));
   }
 };
 

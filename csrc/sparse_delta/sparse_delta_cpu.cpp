@@ -13,6 +13,8 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SLIMTUNE_SPARSE_AVX512 1
 #include <immintrin.h>
+
+#include "common/avx512_lanes.h"
 #endif
 
 namespace slimtune {
@@ -96,11 +98,10 @@ constexpr int64_t kBlock = 16;
 // 16 elements as float32: exact for every type here (16-bit floats widen without rounding).
 SLIMTUNE_AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 SLIMTUNE_AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return avx512_lanes::widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 SLIMTUNE_AVX512_FN inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return avx512_lanes::widen_half(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // The 16×16 block at src (row stride ss) as float32, transposed in registers: out[c] is its column
@@ -143,18 +144,13 @@ SLIMTUNE_AVX512_FN inline void copy_block16(const X* src, int64_t n, float* dst,
   for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * m, c[j]);
 }
 
-// 16 float32 lanes rounded once to X and stored, as static_cast<X> rounds a float: to nearest,
-// ties to even (bf16 by integer arithmetic, NaN as c10's quiet NaN; fp16 by vcvtps2ph).
+// 16 float32 lanes rounded once to X and stored, as static_cast<X> rounds a float.
 SLIMTUNE_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 SLIMTUNE_AVX512_FN inline void store16(c10::BFloat16* p, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(avx512_lanes::round_bf16(v)));
 }
 SLIMTUNE_AVX512_FN inline void store16(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(avx512_lanes::round_half(v)));
 }
 
 // out rows of a block of srcᵀ: out[i * n + j] = base + src[j * m + i] (+ bias[j]), rounded once to
